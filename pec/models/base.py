@@ -1,0 +1,68 @@
+"""The interface every text-to-image flow model implements for the trainer and the evaluator.
+
+Kept deliberately small, in the spirit of diffusers' split between models, schedulers and pipelines:
+a `FlowModel` owns the networks (prompt encoder, transformer, decoder) and answers three questions:
+how to encode prompts, what velocity the transformer predicts, and how to turn latents into images.
+Sampling (the SDE steps and their log-probabilities) lives in `pec.sampling` on top of
+`pec_kernels`, and is shared by the embedded model and real SD3.5 / FLUX models.
+
+Conventions (DESIGN.md §2): flow time sigma in [0, 1], sigma = 1 pure noise,
+x_sigma = (1 - sigma) * x0 + sigma * eps, and `velocity` predicts v ~ eps - x0.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PromptBatch:
+    """Encoded prompts, one row per sample: token embeddings and a pooled embedding."""
+
+    embeds: torch.Tensor  # (B, L, D_text)
+    pooled: torch.Tensor  # (B, D_pooled)
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def index(self, idx: torch.Tensor | slice) -> PromptBatch:
+        """Rows `idx` of the batch (for micro-batching)."""
+        return PromptBatch(self.embeds[idx], self.pooled[idx])
+
+    def repeat_interleave(self, repeats: int) -> PromptBatch:
+        """Each row `repeats` times in a row (one prompt -> a group of samples)."""
+        return PromptBatch(self.embeds.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0))
+
+    @staticmethod
+    def cat(batches: Sequence[PromptBatch]) -> PromptBatch:
+        """Concatenate batches along the batch dimension (e.g. [uncond, cond] for CFG)."""
+        return PromptBatch(torch.cat([b.embeds for b in batches]), torch.cat([b.pooled for b in batches]))
+
+
+class FlowModel(nn.Module, abc.ABC):
+    """A flow-matching text-to-image model as the trainer sees it.
+
+    Attributes:
+        transformer: the denoising network; LoRA adapters and full fine-tuning target it.
+        sample_shape: shape of one latent, e.g. (1, 8, 8) for the embedded digits model or
+            (16, 64, 64) for SD3.5 at 512 px.
+    """
+
+    transformer: nn.Module
+    sample_shape: tuple[int, ...]
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        """Encode prompts; the empty string "" is the null prompt used for classifier-free guidance."""
+
+    @abc.abstractmethod
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        """Predicted velocity v ~ eps - x0 for `latents` (B, *sample_shape) at flow times `sigma` (B,)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] (not clamped, so gradients pass), differentiable in `latents`."""

@@ -1,0 +1,11 @@
+"""Fused GPU kernels for perceptual-entropy RLHF, each with a torch reference and autograd.
+
+Ops (DESIGN.md §3): `knn_entropy` (Kozachenko-Leonenko kNN entropy and its gradient),
+`sde_step_logprob` and `guided_sde_step` (batched SDE steps with log-probabilities).
+Backends: "cuda" (pec_kernels._C, built from csrc/), "triton", "torch" (reference and CPU path);
+"auto" picks the fastest one available and never fails where a slower one would work.
+This package depends on torch and triton only.
+"""
+from pec_kernels._extension import cuda_ops_available, extension_status
+
+__all__ = ["cuda_ops_available", "extension_status"]

@@ -1,0 +1,50 @@
+"""Input validation shared by the public ops. Every failure is a ValueError naming the argument."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, value: object, *, ndims: Iterable[int] | None = None,
+                 dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    """Check that `value` is a tensor of an allowed rank and dtype, with no empty dimension."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndims is not None:
+        ndims = tuple(ndims)
+        if value.dim() not in ndims:
+            raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, "
+                             f"got shape {tuple(value.shape)}")
+    dtypes = tuple(dtypes)
+    if value.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise when `value` holds NaN or Inf. Costs one host synchronisation: not for graph-captured ops."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Check that all given tensors live on one device; return it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    first_name, first = next(iter(devices.items()))
+    for k, d in devices.items():
+        if d != first:
+            raise ValueError(f"{k} is on {d} but {first_name} is on {first}: move them to one device")
+    return first
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
+    """Check that `value` is one of `choices`."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
