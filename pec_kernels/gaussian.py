@@ -1,0 +1,45 @@
+"""The Gaussian perceptual-entropy estimator (DESIGN.md §2.2, second estimator).
+
+Fits a diagonal Gaussian to each group of features and scores each sample by its negative
+log-density under that fit: surprisal_i = ½ Σ_d [(f_id − m_d)² / s_d² + log 2π s_d²]. Its mean over
+the group is the Gaussian entropy ½ Σ_d (1 + log 2π s_d²), "proportional to the variance of the group
+features" as the paper's project page puts it. It is cheap, smooth and differentiable by autograd, so
+it needs no kernel; it shares `knn_entropy`'s input checks and output layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from pec_kernels._checks import check_choice, check_finite, check_tensor
+
+
+class GaussianEntropy(NamedTuple):
+    """entropy: () or (G,); surprisal: (n,) or (G, n). float32 (float64 for float64 input)."""
+
+    entropy: torch.Tensor
+    surprisal: torch.Tensor
+
+
+def gaussian_entropy(x: torch.Tensor, *, min_var: float = 1e-6, normalize: str = "none") -> GaussianEntropy:
+    """Per-group diagonal-Gaussian entropy and per-sample surprisal of features x (n, D) or (G, n, D).
+
+    The variance is the biased (1/n) estimate, clamped below at `min_var` so that a collapsed
+    group gives a finite (very low) entropy instead of -inf. normalize="per_dim" divides by D.
+    """
+    check_tensor("x", x, ndims=(2, 3))
+    check_finite("x", x)
+    check_choice("normalize", normalize, ("none", "per_dim"))
+    if not min_var > 0:
+        raise ValueError(f"min_var must be > 0, got {min_var}")
+    if x.shape[-2] < 2:
+        raise ValueError(f"x must hold at least 2 samples per group to fit a variance, got shape {tuple(x.shape)}")
+    f = x.double() if x.dtype == torch.float64 else x.float()
+    mean = f.mean(dim=-2, keepdim=True)
+    var = (f - mean).square().mean(dim=-2, keepdim=True).clamp_min(min_var)
+    surprisal = 0.5 * ((f - mean).square() / var + torch.log(2 * math.pi * var)).sum(dim=-1)
+    if normalize == "per_dim":
+        surprisal = surprisal / x.shape[-1]
+    return GaussianEntropy(surprisal.mean(dim=-1), surprisal)
