@@ -1,0 +1,395 @@
+"""Typed configuration for training and evaluation: dataclasses, YAML files and command-line overrides.
+
+One source of truth: every option is a dataclass field with a `help` string in its metadata. The
+command-line parser, `--help`, YAML loading and the saved `config.yaml` of a run are all generated
+from these fields, so an option cannot be documented in one place and missing in another.
+
+Precedence: dataclass defaults < YAML file (`--config file.yaml`) < command-line options
+(`--method pec --pec.lambda 0.1`). Nested sections use dotted names on the command line and nested
+mappings in YAML. A field whose Python name ends in "_" (e.g. `lambda_`) is spelled without it in
+YAML and on the command line (`lambda`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("grpo", "entropy_bonus", "pec", "pcgs")
+SDE_KINDS = ("flow", "dance", "cps")
+ESTIMATORS = ("knn", "gaussian")
+OMEGAS = ("uniform", "late", "early")
+PCGS_FORMS = ("reward", "guided")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help string (shown by `--help` and used as documentation)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=type(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def public_name(field_name: str) -> str:
+    """The YAML / command-line spelling of a field (`lambda_` -> `lambda`)."""
+    return field_name.rstrip("_")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which flow model to fine-tune."""
+
+    name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package); "
+                                   "diffusers loaders (SD3.5, FLUX) plug in under new names")
+    path: str | None = option(None, "model weights: a file (embedded) or a local diffusers directory (sd3); "
+                                    "empty = the pretrained weights shipped with the package")
+    random_init: bool = option(False, "build a tiny randomly initialised model instead of loading weights (tests)")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """Rollouts: groups of samples per prompt, CFG and the SDE sampler."""
+
+    prompts_per_step: int = option(4, "prompts (groups) per training step")
+    group_size: int = option(8, "samples per prompt (K); each gets its own initial noise")
+    num_steps: int = option(10, "denoising steps per rollout")
+    guidance_scale: float = option(2.0, "classifier-free guidance scale (1 = no CFG)")
+    eta: float = option(0.7, "SDE noise level (eta in DESIGN.md 2.1); 0 = deterministic ODE")
+    kind: str = option("flow", f"SDE kind, one of {SDE_KINDS} (Flow-GRPO, DanceGRPO, coefficient-preserving)")
+    sde_window: list[int] | None = option(
+        None, "train only steps [start, end) (two integers); other steps are deterministic ODE steps. "
+              "Empty = every step is an SDE step and is trained")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation: steps, LoRA or full fine-tuning, the clipped surrogate and KL."""
+
+    steps: int = option(40, "training steps (one rollout batch and its policy update per step)")
+    lr: float = option(3e-4, "learning rate (AdamW)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping")
+    lora: bool = option(True, "train LoRA adapters (peft) on model.transformer; false = full fine-tuning "
+                              "(the KL reference is then a frozen copy)")
+    lora_rank: int = option(8, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha")
+    micro_batch: int = option(16, "samples per forward/backward pass; gradients accumulate so the logical batch "
+                                  "(prompts_per_step x group_size) fits in memory")
+    minibatches: int = option(1, "optimizer updates per rollout batch; the batch is split into this many shuffled "
+                                 "minibatches (the first update is exactly on-policy, later ones are clipped)")
+    clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio")
+    adv_clip: float = option(5.0, "clamp advantages to [-adv_clip, adv_clip]")
+    global_std: bool = option(False, "normalise advantages by the batch-global std instead of the per-group std")
+    kl_beta: float = option(0.0, "weight of the KL to the reference policy (adapter-off / frozen copy); 0 = off")
+    stop_after: int | None = option(None, "stop after this many finished steps in this invocation, as if "
+                                          "interrupted (for resume tests); empty = run to `steps`")
+
+
+@dataclasses.dataclass
+class PerceptualConfig:
+    """Perceptual spaces: which encoders are logged and which one the regulariser uses."""
+
+    spaces: list[str] = option(["classifier", "ssl", "pixels"],
+                               "encoders (pec.perceptual.ENCODERS) whose perceptual entropy is logged and evaluated")
+    space: str = option("ssl", "encoder used by the PEC / PCGS regulariser")
+    estimator: str = option("knn", f"entropy estimator for the regulariser, one of {ESTIMATORS}")
+    k: int = option(2, "k of the kNN estimator (must be < group_size)")
+    per_dim: bool = option(True, "divide surprisals by the feature dimension, so they are commensurate with the "
+                                 "mean-reduced policy log-prob")
+
+
+@dataclasses.dataclass
+class PecConfig:
+    """PEC: R~_t = R + lambda * omega_t * surprisal (DESIGN.md 2.4)."""
+
+    lambda_: float = option(0.1, "weight of the perceptual surprisal bonus")
+    omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
+
+
+@dataclasses.dataclass
+class PcgsConfig:
+    """PCGS: reward form R~ = R - lambda*omega_t*(log p_perc - log p_theta), or guided sampling (DESIGN.md 2.5)."""
+
+    form: str = option("reward", f"one of {PCGS_FORMS}")
+    lambda_: float = option(0.05, "weight of the one-sample KL term (reward form)")
+    omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
+    guidance_weight: float = option(0.05, "gamma: weight of the perceptual-entropy gradient added to the velocity "
+                                          "(guided form)")
+
+
+@dataclasses.dataclass
+class EntropyBonusConfig:
+    """The policy-entropy bonus baseline: loss -= coef * H(pi), with H analytic and independent of theta."""
+
+    coef: float = option(0.01, "weight of the policy-entropy bonus")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """What the run folder receives."""
+
+    tensorboard: bool = option(True, "write TensorBoard event files next to metrics.jsonl")
+    checkpoint_every: int = option(1, "write a checkpoint every this many steps (and always at the end)")
+    grid_samples: int = option(8, "samples per prompt in the start / end PNG sample grids")
+    progress: bool = option(True, "show a tqdm progress bar")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation: images per prompt on fixed held-out seeds."""
+
+    images_per_prompt: int = option(32, "images generated per prompt")
+    seed: int = option(12345, "seed of the held-out evaluation noise (never used in training)")
+    eta: float = option(0.0, "sampler noise level at evaluation (0 = ODE, as Flow-GRPO evaluates)")
+    num_steps: int | None = option(None, "denoising steps at evaluation; empty = the run's sampling.num_steps")
+    batch: int = option(64, "images per sampling call")
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a training run needs; saved as config.yaml in the run folder."""
+
+    method: str = option("pec", f"training method, one of {METHODS}; GRPO + KL is `grpo` with --train.kl_beta > 0")
+    reward: str = option("digit", "training reward (pec.rewards.REWARDS)")
+    seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling")
+    device: str = option("auto", "torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    run_dir: str | None = option(None, "run folder; empty = runs/<method>-<timestamp>")
+    resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
+    model: ModelConfig = option(ModelConfig(), "")
+    sampling: SamplingConfig = option(SamplingConfig(), "")
+    train: TrainConfig = option(TrainConfig(), "")
+    perceptual: PerceptualConfig = option(PerceptualConfig(), "")
+    pec: PecConfig = option(PecConfig(), "")
+    pcgs: PcgsConfig = option(PcgsConfig(), "")
+    entropy_bonus: EntropyBonusConfig = option(EntropyBonusConfig(), "")
+    logging: LoggingConfig = option(LoggingConfig(), "")
+    eval: EvalConfig = option(EvalConfig(), "")
+
+    def validate(self) -> Config:
+        """Raise ValueError, saying what to change, for a configuration that cannot run; return self."""
+        _choice("method", self.method, METHODS)
+        _choice("sampling.kind", self.sampling.kind, SDE_KINDS)
+        _choice("perceptual.estimator", self.perceptual.estimator, ESTIMATORS)
+        _choice("pec.omega", self.pec.omega, OMEGAS)
+        _choice("pcgs.omega", self.pcgs.omega, OMEGAS)
+        _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
+        s, t = self.sampling, self.train
+        for name, value in (("sampling.prompts_per_step", s.prompts_per_step), ("sampling.num_steps", s.num_steps),
+                            ("train.steps", t.steps), ("train.micro_batch", t.micro_batch),
+                            ("train.minibatches", t.minibatches), ("logging.checkpoint_every",
+                                                                   self.logging.checkpoint_every),
+                            ("eval.images_per_prompt", self.eval.images_per_prompt), ("perceptual.k", self.perceptual.k)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if s.group_size < 2:
+            raise ValueError(f"sampling.group_size must be >= 2 for method {self.method!r} (group-normalised "
+                             f"advantages and per-group perceptual entropy need several samples per prompt), "
+                             f"got {s.group_size}: set --sampling.group_size 2 or more")
+        if self.perceptual.estimator == "knn" and self.perceptual.k >= s.group_size:
+            raise ValueError(f"perceptual.k ({self.perceptual.k}) must be smaller than sampling.group_size "
+                             f"({s.group_size}): the kNN estimator needs k neighbours among the other "
+                             f"group_size - 1 samples; lower --perceptual.k or raise --sampling.group_size")
+        if self.perceptual.space not in self.perceptual.spaces:
+            raise ValueError(f"perceptual.space {self.perceptual.space!r} must be one of perceptual.spaces "
+                             f"{self.perceptual.spaces}")
+        if s.sde_window is not None:
+            if len(s.sde_window) != 2 or not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
+                raise ValueError(f"sampling.sde_window must be two integers start < end within [0, num_steps="
+                                 f"{s.num_steps}], got {s.sde_window}")
+        if s.eta <= 0:
+            raise ValueError(f"sampling.eta must be > 0 for training (eta = 0 is a deterministic ODE with no "
+                             f"policy to optimise), got {s.eta}")
+        for name, value in (("train.lr", t.lr), ("train.clip_range", t.clip_range), ("train.adv_clip", t.adv_clip),
+                            ("train.max_grad_norm", t.max_grad_norm)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, value in (("train.kl_beta", t.kl_beta), ("pec.lambda", self.pec.lambda_),
+                            ("pcgs.lambda", self.pcgs.lambda_), ("pcgs.guidance_weight", self.pcgs.guidance_weight),
+                            ("entropy_bonus.coef", self.entropy_bonus.coef), ("train.weight_decay", t.weight_decay)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if t.minibatches > s.prompts_per_step * s.group_size:
+            raise ValueError(f"train.minibatches ({t.minibatches}) cannot exceed the batch size "
+                             f"prompts_per_step x group_size = {s.prompts_per_step * s.group_size}")
+        if self.resume and not self.run_dir:
+            raise ValueError("--resume needs --run-dir: the run folder to continue")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per training step (prompts_per_step x group_size)."""
+        return self.sampling.prompts_per_step * self.sampling.group_size
+
+
+def _choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict of a config dataclass, with public (YAML) field names."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[public_name(f.name)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def apply_dict(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of `cfg` from a nested dict (YAML names); unknown keys raise ValueError."""
+    fields = {public_name(f.name): f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown config option {prefix + key!r}; known: {sorted(fields)}")
+        f = fields[key]
+        current = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {prefix + key!r} must be a mapping, got {value!r}")
+            apply_dict(current, value, prefix + key + ".")
+        else:
+            setattr(cfg, f.name, _coerce(prefix + key, value, hints[f.name]))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (an empty file is an empty dict)."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as YAML (the run folder's config.yaml)."""
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, with a clear error."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{name} must not be empty")
+    origin = typing.get_origin(base)
+    if origin is list:
+        (item,) = typing.get_args(base)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, v, item) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    try:
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _walk(cfg_type: type, prefix: str = ""):
+    """Yield (dotted public name, field, type hint) for every leaf option of a config dataclass."""
+    hints = typing.get_type_hints(cfg_type)
+    for f in dataclasses.fields(cfg_type):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, prefix + public_name(f.name) + ".")
+        else:
+            yield prefix + public_name(f.name), f, tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cfg_type: type = Config) -> None:
+    """Add one `--section.option` argument per config field, with its help and default."""
+    defaults = to_dict(cfg_type())
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options (command-line options override it)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    section_docs = {public_name(f.name): (typing.get_type_hints(cfg_type)[f.name].__doc__ or "")
+                    for f in dataclasses.fields(cfg_type)}
+    for dotted, f, tp in _walk(cfg_type):
+        section = dotted.split(".")[0] if "." in dotted else ""
+        if section not in groups:
+            title = section or "general"
+            groups[section] = parser.add_argument_group(title, section_docs.get(section, "").strip() or None)
+        default = defaults
+        for part in dotted.split("."):
+            default = default[part]
+        base, _ = _unwrap_optional(tp)
+        kwargs: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata['help']} (default: {default})"}
+        if base is bool:
+            # `--resume` alone means true; `--train.lora false` also works.
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="*", metavar="VALUE")
+        else:
+            kwargs["metavar"] = getattr(base, "__name__", "VALUE").upper()
+        flags = [f"--{dotted}"]
+        if "_" in dotted:
+            flags.append(f"--{dotted.replace('_', '-')}")
+        groups[section].add_argument(*flags, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """Build a Config: `base` (or defaults), then the YAML file given by --config, then explicit options."""
+    cfg = base if base is not None else Config()
+    if getattr(args, "config", None):
+        apply_dict(cfg, load_yaml(args.config))
+    apply_dict(cfg, overrides_from_args(args))
+    return cfg
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given explicitly on the command line, as a nested dict."""
+    nested: dict[str, Any] = {}
+    for dotted, value in vars(args).items():
+        if dotted == "config" or "." not in dotted and dotted not in {public_name(f.name)
+                                                                       for f in dataclasses.fields(Config)}:
+            continue
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = None if isinstance(value, list) and not value else value
+    return nested
+
+
+def parse_config(argv: Sequence[str] | None = None, description: str = "") -> Config:
+    """Parse command-line arguments into a Config (not yet validated)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

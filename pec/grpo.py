@@ -1,0 +1,115 @@
+"""GRPO pieces (DESIGN.md 2.3): group-normalised advantages, the clipped surrogate and the Gaussian KL.
+
+Everything here is plain tensor math with no model in sight, so it is unit-tested on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pec_kernels._checks import check_tensor
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False,
+                     eps: float = 1e-4, clip: float | None = None) -> torch.Tensor:
+    """Advantages A = (R - mean_group) / (std + eps), computed independently for every column.
+
+    Args:
+        rewards: (B,) or (B, T) rewards; a (B, T) array holds one (possibly shaped) reward per trained
+            step, and each column is normalised on its own (DESIGN.md 2.4).
+        group_ids: (B,) integer id of each sample's prompt group (any integers; need not be contiguous).
+        global_std: divide by the std of the whole column instead of the group's (Flow-GRPO's
+            `global_std`); the mean is always the group's.
+        eps: added to the std, so a group of identical rewards gets advantage 0, not NaN.
+        clip: clamp the advantages to [-clip, clip] when given.
+
+    Returns:
+        float32 advantages with the shape of `rewards`. The std is the population std (ddof 0).
+    """
+    check_tensor("rewards", rewards, ndims=(1, 2))
+    check_tensor("group_ids", group_ids, ndims=(1,), dtypes=(torch.int32, torch.int64))
+    if group_ids.shape[0] != rewards.shape[0]:
+        raise ValueError(f"group_ids must have one entry per reward row ({rewards.shape[0]}), "
+                         f"got {group_ids.shape[0]}")
+    squeeze = rewards.dim() == 1
+    r = rewards.float().reshape(rewards.shape[0], -1)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n_groups = counts.shape[0]
+    sums = torch.zeros(n_groups, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, inverse, r)
+    mean = sums / counts[:, None].to(r.dtype)
+    centred = r - mean[inverse]
+    if global_std:
+        std = r.std(dim=0, unbiased=False).expand_as(r)
+    else:
+        var = torch.zeros_like(mean).index_add_(0, inverse, centred.square()) / counts[:, None].to(r.dtype)
+        std = var.sqrt()[inverse]
+    adv = centred / (std + eps)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv[:, 0] if squeeze else adv
+
+
+@dataclass
+class SurrogateStats:
+    """Diagnostics of one clipped-surrogate evaluation (0-dim tensors, detached)."""
+
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                      clip_range: float) -> tuple[torch.Tensor, SurrogateStats]:
+    """PPO's clipped surrogate loss, -mean min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - logp_old).
+
+    Args:
+        log_prob: log-probabilities under the current policy (differentiable), any shape.
+        old_log_prob: the behaviour policy's log-probabilities (same shape; treated as constants).
+        advantages: same shape.
+        clip_range: epsilon.
+
+    Returns:
+        (loss, stats): the mean loss over all elements and detached diagnostics; `approx_kl` is
+        1/2 mean((logp - logp_old)^2), as Flow-GRPO logs it.
+    """
+    if not (log_prob.shape == old_log_prob.shape == advantages.shape):
+        raise ValueError(f"log_prob, old_log_prob and advantages must have one shape, got {tuple(log_prob.shape)}, "
+                         f"{tuple(old_log_prob.shape)} and {tuple(advantages.shape)}")
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    delta = log_prob - old_log_prob.detach()
+    ratio = torch.exp(delta)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = SurrogateStats(ratio_mean=ratio.mean(), ratio_min=ratio.min(), ratio_max=ratio.max(),
+                               clip_fraction=((ratio - 1.0).abs() > clip_range).float().mean(),
+                               approx_kl=0.5 * delta.square().mean())
+    return loss, stats
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) = ||mean - ref_mean||^2 / (2 s^2), mean-reduced per sample.
+
+    Args:
+        mean, ref_mean: (B, ...) step means of the policy and the reference policy.
+        std: the step's standard deviation s (scalar, (B,) or broadcastable to `mean`); the same for
+            both policies, since it is fixed by the schedule.
+
+    Returns:
+        (B,) KL per sample, averaged over the non-batch dimensions (DESIGN.md 2.1's convention).
+        Zero where s = 0 (a deterministic step has no KL to a policy with the same mean map).
+    """
+    if mean.shape != ref_mean.shape:
+        raise ValueError(f"mean and ref_mean must have one shape, got {tuple(mean.shape)} and {tuple(ref_mean.shape)}")
+    s = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    if s.dim() == 1:
+        s = s.reshape(-1, *([1] * (mean.dim() - 1)))
+    var2 = 2.0 * s.square()
+    sq = (mean - ref_mean.detach()).square()
+    kl = torch.where(var2 > 0, sq / var2.clamp_min(torch.finfo(mean.dtype).tiny), torch.zeros_like(sq))
+    return kl.flatten(1).mean(1)

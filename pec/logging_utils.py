@@ -1,0 +1,136 @@
+"""What a run writes besides checkpoints: per-step metrics (JSONL + TensorBoard), plots and sample grids.
+
+Resuming is exact: `MetricsLog.open(path, keep_through=step)` drops rows of steps after the last
+checkpoint (they were computed but their checkpoint never landed, so they will be redone), and
+TensorBoard's `purge_step` does the same for the event files. No row is lost or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+class MetricsLog:
+    """Append-only JSONL file of per-step metric rows, each with a "step" key."""
+
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]]) -> None:
+        self.path = Path(path)
+        self.rows = rows
+
+    @classmethod
+    def open(cls, path: str | Path, keep_through: int = 0) -> MetricsLog:
+        """Open (or create) the log, keeping only rows with step <= keep_through and rewriting the file.
+
+        A torn last line (the process died mid-write) is dropped as well.
+        """
+        path = Path(path)
+        rows: list[dict[str, Any]] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", math.inf) <= keep_through:
+                    rows.append(row)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+        return cls(path, rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one row and flush it to disk."""
+        row = {k: _plain(v) for k, v in row.items()}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows.append(row)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class TensorBoardLog:
+    """Scalars to TensorBoard; a no-op when disabled. Resuming purges events after the checkpoint step."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        """Write every numeric entry of `row` at `step`."""
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str | Path,
+                 title: str = "") -> None:
+    """One panel per key (a metric name, or a prefix matching several), each a curve over steps."""
+    panels = [[k2 for k2 in sorted(rows[0]) if k2 == k or k2.startswith(k + "/")] if rows else [] for k in keys]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key, names in zip(axes[0], keys, panels):
+        steps = [r["step"] for r in rows]
+        for name in names:
+            ax.plot(steps, [r.get(name, float("nan")) for r in rows], label=name.split("/")[-1])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if len(names) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4) -> None:
+    """Save images (N, C, H, W) in [0, 1] as one PNG grid of `nrow` images per row (nearest upscaling)."""
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    pad = 1
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    arr = np.kron(arr, np.ones((scale, scale, 1), dtype=np.uint8))
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalar (tensors and numpy numbers to float / int)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,62 @@
+"""Config: YAML + command-line overrides, generated --help, and start-up validation with actionable messages."""
+import argparse
+
+import pytest
+
+from pec.config import Config, add_config_arguments, parse_config, save_yaml, load_yaml, apply_dict, to_dict
+
+
+def test_command_line_overrides_yaml_overrides_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: grpo\npec:\n  lambda: 0.3\nsampling:\n  group_size: 6\n")
+    cfg = parse_config(["--config", str(path), "--pec.lambda", "0.2", "--train.lora", "false", "--resume",
+                        "--run-dir", "r", "--sampling.sde_window", "1", "4"])
+    assert cfg.method == "grpo" and cfg.pec.lambda_ == 0.2 and cfg.sampling.group_size == 6
+    assert cfg.train.lora is False and cfg.resume is True and cfg.run_dir == "r"
+    assert cfg.sampling.sde_window == [1, 4]
+    assert cfg.train.lr == Config().train.lr
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = parse_config(["--method", "pcgs", "--pcgs.form", "guided", "--perceptual.spaces", "a", "b",
+                        "--perceptual.space", "b"])
+    save_yaml(cfg, tmp_path / "config.yaml")
+    again = Config()
+    apply_dict(again, load_yaml(tmp_path / "config.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_help_documents_every_option():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = parser.format_help()
+    for dotted in ("--method", "--pec.lambda", "--pcgs.form", "--train.kl_beta", "--sampling.sde_window",
+                   "--perceptual.estimator", "--eval.images_per_prompt", "--model.name", "--device"):
+        assert dotted in text
+    assert "weight of the perceptual surprisal bonus" in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "ppo"], "method must be one of"),
+    (["--method", "pec", "--sampling.group_size", "1"], "group_size 2 or more"),
+    (["--sampling.group_size", "4", "--perceptual.k", "4"], "lower --perceptual.k"),
+    (["--sampling.kind", "ddim"], "sampling.kind"),
+    (["--sampling.sde_window", "3", "2"], "sde_window"),
+    (["--pec.lambda", "-1"], "pec.lambda must be >= 0"),
+    (["--perceptual.space", "nope"], "perceptual.space"),
+    (["--resume"], "--resume needs --run-dir"),
+])
+def test_bad_configs_fail_with_a_message_saying_what_to_change(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_config(argv).validate()
+
+
+def test_unknown_and_mistyped_options_are_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pec:\n  lamda: 0.3\n")
+    with pytest.raises(ValueError, match="unknown config option 'pec.lamda'"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="sampling.group_size must be of type int"):
+        parse_config(["--sampling.group_size", "2.5"])
+    with pytest.raises(SystemExit):
+        parse_config(["--pec.lamda", "0.1"])
