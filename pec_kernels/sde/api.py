@@ -1,0 +1,147 @@
+"""Public ops: `sde_step_logprob` and `guided_sde_step` (DESIGN.md §2.1 and §3).
+
+One fused pass per call: (CFG combine →) μ → x' → per-sample log-prob (→ KL to a reference), with
+forward and backward, no host synchronisation and no Python loop over the batch, so the ops can be
+captured in a CUDA graph. Input checks look at metadata only (shapes, dtypes, devices), never values.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pec_kernels._checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
+from pec_kernels.sde import backends
+from pec_kernels.sde.coefficients import KINDS, per_sample, step_coefficients
+from pec_kernels.sde.function import SdeStepFunction
+
+REDUCTIONS = ("mean", "sum")
+
+Scalar = float | torch.Tensor
+
+
+class SdeStep(NamedTuple):
+    """Result of one SDE step.
+
+    prev_sample: x' in the dtype of x (the given prev_sample in re-evaluation mode).
+    log_prob:    (B,) log N(x'; μ, s²I), reduced over all non-batch dims ("mean" or "sum"); float32
+                 (float64 for float64 inputs). 0 for a deterministic step (s = 0).
+    mean:        μ, shape and dtype of x.
+    std:         (B,) s, the standard deviation of the step's Gaussian (Flow-GRPO's std_dev_t·sqrt(−dt)
+                 for kind="flow"), in the log_prob dtype.
+    kl:          (B,) ‖μθ − μref‖²/(2s²) reduced like log_prob, when a reference velocity was given,
+                 else None. 0 for a deterministic step.
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    kl: torch.Tensor | None = None
+
+
+def _check_latent(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    check_tensor(name, value, dtypes=FLOAT_DTYPES)
+    if value.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of x, {tuple(like.shape)}, got {tuple(value.shape)}")
+    return value
+
+
+def _check_data(name: str, value: torch.Tensor | None) -> None:
+    if value is not None and value.requires_grad:
+        raise ValueError(f"{name} is treated as data and gets no gradient: pass {name}.detach()")
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(t.shape[0], -1).contiguous()
+
+
+def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tuple[str, ...],
+                vscale: tuple[Scalar, Scalar] | None, sigma: Scalar, sigma_next: Scalar, noise: torch.Tensor | None,
+                prev_sample: torch.Tensor | None, v_ref: torch.Tensor | None, eta: Scalar, kind: str, reduce: str,
+                sigma_max: Scalar | None, backend: str) -> SdeStep:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch dimension and at least one more (B, ...), got shape {tuple(x.shape)}")
+    for name, v in zip(vels_names, vels):
+        _check_latent(name, v, x)
+    if (noise is None) == (prev_sample is None):
+        raise ValueError("pass exactly one of noise (sampling: draws x' = μ + s·noise) and prev_sample "
+                         "(re-evaluation: scores a given x'), got "
+                         + ("both" if noise is not None else "neither"))
+    target_name, target = ("noise", noise) if noise is not None else ("prev_sample", prev_sample)
+    _check_latent(target_name, target, x)
+    if v_ref is not None:
+        _check_latent("v_ref", v_ref, x)
+    for name, value in ((target_name, target), ("v_ref", v_ref)):
+        _check_data(name, value)
+    check_choice("kind", kind, KINDS)
+    check_choice("reduce", reduce, REDUCTIONS)
+    check_choice("backend", backend, backends.BACKENDS)
+    device = check_same_device(x=x, **dict(zip(vels_names, vels)), **{target_name: target}, v_ref=v_ref)
+
+    latents = (x, *vels, target) + (() if v_ref is None else (v_ref,))
+    cd = torch.float64 if any(t.dtype == torch.float64 for t in latents) else torch.float32
+    batch = x.shape[0]
+    sig = per_sample("sigma", sigma, batch, device, cd)
+    sig_next = per_sample("sigma_next", sigma_next, batch, device, cd)
+    eta_b = per_sample("eta", eta, batch, device, cd)
+    smax = None if sigma_max is None else per_sample("sigma_max", sigma_max, batch, device, cd)
+    scale = None
+    if vscale is not None:
+        scale = torch.stack((per_sample("guidance_scale", vscale[0], batch, device, cd),
+                             per_sample("guidance_weight", vscale[1], batch, device, cd)), dim=1)
+    coefs = step_coefficients(kind, sig, sig_next, eta_b, smax)
+
+    impl = backends.resolve(backend, latents)
+    rollout = noise is not None
+    norm = x[0].numel() if reduce == "mean" else 1
+    prev, mean, log_prob, kl = SdeStepFunction.apply(impl, rollout, norm, coefs, scale, _flat(x), _flat(target),
+                                                     _flat(v_ref), *(_flat(v) for v in vels))
+    prev = prev.view(x.shape) if rollout else prev_sample
+    return SdeStep(prev, log_prob, mean.view(x.shape), coefs.s, kl)
+
+
+def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar, *,
+                     noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
+                     eta: Scalar = 0.7, kind: str = "flow", reduce: str = "mean", sigma_max: Scalar | None = None,
+                     v_ref: torch.Tensor | None = None, backend: str = "auto") -> SdeStep:
+    """One SDE step x_σ → x_σ' of a flow-matching sampler and the log-probability of x' under it.
+
+    x, v: latents (B, C, H, W) or packed tokens (B, L, C), any rank >= 2, float16/bfloat16/float32
+    (float64 computes in float64); math is float32 inside. sigma, sigma_next: floats, 0-d or (B,)
+    tensors (per-sample schedules, e.g. from `step_sigmas`). Exactly one of:
+      noise:       sampling; returns x' = μ + s·noise, and log_prob of x' as rounded to x's dtype, so
+                   a later re-evaluation with prev_sample=x' gives a bit-identical log_prob;
+      prev_sample: re-evaluation of a recorded x' (the training path).
+    eta: η, float or (B,). kind: "flow" | "dance" | "cps" (DESIGN.md §2.1; cps uses the normalised
+    Gaussian log-density, unlike Flow-GRPO's unnormalised −(x' − μ)²). reduce: "mean" | "sum" over the
+    non-batch dims. sigma_max (flow): replaces σ in 1 − σ where σ >= 1; None uses σ' there, equal to
+    Flow-GRPO's sigmas[1] on the first step of a schedule that starts at 1.
+    v_ref: optional reference velocity (same x and variance) for the fused KL output.
+    backend: "auto" | "cuda" | "triton" | "torch".
+    Deterministic steps (s = 0, e.g. η = 0): x' = μ, log_prob = kl = 0, no gradient from them.
+    Differentiable in x and v (also through mean and the rollout prev_sample).
+    """
+    return _fused_step(x, (v,), ("v",), None, sigma, sigma_next, noise, prev_sample, v_ref, eta, kind, reduce,
+                       sigma_max, backend)
+
+
+def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: Scalar,
+                    sigma: Scalar, sigma_next: Scalar, *, guidance: torch.Tensor | None = None,
+                    guidance_weight: Scalar = 0.0, noise: torch.Tensor | None = None,
+                    prev_sample: torch.Tensor | None = None, eta: Scalar = 0.7, kind: str = "flow",
+                    reduce: str = "mean", sigma_max: Scalar | None = None, v_ref: torch.Tensor | None = None,
+                    backend: str = "auto") -> SdeStep:
+    """Classifier-free guidance and an SDE step with its log-prob, in one pass.
+
+    v = v_uncond + guidance_scale·(v_cond − v_uncond) + guidance_weight·guidance, then exactly
+    `sde_step_logprob(x, v, ...)`. guidance_scale and guidance_weight: floats or (B,) tensors (not
+    differentiable); guidance: optional latent-shaped shift (PCGS, DESIGN.md §2.5). v_ref is the
+    reference velocity already combined by the caller (CFG and guidance applied as for v).
+    Differentiable in x, v_uncond, v_cond and guidance.
+    """
+    vels = (v_uncond, v_cond) if guidance is None else (v_uncond, v_cond, guidance)
+    names = ("v_uncond", "v_cond", "guidance")[:len(vels)]
+    return _fused_step(x, vels, names, (guidance_scale, guidance_weight), sigma, sigma_next, noise, prev_sample,
+                       v_ref, eta, kind, reduce, sigma_max, backend)
