@@ -7,6 +7,8 @@ Backends: "cuda" (pec_kernels._C, built from csrc/), "triton", "torch" (referenc
 This package depends on torch and triton only.
 """
 from pec_kernels._extension import cuda_ops_available, extension_status
+from pec_kernels.knn import KnnEntropy, knn_entropy
 from pec_kernels.gaussian import GaussianEntropy, gaussian_entropy
 
-__all__ = ["cuda_ops_available", "extension_status", "GaussianEntropy", "gaussian_entropy"]
+__all__ = ["cuda_ops_available", "extension_status", "GaussianEntropy", "gaussian_entropy", "KnnEntropy",
+           "knn_entropy"]

@@ -1,0 +1,128 @@
+"""knn_entropy: the public Kozachenko-Leonenko kNN entropy op (DESIGN.md §2.2, §3)."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from pec_kernels._checks import check_choice, check_finite, check_same_device, check_tensor
+from pec_kernels.knn.autograd import NeighbourDistances
+from pec_kernels.knn.backends import BACKENDS, resolve
+from pec_kernels.knn.estimator import surprisal_from_distance
+
+MAX_K = 64
+METRICS = ("euclidean", "cosine")
+NORMALIZATIONS = ("none", "per_dim")
+
+
+class KnnEntropy(NamedTuple):
+    """Result of knn_entropy; the leading G dimension is present only for grouped inputs.
+
+    entropy: () or (G,) mean surprisal. surprisal: (..., n) per-sample −log p̂.
+    index: (..., n, k) int64 into the candidates (x itself in self mode, else the reference bank).
+    distance: (..., n, k) distances to those candidates, ascending, clamped below at min_dist
+    (float32; float64 for float64 inputs).
+    """
+
+    entropy: torch.Tensor
+    surprisal: torch.Tensor
+    index: torch.Tensor
+    distance: torch.Tensor
+
+
+def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None = None,
+                metric: str = "euclidean", min_dist: float = 1e-6, normalize: str = "none",
+                backend: str = "auto") -> KnnEntropy:
+    """Kozachenko-Leonenko kNN entropy of a set of feature vectors, differentiable in x and reference.
+
+    surprisal_i = ψ(m+1) − ψ(k) + log V_D + D·log ρ_i, with ρ_i = max(distance to the k-th nearest of the
+    m candidates, min_dist); entropy = mean_i surprisal_i.
+
+    Args:
+        x: (n, D) samples, or (G, n, D) for G independent groups (one entropy per group).
+        k: neighbour rank, 1 ≤ k ≤ 64 and k ≤ m.
+        reference: None for self mode (candidates: the other n − 1 rows of the same group; self is
+            excluded by index, so duplicates are neighbours at distance 0), or a bank of candidates:
+            (M, D) shared by all groups, or (G, M, D) one per group. Same dtype and device as x.
+        metric: "euclidean", or "cosine" (rows L2-normalised first, differentiably).
+        min_dist: floor of ρ (> 0): duplicates give a finite surprisal and no gradient.
+        normalize: "none", or "per_dim" to divide surprisal and entropy by D.
+        backend: "auto" (CUDA kernels, then Triton on GPU; torch elsewhere), "cuda", "triton", "torch".
+
+    Returns:
+        KnnEntropy(entropy, surprisal, index, distance); see its docstring for shapes.
+
+    Raises:
+        ValueError naming the argument for bad input; RuntimeError when an explicitly requested
+        backend is not installed or built.
+    """
+    x_groups, ref_groups = _validated(x, k, reference, metric, min_dist, normalize, backend)
+    num_candidates = x_groups.shape[1] - 1 if ref_groups is None else ref_groups.shape[1]
+    if metric == "cosine":
+        x_groups = F.normalize(x_groups, dim=-1)
+        ref_groups = None if ref_groups is None else F.normalize(ref_groups, dim=-1)
+    x_groups = x_groups.contiguous()
+    ref_groups = None if ref_groups is None else ref_groups.contiguous()
+
+    module = resolve(backend, x_groups, ref_groups, k)
+    with torch.no_grad():
+        x_rank, ref_rank = _centred(x_groups.detach(), None if ref_groups is None else ref_groups.detach())
+        index = module.select(x_rank, ref_rank, k)
+    distance, index = NeighbourDistances.apply(x_groups, ref_groups, index, float(min_dist), module)
+
+    surprisal = surprisal_from_distance(distance[..., -1], num_candidates, k, x.shape[-1],
+                                        per_dim=normalize == "per_dim")
+    entropy = surprisal.mean(-1)
+    if x.dim() == 2:
+        return KnnEntropy(entropy[0], surprisal[0], index[0], distance[0])
+    return KnnEntropy(entropy, surprisal, index, distance)
+
+
+def _centred(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shift each group by its candidates' mean before ranking: distances do not change, but the
+    expanded form ‖x‖² + ‖c‖² − 2x·c loses far less precision on features far from the origin."""
+    if reference is None:
+        return (x - x.mean(dim=1, keepdim=True)).contiguous(), None
+    shift = reference.mean(dim=1, keepdim=True)
+    return (x - shift).contiguous(), (reference - shift).contiguous()
+
+
+def _validated(x: object, k: object, reference: object, metric: object, min_dist: object,
+               normalize: object, backend: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check every argument; return x as (G, n, D) and reference as (G, M, D), (1, M, D) or None."""
+    check_tensor("x", x, ndims=(2, 3))
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an int with 1 <= k <= {MAX_K}, got {k!r}")
+    check_choice("metric", metric, METRICS)
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    check_choice("backend", backend, BACKENDS)
+    if (isinstance(min_dist, bool) or not isinstance(min_dist, (int, float))
+            or not math.isfinite(min_dist) or min_dist <= 0):
+        raise ValueError(f"min_dist must be a finite number > 0, got {min_dist!r}")
+    x_groups = x if x.dim() == 3 else x.unsqueeze(0)
+    check_finite("x", x)
+
+    if reference is None:
+        num_candidates = x_groups.shape[1] - 1
+        if k > num_candidates:
+            raise ValueError(f"k must be at most the number of candidates n - 1 = {num_candidates} in self "
+                             f"mode (x has shape {tuple(x.shape)}), got k={k}")
+        return x_groups, None
+
+    check_tensor("reference", reference, ndims=(2, 3))
+    check_same_device(x=x, reference=reference)
+    if reference.dtype != x.dtype:
+        raise ValueError(f"reference must have the dtype of x ({x.dtype}), got {reference.dtype}")
+    if reference.shape[-1] != x.shape[-1]:
+        raise ValueError(f"reference must have the feature dimension of x (D={x.shape[-1]}), "
+                         f"got shape {tuple(reference.shape)}")
+    if reference.dim() == 3 and (x.dim() != 3 or reference.shape[0] != x.shape[0]):
+        raise ValueError(f"a grouped reference (G, M, D) needs x of shape (G, n, D) with the same G; got "
+                         f"reference {tuple(reference.shape)} and x {tuple(x.shape)}")
+    if k > reference.shape[-2]:
+        raise ValueError(f"k must be at most the number of candidates M = {reference.shape[-2]} in the "
+                         f"reference, got k={k}")
+    check_finite("reference", reference)
+    return x_groups, (reference if reference.dim() == 3 else reference.unsqueeze(0))

@@ -1,0 +1,47 @@
+"""The differentiable part of knn_entropy: exact distances of the selected pairs and their gradient.
+
+Selection is piecewise constant, so only the distances carry gradient. The forward recomputes
+d_ij = ‖x_i − c_j‖ of the k selected pairs exactly, re-sorts them, clamps them at `min_dist`; the
+backward scatters through the same pairs with the backend's pair_grad kernel. No n×n matrix and no
+autograd graph over a gathered (n, k, D) tensor.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from pec_kernels.knn.estimator import pair_coefficients, sort_pairs
+
+
+class NeighbourDistances(torch.autograd.Function):
+    """(x, reference, index) -> (distance, index), both (G, n, k), sorted by exact distance.
+
+    distance = max(‖x_i − c_j‖, min_dist); the pairs clamped by min_dist get zero gradient.
+    reference is None in self mode; a (1, M, D) reference is a bank shared by all groups.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
+                min_dist: float, backend: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:
+        exact = backend.pair_distances(x, reference, index)
+        exact, index = sort_pairs(exact, index)
+        ctx.save_for_backward(x, reference, index, exact)
+        ctx.mark_non_differentiable(index)
+        ctx.min_dist = min_dist
+        ctx.backend = backend
+        return exact.clamp_min(min_dist), index
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_distance: torch.Tensor, _grad_index: None):
+        x, reference, index, exact = ctx.saved_tensors
+        coef = pair_coefficients(grad_distance, exact, ctx.min_dist)
+        grad_x, grad_reference = ctx.backend.pair_grad(x, reference, index, coef)
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        if grad_reference is not None and ctx.needs_input_grad[1]:
+            grad_reference = grad_reference.to(reference.dtype)
+        else:
+            grad_reference = None
+        return grad_x, grad_reference, None, None, None

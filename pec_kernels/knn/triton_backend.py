@@ -1,0 +1,120 @@
+"""Triton kNN backend: launches the kernels of triton_kernels.py (the GPU workhorse).
+
+Follows the backend contract of pec_kernels.knn.backends: x (G, n, D), reference (G, M, D), (1, M, D)
+(a bank shared by all groups) or None (self mode), all contiguous. Runs on CUDA tensors, and on CPU
+tensors under TRITON_INTERPRET=1 (fixed small blocks, 16-bit inputs upcast to float32 in the kernel:
+the interpreter computes bf16 arithmetic wrongly).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from pec_kernels._triton_utils import interpreting, triton_usable_on
+from pec_kernels.knn import triton_kernels as kernels
+
+#: tl.dot precision for ranking float32 inputs on GPU: "tf32" (fast), "tf32x3" or "ieee" (slower, fewer
+#: near-tie swaps). Exact distances are recomputed in float32 either way. The interpreter uses "ieee".
+INPUT_PRECISION = "tf32"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_K = 64
+
+
+def why_unsupported(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> str | None:
+    """The reason this backend cannot take these inputs, or None when it can."""
+    if not triton_usable_on(x.device):
+        return (f"Triton cannot run on {x.device} here (it needs a CUDA device, or a CPU tensor under "
+                "TRITON_INTERPRET=1)")
+    if x.dtype not in _DTYPES:
+        return f"it supports float32/float16/bfloat16, got {x.dtype}"
+    if k > _MAX_K:
+        return f"it supports k <= {_MAX_K}, got {k}"
+    return None
+
+
+def supports(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> bool:
+    """True when this backend can take these inputs."""
+    return why_unsupported(x, reference, k) is None
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _candidates(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The candidate tensor and its group stride (0 for a bank shared by all groups)."""
+    cand = x if reference is None else reference
+    return cand, (cand.stride(0) if cand.shape[0] > 1 else 0)
+
+
+def _select_config(x: torch.Tensor, kp: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, UPCAST=True, INPUT_PRECISION="ieee")
+    # The running best (BLOCK_M × KP int64) lives in registers: halve the row block for large k.
+    return dict(BLOCK_M=64 if kp <= 16 else 32, BLOCK_N=64, BLOCK_D=32 if x.dtype == torch.float32 else 64,
+                UPCAST=False, INPUT_PRECISION=INPUT_PRECISION, num_warps=4)
+
+
+def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Indices (G, n, k) int64 of each row's k nearest candidates (ascending, ties to smaller index),
+    ranked with tl.dot in the input precision (TF32 for float32 on GPU); self excluded by index."""
+    cand, stride_cg = _candidates(x, reference)
+    num_groups, n, dim = x.shape
+    m = cand.shape[1]
+    x_sq = x.float().square().sum(-1)
+    c_sq = x_sq if reference is None else cand.float().square().sum(-1)
+    out = torch.empty((num_groups, n, k), dtype=torch.int64, device=x.device)
+    kp = max(triton.next_power_of_2(k), 2)
+    config = _select_config(x, kp)
+    grid = (num_groups * triton.cdiv(n, config["BLOCK_M"]),)
+    with _on_device(x):
+        kernels.knn_select_kernel[grid](
+            x, cand, x_sq, c_sq, out, n, m, dim,
+            x.stride(0), x.stride(1), stride_cg, cand.stride(1), x_sq.stride(0),
+            c_sq.stride(0) if stride_cg else 0,
+            K=k, KP=kp, SELF=reference is None, **config)
+    return out
+
+
+def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """Exact ‖x_i − c_j‖ (G, n, k) float32 of the selected pairs, reduced in float32."""
+    cand, stride_cg = _candidates(x, reference)
+    num_groups, n, k = index.shape
+    out = torch.empty((num_groups, n, k), dtype=torch.float32, device=x.device)
+    block_p, block_d = (16, 16) if interpreting() else (32, 128)
+    grid = (triton.cdiv(out.numel(), block_p),)
+    with _on_device(x):
+        kernels.pair_distance_kernel[grid](
+            x, cand, index, out, n, x.shape[-1], out.numel(),
+            x.stride(0), x.stride(1), stride_cg, cand.stride(1),
+            K=k, BLOCK_P=block_p, BLOCK_D=block_d)
+    return out
+
+
+def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
+              coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """grad_x_i += Σ_j coef_ij (x_i − c_j), grad_c_j −= coef_ij (x_i − c_j), in float32.
+
+    Returns (grad_x (G, n, D), grad_reference (G|1, M, D) or None in self mode, where both sides land in
+    grad_x). Candidate-side sums use float32 atomics, so the last bits vary from run to run.
+    """
+    cand, stride_cg = _candidates(x, reference)
+    num_groups, n, dim = x.shape
+    if reference is None:
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        grad_c = grad_x
+    else:
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        grad_c = torch.zeros(cand.shape, dtype=torch.float32, device=x.device)
+    block_r, block_d = (16, 16) if interpreting() else (32, 128)
+    grid = (num_groups * triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
+    with _on_device(x):
+        kernels.pair_grad_kernel[grid](
+            x, cand, index, coef.to(torch.float32).contiguous(), grad_x, grad_c, n, dim,
+            x.stride(0), x.stride(1), stride_cg, cand.stride(1), grad_c.stride(0) if stride_cg else 0,
+            K=index.shape[-1], SELF=reference is None, BLOCK_R=block_r, BLOCK_D=block_d)
+    return grad_x, (None if reference is None else grad_c)

@@ -1,0 +1,159 @@
+"""Triton kernels of the kNN entropy: tiled selection, exact pair distances, pair-gradient scatter.
+
+Shapes follow pec_kernels.knn.backends: x (G, n, D) and candidates (Gc, m, D) with Gc = G or 1 (a bank
+shared by all groups, addressed with a group stride of 0); every last dimension is contiguous.
+Row offsets are computed in int64 so that G·n·D beyond 2³¹ elements is addressed correctly.
+"""
+import triton
+import triton.language as tl
+
+_INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+_INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32 bits
+
+
+@triton.jit
+def knn_select_kernel(
+    x_ptr, c_ptr, x_sq_ptr, c_sq_ptr, out_ptr,
+    n, m, dim,
+    stride_xg, stride_xn, stride_cg, stride_cn, stride_sqg, stride_csqg,
+    K: tl.constexpr, KP: tl.constexpr, SELF: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per program: BLOCK_M query rows of one group (program_id(0) = group · row-blocks + row-block,
+    flattened because grid axes 1 and 2 stop at 65535); writes the rows' k nearest candidates.
+
+    Squared distances come from ‖x‖² + ‖c‖² − 2·x·c with tl.dot on tiles of BLOCK_N candidates. Each
+    row keeps its best K as packed int64 keys (float bits of d² << 32 | column): non-negative floats
+    order like their bits, so smaller key = nearer, ties to the smaller column. Most candidates are
+    rejected by one float compare against the row's current worst kept d²; the survivors are inserted
+    one per row and iteration (replace the worst key), in increasing key order.
+    """
+    row_blocks = tl.cdiv(n, BLOCK_M)
+    pid_m = tl.program_id(0) % row_blocks
+    group = (tl.program_id(0) // row_blocks).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    dims = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, KP)
+
+    x_base = x_ptr + group * stride_xg + rows.to(tl.int64)[:, None] * stride_xn
+    c_base = c_ptr + group * stride_cg
+    x_sq = tl.load(x_sq_ptr + group * stride_sqg + rows, mask=row_ok, other=0.0)
+
+    # Empty slots are +inf keys, distinct so that "replace the worst" hits exactly one slot; the KP - K
+    # padding slots are negative, so they are never the worst and sort first at the end.
+    empty = (tl.full((KP,), _INF_BITS, tl.int64) << 32) | (0x7FFFFFFF - slots).to(tl.int64)
+    best = tl.where(slots < K, empty, -1 - slots.to(tl.int64))
+    best = tl.broadcast_to(best[None, :], (BLOCK_M, KP))
+    worst = tl.max(best, axis=1)
+
+    for start in range(0, m, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < m
+        c_rows = c_base + cols.to(tl.int64)[:, None] * stride_cn
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d_ok = d0 + dims < dim
+            a = tl.load(x_base + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(c_rows + d0 + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            dot = tl.dot(a, tl.trans(b), dot, input_precision=INPUT_PRECISION)
+        c_sq = tl.load(c_sq_ptr + group * stride_csqg + cols, mask=col_ok, other=0.0)
+        sq = x_sq[:, None] + c_sq[None, :] - 2.0 * dot
+        sq = tl.where(sq > 0.0, sq, 0.0)  # round-off can make it negative; also turns -0.0 into +0.0
+        excluded = (~col_ok)[None, :] | (~row_ok)[:, None]
+        if SELF:
+            excluded = excluded | (rows[:, None] == cols[None, :])
+        sq = tl.where(excluded, float("inf"), sq)
+
+        # The worst kept key's d² is a strict threshold: a candidate with an equal d² has a larger
+        # column than every kept one, since columns are visited in increasing order.
+        threshold = (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        passing = sq < threshold[:, None]
+        num_passing = tl.sum(passing.to(tl.int32))
+        while num_passing > 0:
+            keys = (sq.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
+            nearest = tl.min(tl.where(passing, keys, _INT64_MAX), axis=1)
+            take = nearest < worst
+            best = tl.where((best == worst[:, None]) & take[:, None], nearest[:, None], best)
+            worst = tl.max(best, axis=1)
+            passing = passing & (keys > nearest[:, None]) & (keys < worst[:, None])
+            num_passing = tl.sum(passing.to(tl.int32))
+
+    ordered = tl.sort(best, dim=1)
+    out_cols = slots - (KP - K)
+    out = out_ptr + (group * n + rows.to(tl.int64))[:, None] * K + out_cols[None, :]
+    tl.store(out, ordered & 0x7FFFFFFF, mask=row_ok[:, None] & (out_cols >= 0)[None, :])
+
+
+@triton.jit
+def pair_distance_kernel(
+    x_ptr, c_ptr, idx_ptr, out_ptr,
+    n, dim, num_pairs,
+    stride_xg, stride_xn, stride_cg, stride_cn,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[p] = ‖x_i − c_j‖ in float32 for the flattened pairs p = (g, i, slot), j = idx[p]."""
+    pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = pairs < num_pairs
+    group = pairs // (n * K)
+    row = (pairs // K) % n
+    col = tl.load(idx_ptr + pairs, mask=ok, other=0)
+    x_rows = x_ptr + group * stride_xg + row * stride_xn
+    c_rows = c_ptr + group * stride_cg + col * stride_cn
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        mask = ok[:, None] & (d0 + dims < dim)[None, :]
+        a = tl.load(x_rows[:, None] + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(c_rows[:, None] + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        diff = a - b
+        acc += tl.sum(diff * diff, axis=1)
+    tl.store(out_ptr + pairs, tl.sqrt(acc), mask=ok)
+
+
+@triton.jit
+def pair_grad_kernel(
+    x_ptr, c_ptr, idx_ptr, coef_ptr, grad_x_ptr, grad_c_ptr,
+    n, dim,
+    stride_xg, stride_xn, stride_cg, stride_cn, stride_grad_cg,
+    K: tl.constexpr, SELF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """For BLOCK_R rows (program_id(0) = group · row-blocks + row-block) × BLOCK_D features
+    (program_id(1)) of one group: grad_x_i += Σ_j coef_ij (x_i − c_j) and
+    grad_c_j −= coef_ij (x_i − c_j) with float32 atomics (pairs with coef 0 are skipped).
+
+    grad_x / grad_c are contiguous float32 with the shapes of x / the candidates (stride_grad_cg is 0
+    for a shared bank, like stride_cg). In self mode they are
+    the same buffer, zero-filled, and the row side is atomic too; otherwise each program owns its
+    rows' slice of grad_x and stores it.
+    """
+    row_blocks = tl.cdiv(n, BLOCK_R)
+    group = (tl.program_id(0) // row_blocks).to(tl.int64)
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dims < dim
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    pair_rows = group * n + rows.to(tl.int64)
+    x_tile = tl.load(x_ptr + group * stride_xg + rows.to(tl.int64)[:, None] * stride_xn + dims[None, :],
+                     mask=tile_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    c_group = c_ptr + group * stride_cg
+    grad_c_group = grad_c_ptr + group * stride_grad_cg
+    for slot in range(K):
+        col = tl.load(idx_ptr + pair_rows * K + slot, mask=row_ok, other=0)
+        weight = tl.load(coef_ptr + pair_rows * K + slot, mask=row_ok, other=0.0)
+        mask = tile_ok & (weight != 0.0)[:, None]
+        c_tile = tl.load(c_group + col[:, None] * stride_cn + dims[None, :], mask=mask, other=0.0)
+        contrib = weight[:, None] * (x_tile - c_tile.to(tl.float32))
+        acc += contrib
+        tl.atomic_add(grad_c_group + col[:, None] * dim + dims[None, :], -contrib, mask=mask)
+    grad_rows = grad_x_ptr + pair_rows[:, None] * dim + dims[None, :]
+    if SELF:
+        tl.atomic_add(grad_rows, acc, mask=tile_ok)
+    else:
+        tl.store(grad_rows, acc, mask=tile_ok)
