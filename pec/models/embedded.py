@@ -1,0 +1,104 @@
+"""The embedded default model: a tiny SD3 transformer over 8x8 digits, in pixel space.
+
+A real diffusers `SD3Transformer2DModel` (the SD3.5 backbone) with a small config, conditioned by the
+learned `PromptEncoder`. The latent space is pixel space in [-1, 1]; `decode` is the identity up to the
+affine map to [0, 1]. The pretrained weights ship in pec/assets/embedded/ (see `pec.pretrain`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file, save_file
+
+from pec.data.digits import IMAGE_SHAPE, to_unit
+from pec.models.base import FlowModel, PromptBatch
+from pec.models.prompt_encoder import PromptEncoder
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_DIR = ASSETS / "embedded"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+# SD3 feeds the transformer timesteps in [0, 1000] (FlowMatchEulerDiscreteScheduler: t = 1000 * sigma).
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class EmbeddedConfig:
+    """Architecture of the embedded model (stored as config.json next to the weights)."""
+
+    patch_size: int = 2
+    num_layers: int = 3
+    attention_head_dim: int = 32
+    num_attention_heads: int = 2
+    text_dim: int = 64
+    max_tokens: int = 4
+
+    @property
+    def width(self) -> int:
+        return self.attention_head_dim * self.num_attention_heads
+
+
+class EmbeddedFlowModel(FlowModel):
+    """Tiny SD3 text-to-image flow model for 8x8 digits (see the module docstring)."""
+
+    def __init__(self, config: EmbeddedConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or EmbeddedConfig()
+        c = self.config
+        channels, size, _ = IMAGE_SHAPE
+        if size % c.patch_size:
+            raise ValueError(f"patch_size must divide the image size {size}, got {c.patch_size}")
+        self.sample_shape = IMAGE_SHAPE
+        self.prompt_encoder = PromptEncoder(c.text_dim, c.max_tokens)
+        self.transformer = SD3Transformer2DModel(
+            sample_size=size, patch_size=c.patch_size, in_channels=channels, out_channels=channels,
+            num_layers=c.num_layers, attention_head_dim=c.attention_head_dim,
+            num_attention_heads=c.num_attention_heads, joint_attention_dim=c.text_dim,
+            caption_projection_dim=c.width, pooled_projection_dim=c.text_dim,
+            pos_embed_max_size=size // c.patch_size)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        """Encode prompts with the learned prompt encoder ("" is the null prompt)."""
+        return self.prompt_encoder(prompts)
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        """Predicted velocity (B, 1, 8, 8) at flow times `sigma` (B,) in [0, 1]."""
+        if latents.shape[1:] != self.sample_shape:
+            raise ValueError(f"latents must have shape (B, {', '.join(map(str, self.sample_shape))}), "
+                             f"got {tuple(latents.shape)}")
+        if sigma.shape != latents.shape[:1]:
+            raise ValueError(f"sigma must have shape ({latents.shape[0]},), got {tuple(sigma.shape)}")
+        if len(prompts) != latents.shape[0]:
+            raise ValueError(f"prompts must have {latents.shape[0]} rows, got {len(prompts)}")
+        return self.transformer(hidden_states=latents, encoder_hidden_states=prompts.embeds,
+                                pooled_projections=prompts.pooled, timestep=sigma * NUM_TRAIN_TIMESTEPS,
+                                return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (not clamped): pixel space, so just the affine map from [-1, 1]."""
+        return to_unit(latents)
+
+    def save(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors to `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path = EMBEDDED_DIR,
+                        device: str | torch.device = "cpu") -> EmbeddedFlowModel:
+        """Load the shipped (or a `pec.pretrain --out` produced) model; eval mode, on `device`."""
+        directory = Path(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}; run `python -m pec.pretrain`")
+        config = EmbeddedConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        model = cls(config)
+        model.load_state_dict(load_file(str(weights)))
+        return model.to(device).eval()
