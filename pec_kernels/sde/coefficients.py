@@ -72,16 +72,18 @@ def step_coefficients(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, 
     which for a schedule starting at σ = 1 is exactly Flow-GRPO's choice (sigmas[1]).
     """
     dt = sigma_next - sigma
-    tiny = torch.finfo(sigma.dtype).tiny
+    # Floors for the denominators 1 − σ̃ (flow) and σ (dance): they only bind off-schedule (σ' = 1,
+    # or a σ = 0 padding step where dt = 0), and keep the coefficients finite there.
+    floor = torch.finfo(sigma.dtype).eps
     if kind == "flow":
         sigma_max = sigma_next if sigma_max is None else sigma_max
-        one_minus = (1 - torch.where(sigma >= 1, sigma_max, sigma)).clamp_min(tiny)
+        one_minus = (1 - torch.where(sigma >= 1, sigma_max, sigma)).clamp_min(floor)
         half_k = eta * eta / (2 * one_minus)
         a = 1 + half_k * dt
         b = (1 + half_k * (1 - sigma)) * dt
         s = eta * torch.sqrt(sigma.clamp_min(0) / one_minus) * torch.sqrt((-dt).clamp_min(0))
     elif kind == "dance":
-        half_k = eta * eta / (2 * sigma.clamp_min(tiny))
+        half_k = eta * eta / (2 * sigma.clamp_min(floor))
         a = 1 + half_k * dt
         b = dt + half_k * dt * (1 - sigma)
         s = eta * torch.sqrt((-dt).clamp_min(0))
@@ -94,7 +96,7 @@ def step_coefficients(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, 
     else:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     var = s * s
-    stochastic = var > tiny
+    stochastic = var > torch.finfo(var.dtype).tiny
     safe_var = torch.where(stochastic, var, torch.ones_like(var))
     inv_two_var = torch.where(stochastic, 0.5 / safe_var, torch.zeros_like(var))
     log_norm = torch.where(stochastic, -0.5 * torch.log(safe_var) - _HALF_LOG_2PI, torch.zeros_like(var))
