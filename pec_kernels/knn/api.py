@@ -119,7 +119,7 @@ def _validated(x: object, k: object, reference: object, metric: object, min_dist
         raise ValueError(f"reference must have the feature dimension of x (D={x.shape[-1]}), "
                          f"got shape {tuple(reference.shape)}")
     if reference.dim() == 3 and (x.dim() != 3 or reference.shape[0] != x.shape[0]):
-        raise ValueError(f"a grouped reference (G, M, D) needs x of shape (G, n, D) with the same G; got "
+        raise ValueError(f"reference of shape (G, M, D) needs x of shape (G, n, D) with the same G; got "
                          f"reference {tuple(reference.shape)} and x {tuple(x.shape)}")
     if k > reference.shape[-2]:
         raise ValueError(f"k must be at most the number of candidates M = {reference.shape[-2]} in the "

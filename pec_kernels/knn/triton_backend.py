@@ -52,8 +52,9 @@ def _candidates(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.
 
 
 def _select_config(x: torch.Tensor, kp: int) -> dict:
+    """Fixed blocks: autotuning needs a GPU, and these few shapes cover the cases."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, UPCAST=True, INPUT_PRECISION="ieee")
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, UPCAST=True, INPUT_PRECISION="ieee")
     # The running best (BLOCK_M × KP int64) lives in registers: halve the row block for large k.
     return dict(BLOCK_M=64 if kp <= 16 else 32, BLOCK_N=64, BLOCK_D=32 if x.dtype == torch.float32 else 64,
                 UPCAST=False, INPUT_PRECISION=INPUT_PRECISION, num_warps=4)
@@ -67,17 +68,18 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Ten
     m = cand.shape[1]
     x_sq = x.float().square().sum(-1)
     c_sq = x_sq if reference is None else cand.float().square().sum(-1)
-    out = torch.empty((num_groups, n, k), dtype=torch.int64, device=x.device)
+    keys = torch.empty((num_groups, n, k), dtype=torch.int64, device=x.device)
     kp = max(triton.next_power_of_2(k), 2)
     config = _select_config(x, kp)
     grid = (num_groups * triton.cdiv(n, config["BLOCK_M"]),)
     with _on_device(x):
         kernels.knn_select_kernel[grid](
-            x, cand, x_sq, c_sq, out, n, m, dim,
+            x, cand, x_sq, c_sq, keys, n, m, dim,
             x.stride(0), x.stride(1), stride_cg, cand.stride(1), x_sq.stride(0),
             c_sq.stride(0) if stride_cg else 0,
             K=k, KP=kp, SELF=reference is None, **config)
-    return out
+    # Keys are (d² bits << 32 | column): sorting them orders by distance, ties by smaller column.
+    return torch.sort(keys, dim=-1).values & 0x7FFFFFFF
 
 
 def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,7 @@ def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch
     cand, stride_cg = _candidates(x, reference)
     num_groups, n, k = index.shape
     out = torch.empty((num_groups, n, k), dtype=torch.float32, device=x.device)
-    block_p, block_d = (16, 16) if interpreting() else (32, 128)
+    block_p, block_d = (64, 16) if interpreting() else (32, 128)
     grid = (triton.cdiv(out.numel(), block_p),)
     with _on_device(x):
         kernels.pair_distance_kernel[grid](
@@ -110,7 +112,7 @@ def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tens
     else:
         grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         grad_c = torch.zeros(cand.shape, dtype=torch.float32, device=x.device)
-    block_r, block_d = (16, 16) if interpreting() else (32, 128)
+    block_r, block_d = (32, 16) if interpreting() else (32, 128)
     grid = (num_groups * triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
     with _on_device(x):
         kernels.pair_grad_kernel[grid](

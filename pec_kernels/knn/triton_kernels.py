@@ -12,6 +12,42 @@ _INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32 bits
 
 
 @triton.jit
+def _squared_distances(x_base, c_base, x_sq, c_sq_base, rows, row_ok, start, m, dim, stride_cn,
+                       SELF: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 d² = ‖x‖² + ‖c‖² − 2·x·c against candidates start + [0, BLOCK_N);
+    +inf where the candidate is out of range, is the row itself (SELF), or the row is out of range."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < m
+    dims = tl.arange(0, BLOCK_D)
+    c_rows = c_base + cols.to(tl.int64)[:, None] * stride_cn
+    dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d_ok = d0 + dims < dim
+        a = tl.load(x_base + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(c_rows + d0 + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        dot = tl.dot(a, tl.trans(b), dot, input_precision=INPUT_PRECISION)
+    c_sq = tl.load(c_sq_base + cols, mask=col_ok, other=0.0)
+    sq = x_sq[:, None] + c_sq[None, :] - 2.0 * dot
+    sq = tl.where(sq > 0.0, sq, 0.0)  # round-off can make it negative; this also turns -0.0 into +0.0
+    excluded = (~col_ok)[None, :] | (~row_ok)[:, None]
+    if SELF:
+        excluded = excluded | (rows[:, None] == cols[None, :])
+    return tl.where(excluded, float("inf"), sq)
+
+
+@triton.jit
+def _keys(sq, start, BLOCK_N: tl.constexpr):
+    """Packed int64 keys (float bits of d² << 32 | column): d² ≥ 0 orders like its bits, so a smaller
+    key is a nearer candidate, and equal distances order by column."""
+    cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return (sq.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols[None, :]
+
+
+@triton.jit
 def knn_select_kernel(
     x_ptr, c_ptr, x_sq_ptr, c_sq_ptr, out_ptr,
     n, m, dim,
@@ -21,72 +57,51 @@ def knn_select_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per program: BLOCK_M query rows of one group (program_id(0) = group · row-blocks + row-block,
-    flattened because grid axes 1 and 2 stop at 65535); writes the rows' k nearest candidates.
+    flattened because grid axes 1 and 2 stop at 65535); writes the packed keys (see _keys) of the rows'
+    K nearest candidates to out (G, n, K), in no particular order: the caller sorts them.
 
-    Squared distances come from ‖x‖² + ‖c‖² − 2·x·c with tl.dot on tiles of BLOCK_N candidates. Each
-    row keeps its best K as packed int64 keys (float bits of d² << 32 | column): non-negative floats
-    order like their bits, so smaller key = nearer, ties to the smaller column. Most candidates are
-    rejected by one float compare against the row's current worst kept d²; the survivors are inserted
-    one per row and iteration (replace the worst key), in increasing key order.
+    Each row keeps its best K keys in KP ≥ K slots (KP a power of 2); the KP − K padding slots hold
+    negative keys, so they are never the worst, and empty slots hold distinct +inf keys. Most
+    candidates are rejected by one float compare against the row's worst kept d²; survivors are
+    inserted one per row and iteration, nearest first, each replacing the row's worst key. No sort
+    network: tl.sort/tl.topk cost far more than these few reductions, on GPUs and in the interpreter.
     """
     row_blocks = tl.cdiv(n, BLOCK_M)
-    pid_m = tl.program_id(0) % row_blocks
     group = (tl.program_id(0) // row_blocks).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    dims = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, KP)
-
     x_base = x_ptr + group * stride_xg + rows.to(tl.int64)[:, None] * stride_xn
     c_base = c_ptr + group * stride_cg
+    c_sq_base = c_sq_ptr + group * stride_csqg
     x_sq = tl.load(x_sq_ptr + group * stride_sqg + rows, mask=row_ok, other=0.0)
 
-    # Empty slots are +inf keys, distinct so that "replace the worst" hits exactly one slot; the KP - K
-    # padding slots are negative, so they are never the worst and sort first at the end.
     empty = (tl.full((KP,), _INF_BITS, tl.int64) << 32) | (0x7FFFFFFF - slots).to(tl.int64)
     best = tl.where(slots < K, empty, -1 - slots.to(tl.int64))
     best = tl.broadcast_to(best[None, :], (BLOCK_M, KP))
     worst = tl.max(best, axis=1)
 
     for start in range(0, m, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < m
-        c_rows = c_base + cols.to(tl.int64)[:, None] * stride_cn
-        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            d_ok = d0 + dims < dim
-            a = tl.load(x_base + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(c_rows + d0 + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            dot = tl.dot(a, tl.trans(b), dot, input_precision=INPUT_PRECISION)
-        c_sq = tl.load(c_sq_ptr + group * stride_csqg + cols, mask=col_ok, other=0.0)
-        sq = x_sq[:, None] + c_sq[None, :] - 2.0 * dot
-        sq = tl.where(sq > 0.0, sq, 0.0)  # round-off can make it negative; also turns -0.0 into +0.0
-        excluded = (~col_ok)[None, :] | (~row_ok)[:, None]
-        if SELF:
-            excluded = excluded | (rows[:, None] == cols[None, :])
-        sq = tl.where(excluded, float("inf"), sq)
-
-        # The worst kept key's d² is a strict threshold: a candidate with an equal d² has a larger
-        # column than every kept one, since columns are visited in increasing order.
+        sq = _squared_distances(x_base, c_base, x_sq, c_sq_base, rows, row_ok, start, m, dim, stride_cn,
+                                SELF, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        # The worst kept d² is a strict threshold: a candidate at an equal d² has a larger column than
+        # every kept one, since columns are visited in increasing order and inserted nearest first.
         threshold = (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         passing = sq < threshold[:, None]
         num_passing = tl.sum(passing.to(tl.int32))
-        while num_passing > 0:
-            keys = (sq.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
-            nearest = tl.min(tl.where(passing, keys, _INT64_MAX), axis=1)
-            take = nearest < worst
-            best = tl.where((best == worst[:, None]) & take[:, None], nearest[:, None], best)
-            worst = tl.max(best, axis=1)
-            passing = passing & (keys > nearest[:, None]) & (keys < worst[:, None])
-            num_passing = tl.sum(passing.to(tl.int32))
+        if num_passing > 0:
+            keys = _keys(sq, start, BLOCK_N)
+            while num_passing > 0:
+                nearest = tl.min(tl.where(passing, keys, _INT64_MAX), axis=1)
+                take = nearest < worst
+                best = tl.where((best == worst[:, None]) & take[:, None], nearest[:, None], best)
+                worst = tl.max(best, axis=1)
+                passing = passing & (keys > nearest[:, None]) & (keys < worst[:, None])
+                num_passing = tl.sum(passing.to(tl.int32))
 
-    ordered = tl.sort(best, dim=1)
-    out_cols = slots - (KP - K)
-    out = out_ptr + (group * n + rows.to(tl.int64))[:, None] * K + out_cols[None, :]
-    tl.store(out, ordered & 0x7FFFFFFF, mask=row_ok[:, None] & (out_cols >= 0)[None, :])
+    # Only a real slot is ever the worst, so the padding never moves from slots K..KP-1.
+    out = out_ptr + (group * n + rows.to(tl.int64))[:, None] * K + slots[None, :]
+    tl.store(out, best, mask=row_ok[:, None] & (slots < K)[None, :])
 
 
 @triton.jit
