@@ -51,7 +51,6 @@ class ModelConfig:
                                    "diffusers loaders (SD3.5, FLUX) plug in under new names")
     path: str | None = option(None, "model weights: a file (embedded) or a local diffusers directory (sd3); "
                                     "empty = the pretrained weights shipped with the package")
-    random_init: bool = option(False, "build a tiny randomly initialised model instead of loading weights (tests)")
 
 
 @dataclasses.dataclass
@@ -97,9 +96,9 @@ class TrainConfig:
 class PerceptualConfig:
     """Perceptual spaces: which encoders are logged and which one the regulariser uses."""
 
-    spaces: list[str] = option(["classifier", "ssl", "pixels"],
+    spaces: list[str] = option(["classifier", "simclr", "autoencoder"],
                                "encoders (pec.perceptual.ENCODERS) whose perceptual entropy is logged and evaluated")
-    space: str = option("ssl", "encoder used by the PEC / PCGS regulariser")
+    space: str = option("simclr", "encoder used by the PEC / PCGS regulariser")
     estimator: str = option("knn", f"entropy estimator for the regulariser, one of {ESTIMATORS}")
     k: int = option(2, "k of the kNN estimator (must be < group_size)")
     per_dim: bool = option(True, "divide surprisals by the feature dimension, so they are commensurate with the "
@@ -159,8 +158,12 @@ class Config:
 
     method: str = option("pec", f"training method, one of {METHODS}; GRPO + KL is `grpo` with --train.kl_beta > 0")
     reward: str = option("digit", "training reward (pec.rewards.REWARDS)")
+    assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "
+                                      "shipped with the package")
     seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling")
     device: str = option("auto", "torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    threads: int | None = option(1, "torch CPU threads; the embedded model's tiny matrix products run fastest on "
+                                    "one (several threads mostly wait on each other); empty = torch's default")
     run_dir: str | None = option(None, "run folder; empty = runs/<method>-<timestamp>")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     model: ModelConfig = option(ModelConfig(), "")

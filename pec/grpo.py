@@ -1,4 +1,6 @@
-"""GRPO pieces (DESIGN.md 2.3): group-normalised advantages, the clipped surrogate and the Gaussian KL.
+"""GRPO pieces (DESIGN.md 2.3): group-normalised advantages and the clipped surrogate.
+
+The KL to the reference comes fused with the step log-prob (`pec_kernels` SdeStep.kl).
 
 Everything here is plain tensor math with no model in sight, so it is unit-tested on its own.
 """
@@ -90,26 +92,3 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
                                clip_fraction=((ratio - 1.0).abs() > clip_range).float().mean(),
                                approx_kl=0.5 * delta.square().mean())
     return loss, stats
-
-
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
-    """KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) = ||mean - ref_mean||^2 / (2 s^2), mean-reduced per sample.
-
-    Args:
-        mean, ref_mean: (B, ...) step means of the policy and the reference policy.
-        std: the step's standard deviation s (scalar, (B,) or broadcastable to `mean`); the same for
-            both policies, since it is fixed by the schedule.
-
-    Returns:
-        (B,) KL per sample, averaged over the non-batch dimensions (DESIGN.md 2.1's convention).
-        Zero where s = 0 (a deterministic step has no KL to a policy with the same mean map).
-    """
-    if mean.shape != ref_mean.shape:
-        raise ValueError(f"mean and ref_mean must have one shape, got {tuple(mean.shape)} and {tuple(ref_mean.shape)}")
-    s = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
-    if s.dim() == 1:
-        s = s.reshape(-1, *([1] * (mean.dim() - 1)))
-    var2 = 2.0 * s.square()
-    sq = (mean - ref_mean.detach()).square()
-    kl = torch.where(var2 > 0, sq / var2.clamp_min(torch.finfo(mean.dtype).tiny), torch.zeros_like(sq))
-    return kl.flatten(1).mean(1)

@@ -1,0 +1,114 @@
+"""The trainable policy: a FlowModel with LoRA adapters or fully trainable, and its KL reference.
+
+Shared by the trainer and the evaluator, so that a run's checkpoint always loads into the model it
+was trained on. Models are built by name (`--model.name`); a real diffusers model (SD3.5, FLUX)
+plugs in by adding a loader to `MODELS`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pec.config import Config, ModelConfig
+from pec.models.base import FlowModel
+from pec.registry import Registry
+
+MODELS: Registry[FlowModel] = Registry("model")
+
+# Flow-GRPO's LoRA targets: the SD3 / FLUX joint-attention projections.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+@MODELS.register("embedded")
+def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
+
+    return EmbeddedFlowModel.from_pretrained(cfg.path or EMBEDDED_DIR, device=device)
+
+@MODELS.register("sd3")
+def _sd3(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.sd3 import SD3FlowModel
+
+    if not cfg.path:
+        raise ValueError("--model.path must name a local SD3 / SD3.5 diffusers directory for --model.name sd3")
+    return SD3FlowModel.from_pretrained(cfg.path, device=str(device))
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+class Policy:
+    """The model being trained, which parameters train, and how to evaluate the KL reference.
+
+    With LoRA (peft through diffusers' adapter API) only the adapters train and the reference is the
+    same network with the adapters disabled; with full fine-tuning the transformer trains and the
+    reference is a frozen copy (made only when a KL term needs it).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
+        self.model.requires_grad_(False)
+        self.lora = cfg.train.lora
+        self._reference: FlowModel | None = None
+        transformer = self.model.transformer
+        if self.lora:
+            if not hasattr(transformer, "add_adapter"):
+                raise ValueError(f"--train.lora needs a transformer with diffusers' adapter API (add_adapter); "
+                                 f"{type(transformer).__name__} has none: use --train.lora false")
+            from peft import LoraConfig
+
+            transformer.add_adapter(LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha,
+                                               init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            for name, p in transformer.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            transformer.requires_grad_(True)
+            if cfg.train.kl_beta > 0:
+                self._reference = copy.deepcopy(self.model).requires_grad_(False)
+        self.model.to(device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """State of the trainable parameters only (what a checkpoint needs), detached on the CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a `trainable_state`; every trainable parameter must be present."""
+        params = dict(self.model.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            raise ValueError(f"checkpoint does not match the model: missing {sorted(expected - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - expected)[:3]} (was it trained with other "
+                             f"--train.lora / --model options?)")
+        with torch.no_grad():
+            for n, value in state.items():
+                params[n].copy_(value)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[FlowModel]:
+        """Context giving the reference model: adapters disabled (LoRA) or the frozen copy."""
+        if self.lora:
+            self.model.transformer.disable_adapters()
+            try:
+                yield self.model
+            finally:
+                self.model.transformer.enable_adapters()
+        else:
+            if self._reference is None:
+                raise ValueError("full fine-tuning keeps a reference copy only when --train.kl_beta > 0")
+            yield self._reference
+
+def latent_dim(model: FlowModel) -> int:
+    """Number of elements D of one latent (the dimension of each step's Gaussian policy)."""
+    n = 1
+    for s in model.sample_shape:
+        n *= s
+    return n

@@ -1,0 +1,124 @@
+"""The regularisers compared in the paper, as reward shaping and loss terms.
+
+- PEC (DESIGN.md 2.4): R~_t = R + lambda * omega_t * surprisal, surprisal from the perceptual entropy
+  estimator, per group.
+- PCGS, reward form (2.5): R~_t = R - lambda * omega_t * (log p_perc - log p_theta_t).
+- PCGS, guided form (2.5): `entropy_guidance` returns the gradient of each group's perceptual entropy
+  with respect to the current latents, which the sampler adds to the velocity.
+- The policy-entropy bonus baseline: H = (D/2) log(2 pi e s^2) per step, which does not depend on
+  theta (s is fixed by the schedule), so the bonus has zero gradient. That is the paper's point.
+
+The shaped rewards are (B, T) arrays: one column per trained step, normalised per group and column by
+`pec.grpo.group_advantages`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from pec.entropy import group_entropy
+from pec_kernels._checks import check_choice, check_tensor
+
+OMEGAS = ("uniform", "late", "early")
+
+
+def omega_weights(name: str, num_steps: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-step weights omega_t (T,), mean 1. The paper does not define omega publicly (notes/paper.md 8.1).
+
+    "uniform": all 1. "late": rising linearly toward the last (least noisy) steps, where images have
+    formed; "early": the reverse.
+    """
+    check_choice("omega", name, OMEGAS)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    ramp = torch.arange(1, num_steps + 1, dtype=torch.float32, device=device)
+    w = {"uniform": torch.ones_like(ramp), "late": ramp, "early": ramp.flip(0)}[name]
+    return w / w.mean()
+
+
+def pec_reward(rewards: torch.Tensor, surprisal: torch.Tensor, lam: float, omega: torch.Tensor) -> torch.Tensor:
+    """PEC's shaped reward R~[b, t] = R[b] + lam * omega[t] * surprisal[b].
+
+    Args:
+        rewards: (B,) task rewards of the final images.
+        surprisal: (B,) perceptual surprisal -log p_perc of each sample within its group (detached:
+            no gradient flows through the encoder).
+        lam: lambda.
+        omega: (T,) per-step weights.
+    """
+    _check_rows(rewards=rewards, surprisal=surprisal)
+    check_tensor("omega", omega, ndims=(1,))
+    return rewards.float()[:, None] + lam * omega[None, :] * surprisal.detach().float()[:, None]
+
+
+def pcgs_reward(rewards: torch.Tensor, log_p_perc: torch.Tensor, log_p_theta: torch.Tensor, lam: float,
+                omega: torch.Tensor) -> torch.Tensor:
+    """PCGS reward form R~[b, t] = R[b] - lam * omega[t] * (log_p_perc[b] - log_p_theta[b, t]).
+
+    Args:
+        rewards: (B,) task rewards.
+        log_p_perc: (B,) perceptual log-density of each sample (= -surprisal), detached.
+        log_p_theta: (B, T) the behaviour policy's log-probability of each trained transition
+            (mean-reduced, as stored in the rollout), detached.
+        lam: lambda.
+        omega: (T,) per-step weights.
+    """
+    _check_rows(rewards=rewards, log_p_perc=log_p_perc)
+    check_tensor("log_p_theta", log_p_theta, ndims=(2,))
+    if log_p_theta.shape != (rewards.shape[0], omega.shape[0]):
+        raise ValueError(f"log_p_theta must have shape (B, T) = ({rewards.shape[0]}, {omega.shape[0]}), "
+                         f"got {tuple(log_p_theta.shape)}")
+    one_sample_kl = log_p_perc.detach().float()[:, None] - log_p_theta.detach().float()
+    return rewards.float()[:, None] - lam * omega[None, :] * one_sample_kl
+
+
+def policy_entropy(std: torch.Tensor | float, dim: int) -> torch.Tensor:
+    """Analytic entropy (D/2) log(2 pi e s^2) of one SDE step's Gaussian policy N(mu_theta, s^2 I).
+
+    It depends only on s, which the noise schedule fixes: never on theta.
+    """
+    s = torch.as_tensor(std, dtype=torch.float64)
+    return 0.5 * dim * torch.log(2 * math.pi * math.e * s.square())
+
+
+def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
+                     encode: Callable[[torch.Tensor], torch.Tensor], group_size: int, *, estimator: str = "knn",
+                     k: int = 3, per_dim: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                   torch.Tensor]:
+    """A guidance function g(latents, sigma, v) for the guided PCGS sampler.
+
+    g is the gradient of the sum of the groups' perceptual entropies with respect to the current
+    latents, through x0_hat = x - sigma * v, the decoder and the encoder (the kNN op's backward); v
+    is held constant, so no gradient goes through the transformer. Samples are grouped in consecutive
+    runs of `group_size`, as the sampler lays them out.
+
+    Args:
+        decode: latents -> images in [0, 1], differentiable (FlowModel.decode).
+        encode: images -> (B, D) features, differentiable (a perceptual encoder).
+        group_size: samples per group.
+        estimator, k, per_dim: as in `pec.entropy.group_entropy`.
+    """
+    def guidance(latents: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = latents.detach().float().requires_grad_(True)
+            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+            x0_hat = x - s * velocity.detach().float()
+            feats = encode(decode(x0_hat))
+            groups = feats.reshape(-1, group_size, feats.shape[-1])
+            total = group_entropy(groups, estimator=estimator, k=k, per_dim=per_dim).entropy.sum()
+            (grad,) = torch.autograd.grad(total, x)
+        return grad.to(latents.dtype)
+
+    return guidance
+
+
+def _check_rows(**tensors: torch.Tensor) -> None:
+    rows = None
+    for name, t in tensors.items():
+        check_tensor(name, t, ndims=(1,))
+        if rows is None:
+            rows = t.shape[0]
+        elif t.shape[0] != rows:
+            raise ValueError(f"{name} must have {rows} rows like {next(iter(tensors))}, got {t.shape[0]}")
