@@ -9,6 +9,7 @@ This package depends on torch and triton only.
 from pec_kernels._extension import cuda_ops_available, extension_status
 from pec_kernels.knn import KnnEntropy, knn_entropy
 from pec_kernels.gaussian import GaussianEntropy, gaussian_entropy
+from pec_kernels.sde import SdeStep, guided_sde_step, sde_step_logprob, step_sigmas
 
 __all__ = ["cuda_ops_available", "extension_status", "GaussianEntropy", "gaussian_entropy", "KnnEntropy",
-           "knn_entropy"]
+           "knn_entropy", "SdeStep", "guided_sde_step", "sde_step_logprob", "step_sigmas"]
