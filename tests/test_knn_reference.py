@@ -31,13 +31,14 @@ def kl_reference(x: torch.Tensor, k: int, *, reference: torch.Tensor | None = No
     if metric == "cosine":
         xs = xs / xs.norm(dim=-1, keepdim=True)
         cands = cands / cands.norm(dim=-1, keepdim=True)
-    dists = (xs[:, :, None, :] - cands[:, None, :, :]).square().sum(-1).sqrt()
+    squared = (xs[:, :, None, :] - cands[:, None, :, :]).square().sum(-1)
     if reference is None:
-        eye = torch.eye(xs.shape[1], dtype=torch.bool)
-        dists = dists.masked_fill(eye, float("inf"))
+        # Mask before the square root: its gradient at the zero self-distance would be NaN.
+        squared = squared.masked_fill(torch.eye(xs.shape[1], dtype=torch.bool), float("inf"))
         m = xs.shape[1] - 1
     else:
         m = cands.shape[1]
+    dists = squared.sqrt()
     nearest = torch.sort(dists, dim=-1, stable=True).values[..., :k].clamp_min(min_dist)
     dim = xs.shape[-1]
     log_ball = dim / 2 * math.log(math.pi) - math.lgamma(dim / 2 + 1)
