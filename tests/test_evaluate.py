@@ -1,0 +1,45 @@
+"""`python -m pec.evaluate` on a tiny trained run and the pretrained model."""
+import csv
+import json
+
+import pytest
+
+from pec.evaluate import main
+from pec.experiments.tiny_world import write_tiny_world
+from pec.train import Trainer
+from test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    world = write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+    run = tmp_path_factory.mktemp("runs") / "pec-run"
+    Trainer(tiny_config(world, run, method="pec")).run()
+    return run
+
+
+def test_evaluate_writes_the_table(tiny_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    main([str(tiny_run), "pretrained", "--out", str(out), "--eval.images_per_prompt", "6", "--eval.batch", "30"])
+    assert "Overall" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"pec-run", "pretrained"}
+    expected = {"digit", "contrast", "precision", "recall", "coverage", "dist/simclr", "vendi/classifier"}
+    assert expected <= set(metrics["pec-run"])
+    for row in metrics.values():
+        assert 1.0 <= row["vendi/simclr"] <= 6.0 and 0.0 <= row["precision"] <= 1.0
+    with open(out / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run"] for r in rows] == ["pec-run", "pretrained"]
+    for r in rows:
+        assert 0.0 <= float(r["overall"]) <= 1.0
+        assert float(r["overall"]) == pytest.approx((float(r["quality_avg"]) + float(r["diversity_avg"])) / 2)
+    for name in ("table.md", "table.png", "samples_pec-run.png", "samples_pretrained.png"):
+        assert (out / name).exists()
+
+
+def test_evaluate_rejects_bad_input(tiny_run, tmp_path):
+    with pytest.raises(SystemExit, match="not a run folder"):
+        main([str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="images_per_prompt must be > 5"):
+        main([str(tiny_run), "--out", str(tmp_path / "e"), "--eval.images_per_prompt", "4"])
