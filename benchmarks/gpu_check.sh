@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One-shot GPU check: build the CUDA extension, run the GPU tests and the benchmarks, print a summary.
+#
+# Usage (repository root, on the GPU machine): bash benchmarks/gpu_check.sh
+# Needs torch (CUDA build), triton, nvcc, ninja, pytest, pytest-benchmark; no internet.
+# Every step has a timeout so that the whole script ends within BUDGET_S seconds (default 480).
+# Logs and benchmark tables go to $OUT/gpu_check when OUT is set, else to a fresh temp folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BUDGET_S=${BUDGET_S:-480}
+START=$(date +%s)
+LOG_DIR=${OUT:+$OUT/gpu_check}
+LOG_DIR=${LOG_DIR:-$(mktemp -d -t pec_gpu_check.XXXX)}
+mkdir -p "$LOG_DIR"
+export PEC_BENCH_DIR="$LOG_DIR" PYTHONUNBUFFERED=1
+SUMMARY="$LOG_DIR/summary.txt"
+: > "$SUMMARY"
+
+elapsed() { echo $(( $(date +%s) - START )); }
+# Seconds a step may take: its own cap, but never past the overall budget (minus 10 s to write up).
+allow() { local left=$(( BUDGET_S - $(elapsed) - 10 )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
+# run NAME CAP_S CMD...: run with a timeout (SIGINT first, so pytest still prints its summary), log it,
+# and add one line to the summary.
+run() {
+  local name=$1 cap; cap=$(allow "$2"); shift 2
+  echo "== $name (timeout ${cap}s): $*"
+  local t0; t0=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$cap" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local last; last=$(grep -E "passed|failed|error|skipped|no tests ran" "$LOG_DIR/$name.log" | tail -n 1)
+  [[ $rc == 124 ]] && last="TIMED OUT after ${cap}s; $last"
+  printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$last" | tee -a "$SUMMARY"
+  return "$rc"
+}
+
+{
+  echo "== device"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+  python -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+  nvcc --version | tail -n 1
+} 2>&1 | tee "$LOG_DIR/device.log"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+run build 300 python -m pip install --no-build-isolation --no-deps -e . \
+  && python -c "import pec_kernels._C, pec_kernels; print(pec_kernels.extension_status())" 2>&1 | tee -a "$LOG_DIR/build.log"
+
+export PEC_REQUIRE_EXTENSION=1
+run gpu_tests 150 python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests/
+run benchmarks 400 python -m pytest benchmarks/ --benchmark-only -q -s -p no:cacheprovider \
+  --benchmark-json="$LOG_DIR/benchmarks.json"
+
+echo
+echo "================ summary ($(elapsed)s; logs in $LOG_DIR)"
+sed -n 2,3p "$LOG_DIR/device.log"
+cat "$SUMMARY"
+for table in "$LOG_DIR"/bench_*.md; do
+  [[ -e $table ]] && { echo; cat "$table"; }
+done
