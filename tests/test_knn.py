@@ -193,6 +193,20 @@ def test_auto_on_cpu_is_torch():
     torch.testing.assert_close(auto.surprisal, ref.surprisal, rtol=0, atol=0)
 
 
+def test_auto_skips_an_optional_backend_that_is_missing_or_broken(monkeypatch):
+    x = torch.randn(1, 12, 3)
+    monkeypatch.setitem(backends._MODULES, "cuda", "pec_kernels.knn.no_such_module")
+    assert backends._auto_candidate("cuda", x, None, 3) is None
+
+    def broken(*args):
+        raise RuntimeError("driver exploded")
+
+    monkeypatch.setitem(backends._MODULES, "cuda", "pec_kernels.knn.torch_backend")
+    monkeypatch.setattr(torch_backend, "supports", broken)
+    with pytest.warns(RuntimeWarning, match="driver exploded"):
+        assert backends._auto_candidate("cuda", x, None, 3) is None
+
+
 # ---- validation: each bad input raises a ValueError whose message starts with the argument's name ----
 
 def _bad_inputs():
@@ -283,9 +297,9 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("chunk", [2048, None], ids=["chunked", "default"])
+@pytest.mark.parametrize("chunk", [1024, None], ids=["chunked", "default"])
 def test_torch_backend_never_allocates_n_by_n(monkeypatch, chunk):
-    n, dim, k = 300, 4, 3
+    n, dim, k = 200, 4, 3
     x = torch.randn(n, dim, requires_grad=True)
     if chunk is not None:
         monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk)

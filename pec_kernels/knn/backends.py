@@ -27,6 +27,8 @@ _MODULES = {
     "cuda": "pec_kernels.knn.cuda",
 }
 _AUTO_ORDER_ON_CUDA = ("cuda", "triton")
+# What a backend without a why_unsupported() function takes, for its error message.
+_LIMITS = {"cuda": "it takes CUDA tensors in self mode with n <= 256 and k <= n - 1"}
 
 
 def _import(name: str) -> ModuleType:
@@ -68,7 +70,7 @@ def resolve(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: in
         require_cuda_ops()
     module = _import(backend)
     if not module.supports(x, reference, k):
-        reason = getattr(module, "why_unsupported", lambda *a: None)(x, reference, k)
-        raise ValueError(f"backend={backend!r} does not take these inputs: "
-                         f"{reason or 'self mode with n <= 256 and k <= n - 1 on CUDA tensors only'}")
+        explain = getattr(module, "why_unsupported", None)
+        reason = explain(x, reference, k) if explain is not None else _LIMITS[backend]
+        raise ValueError(f"backend={backend!r} does not take these inputs: {reason}")
     return module

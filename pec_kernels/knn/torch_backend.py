@@ -47,7 +47,8 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Ten
     """Indices (G, n, k) int64 of each row's k nearest candidates, nearest first.
 
     Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c per chunk (in float32, or float64 for float64
-    inputs); the caller recomputes the exact distances of the selected pairs. Self is excluded by index.
+    inputs); the caller recomputes the exact distances of the selected pairs and re-sorts them, which
+    also orders exact ties by index (torch.topk does not). Self is excluded by index.
     """
     dtype = _work_dtype(x)
     cand = _candidates(x, reference)
