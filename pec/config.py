@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
+from pec.entropy import ESTIMATORS
+from pec.regularizers import OMEGAS
+from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
+
 METHODS = ("grpo", "entropy_bonus", "pec", "pcgs")
-SDE_KINDS = ("flow", "dance", "cps")
-ESTIMATORS = ("knn", "gaussian")
-OMEGAS = ("uniform", "late", "early")
 PCGS_FORMS = ("reward", "guided")
 
 

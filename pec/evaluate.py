@@ -26,7 +26,7 @@ from pec.checkpoint import load_checkpoint
 from pec.config import Config, add_config_arguments, apply_dict, load_yaml, overrides_from_args
 from pec.data import load_digits, prompt_digit, to_unit
 from pec.logging_utils import save_image_grid
-from pec.metrics import (mean_pairwise_distance, minmax_table, precision_recall_coverage, table_markdown,
+from pec.metrics import (NormalisedTable, mean_pairwise_distance, minmax_table, precision_recall_coverage, table_markdown,
                          table_rows, vendi_score)
 from pec.perceptual import ENCODERS
 from pec.policy import Policy, resolve_device
@@ -143,8 +143,9 @@ def plot_table(table, path: Path) -> None:
 
 
 def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = None,
-             names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate `runs` (folders or "pretrained"), write the table into `out_dir`, return raw metrics by row."""
+             names: Sequence[str] | None = None) -> tuple[dict[str, dict[str, float]], NormalisedTable]:
+    """Evaluate `runs` (folders or "pretrained"), write the table into `out_dir`; return (raw metrics by
+    row name, the normalised table)."""
     overrides = overrides or {}
     if not runs:
         raise ValueError("runs must name at least one run folder or 'pretrained'")
@@ -185,7 +186,7 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
         writer.writerows(rows)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     plot_table(table, out_dir / "table.png")
-    return results
+    return results, table
 
 
 def _merge(base: dict, top: dict) -> dict:
