@@ -208,12 +208,15 @@ def test_reduce_sum_is_mean_times_count():
     torch.testing.assert_close(total.kl, mean.kl * 60, rtol=1e-5, atol=1e-5)
 
 
-def test_float_sigmas_equal_tensor_sigmas():
+@pytest.mark.parametrize("backend", backend_params())
+def test_float_sigmas_equal_tensor_sigmas(backend):
+    """Floats, 0-d tensors and (B,) tensors reach the kernels by different paths (value, stride 0, stride 1)."""
     inp = make_inputs((3, 4, 5))
-    a = sde_step_logprob(inp["x"], inp["v"], 0.6, 0.45, noise=inp["noise"], eta=0.9, kind="dance")
+    a = sde_step_logprob(inp["x"], inp["v"], 0.6, 0.45, noise=inp["noise"], eta=0.9, kind="dance", backend=backend)
     b = sde_step_logprob(inp["x"], inp["v"], torch.full((3,), 0.6), torch.tensor(0.45), noise=inp["noise"],
-                         eta=torch.full((3,), 0.9), kind="dance")
+                         eta=0.9, kind="dance", backend=backend)
     assert torch.equal(a.log_prob, b.log_prob) and torch.equal(a.prev_sample, b.prev_sample)
+    assert torch.isfinite(a.log_prob).all() and (a.log_prob != 0).all()
 
 
 def _grad_inputs(shape, guided):
@@ -370,6 +373,7 @@ def test_step_sigmas_duck_typed_and_scalar_index():
     (lambda i: sde_step_logprob(i["x"][:, 0, 0, 0], i["v"][:, 0, 0, 0], 0.5, 0.4, noise=i["noise"][:, 0, 0, 0]),
      "x must have a batch dimension"),
     (lambda i: sde_step_logprob(i["x"], i["v"], 0.5, 0.4, noise=i["noise"], sigma_max="0.9"), "sigma_max must be"),
+    (lambda i: sde_step_logprob(i["x"], i["v"], 0.5, 0.4, noise=i["noise"], eta=torch.ones(4)), "eta must be a float"),
     (lambda i: sde_step_logprob(i["x"], i["v"], torch.ones(4, requires_grad=True), 0.4, noise=i["noise"]),
      "sigma is not differentiable"),
     (lambda i: sde_step_logprob(i["x"], i["v"], 0.5, 0.4, prev_sample=i["noise"].requires_grad_()),

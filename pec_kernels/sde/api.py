@@ -12,7 +12,7 @@ import torch
 
 from pec_kernels._checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
 from pec_kernels.sde import backends
-from pec_kernels.sde.coefficients import KINDS, per_sample, step_coefficients
+from pec_kernels.sde.coefficients import KINDS, StepParams, check_param
 from pec_kernels.sde.function import SdeStepFunction
 
 REDUCTIONS = ("mean", "sum")
@@ -58,7 +58,7 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tuple[str, ...],
                 vscale: tuple[Scalar, Scalar] | None, sigma: Scalar, sigma_next: Scalar, noise: torch.Tensor | None,
-                prev_sample: torch.Tensor | None, v_ref: torch.Tensor | None, eta: Scalar, kind: str, reduce: str,
+                prev_sample: torch.Tensor | None, v_ref: torch.Tensor | None, eta: float, kind: str, reduce: str,
                 sigma_max: Scalar | None, backend: str) -> SdeStep:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2:
@@ -82,29 +82,28 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
 
     latents = (x, *vels, target) + (() if v_ref is None else (v_ref,))
     cd = torch.float64 if any(t.dtype == torch.float64 for t in latents) else torch.float32
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise ValueError(f"eta must be a float, got {type(eta).__name__}")
     batch = x.shape[0]
-    sig = per_sample("sigma", sigma, batch, device, cd)
-    sig_next = per_sample("sigma_next", sigma_next, batch, device, cd)
-    eta_b = per_sample("eta", eta, batch, device, cd)
-    smax = None if sigma_max is None else per_sample("sigma_max", sigma_max, batch, device, cd)
-    scale = None
-    if vscale is not None:
-        scale = torch.stack((per_sample("guidance_scale", vscale[0], batch, device, cd),
-                             per_sample("guidance_weight", vscale[1], batch, device, cd)), dim=1)
-    coefs = step_coefficients(kind, sig, sig_next, eta_b, smax)
-
+    sig_next = check_param("sigma_next", sigma_next, batch, device, cd)
+    params = StepParams(
+        kind=kind, sigma=check_param("sigma", sigma, batch, device, cd), sigma_next=sig_next,
+        sigma_max=sig_next if sigma_max is None else check_param("sigma_max", sigma_max, batch, device, cd),
+        eta=float(eta), guidance_scale=check_param("guidance_scale", vscale[0], batch, device, cd) if vscale else 0.0,
+        guidance_weight=check_param("guidance_weight", vscale[1], batch, device, cd) if vscale else 0.0,
+        batch=batch, device=device, dtype=cd)
     impl = backends.resolve(backend, latents)
     rollout = noise is not None
     norm = x[0].numel() if reduce == "mean" else 1
-    prev, mean, log_prob, kl = SdeStepFunction.apply(impl, rollout, norm, coefs, scale, _flat(x), _flat(target),
-                                                     _flat(v_ref), *(_flat(v) for v in vels))
+    prev, mean, log_prob, kl, std = SdeStepFunction.apply(impl, params, rollout, norm, _flat(x), _flat(target),
+                                                          _flat(v_ref), *(_flat(v) for v in vels))
     prev = prev.view(x.shape) if rollout else prev_sample
-    return SdeStep(prev, log_prob, mean.view(x.shape), coefs.s, kl)
+    return SdeStep(prev, log_prob, mean.view(x.shape), std, kl)
 
 
 def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar, *,
                      noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
-                     eta: Scalar = 0.7, kind: str = "flow", reduce: str = "mean", sigma_max: Scalar | None = None,
+                     eta: float = 0.7, kind: str = "flow", reduce: str = "mean", sigma_max: Scalar | None = None,
                      v_ref: torch.Tensor | None = None, backend: str = "auto") -> SdeStep:
     """One SDE step x_σ → x_σ' of a flow-matching sampler and the log-probability of x' under it.
 
@@ -114,7 +113,7 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next
       noise:       sampling; returns x' = μ + s·noise, and log_prob of x' as rounded to x's dtype, so
                    a later re-evaluation with prev_sample=x' gives a bit-identical log_prob;
       prev_sample: re-evaluation of a recorded x' (the training path).
-    eta: η, float or (B,). kind: "flow" | "dance" | "cps" (DESIGN.md §2.1; cps uses the normalised
+    eta: η (a float). kind: "flow" | "dance" | "cps" (DESIGN.md §2.1; cps uses the normalised
     Gaussian log-density, unlike Flow-GRPO's unnormalised −(x' − μ)²). reduce: "mean" | "sum" over the
     non-batch dims. sigma_max (flow): replaces σ in 1 − σ where σ >= 1; None uses σ' there, equal to
     Flow-GRPO's sigmas[1] on the first step of a schedule that starts at 1.
@@ -130,7 +129,7 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next
 def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: Scalar,
                     sigma: Scalar, sigma_next: Scalar, *, guidance: torch.Tensor | None = None,
                     guidance_weight: Scalar = 0.0, noise: torch.Tensor | None = None,
-                    prev_sample: torch.Tensor | None = None, eta: Scalar = 0.7, kind: str = "flow",
+                    prev_sample: torch.Tensor | None = None, eta: float = 0.7, kind: str = "flow",
                     reduce: str = "mean", sigma_max: Scalar | None = None, v_ref: torch.Tensor | None = None,
                     backend: str = "auto") -> SdeStep:
     """Classifier-free guidance and an SDE step with its log-prob, in one pass.

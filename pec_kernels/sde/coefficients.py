@@ -1,8 +1,12 @@
-"""Per-sample coefficients of one SDE step (DESIGN.md §2.1), shared by every backend.
+"""Per-sample parameters and coefficients of one SDE step (DESIGN.md §2.1).
 
 Every kind is affine in (x, v) per sample: μ = a·x + b·v, and the step's noise scale s depends
-only on the schedule. So the schedule math lives here, once, on (B,) tensors on the device, and the
-kernels only do the elementwise pass μ = a·x + b·v, x' = μ + s·ε and the per-sample sums.
+only on the schedule, so a step is described by a few per-sample scalars. `step_coefficients` is
+the torch formulation (the reference, used by the torch backend); the Triton and CUDA kernels
+evaluate the same formulas per program from `StepParams` (triton_backend._coefficients,
+csrc/sde_step.cu step_coefficients), because building (B,) coefficient tensors in torch costs ~20
+small launches per call, more host time than the whole fused pass. All three are tested against an
+independent float64 reference.
 
   flow  (Flow-GRPO):  std² = η²·σ/(1−σ̃) with σ̃ = σ except at σ ≥ 1, where σ̃ = sigma_max,
                       a = 1 + std²·dt/(2σ) = 1 + η²·dt/(2(1−σ̃)),
@@ -29,6 +33,39 @@ KINDS = ("flow", "dance", "cps")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}
+
+#: A per-sample parameter: a Python float (same for every sample), or a 0-d or (B,) tensor in the compute dtype.
+Param = float | torch.Tensor
+
+
+class StepParams(NamedTuple):
+    """The validated per-sample inputs of one step. sigma_max is sigma_next where the caller gave
+    none; guidance_scale/guidance_weight are 0 for the unguided op."""
+
+    kind: str
+    sigma: Param
+    sigma_next: Param
+    sigma_max: Param
+    eta: float
+    guidance_scale: Param
+    guidance_weight: Param
+    batch: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def expanded(self, value: Param) -> torch.Tensor:
+        """A parameter as a (B,) tensor (torch backend)."""
+        if isinstance(value, torch.Tensor):
+            return value.expand(self.batch)
+        return torch.full((self.batch,), value, dtype=self.dtype, device=self.device)
+
+    def coefficients(self) -> "StepCoefficients":
+        """The step's (B,) coefficients, computed with torch ops."""
+        return step_coefficients(self.kind, self.expanded(self.sigma), self.expanded(self.sigma_next),
+                                 self.expanded(self.eta), self.expanded(self.sigma_max))
+
+
 class StepCoefficients(NamedTuple):
     """(B,) tensors in the compute dtype: μ = a·x + b·v, x' = μ + s·ε,
     log p = −inv_two_var·(x' − μ)² + log_norm per element (both 0 for a deterministic step)."""
@@ -40,9 +77,10 @@ class StepCoefficients(NamedTuple):
     log_norm: torch.Tensor
 
 
-def per_sample(name: str, value: float | torch.Tensor, batch: int, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
-    """Turn a Python number, a 0-d tensor or a (B,) tensor into a (B,) tensor on `device`.
+def check_param(name: str, value: float | torch.Tensor, batch: int, device: torch.device,
+                dtype: torch.dtype) -> Param:
+    """Check a per-sample parameter: a Python number, or a 0-d or (B,) float tensor on `device`
+    (returned in `dtype`, a no-op when it already is).
 
     Checks metadata only (never values: that would cost a host synchronisation). Tensors here are
     data, not parameters, so they must not require grad.
@@ -51,7 +89,7 @@ def per_sample(name: str, value: float | torch.Tensor, batch: int, device: torch
         raise ValueError(f"{name} must be a float or a tensor of shape () or ({batch},), "
                          f"got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
-        return torch.full((batch,), float(value), dtype=dtype, device=device)
+        return float(value)
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         raise ValueError(f"{name} must have shape () or ({batch},) (one value per sample), "
                          f"got {tuple(value.shape)}")
@@ -61,22 +99,20 @@ def per_sample(name: str, value: float | torch.Tensor, batch: int, device: torch
         raise ValueError(f"{name} is on {value.device} but x is on {device}: move them to one device")
     if value.requires_grad:
         raise ValueError(f"{name} is not differentiable in this op: pass {name}.detach()")
-    return value.to(dtype).expand(batch)
+    return value.to(dtype)
 
 
 def step_coefficients(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, eta: torch.Tensor,
-                      sigma_max: torch.Tensor | None) -> StepCoefficients:
-    """Coefficients of one step of `kind` for per-sample (B,) sigma, sigma_next, eta.
+                      sigma_max: torch.Tensor) -> StepCoefficients:
+    """Coefficients of one step of `kind` for per-sample (B,) sigma, sigma_next, eta, sigma_max.
 
-    sigma_max (flow only) replaces σ in 1 − σ where σ ≥ 1; None means "use sigma_next there",
-    which for a schedule starting at σ = 1 is exactly Flow-GRPO's choice (sigmas[1]).
+    sigma_max (flow only) replaces σ in 1 − σ where σ ≥ 1 (Flow-GRPO: sigmas[1]).
     """
     dt = sigma_next - sigma
     # Floors for the denominators 1 − σ̃ (flow) and σ (dance): they only bind off-schedule (σ' = 1,
     # or a σ = 0 padding step where dt = 0), and keep the coefficients finite there.
     floor = torch.finfo(sigma.dtype).eps
     if kind == "flow":
-        sigma_max = sigma_next if sigma_max is None else sigma_max
         one_minus = (1 - torch.where(sigma >= 1, sigma_max, sigma)).clamp_min(floor)
         half_k = eta * eta / (2 * one_minus)
         a = 1 + half_k * dt
