@@ -133,9 +133,14 @@ class ResultTable:
         self.rows.append((case, variant, ms, peak, "; ".join(s for s in (m.note, note) if s)))
 
     def add_ratio(self, case: str, what: str, value: float | None, target: str = "") -> None:
-        """A ratio row (e.g. ours/floor) with the target it is held to."""
+        """A ratio row (e.g. ours/floor) with the target it is held to, written "<= 2x" or ">= 5x"."""
         shown = f"{value:.2f}x" if value is not None else "n/a"
-        self.rows.append((case, what, shown, "-", f"target {target}" if target else ""))
+        verdict = ""
+        if target and value is not None:
+            op, bound = target.split()
+            limit = float(bound.rstrip("x"))
+            verdict = " (met)" if (value <= limit if op == "<=" else value >= limit) else " (MISSED)"
+        self.rows.append((case, what, shown, "-", f"target {target}{verdict}" if target else ""))
 
     def note(self, text: str) -> None:
         """A line printed under the table (device, bandwidth, how a number was scaled)."""
