@@ -1,21 +1,26 @@
 // Fused SDE step + Gaussian log-prob (pec_kernels/sde, DESIGN.md §2.1): the CUDA backend.
 //
-// The contract is pec_kernels/sde/torch_backend.py's docstring. Inputs are (B, n) contiguous, all in
-// one dtype T (float, double, half, bfloat16); math runs in A = acc_type<T> (float, or double for
-// double); coef is (B, 3) [a, b, s] and vscale (B, 2) [guidance_scale, guidance_weight] in A.
+// The contract is pec_kernels/sde/torch_backend.py's docstring. Latent inputs are (B, n) contiguous,
+// all in one dtype T (float, double, half, bfloat16); math runs in A = acc_type<T> (float, or double
+// for double). The per-sample parameters (σ, σ', sigma_max, guidance scale, guidance weight) each come
+// as a 0-d or (B,) tensor in A, or as a number; every block evaluates its sample's step coefficients
+// itself (step_coefficients below mirrors pec_kernels/sde/coefficients.py), so a call is three kernel
+// launches and no small torch ops.
 //
 // Forward: grid (chunks, B), one block streams one chunk of one sample with 16-byte vector loads,
 // writes μ (and x' in rollout mode, rounded to T, the residual taken against the rounded value) and one
 // partial sum of residual² (and of (v − v_ref)²) per block, reduced by warp shuffles then shared
-// memory. The (B, chunks) partials are summed by at::sum, so results are deterministic and a rollout
-// and its re-evaluation give bit-identical log-probs.
-// Backward: the same grid, elementwise; recomputes μ instead of storing the residual (cheaper in bytes).
+// memory. Finalize: one block per sample sums its partials in a fixed order (deterministic: a rollout
+// and its re-evaluation give bit-identical log-probs) and writes log_prob, kl and std.
+// Backward: the same grid as the forward, elementwise; recomputes μ instead of storing the residual.
 #include "common.cuh"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace pec {
 namespace {
@@ -41,6 +46,62 @@ __device__ __forceinline__ void store(T* p, const A (&in)[VEC]) {
 #pragma unroll
   for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+template <typename A>
+struct Param {
+  const A* ptr;  // nullptr: every sample uses `value`
+  int64_t stride;
+  A value;
+  __device__ __forceinline__ A at(int64_t b) const { return ptr != nullptr ? ptr[b * stride] : value; }
+};
+
+enum Kind { kFlow = 0, kDance = 1, kCps = 2 };
+
+template <typename A>
+struct StepArgs {
+  Param<A> sigma, sigma_next, sigma_max, guidance_scale, guidance_weight;
+  A eta;
+  int kind;
+};
+
+template <typename A>
+struct Coefficients {
+  A a, b, s, inv_two_var, log_norm;
+};
+
+// μ = a·x + b·v, x' = μ + s·ε, log p = −inv_two_var·(x' − μ)² + log_norm per element; a deterministic
+// step (s² not a positive normal number) has s = inv_two_var = log_norm = 0. Same formulas and floors
+// as step_coefficients in pec_kernels/sde/coefficients.py.
+template <typename A>
+__device__ Coefficients<A> step_coefficients(const StepArgs<A>& p, int64_t sample) {
+  const A sigma = p.sigma.at(sample), sigma_next = p.sigma_next.at(sample), eta = p.eta;
+  const A dt = sigma_next - sigma;
+  const A floor = std::numeric_limits<A>::epsilon();
+  A a, b, s;
+  if (p.kind == kFlow) {
+    const A one_minus = max(A(1) - (sigma >= A(1) ? p.sigma_max.at(sample) : sigma), floor);
+    const A half_k = eta * eta / (A(2) * one_minus);
+    a = A(1) + half_k * dt;
+    b = (A(1) + half_k * (A(1) - sigma)) * dt;
+    s = eta * sqrt(max(sigma, A(0)) / one_minus) * sqrt(max(-dt, A(0)));
+  } else if (p.kind == kDance) {
+    const A half_k = eta * eta / (A(2) * max(sigma, floor));
+    a = A(1) + half_k * dt;
+    b = dt + half_k * dt * (A(1) - sigma);
+    s = eta * sqrt(max(-dt, A(0)));
+  } else {
+    const A s_signed = sigma_next * sin(eta * A(1.5707963267948966));
+    const A c = sqrt(max(sigma_next * sigma_next - s_signed * s_signed, A(0)));
+    a = (A(1) - sigma_next) + c;
+    b = c * (A(1) - sigma) - sigma * (A(1) - sigma_next);
+    s = fabs(s_signed);
+  }
+  const A var = s * s;
+  const bool stochastic = var > std::numeric_limits<A>::min();
+  const A safe_var = stochastic ? var : A(1);
+  return {a, b, stochastic ? s : A(0), stochastic ? A(0.5) / safe_var : A(0),
+          stochastic ? A(-0.5) * log(safe_var) - A(0.9189385332046727) : A(0)};
 }
 
 // v = v0 (nv = 1) or v0 + gs·(v1 − v0) [+ gw·v2] (classifier-free guidance, nv = 2 or 3).
@@ -87,14 +148,13 @@ template <typename T, int VEC, typename A>
 __global__ void __launch_bounds__(kThreads)
 sde_forward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* __restrict__ v1,
                    const T* __restrict__ v2, const T* __restrict__ target, const T* __restrict__ vref,
-                   const A* __restrict__ coef, const A* __restrict__ vscale, T* __restrict__ prev,
-                   T* __restrict__ mean, A* __restrict__ part_r, A* __restrict__ part_kl, int64_t n,
-                   int64_t chunk_elems, int nv, bool rollout, bool has_ref) {
+                   T* __restrict__ prev, T* __restrict__ mean, A* __restrict__ part_r, A* __restrict__ part_kl,
+                   StepArgs<A> step, int64_t n, int64_t chunk_elems, int nv, bool rollout) {
   __shared__ A shared_r[kThreads / 32];
   __shared__ A shared_k[kThreads / 32];
   const int64_t chunk = blockIdx.x, b = blockIdx.y;
-  const A a = coef[b * 3], bv = coef[b * 3 + 1], s = coef[b * 3 + 2];
-  const A gs = nv >= 2 ? vscale[b * 2] : A(0), gw = nv >= 2 ? vscale[b * 2 + 1] : A(0);
+  const Coefficients<A> c = step_coefficients(step, b);
+  const A gs = step.guidance_scale.at(b), gw = step.guidance_weight.at(b);
   const int64_t start = chunk * chunk_elems;
   const int64_t end = min(n, start + chunk_elems);
   A acc_r = 0, acc_k = 0;
@@ -105,14 +165,11 @@ sde_forward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* _
     load<T, VEC>(x + off, xv);
     load<T, VEC>(target + off, t);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) mu[k] = a * xv[k] + bv * v[k];
+    for (int k = 0; k < VEC; ++k) mu[k] = c.a * xv[k] + c.b * v[k];
     if (rollout) {
-      A p[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) p[k] = static_cast<A>(static_cast<T>(mu[k] + s * t[k]));
-      store<T, VEC>(prev + off, p);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) t[k] = p[k];
+      for (int k = 0; k < VEC; ++k) t[k] = static_cast<A>(static_cast<T>(mu[k] + c.s * t[k]));
+      store<T, VEC>(prev + off, t);
     }
     store<T, VEC>(mean + off, mu);
 #pragma unroll
@@ -120,7 +177,7 @@ sde_forward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* _
       const A r = t[k] - mu[k];
       acc_r += r * r;
     }
-    if (has_ref) {
+    if (vref != nullptr) {
       A w[VEC];
       load<T, VEC>(vref + off, w);
 #pragma unroll
@@ -133,9 +190,32 @@ sde_forward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* _
   const int64_t n_chunks = gridDim.x;
   acc_r = block_sum(acc_r, shared_r);
   if (threadIdx.x == 0) part_r[b * n_chunks + chunk] = acc_r;
-  if (has_ref) {
+  if (vref != nullptr) {
     acc_k = block_sum(acc_k, shared_k);
     if (threadIdx.x == 0) part_kl[b * n_chunks + chunk] = acc_k;
+  }
+}
+
+// One block per sample: out = (3, B) [log_prob, kl, std], partials summed in a fixed order.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+sde_finalize_kernel(const A* __restrict__ part_r, const A* __restrict__ part_kl, A* __restrict__ out,
+                    StepArgs<A> step, int64_t n_chunks, A inv_norm, A n_over_norm) {
+  __shared__ A shared_r[kThreads / 32];
+  __shared__ A shared_k[kThreads / 32];
+  const int64_t b = blockIdx.x, batch = gridDim.x;
+  A acc_r = 0, acc_k = 0;
+  for (int64_t c = threadIdx.x; c < n_chunks; c += kThreads) {
+    acc_r += part_r[b * n_chunks + c];
+    if (part_kl != nullptr) acc_k += part_kl[b * n_chunks + c];
+  }
+  acc_r = block_sum(acc_r, shared_r);
+  if (part_kl != nullptr) acc_k = block_sum(acc_k, shared_k);
+  if (threadIdx.x == 0) {
+    const Coefficients<A> c = step_coefficients(step, b);
+    out[b] = c.log_norm * n_over_norm - c.inv_two_var * acc_r * inv_norm;
+    out[batch + b] = part_kl != nullptr ? c.inv_two_var * c.b * c.b * acc_k * inv_norm : A(0);
+    out[2 * batch + b] = c.s;
   }
 }
 
@@ -143,15 +223,17 @@ template <typename T, int VEC, typename A>
 __global__ void __launch_bounds__(kThreads)
 sde_backward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* __restrict__ v1,
                     const T* __restrict__ v2, const T* __restrict__ prev, const T* __restrict__ vref,
-                    const T* __restrict__ grad_mean, const T* __restrict__ grad_prev,
-                    const A* __restrict__ coef, const A* __restrict__ vscale, const A* __restrict__ gscale,
-                    T* __restrict__ dx, T* __restrict__ dv0, T* __restrict__ dv1, T* __restrict__ dv2,
-                    int64_t n, int64_t chunk_elems, Velocities vel) {
+                    const A* __restrict__ grad_log_prob, const A* __restrict__ grad_kl,
+                    const T* __restrict__ grad_mean, const T* __restrict__ grad_prev, T* __restrict__ dx,
+                    T* __restrict__ dv0, T* __restrict__ dv1, T* __restrict__ dv2, StepArgs<A> step, int64_t n,
+                    int64_t chunk_elems, A inv_norm, Velocities vel) {
   const int64_t chunk = blockIdx.x, b = blockIdx.y;
-  const A a = coef[b * 3], bv = coef[b * 3 + 1];
-  const A gr = gscale[b * 2], gk = gscale[b * 2 + 1];
+  const Coefficients<A> c = step_coefficients(step, b);
+  // d log_prob / d μ = 2·inv_two_var·(x' − μ)/norm; d kl / d v = 2·inv_two_var·b²·(v − v_ref)/norm.
+  const A gr = grad_log_prob != nullptr ? A(2) * c.inv_two_var * inv_norm * grad_log_prob[b] : A(0);
+  const A gk = grad_kl != nullptr ? A(2) * c.inv_two_var * c.b * c.b * inv_norm * grad_kl[b] : A(0);
   const int nv = vel.nv;
-  const A gs = nv >= 2 ? vscale[b * 2] : A(0), gw = nv >= 2 ? vscale[b * 2 + 1] : A(0);
+  const A gs = step.guidance_scale.at(b), gw = step.guidance_weight.at(b);
   // d v / d v_k: 1 for a plain velocity, (1 − gs, gs, gw) for a guided one.
   const A weight[3] = {nv >= 2 ? A(1) - gs : A(1), gs, gw};
   T* const dv[3] = {dv0, dv1, dv2};
@@ -164,7 +246,7 @@ sde_backward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* 
     load<T, VEC>(x + off, xv);
     load<T, VEC>(prev + off, p);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g_mu[k] = gr * (p[k] - (a * xv[k] + bv * v[k]));
+    for (int k = 0; k < VEC; ++k) g_mu[k] = gr * (p[k] - (c.a * xv[k] + c.b * v[k]));
     if (grad_mean != nullptr) {
       A g[VEC];
       load<T, VEC>(grad_mean + off, g);
@@ -178,8 +260,8 @@ sde_backward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* 
       for (int k = 0; k < VEC; ++k) g_mu[k] += g[k];
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g_v[k] = bv * g_mu[k];
-    if (vref != nullptr) {
+    for (int k = 0; k < VEC; ++k) g_v[k] = c.b * g_mu[k];
+    if (grad_kl != nullptr) {
       A w[VEC];
       load<T, VEC>(vref + off, w);
 #pragma unroll
@@ -188,7 +270,7 @@ sde_backward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* 
     if (dx != nullptr) {
       A out[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] = a * g_mu[k];
+      for (int k = 0; k < VEC; ++k) out[k] = c.a * g_mu[k];
       store<T, VEC>(dx + off, out);
     }
     for (int j = 0; j < nv; ++j) {
@@ -215,26 +297,39 @@ void check_latent(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype");
 }
 
-void check_per_sample(const at::Tensor& t, const at::Tensor& x, int64_t cols, const char* name) {
-  TORCH_CHECK(t.device() == x.device() && t.is_contiguous() && t.dim() == 2 && t.size(0) == x.size(0) &&
-                  t.size(1) == cols,
-              name, " must be a contiguous (B, ", cols, ") tensor on x's device");
-  TORCH_CHECK(t.scalar_type() == (x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), name,
-              " must be float32 (float64 for float64 latents)");
+void check_velocities(at::TensorList vels, const at::Tensor& x) {
+  TORCH_CHECK(vels.size() >= 1 && vels.size() <= 3, "vels must hold 1 to 3 velocities, got ", vels.size());
+  for (const at::Tensor& v : vels) check_latent(v, x, "each velocity");
 }
 
-// Velocity count from the optional second and third velocities; checks them and vscale.
-int velocity_count(const at::Tensor& x, const std::optional<at::Tensor>& v1, const std::optional<at::Tensor>& v2,
-                   const std::optional<at::Tensor>& vscale) {
-  const int nv = 1 + v1.has_value() + v2.has_value();
-  TORCH_CHECK(!v2.has_value() || v1.has_value(), "v2 needs v1");
-  if (v1.has_value()) check_latent(*v1, x, "v1");
-  if (v2.has_value()) check_latent(*v2, x, "v2");
-  if (nv >= 2) {
-    TORCH_CHECK(vscale.has_value(), "vscale is required with several velocities");
-    check_per_sample(*vscale, x, 2, "vscale");
+at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (B,) per-sample inputs computed by torch (grad_log_prob, grad_kl) in the compute dtype.
+std::optional<at::Tensor> per_sample_grad(const std::optional<at::Tensor>& g, const at::Tensor& x) {
+  if (!g.has_value()) return std::nullopt;
+  TORCH_CHECK(g->numel() == x.size(0) && g->device() == x.device(), "per-sample gradients must be (B,) on x's device");
+  return g->to(compute_type(x)).contiguous();
+}
+
+// The five per-sample parameters (σ, σ', sigma_max, guidance scale, guidance weight): a 0-d or (B,)
+// tensor in the compute dtype, or None and a number.
+template <typename A>
+StepArgs<A> step_args(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params,
+                      at::ArrayRef<double> values, double eta, int64_t kind) {
+  TORCH_CHECK(params.size() == 5 && values.size() == 5, "params and values must hold 5 entries");
+  TORCH_CHECK(kind >= kFlow && kind <= kCps, "kind must be 0 (flow), 1 (dance) or 2 (cps)");
+  Param<A> p[5];
+  for (int i = 0; i < 5; ++i) {
+    const std::optional<at::Tensor> t = params.get(i);
+    p[i] = {nullptr, 0, static_cast<A>(values[i])};
+    if (t.has_value()) {
+      TORCH_CHECK(t->device() == x.device() && t->scalar_type() == compute_type(x) && t->is_contiguous() &&
+                      (t->dim() == 0 || (t->dim() == 1 && t->size(0) == x.size(0))),
+                  "per-sample parameter ", i, " must be a 0-d or (B,) contiguous tensor in the compute dtype on x's device");
+      p[i] = {t->data_ptr<A>(), t->dim() == 0 ? 0 : 1, A(0)};
+    }
   }
-  return nv;
+  return {p[0], p[1], p[2], p[3], p[4], static_cast<A>(eta), static_cast<int>(kind)};
 }
 
 // Elements per vector (16 bytes) when n and every pointer allow it, else 1.
@@ -247,122 +342,127 @@ int vector_width(int64_t n, std::initializer_list<const void*> ptrs) {
   return kVec;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_fwd(
-    const at::Tensor& x, const at::Tensor& v0, const std::optional<at::Tensor>& v1,
-    const std::optional<at::Tensor>& v2, const at::Tensor& target, const std::optional<at::Tensor>& v_ref,
-    const at::Tensor& coef, const std::optional<at::Tensor>& vscale, bool rollout) {
-  PEC_CHECK_CUDA(x);
-  PEC_CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(x.dim() == 2, "x must be (B, n)");
-  check_latent(v0, x, "v0");
-  check_latent(target, x, "target");
-  if (v_ref.has_value()) check_latent(*v_ref, x, "v_ref");
-  check_per_sample(coef, x, 3, "coef");
-  const int nv = velocity_count(x, v1, v2, vscale);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t batch = x.size(0), n = x.size(1);
-  at::Tensor prev = rollout ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor mean = at::empty_like(x);
-  at::Tensor sum_kl = at::empty({0}, coef.options());
-  at::Tensor sum_r2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_fwd", [&] {
-    using A = at::acc_type<scalar_t, true>;
-    const scalar_t* vref_p = ptr_or_null<scalar_t>(v_ref);
-    const scalar_t* v1_p = ptr_or_null<scalar_t>(v1);
-    const scalar_t* v2_p = ptr_or_null<scalar_t>(v2);
-    scalar_t* prev_p = rollout ? prev.data_ptr<scalar_t>() : nullptr;
-    const int vec = vector_width<scalar_t>(n, {x.data_ptr(), v0.data_ptr(), v1_p, v2_p, target.data_ptr(),
-                                               vref_p, prev_p, mean.data_ptr()});
-    const int64_t chunk_elems = int64_t(kThreads) * vec * kItersPerChunk;
-    const int64_t n_chunks = (n + chunk_elems - 1) / chunk_elems;
-    TORCH_CHECK(batch <= 65535, "sde_step_fwd: at most 65535 samples per call, got ", batch);
-    at::Tensor part_r = at::empty({batch, n_chunks}, coef.options());
-    at::Tensor part_kl = v_ref.has_value() ? at::empty({batch, n_chunks}, coef.options()) : part_r;
-    const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(batch));
-    const A* vscale_p = nv >= 2 ? vscale->data_ptr<A>() : nullptr;
-    auto launch = [&](auto vec_tag) {
-      constexpr int VEC = decltype(vec_tag)::value;
-      sde_forward_kernel<scalar_t, VEC, A><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<scalar_t>(), v0.data_ptr<scalar_t>(), v1_p, v2_p, target.data_ptr<scalar_t>(), vref_p,
-          coef.data_ptr<A>(), vscale_p, prev_p, mean.data_ptr<scalar_t>(), part_r.data_ptr<A>(),
-          part_kl.data_ptr<A>(), n, chunk_elems, nv, rollout, v_ref.has_value());
-    };
-    if (vec == 1) {
-      launch(std::integral_constant<int, 1>{});
-    } else {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_r2 = part_r.sum(1);
-    if (v_ref.has_value()) sum_kl = part_kl.sum(1);
-  });
-  return {prev, mean, sum_r2, sum_kl};
+template <typename F>
+void with_vector_width(int vec, F&& launch) {
+  if (vec == 1) {
+    launch(std::integral_constant<int, 1>{});
+  } else if (vec == 2) {
+    launch(std::integral_constant<int, 2>{});
+  } else if (vec == 4) {
+    launch(std::integral_constant<int, 4>{});
+  } else {
+    launch(std::integral_constant<int, 8>{});
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_bwd(
-    const at::Tensor& x, const at::Tensor& v0, const std::optional<at::Tensor>& v1,
-    const std::optional<at::Tensor>& v2, const at::Tensor& prev, const std::optional<at::Tensor>& v_ref,
-    const at::Tensor& coef, const std::optional<at::Tensor>& vscale, const at::Tensor& gscale,
-    const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_prev, bool need_dx,
-    bool need_dv0, bool need_dv1, bool need_dv2) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_fwd(
+    const at::Tensor& x, at::TensorList vels, const at::Tensor& target, const std::optional<at::Tensor>& v_ref,
+    const c10::List<std::optional<at::Tensor>>& params, at::ArrayRef<double> values, double eta, int64_t kind,
+    bool rollout, double norm) {
   PEC_CHECK_CUDA(x);
   PEC_CHECK_CONTIGUOUS(x);
   TORCH_CHECK(x.dim() == 2, "x must be (B, n)");
-  check_latent(v0, x, "v0");
+  check_velocities(vels, x);
+  check_latent(target, x, "target");
+  if (v_ref.has_value()) check_latent(*v_ref, x, "v_ref");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t batch = x.size(0), n = x.size(1);
+  TORCH_CHECK(batch <= 65535, "sde_step_fwd: at most 65535 samples per call, got ", batch);
+  const int nv = static_cast<int>(vels.size());
+  at::Tensor prev = rollout ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty_like(x);
+  at::Tensor out = at::empty({3, batch}, x.options().dtype(compute_type(x)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_fwd", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    const StepArgs<A> step = step_args<A>(x, params, values, eta, kind);
+    const scalar_t* v1 = nv >= 2 ? vels[1].data_ptr<scalar_t>() : nullptr;
+    const scalar_t* v2 = nv == 3 ? vels[2].data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vref = ptr_or_null<scalar_t>(v_ref);
+    scalar_t* prev_p = rollout ? prev.data_ptr<scalar_t>() : nullptr;
+    const int vec = vector_width<scalar_t>(
+        n, {x.data_ptr(), vels[0].data_ptr(), v1, v2, target.data_ptr(), vref, prev_p, mean.data_ptr()});
+    const int64_t chunk_elems = int64_t(kThreads) * vec * kItersPerChunk;
+    const int64_t n_chunks = (n + chunk_elems - 1) / chunk_elems;
+    at::Tensor part = at::empty({vref != nullptr ? 2 : 1, batch, n_chunks}, out.options());
+    A* part_r = part.data_ptr<A>();
+    A* part_kl = vref != nullptr ? part_r + batch * n_chunks : nullptr;
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    with_vector_width(vec, [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      sde_forward_kernel<scalar_t, VEC, A><<<dim3(n_chunks, batch), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), vels[0].data_ptr<scalar_t>(), v1, v2, target.data_ptr<scalar_t>(), vref, prev_p,
+          mean.data_ptr<scalar_t>(), part_r, part_kl, step, n, chunk_elems, nv, rollout);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sde_finalize_kernel<A><<<batch, kThreads, 0, stream>>>(part_r, part_kl, out.data_ptr<A>(), step, n_chunks,
+                                                           static_cast<A>(1.0 / norm), static_cast<A>(n / norm));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {prev, mean, out[0], v_ref.has_value() ? out[1] : at::empty({0}, out.options()), out[2]};
+}
+
+std::vector<at::Tensor> sde_step_bwd(const at::Tensor& x, at::TensorList vels, const at::Tensor& prev,
+                                     const std::optional<at::Tensor>& v_ref,
+                                     const c10::List<std::optional<at::Tensor>>& params, at::ArrayRef<double> values,
+                                     double eta, int64_t kind, double norm,
+                                     const std::optional<at::Tensor>& grad_log_prob,
+                                     const std::optional<at::Tensor>& grad_kl,
+                                     const std::optional<at::Tensor>& grad_mean,
+                                     const std::optional<at::Tensor>& grad_prev, bool need_dx, bool need_dv0,
+                                     bool need_dv1, bool need_dv2) {
+  PEC_CHECK_CUDA(x);
+  PEC_CHECK_CONTIGUOUS(x);
+  TORCH_CHECK(x.dim() == 2, "x must be (B, n)");
+  check_velocities(vels, x);
   check_latent(prev, x, "prev");
   if (v_ref.has_value()) check_latent(*v_ref, x, "v_ref");
   if (grad_mean.has_value()) check_latent(*grad_mean, x, "grad_mean");
   if (grad_prev.has_value()) check_latent(*grad_prev, x, "grad_prev");
-  check_per_sample(coef, x, 3, "coef");
-  check_per_sample(gscale, x, 2, "gscale");
-  const int nv = velocity_count(x, v1, v2, vscale);
+  TORCH_CHECK(!grad_kl.has_value() || v_ref.has_value(), "grad_kl needs v_ref");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0), n = x.size(1);
   TORCH_CHECK(batch <= 65535, "sde_step_bwd: at most 65535 samples per call, got ", batch);
-  auto maybe = [&](bool need) { return need ? at::empty_like(x) : at::empty({0}, x.options()); };
-  at::Tensor dx = maybe(need_dx), dv0 = maybe(need_dv0), dv1 = maybe(need_dv1 && nv >= 2),
-             dv2 = maybe(need_dv2 && nv == 3);
-  const Velocities vel{nv, {need_dv0, need_dv1 && nv >= 2, need_dv2 && nv == 3}};
+  const int nv = static_cast<int>(vels.size());
+  const std::optional<at::Tensor> glp = per_sample_grad(grad_log_prob, x), gkl = per_sample_grad(grad_kl, x);
+  const bool need[4] = {need_dx, need_dv0, need_dv1 && nv >= 2, need_dv2 && nv == 3};
+  std::vector<at::Tensor> grads;
+  for (int i = 0; i < 4; ++i) grads.push_back(need[i] ? at::empty_like(x) : at::empty({0}, x.options()));
+  const Velocities vel{nv, {need[1], need[2], need[3]}};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_bwd", [&] {
     using A = at::acc_type<scalar_t, true>;
-    auto out = [](at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    const scalar_t* v1_p = ptr_or_null<scalar_t>(v1);
-    const scalar_t* v2_p = ptr_or_null<scalar_t>(v2);
-    const scalar_t* vref_p = ptr_or_null<scalar_t>(v_ref);
-    const scalar_t* gm_p = ptr_or_null<scalar_t>(grad_mean);
-    const scalar_t* gp_p = ptr_or_null<scalar_t>(grad_prev);
-    scalar_t *dx_p = out(dx), *dv0_p = out(dv0), *dv1_p = out(dv1), *dv2_p = out(dv2);
-    const int vec = vector_width<scalar_t>(n, {x.data_ptr(), v0.data_ptr(), v1_p, v2_p, prev.data_ptr(), vref_p,
-                                               gm_p, gp_p, dx_p, dv0_p, dv1_p, dv2_p});
+    const StepArgs<A> step = step_args<A>(x, params, values, eta, kind);
+    auto out = [&](int i) { return need[i] ? grads[i].data_ptr<scalar_t>() : nullptr; };
+    const scalar_t* v1 = nv >= 2 ? vels[1].data_ptr<scalar_t>() : nullptr;
+    const scalar_t* v2 = nv == 3 ? vels[2].data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vref = ptr_or_null<scalar_t>(v_ref);
+    const scalar_t* gm = ptr_or_null<scalar_t>(grad_mean);
+    const scalar_t* gp = ptr_or_null<scalar_t>(grad_prev);
+    const int vec = vector_width<scalar_t>(n, {x.data_ptr(), vels[0].data_ptr(), v1, v2, prev.data_ptr(), vref, gm,
+                                               gp, out(0), out(1), out(2), out(3)});
     const int64_t chunk_elems = int64_t(kThreads) * vec * kItersPerChunk;
     const int64_t n_chunks = (n + chunk_elems - 1) / chunk_elems;
-    const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(batch));
-    const A* vscale_p = nv >= 2 ? vscale->data_ptr<A>() : nullptr;
-    auto launch = [&](auto vec_tag) {
+    with_vector_width(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      sde_backward_kernel<scalar_t, VEC, A><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<scalar_t>(), v0.data_ptr<scalar_t>(), v1_p, v2_p, prev.data_ptr<scalar_t>(), vref_p, gm_p,
-          gp_p, coef.data_ptr<A>(), vscale_p, gscale.data_ptr<A>(), dx_p, dv0_p, dv1_p, dv2_p, n, chunk_elems, vel);
-    };
-    if (vec == 1) {
-      launch(std::integral_constant<int, 1>{});
-    } else {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    }
+      sde_backward_kernel<scalar_t, VEC, A><<<dim3(n_chunks, batch), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          x.data_ptr<scalar_t>(), vels[0].data_ptr<scalar_t>(), v1, v2, prev.data_ptr<scalar_t>(), vref,
+          glp.has_value() ? glp->data_ptr<A>() : nullptr, gkl.has_value() ? gkl->data_ptr<A>() : nullptr, gm, gp,
+          out(0), out(1), out(2), out(3), step, n, chunk_elems, static_cast<A>(1.0 / norm), vel);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {dx, dv0, dv1, dv2};
+  return grads;
 }
 
 }  // namespace
 }  // namespace pec
 
 TORCH_LIBRARY_FRAGMENT(pec, m) {
-  m.def("sde_step_fwd(Tensor x, Tensor v0, Tensor? v1, Tensor? v2, Tensor target, Tensor? v_ref, Tensor coef, "
-        "Tensor? vscale, bool rollout) -> (Tensor prev, Tensor mean, Tensor sum_r2, Tensor sum_kl)");
-  m.def("sde_step_bwd(Tensor x, Tensor v0, Tensor? v1, Tensor? v2, Tensor prev, Tensor? v_ref, Tensor coef, "
-        "Tensor? vscale, Tensor gscale, Tensor? grad_mean, Tensor? grad_prev, bool need_dx, bool need_dv0, "
-        "bool need_dv1, bool need_dv2) -> (Tensor dx, Tensor dv0, Tensor dv1, Tensor dv2)");
+  m.def("sde_step_fwd(Tensor x, Tensor[] vels, Tensor target, Tensor? v_ref, Tensor?[] params, float[] values, "
+        "float eta, int kind, bool rollout, float norm) -> (Tensor prev, Tensor mean, Tensor log_prob, Tensor kl, "
+        "Tensor std)");
+  m.def("sde_step_bwd(Tensor x, Tensor[] vels, Tensor prev, Tensor? v_ref, Tensor?[] params, float[] values, "
+        "float eta, int kind, float norm, Tensor? grad_log_prob, Tensor? grad_kl, Tensor? grad_mean, "
+        "Tensor? grad_prev, bool need_dx, bool need_dv0, bool need_dv1, bool need_dv2) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pec, CUDA, m) {

@@ -7,27 +7,37 @@ from __future__ import annotations
 
 import torch
 
-
-def _second_third(vels: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    return (vels + (None, None))[1:3]
+from pec_kernels.sde.coefficients import KIND_IDS, StepParams
 
 
-def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vscale: torch.Tensor | None, target: torch.Tensor,
-            rollout: bool, v_ref: torch.Tensor | None, coef: torch.Tensor, out_dtype: torch.dtype):
+def _param_lists(params: StepParams) -> tuple[list[torch.Tensor | None], list[float]]:
+    """σ, σ', sigma_max, guidance scale, guidance weight as (tensor or None, number) pairs."""
+    tensors, values = [], []
+    for value in (params.sigma, params.sigma_next, params.sigma_max, params.guidance_scale, params.guidance_weight):
+        is_tensor = isinstance(value, torch.Tensor)
+        tensors.append(value.contiguous() if is_tensor else None)
+        values.append(0.0 if is_tensor else value)
+    return tensors, values
+
+
+def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tensor, v_ref: torch.Tensor | None,
+            params: StepParams, rollout: bool, norm: int):
     """See torch_backend.forward."""
-    v1, v2 = _second_third(vels)
-    prev, mean, sum_r2, sum_kl = torch.ops.pec.sde_step_fwd(x, vels[0], v1, v2, target, v_ref, coef, vscale, rollout)
-    return (prev if rollout else None), mean, sum_r2, (sum_kl if v_ref is not None else None)
+    tensors, values = _param_lists(params)
+    prev, mean, log_prob, kl, std = torch.ops.pec.sde_step_fwd(
+        x, list(vels), target, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], rollout, float(norm))
+    return (prev if rollout else None), mean, log_prob, (kl if v_ref is not None else None), std
 
 
-def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vscale: torch.Tensor | None, prev: torch.Tensor,
-             v_ref: torch.Tensor | None, coef: torch.Tensor, gscale: torch.Tensor,
+def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor, v_ref: torch.Tensor | None,
+             params: StepParams, norm: int, grad_log_prob: torch.Tensor | None, grad_kl: torch.Tensor | None,
              grad_mean: torch.Tensor | None, grad_prev: torch.Tensor | None, needs: tuple[bool, ...]):
     """See torch_backend.backward."""
-    v1, v2 = _second_third(vels)
+    tensors, values = _param_lists(params)
     need = tuple(needs) + (False,) * (4 - len(needs))
-    grad_mean = None if grad_mean is None else grad_mean.to(x.dtype).contiguous()
-    grad_prev = None if grad_prev is None else grad_prev.to(x.dtype).contiguous()
-    dx, *dvs = torch.ops.pec.sde_step_bwd(x, vels[0], v1, v2, prev, v_ref, coef, vscale, gscale.contiguous(),
-                                          grad_mean, grad_prev, *need)
+    grad_kl = grad_kl if v_ref is not None else None
+    grad_mean, grad_prev = (None if g is None else g.to(x.dtype).contiguous() for g in (grad_mean, grad_prev))
+    dx, *dvs = torch.ops.pec.sde_step_bwd(
+        x, list(vels), prev, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], float(norm), grad_log_prob,
+        grad_kl, grad_mean, grad_prev, *need)
     return (dx if need[0] else None), tuple(d if k else None for d, k in zip(dvs[:len(vels)], need[1:]))
