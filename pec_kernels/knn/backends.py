@@ -7,7 +7,7 @@ L2-normalised for the cosine metric:
   pair_distances(x, reference, index) -> (G, n, k) float32 exact ‖x_i − c_j‖ (float64 for float64 inputs);
   pair_grad(x, reference, index, coef) -> (grad_x (G, n, D), grad_reference (G|1, M, D) or None), float32,
       with grad_x_i += Σ_j coef_ij (x_i − c_j) and grad_c_j −= coef_ij (x_i − c_j);
-  supports(x, reference, k) -> bool.
+  supports(x, reference, k) -> bool, and why_unsupported(x, reference, k) -> str | None (the reason).
 Modules are imported lazily, so a missing Triton, CUDA extension or cuda.py never breaks an import.
 """
 from __future__ import annotations
@@ -27,8 +27,6 @@ _MODULES = {
     "cuda": "pec_kernels.knn.cuda",
 }
 _AUTO_ORDER_ON_CUDA = ("cuda", "triton")
-# What a backend without a why_unsupported() function takes, for its error message.
-_LIMITS = {"cuda": "it takes CUDA tensors in self mode with n <= 256 and k <= n - 1"}
 
 
 def _import(name: str) -> ModuleType:
@@ -70,7 +68,6 @@ def resolve(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: in
         require_cuda_ops()
     module = _import(backend)
     if not module.supports(x, reference, k):
-        explain = getattr(module, "why_unsupported", None)
-        reason = explain(x, reference, k) if explain is not None else _LIMITS[backend]
-        raise ValueError(f"backend={backend!r} does not take these inputs: {reason}")
+        raise ValueError(f"backend={backend!r} does not take these inputs: "
+                         f"{module.why_unsupported(x, reference, k)}")
     return module

@@ -1,0 +1,65 @@
+"""The knn Triton kernels compile for an H100/H200 (sm_90) with the block configs the GPU path uses.
+
+The interpreter runs the kernels' logic on CPU but does not type-check them the way the compiler does
+(loop-carried types, tl.dot operand dtypes, bf16). Triton compiles for a named target without a GPU
+(ptxas ships with it), in a subprocess, because this test session imports the kernels interpreted.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+_SCRIPT = r"""
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from pec_kernels.knn import triton_backend as tb, triton_kernels as kernels
+
+TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+def arg_types(fn, dtype, out):
+    types = {}
+    for name in fn.arg_names:
+        if name in ("x_ptr", "c_ptr"):
+            types[name] = "*" + TL[dtype]
+        elif name == "idx_ptr":
+            types[name] = "*i64"
+        elif name == "out_ptr":
+            types[name] = out
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+def build(fn, dtype, out, consts, num_warps=4):
+    types = arg_types(fn, dtype, out)
+    signature = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
+    compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps})
+
+for dtype, k, self_mode in [(torch.float32, 5, True), (torch.bfloat16, 64, False)]:
+    kp = tb._slots(k)
+    config = tb._select_config(dtype, kp)
+    num_warps = config.pop("num_warps")
+    build(kernels.knn_select_kernel, dtype, "*i64", dict(K=k, KP=kp, SELF=self_mode, **config), num_warps)
+block_p, block_d = tb._pair_distance_blocks()
+build(kernels.pair_distance_kernel, torch.bfloat16, "*fp32", dict(K=5, BLOCK_P=block_p, BLOCK_D=block_d))
+block_r, block_d = tb._pair_grad_blocks()
+build(kernels.pair_grad_kernel, torch.bfloat16, None, dict(K=7, SELF=True, BLOCK_R=block_r, BLOCK_D=block_d))
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    backends = pytest.importorskip("triton.backends")
+    if "nvidia" not in backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
