@@ -194,20 +194,24 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         guidance_weight=float(guidance_weight), group_size=group_size, sigma_max=sigma_max)
 
 
-def _rows(rollout: Rollout, sample_idx: torch.Tensor | slice | None) -> torch.Tensor | slice:
-    if sample_idx is None:
-        return slice(None)
-    if isinstance(sample_idx, torch.Tensor) and (sample_idx.is_floating_point() or sample_idx.dim() != 1):
-        raise ValueError(f"sample_idx must be a 1-D integer tensor, a slice or None, got {sample_idx!r:.80}")
-    return sample_idx
-
-
-def _check_step(rollout: Rollout, step: int) -> None:
+def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None):
+    """x, prev_sample, StepSigmas, v_uncond, v_cond and guidance of recorded `step` for `sample_idx`."""
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < rollout.num_steps:
         raise ValueError(f"step must be an int in [0, {rollout.num_steps}), got {step!r}")
     if not bool(rollout.sde_steps[step]):
         raise ValueError(f"step {step} is a deterministic (ODE) step outside the SDE window; "
                          f"trainable steps are {rollout.train_steps()}")
+    if sample_idx is None:
+        sample_idx = slice(None)
+    elif not isinstance(sample_idx, (slice, torch.Tensor)) or (
+            isinstance(sample_idx, torch.Tensor) and (sample_idx.is_floating_point() or sample_idx.dim() != 1)):
+        raise ValueError(f"sample_idx must be a 1-D integer tensor, a slice or None, got {sample_idx!r:.80}")
+    x, prev = rollout.latents[step][sample_idx], rollout.latents[step + 1][sample_idx]
+    sig = step_sigmas(rollout.sigmas, torch.full((x.shape[0],), step, device=x.device))
+    v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, rollout.cond.index(sample_idx),
+                                      rollout.uncond.index(sample_idx))
+    guidance = None if rollout.guidance is None else rollout.guidance[step][sample_idx]
+    return x, prev, sig, v_uncond, v_cond, guidance
 
 
 def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
@@ -215,15 +219,9 @@ def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
     """The combined velocity v_uncond + scale·(v_cond − v_uncond) + weight·guidance of `model` at a
     recorded step, as `step_log_prob` forms it. Call it under `torch.no_grad()` with the reference
     model (e.g. LoRA adapters disabled) to get `v_ref` for the KL."""
-    _check_step(rollout, step)
-    rows = _rows(rollout, sample_idx)
-    x = rollout.latents[step][rows]
-    sigma = rollout.sigmas[step].expand(x.shape[0])
-    v_uncond, v_cond = cfg_velocities(model, x, sigma, rollout.cond.index(rows), rollout.uncond.index(rows))
+    _, _, _, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx)
     v = v_uncond + rollout.guidance_scale * (v_cond - v_uncond)
-    if rollout.guidance is not None:
-        v = v + rollout.guidance_weight * rollout.guidance[step][rows]
-    return v
+    return v if guidance is None else v + rollout.guidance_weight * guidance
 
 
 def step_log_prob(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None = None,
@@ -237,15 +235,9 @@ def step_log_prob(model: FlowModel, rollout: Rollout, step: int, sample_idx: tor
     v_ref: the reference model's combined velocity (see `guided_velocity`) for the fused KL.
     Raises ValueError for a step outside the SDE window.
     """
-    _check_step(rollout, step)
-    rows = _rows(rollout, sample_idx)
-    x, prev = rollout.latents[step][rows], rollout.latents[step + 1][rows]
-    b = x.shape[0]
-    sig = step_sigmas(rollout.sigmas, torch.full((b,), step, device=x.device))
-    v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, rollout.cond.index(rows), rollout.uncond.index(rows))
-    guidance = None if rollout.guidance is None else rollout.guidance[step][rows]
-    scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
-    return guided_sde_step(x, v_uncond, v_cond, scale, sig.sigma, sig.sigma_next,
-                           guidance=guidance, guidance_weight=rollout.guidance_weight, prev_sample=prev,
-                           eta=rollout.eta if eta is None else eta, kind=rollout.kind if kind is None else kind, sigma_max=rollout.sigma_max, v_ref=v_ref,
-                           backend=backend)
+    x, prev, sig, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx)
+    return guided_sde_step(
+        x, v_uncond, v_cond, rollout.guidance_scale if guidance_scale is None else guidance_scale,
+        sig.sigma, sig.sigma_next, guidance=guidance, guidance_weight=rollout.guidance_weight, prev_sample=prev,
+        eta=rollout.eta if eta is None else eta, kind=rollout.kind if kind is None else kind,
+        sigma_max=rollout.sigma_max, v_ref=v_ref, backend=backend)

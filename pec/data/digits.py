@@ -58,10 +58,13 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None, *, m
     self-supervised encoder. Border pixels are filled with 0 (background).
     """
     b = images.shape[0]
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=images.device)  # noqa: E731
-    angle = (rand(b) * 2 - 1) * max_rotation
-    scale = 1.0 + (rand(b) * 2 - 1) * max_scale
-    shift = (rand(b, 2) * 2 - 1) * (2.0 * max_shift / images.shape[-1])
+
+    def symmetric(*shape: int) -> torch.Tensor:  # uniform in [-1, 1)
+        return torch.rand(*shape, generator=generator, device=images.device) * 2 - 1
+
+    angle = symmetric(b) * max_rotation
+    scale = 1.0 + symmetric(b) * max_scale
+    shift = symmetric(b, 2) * (2.0 * max_shift / images.shape[-1])  # affine_grid's [-1, 1] units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
