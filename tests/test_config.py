@@ -60,3 +60,14 @@ def test_unknown_and_mistyped_options_are_rejected(tmp_path):
         parse_config(["--sampling.group_size", "2.5"])
     with pytest.raises(SystemExit):
         parse_config(["--pec.lamda", "0.1"])
+
+
+def test_shipped_yaml_configs_load_and_validate():
+    from pathlib import Path
+
+    import pec
+
+    configs = sorted((Path(pec.__file__).parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        parse_config(["--config", str(path), "--model.path", "somewhere"]).validate()
