@@ -82,7 +82,11 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
 
 def _centred(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shift each group by its candidates' mean before ranking: distances do not change, but the
-    expanded form ‖x‖² + ‖c‖² − 2x·c loses far less precision on features far from the origin."""
+    expanded form ‖x‖² + ‖c‖² − 2x·c (and TF32's 10-bit inputs) lose far less precision on features far
+    from the origin. 16-bit inputs stay as they are: their products are exact in float32, while
+    rounding the shifted values back to 16 bits would perturb the ranking more than it gains."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return x, reference
     if reference is None:
         return (x - x.mean(dim=1, keepdim=True)).contiguous(), None
     shift = reference.mean(dim=1, keepdim=True)

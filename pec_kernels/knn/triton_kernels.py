@@ -9,6 +9,7 @@ import triton.language as tl
 
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 _INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32 bits
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -32,7 +33,9 @@ def _squared_distances(x_base, c_base, x_sq, c_sq_base, rows, row_ok, start, m, 
         dot = tl.dot(a, tl.trans(b), dot, input_precision=INPUT_PRECISION)
     c_sq = tl.load(c_sq_base + cols, mask=col_ok, other=0.0)
     sq = x_sq[:, None] + c_sq[None, :] - 2.0 * dot
-    sq = tl.where(sq > 0.0, sq, 0.0)  # round-off can make it negative; this also turns -0.0 into +0.0
+    # Round-off can make d² negative (this also turns -0.0 into +0.0); capping at the largest float
+    # keeps an overflowed d² apart from the +inf that marks excluded candidates.
+    sq = tl.where(sq > 0.0, tl.minimum(sq, _FLOAT32_MAX), 0.0)
     excluded = (~col_ok)[None, :] | (~row_ok)[:, None]
     if SELF:
         excluded = excluded | (rows[:, None] == cols[None, :])
