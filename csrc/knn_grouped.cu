@@ -30,6 +30,8 @@
 // NaN distance and no gradient contribution.
 #include "common.cuh"
 
+#include <cuda_fp16.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -59,6 +61,45 @@ __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// The 16 bytes of a vector load as fp32, by bit operations (taking the address of the loaded
+// registers to reinterpret them would put them on the stack). Element 0 is the lowest address.
+template <typename T>
+struct Unpack16;
+
+template <>
+struct Unpack16<float> {
+  static __device__ __forceinline__ void run(const uint4 r, float* out) {
+    out[0] = __uint_as_float(r.x);
+    out[1] = __uint_as_float(r.y);
+    out[2] = __uint_as_float(r.z);
+    out[3] = __uint_as_float(r.w);
+  }
+};
+
+template <>
+struct Unpack16<at::BFloat16> {
+  static __device__ __forceinline__ void run(const uint4 r, float* out) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      out[2 * t] = __uint_as_float(w[t] << 16);
+      out[2 * t + 1] = __uint_as_float(w[t] & 0xffff0000u);
+    }
+  }
+};
+
+template <>
+struct Unpack16<at::Half> {
+  static __device__ __forceinline__ void run(const uint4 r, float* out) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      out[2 * t] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[t] & 0xffffu)));
+      out[2 * t + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[t] >> 16)));
+    }
+  }
+};
+
 // Loads one chunk of a group (rows < n, dims [d0, d0 + DC) clipped to D, zeros elsewhere) into
 // registers as fp32, and stores it to shared memory. VEC elements per load: 16 bytes when D and
 // the base pointer allow it, else 1.
@@ -82,10 +123,7 @@ struct ChunkStager {
       if constexpr (VEC > 1) {
         // D % VEC == 0 here, so a vector is entirely inside or entirely outside [0, D).
         if (row < n && d < D) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(src);
-          const T* el = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-          for (int c = 0; c < VEC; ++c) v[p][c] = to_float(el[c]);
+          Unpack16<T>::run(*reinterpret_cast<const uint4*>(src), v[p]);
         } else {
 #pragma unroll
           for (int c = 0; c < VEC; ++c) v[p][c] = 0.f;
@@ -429,11 +467,11 @@ knn_grouped_pair_grad_kernel(const T* __restrict__ x, const int64_t* __restrict_
       float* dst = grad + (static_cast<int64_t>(g) * n + i) * D + d;
       if (vec_store) {
         *reinterpret_cast<float4*>(dst) = acc;
-      } else {
-        const float v[4] = {acc.x, acc.y, acc.z, acc.w};
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (d + c < D) dst[c] = v[c];
+      } else {  // D % 4 != 0: rows are not 16-byte aligned, and the last chunk ends inside a float4
+        dst[0] = acc.x;
+        if (d + 1 < D) dst[1] = acc.y;
+        if (d + 2 < D) dst[2] = acc.z;
+        if (d + 3 < D) dst[3] = acc.w;
       }
     }
   }
