@@ -26,11 +26,13 @@ from pec_kernels.knn import knn_entropy
 
 # Goals this suite holds our kernels to (set in this project from the headroom in notes/kernels.md):
 # time over the floor at most, and speed-ups over the eager and compiled anchors at least.
+#: The targets of issue 2 (GPU; ratios measured in one run). Where the issue sets none for an anchor,
+#: the ratio is printed for information only.
 TARGETS = {
-    "a": dict(floor="<= 2.0x", eager=">= 5x", compile=">= 1.5x"),
-    "b": dict(floor="<= 2.0x", eager=">= 5x", compile=">= 1.5x"),
-    "c": dict(floor="<= 3.0x", eager=">= 10x", compile=">= 3x"),
-    "d": dict(floor="<= 2.0x", eager=">= 3x", compile=">= 1.5x"),
+    "a": dict(floor="<= 2.0x", eager=">= 8x", compile=""),
+    "b": dict(floor="<= 2.5x", eager="", compile=""),
+    "c": dict(floor="", eager=">= 5x", compile=""),
+    "d": dict(floor="<= 2.5x", eager="", compile=""),
 }
 MIN_DIST = 1e-6
 COMPILE = os.environ.get("PEC_BENCH_COMPILE", "1") != "0"
