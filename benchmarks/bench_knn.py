@@ -24,8 +24,6 @@ from _timing import (Measurement, copy_bandwidth_bytes_per_s, cpu_time_ms, gpu_t
                      run_benchmark)
 from pec_kernels.knn import knn_entropy
 
-# Goals this suite holds our kernels to (set in this project from the headroom in notes/kernels.md):
-# time over the floor at most, and speed-ups over the eager and compiled anchors at least.
 #: The targets of issue 2 (GPU; ratios measured in one run). Where the issue sets none for an anchor,
 #: the ratio is printed for information only.
 TARGETS = {
