@@ -219,7 +219,7 @@ class Trainer:
         minibatches = order.tensor_split(cfg.train.minibatches)
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        first_ratio_dev = 0.0
+        first_ratio_dev, ratio_max, ratio_min, grad_norm_sum = 0.0, -math.inf, math.inf, 0.0
         self.model.train()
         for mb_index, mb in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
@@ -236,9 +236,9 @@ class Trainer:
                     adv = advantages[idx_dev, col]
                     loss, stats = clipped_surrogate(out.log_prob.float(), old, adv, cfg.train.clip_range)
                     entropy = policy_entropy(out.std.detach(), dim)
+                    surrogate = loss.item()
                     if out.kl is not None:
                         loss = loss + cfg.train.kl_beta * out.kl.mean()
-                        sums["kl"] += out.kl.mean().item() * len(idx)
                     if cfg.method == "entropy_bonus":
                         # The analytic policy entropy depends on the schedule only: this term adds a
                         # constant to the loss and nothing to the gradient (the paper's diagnosis).
@@ -248,7 +248,8 @@ class Trainer:
                         first_ratio_dev = max(first_ratio_dev, (stats.ratio_max - 1).abs().item(),
                                               (stats.ratio_min - 1).abs().item())
                     n = len(idx)
-                    for key, value in (("policy_loss", loss.item()), ("ratio_mean", stats.ratio_mean.item()),
+                    for key, value in (("loss", loss.item()), ("surrogate", surrogate),
+                                       ("ratio_mean", stats.ratio_mean.item()),
                                        ("clip_fraction", stats.clip_fraction.item()),
                                        ("approx_kl", stats.approx_kl.item()),
                                        ("policy_entropy", entropy.mean().item()),
@@ -256,17 +257,17 @@ class Trainer:
                                        ("advantage_abs", adv.abs().mean().item())):
                         sums[key] += value * n
                         counts[key] += n
-                    sums["ratio_max"] = max(sums["ratio_max"], stats.ratio_max.item())
-                    sums["ratio_min"] = min(sums.get("ratio_min", math.inf), stats.ratio_min.item())
+                    if out.kl is not None:
+                        sums["kl"] += out.kl.mean().item() * n
+                        counts["kl"] += n
+                    ratio_max = max(ratio_max, stats.ratio_max.item())
+                    ratio_min = min(ratio_min, stats.ratio_min.item())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.train.max_grad_norm)
-            sums["grad_norm"] += grad_norm.item()
+            grad_norm_sum += grad_norm.item()
             self.optimizer.step()
         row = {k: sums[k] / counts[k] for k in counts}
-        row["ratio_max"], row["ratio_min"] = sums["ratio_max"], sums["ratio_min"]
-        row["grad_norm"] = sums["grad_norm"] / len(minibatches)
-        if cfg.train.kl_beta > 0:
-            row["kl"] = sums["kl"] / counts["policy_loss"]
-        row["first_update_ratio_dev"] = first_ratio_dev
+        row.update(ratio_max=ratio_max, ratio_min=ratio_min, grad_norm=grad_norm_sum / len(minibatches),
+                   first_update_ratio_dev=first_ratio_dev)
         return row
 
     # ------------------------------------------------------------------------------------------
