@@ -6,6 +6,7 @@ captured in a CUDA graph. Input checks look at metadata only (shapes, dtypes, de
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -94,7 +95,7 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
         batch=batch, device=device, dtype=cd)
     impl = backends.resolve(backend, latents)
     rollout = noise is not None
-    norm = x[0].numel() if reduce == "mean" else 1
+    norm = math.prod(x.shape[1:]) if reduce == "mean" else 1
     prev, mean, log_prob, kl, std = SdeStepFunction.apply(impl, params, rollout, norm, _flat(x), _flat(target),
                                                           _flat(v_ref), *(_flat(v) for v in vels))
     prev = prev.view(x.shape) if rollout else prev_sample

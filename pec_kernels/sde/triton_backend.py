@@ -189,8 +189,8 @@ def _sde_backward_kernel(x_ptr, v0_ptr, v1_ptr, v2_ptr, prev_ptr, vref_ptr, glp_
 
 
 def _launch_shape(n: int) -> tuple[int, int, int]:
-    """(BLOCK, TILES, chunks): small fixed tiles under the interpreter, 8 K-element chunks on GPU."""
-    block, tiles = (128, 2) if interpreting() else (1024, 8)
+    """(BLOCK, TILES, chunks): small fixed tiles under the interpreter, 4 K-element chunks on GPU."""
+    block, tiles = (128, 2) if interpreting() else (1024, 4)
     return block, tiles, triton.cdiv(n, block * tiles)
 
 
