@@ -365,6 +365,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg_type: type = Confi
         flags = [f"--{dotted}"]
         if "_" in dotted:
             flags.append(f"--{dotted.replace('_', '-')}")
+        if section and dotted == f"{section}.name":
+            flags.append(f"--{section}")  # `--model embedded` selects the component by name
         groups[section].add_argument(*flags, **kwargs)
 
 

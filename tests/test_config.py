@@ -14,6 +14,7 @@ def test_command_line_overrides_yaml_overrides_defaults(tmp_path):
     assert cfg.method == "grpo" and cfg.pec.lambda_ == 0.2 and cfg.sampling.group_size == 6
     assert cfg.train.lora is False and cfg.resume is True and cfg.run_dir == "r"
     assert cfg.sampling.sde_window == [1, 4]
+    assert parse_config(["--model", "sd3"]).model.name == "sd3"
     assert cfg.train.lr == Config().train.lr
 
 
