@@ -149,7 +149,11 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
     overrides = overrides or {}
     if not runs:
         raise ValueError("runs must name at least one run folder or 'pretrained'")
-    names = list(names) if names is not None else [Path(r).name if r != PRETRAINED else PRETRAINED for r in runs]
+    if names is None:
+        names = [Path(r).name for r in runs]
+        if len(set(names)) != len(names):  # e.g. runs/a/grpo and runs/b/grpo: add the parent folder
+            names = [r if r == PRETRAINED else "/".join(Path(r).parts[-2:]) for r in runs]
+    names = list(names)
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique, got {names}")
     first_real = next((r for r in runs if r != PRETRAINED), None)
@@ -174,7 +178,7 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
         per_prompt = cfg.eval.images_per_prompt
         results[name] = evaluator.score(images, [p for p in prompts for _ in range(per_prompt)], per_prompt)
         grid = images.reshape(len(prompts), per_prompt, *images.shape[1:])[:, :min(per_prompt, 16)]
-        save_image_grid(grid.flatten(0, 1), out_dir / f"samples_{name}.png", nrow=grid.shape[1])
+        save_image_grid(grid.flatten(0, 1), out_dir / f"samples_{name.replace('/', '_')}.png", nrow=grid.shape[1])
         print(f"evaluated {name} in {time.perf_counter() - start:.1f} s")
     quality, diversity = columns(list(evaluator.encoders))
     table = minmax_table(results, quality, diversity)
