@@ -133,7 +133,7 @@ def _check_sample_args(prompts: Sequence[str], group_size: int, guidance_scale: 
 
 @torch.no_grad()
 def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num_steps: int = 10,
-           guidance_scale: float = 4.0, eta: float = 0.7, kind: str = "flow",
+           guidance_scale: float = 2.0, eta: float = 0.7, kind: str = "flow",
            sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
            seed: int | None = None, guidance_fn: GuidanceFn | None = None, guidance_weight: float = 0.0,
            batch_size: int | None = None, shift: float = EMBEDDED_SHIFT, sigmas: torch.Tensor | None = None,
