@@ -115,7 +115,9 @@ class PerceptualConfig:
 class PecConfig:
     """PEC: R~_t = R + lambda * omega_t * surprisal (DESIGN.md 2.4)."""
 
-    lambda_: float = option(0.1, "weight of the perceptual surprisal bonus")
+    lambda_: float = option(0.5, "weight of the perceptual surprisal bonus. Scale it to the reward: the paper's "
+                                 "0.05-0.10 suit PickScore/26 (group std ~0.02); the embedded digit reward's "
+                                 "spread is ~10x larger")
     omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
 
 
@@ -124,7 +126,8 @@ class PcgsConfig:
     """PCGS: reward form R~ = R - lambda*omega_t*(log p_perc - log p_theta), or guided sampling (DESIGN.md 2.5)."""
 
     form: str = option("reward", f"one of {PCGS_FORMS}")
-    lambda_: float = option(0.05, "weight of the one-sample KL term (reward form)")
+    lambda_: float = option(0.3, "weight of the one-sample KL term (reward form); scaled to the reward like "
+                                 "pec.lambda (the paper's 0.03-0.10 suit PickScore/26)")
     omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
     guidance_weight: float = option(0.05, "gamma: weight of the perceptual-entropy gradient added to the velocity "
                                           "(guided form)")
