@@ -16,7 +16,6 @@ import glob
 import os
 import shutil
 import sys
-import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -41,6 +40,16 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def nvidia_wheel_include_dirs() -> list[str]:
+    """Header folders of the CUDA wheels torch depends on (cublas, cusparse, ...), which a minimal
+    toolkit lacks. Found next to torch, so a virtual environment that sees them works too."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted({d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "cu*", "include"))})
+
+
 def cuda_extension() -> tuple[list, dict]:
     """Return (ext_modules, cmdclass) for pec_kernels._C, or empty ones with a one-line reason."""
     if os.environ.get("PEC_SKIP_CUDA_BUILD") == "1":
@@ -60,10 +69,7 @@ def cuda_extension() -> tuple[list, dict]:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    # pip-installed CUDA wheels carry headers (cublas, cusparse, ...) that a minimal toolkit lacks.
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia")
-    include_dirs += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")))
+    include_dirs = [os.path.join(ROOT, "csrc")] + nvidia_wheel_include_dirs()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     ext = CUDAExtension(
         name="pec_kernels._C",

@@ -18,8 +18,9 @@ from torch.utils import cpp_extension  # noqa: E402
 
 def main(paths: list[str]) -> int:
     cuda_home = os.environ["CUDA_HOME"]
-    nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia")
-    incs = cpp_extension.include_paths(device_type="cuda") + ["csrc"] + glob.glob(os.path.join(nvidia, "cu*", "include"))
+    import nvidia
+    incs = cpp_extension.include_paths(device_type="cuda") + ["csrc"]
+    incs += [d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "cu*", "include"))]
     incs.append(sysconfig.get_paths()["include"])
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(".", "")
     std = "-std=c++20" if tuple(int(p) for p in __import__("torch").__version__.split(".")[:2]) >= (2, 12) else "-std=c++17"
