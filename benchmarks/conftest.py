@@ -1,13 +1,11 @@
 """pytest configuration of the benchmark suites: `pytest benchmarks/ --benchmark-only`.
 
-Collects bench_*.py files, skips cases marked `gpu` without a CUDA device (tests/conftest.py does the
-same for the tests, but does not apply here), and gives each suite module one ResultTable that is
-printed and written to $PEC_BENCH_DIR when the module's cases are done.
+Collects bench_*.py files and gives each suite module one ResultTable that is printed and written to
+$PEC_BENCH_DIR when the module's cases are done. The root conftest.py skips `gpu` cases without CUDA.
 """
 from __future__ import annotations
 
 import pytest
-import torch
 
 from _timing import ResultTable
 
@@ -18,15 +16,6 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
-
-
 @pytest.fixture(scope="module")
 def result_table(request):
     """The module's ResultTable, named after the module (bench_knn -> bench_knn.md)."""
@@ -34,8 +23,3 @@ def result_table(request):
     yield table
     if table.rows:
         table.write()
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)

@@ -1,7 +1,8 @@
-"""Test configuration: Triton runs through its interpreter on machines without a CUDA device.
+"""pytest configuration shared by tests/ and benchmarks/.
 
-TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before pec_kernels'
-Triton modules are imported, so it is set here, at collection time.
+Without a CUDA device, Triton runs through its interpreter (TRITON_INTERPRET must be set before triton
+decorates the kernels, i.e. before pec_kernels' Triton modules are imported, so it is set here, at
+collection time), and anything marked `gpu` is skipped.
 """
 import os
 
