@@ -98,7 +98,6 @@ def copy_bandwidth_bytes_per_s(nbytes: int = 1 << 30, reps: int = 5) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = gpu_time_ms(lambda: dst.copy_(src), warmup=2, reps=reps)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
 
