@@ -6,8 +6,11 @@ returns a `Rollout`. `step_log_prob` re-evaluates one recorded step for a micro-
 through the same `pec_kernels.sde.guided_sde_step` call, so the first on-policy ratio is exactly 1.
 
 Conventions: flow time sigma from 1 (noise) down to 0, `FlowModel.velocity` predicts eps - x0; CFG
-is one batched forward of [uncond; cond]. Steps outside the SDE window are deterministic (eta = 0)
-ODE steps: their log_prob is 0 and they are not trained on.
+is one batched forward of [uncond; cond]. At guidance_scale 1 (no CFG, the training default) the
+unconditional forward is skipped, in sampling and re-evaluation alike: v_uncond is v_cond, so the
+combined velocity v_cond + 1·(v_cond − v_cond) is exactly v_cond, at half the model cost.
+Steps outside the SDE window are deterministic (eta = 0) ODE steps: their log_prob is 0 and they
+are not trained on.
 """
 from __future__ import annotations
 
@@ -101,20 +104,35 @@ class Rollout:
 
 
 def cfg_velocities(model: FlowModel, latents: torch.Tensor, sigma: torch.Tensor, cond: PromptBatch,
-                   uncond: PromptBatch, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v_uncond, v_cond): one batched forward of [uncond; cond] per chunk of `batch_size` samples."""
+                   uncond: PromptBatch, batch_size: int | None = None,
+                   guidance_scale: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_uncond, v_cond): one batched forward of [uncond; cond] per chunk of `batch_size` samples.
+
+    With `guidance_scale` exactly 1 (a float) the unconditional forward is skipped: one forward of
+    the cond batch per chunk, and v_uncond is v_cond itself (CFG 1 needs no unconditional velocity).
+    """
+    cond_only = skips_uncond(guidance_scale)
     n = latents.shape[0]
     step = n if batch_size is None else batch_size
     v_uncond, v_cond = [], []
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         x, s = latents[rows], sigma[rows]
+        if cond_only:
+            v_cond.append(model.velocity(x, s, cond.index(rows)))
+            continue
         v = model.velocity(torch.cat([x, x]), torch.cat([s, s]),
                            PromptBatch.cat([uncond.index(rows), cond.index(rows)]))
         vu, vc = v.chunk(2)
         v_uncond.append(vu)
         v_cond.append(vc)
-    return torch.cat(v_uncond), torch.cat(v_cond)
+    v_cond = torch.cat(v_cond)
+    return (v_cond if cond_only else torch.cat(v_uncond)), v_cond
+
+
+def skips_uncond(guidance_scale: float | torch.Tensor | None) -> bool:
+    """True when `guidance_scale` is the plain number 1: the CFG combination is then v_cond exactly."""
+    return not isinstance(guidance_scale, (torch.Tensor, type(None))) and float(guidance_scale) == 1.0
 
 
 def _check_sample_args(prompts: Sequence[str], group_size: int, guidance_scale: float, eta: float,
@@ -170,7 +188,7 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     sigma_max = step_sigmas(sigmas, 0).sigma_max
     for t in range(num_steps):
         sig = step_sigmas(sigmas, torch.full((b,), t, device=device))
-        v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond, uncond, batch_size)
+        v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond, uncond, batch_size, guidance_scale)
         g = None
         if guidance_fn is not None:
             with torch.enable_grad():
@@ -194,8 +212,10 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         guidance_weight=float(guidance_weight), group_size=group_size, sigma_max=sigma_max)
 
 
-def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None):
-    """x, prev_sample, StepSigmas, v_uncond, v_cond and guidance of recorded `step` for `sample_idx`."""
+def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None,
+                   guidance_scale: float):
+    """x, prev_sample, StepSigmas, v_uncond, v_cond and guidance of recorded `step` for `sample_idx`
+    (v_uncond is v_cond, from one cond forward, when `guidance_scale` is 1, as in `sample`)."""
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < rollout.num_steps:
         raise ValueError(f"step must be an int in [0, {rollout.num_steps}), got {step!r}")
     if not bool(rollout.sde_steps[step]):
@@ -209,7 +229,7 @@ def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: to
     x, prev = rollout.latents[step][sample_idx], rollout.latents[step + 1][sample_idx]
     sig = step_sigmas(rollout.sigmas, torch.full((x.shape[0],), step, device=x.device))
     v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, rollout.cond.index(sample_idx),
-                                      rollout.uncond.index(sample_idx))
+                                      rollout.uncond.index(sample_idx), guidance_scale=guidance_scale)
     guidance = None if rollout.guidance is None else rollout.guidance[step][sample_idx]
     return x, prev, sig, v_uncond, v_cond, guidance
 
@@ -219,8 +239,8 @@ def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
     """The combined velocity v_uncond + scale·(v_cond − v_uncond) + weight·guidance of `model` at a
     recorded step, as `step_log_prob` forms it. Call it under `torch.no_grad()` with the reference
     model (e.g. LoRA adapters disabled) to get `v_ref` for the KL."""
-    _, _, _, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx)
-    v = v_uncond + rollout.guidance_scale * (v_cond - v_uncond)
+    _, _, _, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, rollout.guidance_scale)
+    v = v_cond if skips_uncond(rollout.guidance_scale) else v_uncond + rollout.guidance_scale * (v_cond - v_uncond)
     return v if guidance is None else v + rollout.guidance_weight * guidance
 
 
@@ -235,9 +255,10 @@ def step_log_prob(model: FlowModel, rollout: Rollout, step: int, sample_idx: tor
     v_ref: the reference model's combined velocity (see `guided_velocity`) for the fused KL.
     Raises ValueError for a step outside the SDE window.
     """
-    x, prev, sig, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx)
+    scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
+    x, prev, sig, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, scale)
     return guided_sde_step(
-        x, v_uncond, v_cond, rollout.guidance_scale if guidance_scale is None else guidance_scale,
+        x, v_uncond, v_cond, scale,
         sig.sigma, sig.sigma_next, guidance=guidance, guidance_weight=rollout.guidance_weight, prev_sample=prev,
         eta=rollout.eta if eta is None else eta, kind=rollout.kind if kind is None else kind,
         sigma_max=rollout.sigma_max, v_ref=v_ref, backend=backend)

@@ -147,3 +147,41 @@ def test_bad_arguments(model):
         step_log_prob(model, r, 2)
     with pytest.raises(ValueError, match="guidance_fn"):
         sample(model, PROMPTS, num_steps=2, guidance_fn=lambda x, s, v: x[:1])
+
+
+def test_cfg_one_skips_the_unconditional_forward(model, monkeypatch):
+    """At guidance_scale 1 each step (sampling and re-evaluation) is one forward of the cond batch,
+    and gives the samples of the two-forward [uncond; cond] path within fp32 tolerance."""
+    import pec.sampling as sampling
+
+    batches = []
+    velocity = model.velocity
+
+    def counting(x, sigma, prompts):
+        batches.append(x.shape[0])
+        return velocity(x, sigma, prompts)
+
+    monkeypatch.setattr(model, "velocity", counting)
+    fast = sample(model, PROMPTS, group_size=4, num_steps=4, guidance_scale=1.0, seed=9)
+    assert batches == [12] * 4, "one forward of the 12 cond rows per step"
+    batches.clear()
+    with torch.no_grad():
+        v = guided_velocity(model, fast, 2)
+    out = step_log_prob(model, fast, 2)
+    assert batches == [12, 12], "re-evaluation: one forward per call too"
+    assert torch.equal(out.log_prob.detach(), fast.log_probs[2]), "same code path and shapes: ratio exactly 1"
+    assert step_log_prob(model, fast, 2, v_ref=v).kl.abs().max() == 0
+
+    monkeypatch.setattr(sampling, "skips_uncond", lambda scale: False)  # the former [uncond; cond] path
+    batches.clear()
+    full = sample(model, PROMPTS, group_size=4, num_steps=4, guidance_scale=1.0, seed=9)
+    assert batches == [24] * 4
+    torch.testing.assert_close(fast.latents, full.latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.log_probs, full.log_probs, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast.images, full.images, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.undo()
+    batches.clear()
+    monkeypatch.setattr(model, "velocity", counting)
+    sample(model, PROMPTS, group_size=4, num_steps=2, guidance_scale=2.0, seed=9)
+    assert batches == [24] * 2, "real CFG still makes the batched [uncond; cond] forward"
