@@ -7,7 +7,8 @@ import pytest
 from pec.evaluate import main
 from pec.experiments.tiny_world import write_tiny_world
 from pec.train import Trainer
-from test_train import tiny_config
+
+from _tiny_runs import tiny_config
 
 
 @pytest.fixture(scope="module")

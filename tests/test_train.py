@@ -5,27 +5,16 @@ import math
 import pytest
 import torch
 
-from pec.config import Config, apply_dict
 from pec.experiments.tiny_world import write_tiny_world
 from pec.logging_utils import read_metrics
 from pec.train import Trainer, main
+
+from _tiny_runs import tiny_config
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
-
-
-def tiny_config(world, run_dir, **overrides) -> Config:
-    cfg = Config()
-    apply_dict(cfg, {"device": "cpu", "run_dir": str(run_dir), "assets": str(world),
-                     "model": {"path": str(world / "embedded")},
-                     "sampling": {"prompts_per_step": 2, "group_size": 3, "num_steps": 2},
-                     "train": {"steps": 1, "micro_batch": 4},
-                     "perceptual": {"k": 1},
-                     "logging": {"tensorboard": False, "grid_samples": 2, "progress": False}})
-    apply_dict(cfg, overrides)
-    return cfg
 
 
 METHODS = {
