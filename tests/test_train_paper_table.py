@@ -1,4 +1,4 @@
-"""The paper-table experiment's claim checks, on synthetic numbers (the full experiment takes ~25 min)."""
+"""The paper-table experiment's claim checks, on synthetic numbers (the full experiment takes ~20 min)."""
 import json
 
 from pec.experiments.paper_table import ROWS, check_claims
@@ -31,3 +31,16 @@ def test_claims_fail_honestly(tmp_path):
     overall = {n: 0.3 for n in ROWS} | {"grpo": 0.4, "pretrained": 0.5}
     text = check_claims(tmp_path, _results(div_grpo=5.0, div_pec=5.1, reward_pec=0.98), overall)
     assert text.count("**FAIL**") == 3 and "does not rise" in text
+
+
+def test_claims_over_seeds_use_means_and_show_the_spread(tmp_path):
+    dirs = [tmp_path / "seed0", tmp_path / "seed1"]
+    for d in dirs:
+        _write_grpo_metrics(d, [0.90] * 5 + [0.99] * 5)
+    overall = [{n: 0.6 for n in ROWS} | {"grpo": 0.4, "pretrained": 0.5},
+               {n: 0.3 for n in ROWS} | {"grpo": 0.45, "pretrained": 0.5}]  # PEC mean 0.45 > GRPO 0.425
+    results = [_results(div_grpo=5.0, div_pec=6.8, reward_pec=0.98),
+               _results(div_grpo=6.0, div_pec=6.9, reward_pec=0.98)]
+    text = check_claims(dirs, results, overall)
+    assert "(2/2 seeds)" in text and text.count("**PASS**") == 3
+    assert "GRPO 0.425 ± 0.035 (0.400 / 0.450)" in text and "above GRPO in 1/2 seeds" in text
