@@ -363,7 +363,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg_type: type = Confi
             default = default[part]
         base, _ = _unwrap_optional(tp)
         kwargs: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata['help']} (default: {default})"}
+                                  "help": f"{f.metadata['help']} (default: {default})".replace("%", "%%")}
         if base is bool:
             # `--resume` alone means true; `--train.lora false` also works.
             kwargs.update(nargs="?", const="true", metavar="BOOL")
