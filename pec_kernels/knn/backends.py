@@ -7,7 +7,8 @@ L2-normalised for the cosine metric:
   pair_distances(x, reference, index) -> (G, n, k) float32 exact ‖x_i − c_j‖ (float64 for float64 inputs);
   pair_grad(x, reference, index, coef) -> (grad_x (G, n, D), grad_reference (G|1, M, D) or None), float32,
       with grad_x_i += Σ_j coef_ij (x_i − c_j) and grad_c_j −= coef_ij (x_i − c_j);
-  supports(x, reference, k) -> bool, and why_unsupported(x, reference, k) -> str | None (the reason).
+  supports(x, reference, k) -> bool, and why_unsupported(x, reference, k) -> str | None (the reason);
+  RANKS_BY_DIFFERENCES: bool, True when select sums (x_i − c_j)² directly (no need to centre inputs).
 Modules are imported lazily, so a missing Triton, CUDA extension or cuda.py never breaks an import.
 """
 from __future__ import annotations

@@ -17,6 +17,8 @@ from pec_kernels._extension import cuda_ops_available, require_cuda_ops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP = 256
 MAX_K = 64
+#: Ranks by Σ(x_i − x_j)² directly, which no shift improves: knn_entropy skips its centring copy.
+RANKS_BY_DIFFERENCES = True
 
 
 def why_unsupported(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> str | None:

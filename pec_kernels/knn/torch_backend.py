@@ -13,6 +13,8 @@ import torch
 
 #: Upper bound on the elements of any intermediate (distance chunks, gathered rows). Tests lower it.
 CHUNK_ELEMENTS = 1 << 26
+#: Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c, so knn_entropy centres fp32 inputs first.
+RANKS_BY_DIFFERENCES = False
 
 
 def why_unsupported(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> str | None:
