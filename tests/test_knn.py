@@ -207,6 +207,32 @@ def test_auto_skips_an_optional_backend_that_is_missing_or_broken(monkeypatch):
         assert backends._auto_candidate("cuda", x, None, 3) is None
 
 
+def test_exact_select_distances_are_used_as_given(monkeypatch):
+    """A backend with EXACT_SELECT hands its distances to the autograd Function, which must then not
+    recompute them (the CUDA backend's path, exercised here through a torch-based stand-in)."""
+    x = torch.randn(2, 10, 4, dtype=torch.float64, requires_grad=True)
+    expected = knn_entropy(x, 3, backend="torch")
+    (grad_expected,) = torch.autograd.grad(expected.entropy.sum(), x)
+
+    pair_distances = torch_backend.pair_distances
+
+    def select_with_distances(x_rank, ref_rank, k):
+        index = torch_backend.select(x_rank, ref_rank, k)
+        return index, pair_distances(x_rank, ref_rank, index)
+
+    def no_second_pass(*args):
+        raise AssertionError("pair_distances recomputed distances that select already gave")
+
+    monkeypatch.setattr(torch_backend, "EXACT_SELECT", True)
+    monkeypatch.setattr(torch_backend, "select_with_distances", select_with_distances, raising=False)
+    monkeypatch.setattr(torch_backend, "pair_distances", no_second_pass)
+    out = knn_entropy(x, 3, backend="torch")
+    (grad,) = torch.autograd.grad(out.entropy.sum(), x)
+    torch.testing.assert_close(out.surprisal, expected.surprisal)
+    torch.testing.assert_close(out.distance, expected.distance)
+    torch.testing.assert_close(grad, grad_expected)
+
+
 # ---- validation: each bad input raises a ValueError whose message starts with the argument's name ----
 
 def _bad_inputs():

@@ -69,10 +69,11 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
     module = resolve(backend, x_groups, ref_groups, k)
     with torch.no_grad():
         x_rank, ref_rank = x_groups.detach(), None if ref_groups is None else ref_groups.detach()
-        if not module.RANKS_BY_DIFFERENCES:
-            x_rank, ref_rank = _centred(x_rank, ref_rank)
-        index = module.select(x_rank, ref_rank, k)
-    distance, index = NeighbourDistances.apply(x_groups, ref_groups, index, float(min_dist), module)
+        if module.EXACT_SELECT:
+            index, exact = module.select_with_distances(x_rank, ref_rank, k)
+        else:
+            index, exact = module.select(*_centred(x_rank, ref_rank), k), None
+    distance, index = NeighbourDistances.apply(x_groups, ref_groups, index, float(min_dist), module, exact)
 
     surprisal = surprisal_from_distance(distance[..., -1], num_candidates, k, x.shape[-1],
                                         per_dim=normalize == "per_dim")

@@ -16,16 +16,19 @@ from pec_kernels.knn.estimator import pair_coefficients, sort_pairs
 
 
 class NeighbourDistances(torch.autograd.Function):
-    """(x, reference, index) -> (distance, index), both (G, n, k), sorted by exact distance.
+    """(x, reference, index[, exact]) -> (distance, index), both (G, n, k), sorted by exact distance.
 
     distance = max(‖x_i − c_j‖, min_dist); the pairs clamped by min_dist get zero gradient.
-    reference is None in self mode; a (1, M, D) reference is a bank shared by all groups.
+    reference is None in self mode; a (1, M, D) reference is a bank shared by all groups. `exact`, when
+    the backend's selection already produced the exact fp32 distances of these pairs, saves recomputing them.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
-                min_dist: float, backend: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:
-        exact = backend.pair_distances(x, reference, index)
+                min_dist: float, backend: ModuleType,
+                exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if exact is None:
+            exact = backend.pair_distances(x, reference, index)
         exact, index = sort_pairs(exact, index)
         ctx.save_for_backward(x, reference, index, exact)
         ctx.mark_non_differentiable(index)
@@ -44,4 +47,4 @@ class NeighbourDistances(torch.autograd.Function):
             grad_reference = grad_reference.to(reference.dtype)
         else:
             grad_reference = None
-        return grad_x, grad_reference, None, None, None
+        return grad_x, grad_reference, None, None, None, None

@@ -8,7 +8,8 @@ L2-normalised for the cosine metric:
   pair_grad(x, reference, index, coef) -> (grad_x (G, n, D), grad_reference (G|1, M, D) or None), float32,
       with grad_x_i += Σ_j coef_ij (x_i − c_j) and grad_c_j −= coef_ij (x_i − c_j);
   supports(x, reference, k) -> bool, and why_unsupported(x, reference, k) -> str | None (the reason);
-  RANKS_BY_DIFFERENCES: bool, True when select sums (x_i − c_j)² directly (no need to centre inputs).
+  EXACT_SELECT: bool; when True the module also has select_with_distances(x, reference, k) -> (index,
+      distance) ranking by the exact fp32 distances it returns (no centring, no second distance pass).
 Modules are imported lazily, so a missing Triton, CUDA extension or cuda.py never breaks an import.
 """
 from __future__ import annotations

@@ -17,8 +17,9 @@ from pec_kernels._extension import cuda_ops_available, require_cuda_ops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP = 256
 MAX_K = 64
-#: Ranks by Σ(x_i − x_j)² directly, which no shift improves: knn_entropy skips its centring copy.
-RANKS_BY_DIFFERENCES = True
+#: select_with_distances ranks by the exact fp32 Σ(x_i − x_j)² and returns those distances, so
+#: knn_entropy neither centres the inputs nor recomputes the distances in a second pass.
+EXACT_SELECT = True
 
 
 def why_unsupported(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> str | None:

@@ -13,8 +13,9 @@ import torch
 
 #: Upper bound on the elements of any intermediate (distance chunks, gathered rows). Tests lower it.
 CHUNK_ELEMENTS = 1 << 26
-#: Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c, so knn_entropy centres fp32 inputs first.
-RANKS_BY_DIFFERENCES = False
+#: Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c: knn_entropy centres fp32 inputs first and
+#: recomputes the selected distances exactly.
+EXACT_SELECT = False
 
 
 def why_unsupported(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> str | None:

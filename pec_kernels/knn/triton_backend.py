@@ -18,8 +18,9 @@ from pec_kernels.knn import triton_kernels as kernels
 #: tl.dot precision for ranking float32 inputs on GPU: "tf32" (fast), "tf32x3" or "ieee" (slower, fewer
 #: near-tie swaps). Exact distances are recomputed in float32 either way. The interpreter uses "ieee".
 INPUT_PRECISION = "tf32"
-#: Ranks with the expanded form (tl.dot), so knn_entropy centres fp32 inputs first.
-RANKS_BY_DIFFERENCES = False
+#: Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c: knn_entropy centres fp32 inputs first and
+#: recomputes the selected distances exactly.
+EXACT_SELECT = False
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_K = 64
