@@ -7,13 +7,14 @@ captured in a CUDA graph. Input checks look at metadata only (shapes, dtypes, de
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 
 from pec_kernels._checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
 from pec_kernels.sde import backends
-from pec_kernels.sde.coefficients import KINDS, StepParams, check_param
+from pec_kernels.sde.coefficients import KINDS, StepParams, check_param, check_schedule_values
 from pec_kernels.sde.function import SdeStepFunction
 
 REDUCTIONS = ("mean", "sum")
@@ -60,7 +61,7 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tuple[str, ...],
                 vscale: tuple[Scalar, Scalar] | None, sigma: Scalar, sigma_next: Scalar, noise: torch.Tensor | None,
                 prev_sample: torch.Tensor | None, v_ref: torch.Tensor | None, eta: float, kind: str, reduce: str,
-                sigma_max: Scalar | None, backend: str) -> SdeStep:
+                sigma_max: Scalar | None, backend: str, debug_schedule: bool | None) -> SdeStep:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must have a batch dimension and at least one more (B, ...), got shape {tuple(x.shape)}")
@@ -86,9 +87,13 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise ValueError(f"eta must be a float, got {type(eta).__name__}")
     batch = x.shape[0]
+    sig = check_param("sigma", sigma, batch, device, cd)
     sig_next = check_param("sigma_next", sigma_next, batch, device, cd)
+    if debug_schedule is None:
+        debug_schedule = os.environ.get("PEC_DEBUG") == "1"
+    check_schedule_values(kind, sig, sig_next, float(eta), debug=debug_schedule)
     params = StepParams(
-        kind=kind, sigma=check_param("sigma", sigma, batch, device, cd), sigma_next=sig_next,
+        kind=kind, sigma=sig, sigma_next=sig_next,
         sigma_max=sig_next if sigma_max is None else check_param("sigma_max", sigma_max, batch, device, cd),
         eta=float(eta), guidance_scale=check_param("guidance_scale", vscale[0], batch, device, cd) if vscale else 0.0,
         guidance_weight=check_param("guidance_weight", vscale[1], batch, device, cd) if vscale else 0.0,
@@ -105,7 +110,8 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
 def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar, *,
                      noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
                      eta: float = 0.7, kind: str = "flow", reduce: str = "mean", sigma_max: Scalar | None = None,
-                     v_ref: torch.Tensor | None = None, backend: str = "auto") -> SdeStep:
+                     v_ref: torch.Tensor | None = None, backend: str = "auto",
+                     check_schedule: bool | None = None) -> SdeStep:
     """One SDE step x_σ → x_σ' of a flow-matching sampler and the log-probability of x' under it.
 
     x, v: latents (B, C, H, W) or packed tokens (B, L, C), any rank >= 2, float16/bfloat16/float32
@@ -120,11 +126,16 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next
     Flow-GRPO's sigmas[1] on the first step of a schedule that starts at 1.
     v_ref: optional reference velocity (same x and variance) for the fused KL output.
     backend: "auto" | "cuda" | "triton" | "torch".
+    Schedule values: η ≥ 0; σ in (0, 1] for kind="flow" (σ = 0 divides by zero there), [0, 1] for the
+    others; σ' in [0, σ). Python floats that break these raise a ValueError naming the argument, at no
+    cost. Tensor schedules are not read on the host (that would synchronise); check_schedule=True, or
+    the environment variable PEC_DEBUG=1 when check_schedule is None, checks them too, at the cost of
+    one host synchronisation per call (under torch.compile: device-side asserts, no graph break).
     Deterministic steps (s = 0, e.g. η = 0): x' = μ, log_prob = kl = 0, no gradient from them.
     Differentiable in x and v (also through mean and the rollout prev_sample).
     """
     return _fused_step(x, (v,), ("v",), None, sigma, sigma_next, noise, prev_sample, v_ref, eta, kind, reduce,
-                       sigma_max, backend)
+                       sigma_max, backend, check_schedule)
 
 
 def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: Scalar,
@@ -132,7 +143,7 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
                     guidance_weight: Scalar = 0.0, noise: torch.Tensor | None = None,
                     prev_sample: torch.Tensor | None = None, eta: float = 0.7, kind: str = "flow",
                     reduce: str = "mean", sigma_max: Scalar | None = None, v_ref: torch.Tensor | None = None,
-                    backend: str = "auto") -> SdeStep:
+                    backend: str = "auto", check_schedule: bool | None = None) -> SdeStep:
     """Classifier-free guidance and an SDE step with its log-prob, in one pass.
 
     v = v_uncond + guidance_scale·(v_cond − v_uncond) + guidance_weight·guidance, then exactly
@@ -144,4 +155,4 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
     vels = (v_uncond, v_cond) if guidance is None else (v_uncond, v_cond, guidance)
     names = ("v_uncond", "v_cond", "guidance")[:len(vels)]
     return _fused_step(x, vels, names, (guidance_scale, guidance_weight), sigma, sigma_next, noise, prev_sample,
-                       v_ref, eta, kind, reduce, sigma_max, backend)
+                       v_ref, eta, kind, reduce, sigma_max, backend, check_schedule)

@@ -102,6 +102,48 @@ def check_param(name: str, value: float | torch.Tensor, batch: int, device: torc
     return value.to(dtype)
 
 
+def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float, *, debug: bool = False) -> None:
+    """Check the schedule's values: η ≥ 0; σ in (0, 1] for kind "flow" (σ = 0 divides by zero there)
+    and in [0, 1] otherwise; σ' in [0, σ). ValueError naming the argument.
+
+    Python floats are checked always (free: no device work). Tensor values are checked only with
+    `debug` (one host synchronisation, so never by default: the ops stay sync-free and capturable);
+    under torch.compile the debug check becomes device-side asserts (torch._assert_async), which do
+    not break the graph but fail without naming the argument.
+    """
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    low_open = kind == "flow"
+    sigma_range = "(0, 1]" if low_open else "[0, 1]"
+    why = " (sigma = 0 divides by zero in the flow step)" if low_open else ""
+    if not isinstance(sigma, torch.Tensor) and not ((0 < sigma if low_open else 0 <= sigma) and sigma <= 1):
+        raise ValueError(f"sigma must be in {sigma_range} for kind={kind!r}{why}, got {sigma!r}")
+    if not isinstance(sigma_next, torch.Tensor):
+        upper = sigma if not isinstance(sigma, torch.Tensor) else 1.0
+        if not 0 <= sigma_next < upper:
+            bound = f"sigma = {sigma!r}" if not isinstance(sigma, torch.Tensor) else "sigma <= 1"
+            raise ValueError(f"sigma_next must be in [0, sigma) (a step goes down the schedule; "
+                             f"{bound}), got {sigma_next!r}")
+    if not debug or not (isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor)):
+        return
+    device = (sigma if isinstance(sigma, torch.Tensor) else sigma_next).device
+    s, sn = (torch.as_tensor(t, dtype=torch.float64, device=device) for t in (sigma, sigma_next))
+    sigma_ok = ((s > 0) if low_open else (s >= 0)) & (s <= 1)
+    next_ok = (sn >= 0) & (sn < s)
+    failures = [(f"sigma must be in {sigma_range} for kind={kind!r}{why}", sigma_ok.all()),
+                (f"sigma_next must be in [0, sigma) (a step goes down the schedule)", next_ok.all())]
+    if torch.compiler.is_compiling():
+        for message, ok in failures:
+            torch._assert_async(ok, message)
+        return
+    flags = torch.stack([ok for _, ok in failures]).tolist()  # the one host synchronisation
+    for (message, _), ok in zip(failures, flags):
+        if not ok:
+            bad = s if message.startswith("sigma ") else sn
+            raise ValueError(f"{message}; check_schedule found values in [{bad.min().item()}, "
+                             f"{bad.max().item()}]")
+
+
 def step_coefficients(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, eta: torch.Tensor,
                       sigma_max: torch.Tensor) -> StepCoefficients:
     """Coefficients of one step of `kind` for per-sample (B,) sigma, sigma_next, eta, sigma_max.
