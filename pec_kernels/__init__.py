@@ -3,13 +3,16 @@
 Ops (DESIGN.md §3): `knn_entropy` (Kozachenko-Leonenko kNN entropy and its gradient),
 `sde_step_logprob` and `guided_sde_step` (batched SDE steps with log-probabilities).
 Backends: "cuda" (pec_kernels._C, built from csrc/), "triton", "torch" (reference and CPU path);
-"auto" picks the fastest one available and never fails where a slower one would work.
+"auto" picks the fastest one available and never fails where a slower one would work: a faster
+backend that fails to compile or launch is replaced by the next, with one warning (`failed_backends()`
+lists them, `reset_fallbacks()` retries them).
 This package depends on torch and triton only.
 """
 from pec_kernels._extension import cuda_ops_available, extension_status
+from pec_kernels._fallback import failed_backends, reset_fallbacks
 from pec_kernels.knn import KnnEntropy, knn_entropy
 from pec_kernels.gaussian import GaussianEntropy, gaussian_entropy
 from pec_kernels.sde import SdeStep, guided_sde_step, sde_step_logprob, step_sigmas
 
-__all__ = ["cuda_ops_available", "extension_status", "GaussianEntropy", "gaussian_entropy", "KnnEntropy",
+__all__ = ["cuda_ops_available", "extension_status", "failed_backends", "reset_fallbacks", "GaussianEntropy", "gaussian_entropy", "KnnEntropy",
            "knn_entropy", "SdeStep", "guided_sde_step", "sde_step_logprob", "step_sigmas"]

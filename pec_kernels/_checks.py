@@ -32,6 +32,17 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_index_range(name: str, index: torch.Tensor, upper: int, upper_name: str) -> None:
+    """Raise when `index` holds values outside [0, upper). Costs one host synchronisation, so callers
+    skip it for indices their own kernels produced; skipped while a CUDA graph is being captured."""
+    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    if low < 0 or high >= upper:
+        raise ValueError(f"{name} must hold row numbers in [0, {upper_name}) = [0, {upper}), "
+                         f"got values in [{low}, {high}]")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """Check that all given tensors live on one device; return it."""
     present = {k: v for k, v in tensors.items() if v is not None}

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from pec_kernels._checks import check_choice, check_finite, check_same_device, check_tensor
 from pec_kernels.knn.autograd import NeighbourDistances
-from pec_kernels.knn.backends import BACKENDS, resolve
+from pec_kernels._fallback import Chain
+from pec_kernels._fallback import run as run_with_fallback
+from pec_kernels.knn.backends import BACKENDS, candidates
 from pec_kernels.knn.estimator import surprisal_from_distance
 
 MAX_K = 64
@@ -50,6 +52,8 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
         min_dist: floor of ρ (> 0): duplicates give a finite surprisal and no gradient.
         normalize: "none", or "per_dim" to divide surprisal and entropy by D.
         backend: "auto" (CUDA kernels, then Triton on GPU; torch elsewhere), "cuda", "triton", "torch".
+            Under "auto" a faster backend that fails to compile or launch is replaced by the next one,
+            with one RuntimeWarning (pec_kernels._fallback).
 
     Returns:
         KnnEntropy(entropy, surprisal, index, distance); see its docstring for shapes.
@@ -66,14 +70,17 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
     x_groups = x_groups.contiguous()
     ref_groups = None if ref_groups is None else ref_groups.contiguous()
 
-    module = resolve(backend, x_groups, ref_groups, k)
-    with torch.no_grad():
-        x_rank, ref_rank = x_groups.detach(), None if ref_groups is None else ref_groups.detach()
-        if module.EXACT_SELECT:
-            index, exact = module.select_with_distances(x_rank, ref_rank, k)
-        else:
-            index, exact = module.select(*_centred(x_rank, ref_rank), k), None
-    distance, index = NeighbourDistances.apply(x_groups, ref_groups, index, float(min_dist), module, exact)
+    def neighbours(chain: Chain) -> tuple[torch.Tensor, torch.Tensor]:
+        module = chain[0][1]
+        with torch.no_grad():
+            x_rank, ref_rank = x_groups.detach(), None if ref_groups is None else ref_groups.detach()
+            if module.EXACT_SELECT:
+                index, exact = module.select_with_distances(x_rank, ref_rank, k)
+            else:
+                index, exact = module.select(*_centred(x_rank, ref_rank), k), None
+        return NeighbourDistances.apply(x_groups, ref_groups, index, float(min_dist), tuple(chain), exact)
+
+    distance, index = run_with_fallback("knn_entropy", candidates(backend, x_groups, ref_groups, k), neighbours)
 
     surprisal = surprisal_from_distance(distance[..., -1], num_candidates, k, x.shape[-1],
                                         per_dim=normalize == "per_dim")

@@ -4,9 +4,12 @@ Every backend module (torch_backend, triton_backend, cuda) provides, on x (G, n,
 (G, M, D), (1, M, D) (a bank shared by all groups) or None (self mode), contiguous, already
 L2-normalised for the cosine metric:
   select(x, reference, k) -> (G, n, k) int64, candidates ascending by distance (may rank in low precision);
-  pair_distances(x, reference, index) -> (G, n, k) float32 exact ‖x_i − c_j‖ (float64 for float64 inputs);
-  pair_grad(x, reference, index, coef) -> (grad_x (G, n, D), grad_reference (G|1, M, D) or None), float32,
-      with grad_x_i += Σ_j coef_ij (x_i − c_j) and grad_c_j −= coef_ij (x_i − c_j);
+  pair_distances(x, reference, index, *, check_index=True) -> (G, n, k) float32 exact ‖x_i − c_j‖ (float64
+      for float64 inputs);
+  pair_grad(x, reference, index, coef, *, check_index=True) -> (grad_x (G, n, D), grad_reference (G|1, M, D)
+      or None), float32, with grad_x_i += Σ_j coef_ij (x_i − c_j) and grad_c_j −= coef_ij (x_i − c_j);
+      check_index=True checks that index holds candidate numbers (one host synchronisation); knn_entropy
+      passes False, since its indices come from the backend's own select;
   supports(x, reference, k) -> bool, and why_unsupported(x, reference, k) -> str | None (the reason);
   EXACT_SELECT: bool; when True the module also has select_with_distances(x, reference, k) -> (index,
       distance) ranking by the exact fp32 distances it returns (no centring, no second distance pass).
@@ -28,7 +31,11 @@ _MODULES = {
     "triton": "pec_kernels.knn.triton_backend",
     "cuda": "pec_kernels.knn.cuda",
 }
-_AUTO_ORDER_ON_CUDA = ("cuda", "triton")
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    """The optional backends `auto` tries before torch on `device`, fastest first (tests patch this)."""
+    return ("cuda", "triton") if device.type == "cuda" else ()
 
 
 def _import(name: str) -> ModuleType:
@@ -39,7 +46,8 @@ def _import(name: str) -> ModuleType:
 
 
 def _auto_candidate(name: str, x: torch.Tensor, reference: torch.Tensor | None, k: int) -> ModuleType | None:
-    """The backend if it loads and takes these inputs; a broken optional backend only costs a warning."""
+    """The backend if it loads and takes these inputs; a broken optional backend only costs a warning.
+    Its capability check never builds anything (the CUDA JIT build runs only when asked for)."""
     try:
         module = importlib.import_module(_MODULES[name])
         return module if module.supports(x, reference, k) else None
@@ -50,20 +58,20 @@ def _auto_candidate(name: str, x: torch.Tensor, reference: torch.Tensor | None, 
         return None
 
 
-def resolve(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: int) -> ModuleType:
-    """The backend module for these (validated, grouped) inputs.
+def candidates(backend: str, x: torch.Tensor, reference: torch.Tensor | None,
+               k: int) -> list[tuple[str, ModuleType]]:
+    """The chain of (name, module) to run these (validated, grouped) inputs on, fastest first.
 
-    "auto": on CUDA the CUDA kernels when they take the shape, else Triton when usable, else torch;
-    on any other device torch. An explicit backend that cannot run raises: RuntimeError when it is not
-    installed or built, ValueError (naming `backend`) when it does not take these inputs.
+    "auto": on CUDA the CUDA kernels when they take the shape, then Triton when usable, then torch;
+    on any other device torch alone. knn_entropy runs the chain with pec_kernels._fallback, so a
+    faster backend that fails at run time falls back to the next one. An explicit backend is a chain
+    of one, and one that cannot run raises: RuntimeError when it is not installed or built, ValueError
+    (naming `backend`) when it does not take these inputs.
     """
     if backend == "auto":
-        if x.device.type == "cuda":
-            for name in _AUTO_ORDER_ON_CUDA:
-                module = _auto_candidate(name, x, reference, k)
-                if module is not None:
-                    return module
-        return _import("torch")
+        chain = [(name, module) for name in _auto_order(x.device)
+                 if (module := _auto_candidate(name, x, reference, k)) is not None]
+        return chain + [("torch", _import("torch"))]
     if backend == "cuda":
         if x.device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}")
@@ -72,4 +80,9 @@ def resolve(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: in
     if not module.supports(x, reference, k):
         raise ValueError(f"backend={backend!r} does not take these inputs: "
                          f"{module.why_unsupported(x, reference, k)}")
-    return module
+    return [(backend, module)]
+
+
+def resolve(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: int) -> ModuleType:
+    """The module `backend` runs these inputs on first (the head of `candidates`)."""
+    return candidates(backend, x, reference, k)[0][1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pec_kernels._checks import check_same_device, check_tensor
+from pec_kernels._checks import check_index_range, check_same_device, check_tensor
 from pec_kernels._extension import cuda_ops_available, require_cuda_ops
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,30 +65,33 @@ def select_with_distances(x: torch.Tensor, reference: torch.Tensor | None,
         raise ValueError(f"k must be an int with 1 <= k <= min({MAX_K}, n - 1) = {min(MAX_K, x.shape[1] - 1)}, "
                          f"got {k!r}")
     _check_cuda("x", x)
-    index, distance = torch.ops.pec.knn_grouped_select(x, k)
+    index, distance = _op("knn_grouped_select")(x, k)
     return index, distance
 
 
-def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
-    """Exact ‖x_i − x_idx[i,s]‖ (G, n, k) in float32 for the pairs named by idx (G, n, k) int64."""
+def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor, *,
+                   check_index: bool = True) -> torch.Tensor:
+    """Exact ‖x_i − x_idx[i,s]‖ (G, n, k) in float32 for the pairs named by idx (G, n, k) int64.
+    check_index=False skips the range check of idx (and its host synchronisation)."""
     x = _checked_features(x, reference)
-    idx = _checked_index(idx, x)
+    idx = _checked_index(idx, x, check_index)
     _check_cuda("x", x)
-    return torch.ops.pec.knn_grouped_pair_distances(x, idx)
+    return _op("knn_grouped_pair_distances")(x, idx)
 
 
 def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor,
-              coef: torch.Tensor) -> tuple[torch.Tensor, None]:
+              coef: torch.Tensor, *, check_index: bool = True) -> tuple[torch.Tensor, None]:
     """(grad_x (G, n, D) float32, None): grad_x_i += Σ_s coef[i,s]·(x_i − x_j) and
-    grad_x_j −= coef[i,s]·(x_i − x_j) with j = idx[i,s]; deterministic, no atomics on global memory."""
+    grad_x_j −= coef[i,s]·(x_i − x_j) with j = idx[i,s]; deterministic, no atomics on global memory.
+    check_index=False skips the range check of idx (and its host synchronisation)."""
     x = _checked_features(x, reference)
-    idx = _checked_index(idx, x)
+    idx = _checked_index(idx, x, check_index)
     check_tensor("coef", coef, ndims=(3,), dtypes=(torch.float32,))
     if coef.shape != idx.shape:
         raise ValueError(f"coef must have the shape of idx {tuple(idx.shape)}, got {tuple(coef.shape)}")
     check_same_device(x=x, coef=coef)
     _check_cuda("x", x)
-    return torch.ops.pec.knn_grouped_pair_grad(x, idx, coef.contiguous()), None
+    return _op("knn_grouped_pair_grad")(x, idx, coef.contiguous()), None
 
 
 def _checked_features(x: object, reference: object) -> torch.Tensor:
@@ -102,11 +105,12 @@ def _checked_features(x: object, reference: object) -> torch.Tensor:
     return x.contiguous()
 
 
-def _checked_index(idx: object, x: torch.Tensor) -> torch.Tensor:
-    """idx as a contiguous (G, n, k) int64 tensor of valid row numbers of x's groups.
+def _checked_index(idx: object, x: torch.Tensor, check_range: bool) -> torch.Tensor:
+    """idx as a contiguous (G, n, k) int64 tensor of row numbers of x's groups.
 
-    The range check costs one host synchronisation; it is skipped while a CUDA graph is captured
-    (the kernels never dereference an out-of-range index either way).
+    With check_range, values outside [0, n) raise (one host synchronisation; knn_entropy passes
+    indices its own select produced and skips it). The kernels never dereference an out-of-range
+    index either way: it gives a NaN distance and no gradient.
     """
     check_tensor("idx", idx, ndims=(3,), dtypes=(torch.int64,))
     num_groups, n, _ = x.shape
@@ -114,11 +118,14 @@ def _checked_index(idx: object, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"idx must have shape (G, n, k) = ({num_groups}, {n}, k) with 1 <= k <= {MAX_K}, "
                          f"got {tuple(idx.shape)}")
     check_same_device(x=x, idx=idx)
-    if not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-        low, high = torch.stack(torch.aminmax(idx)).tolist()
-        if low < 0 or high >= n:
-            raise ValueError(f"idx must hold row numbers in [0, n) = [0, {n}), got values in [{low}, {high}]")
+    if check_range:
+        check_index_range("idx", idx, n, "n")
     return idx.contiguous()
+
+
+def _op(name: str):
+    """torch.ops.pec.<name>, looked up at call time (an extension that loaded without it raises here)."""
+    return getattr(torch.ops.pec, name)
 
 
 def _check_cuda(name: str, value: torch.Tensor) -> None:

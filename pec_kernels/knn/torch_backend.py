@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from pec_kernels._checks import check_index_range
+
 #: Upper bound on the elements of any intermediate (distance chunks, gathered rows). Tests lower it.
 CHUNK_ELEMENTS = 1 << 26
 #: Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c: knn_entropy centres fp32 inputs first and
@@ -78,10 +80,14 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Ten
     return index
 
 
-def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
-    """Exact ‖x_i − c_j‖ (G, n, k) of the selected pairs, by direct differences (float32 or float64)."""
+def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, *,
+                   check_index: bool = True) -> torch.Tensor:
+    """Exact ‖x_i − c_j‖ (G, n, k) of the selected pairs, by direct differences (float32 or float64).
+    check_index: check that index holds candidate numbers (one host synchronisation)."""
     dtype = _work_dtype(x)
     cand = _candidates(x, reference)
+    if check_index:
+        check_index_range("index", index, cand.shape[1], "m")
     num_groups, n, k = index.shape
     out = torch.empty((num_groups, n, k), dtype=dtype, device=x.device)
     for groups, rows in _chunks(num_groups, n, k * x.shape[-1]):
@@ -92,14 +98,17 @@ def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch
 
 
 def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
-              coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+              coef: torch.Tensor, *, check_index: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scatter the selected pairs' gradients: grad_x_i += Σ_j coef_ij (x_i − c_j), grad_c_j −= the same.
 
     In self mode both go to grad_x. Returns (grad_x, grad_reference or None) in float32 (float64 for
     float64 inputs); a shared bank gets one (1, M, D) gradient summed over all groups.
+    check_index: check that index holds candidate numbers (one host synchronisation).
     """
     dtype = _work_dtype(x)
     cand = _candidates(x, reference)
+    if check_index:
+        check_index_range("index", index, cand.shape[1], "m")
     num_groups, n, k = index.shape
     dim = x.shape[-1]
     grad_x = torch.zeros((num_groups, n, dim), dtype=dtype, device=x.device)

@@ -12,6 +12,7 @@ import contextlib
 import torch
 import triton
 
+from pec_kernels._checks import check_index_range
 from pec_kernels._triton_utils import interpreting, triton_usable_on
 from pec_kernels.knn import triton_kernels as kernels
 
@@ -101,9 +102,14 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Ten
     return torch.sort(keys, dim=-1).values & 0x7FFFFFFF
 
 
-def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
-    """Exact ‖x_i − c_j‖ (G, n, k) float32 of the selected pairs, reduced in float32."""
+def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, *,
+                   check_index: bool = True) -> torch.Tensor:
+    """Exact ‖x_i − c_j‖ (G, n, k) float32 of the selected pairs, reduced in float32.
+    check_index: check that index holds candidate numbers (one host synchronisation; the kernel does
+    not bounds-check them)."""
     cand, stride_cg = _candidates(x, reference)
+    if check_index:
+        check_index_range("index", index, cand.shape[1], "m")
     num_groups, n, k = index.shape
     out = torch.empty((num_groups, n, k), dtype=torch.float32, device=x.device)
     block_p, block_d = _pair_distance_blocks()
@@ -117,13 +123,16 @@ def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch
 
 
 def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
-              coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+              coef: torch.Tensor, *, check_index: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """grad_x_i += Σ_j coef_ij (x_i − c_j), grad_c_j −= coef_ij (x_i − c_j), in float32.
 
     Returns (grad_x (G, n, D), grad_reference (G|1, M, D) or None in self mode, where both sides land in
     grad_x). Candidate-side sums use float32 atomics, so the last bits vary from run to run.
+    check_index: check that index holds candidate numbers (one host synchronisation).
     """
     cand, stride_cg = _candidates(x, reference)
+    if check_index:
+        check_index_range("index", index, cand.shape[1], "m")
     num_groups, n, dim = x.shape
     if reference is None:
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pec_kernels._checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
+from pec_kernels._fallback import run as run_with_fallback
 from pec_kernels.sde import backends
 from pec_kernels.sde.coefficients import KINDS, StepParams, check_param, check_schedule_values
 from pec_kernels.sde.function import SdeStepFunction
@@ -98,11 +99,12 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
         eta=float(eta), guidance_scale=check_param("guidance_scale", vscale[0], batch, device, cd) if vscale else 0.0,
         guidance_weight=check_param("guidance_weight", vscale[1], batch, device, cd) if vscale else 0.0,
         batch=batch, device=device, dtype=cd)
-    impl = backends.resolve(backend, latents)
     rollout = noise is not None
     norm = math.prod(x.shape[1:]) if reduce == "mean" else 1
-    prev, mean, log_prob, kl, std = SdeStepFunction.apply(impl, params, rollout, norm, _flat(x), _flat(target),
-                                                          _flat(v_ref), *(_flat(v) for v in vels))
+    flat = (_flat(x), _flat(target), _flat(v_ref), *(_flat(v) for v in vels))
+    prev, mean, log_prob, kl, std = run_with_fallback(
+        "sde_step", backends.candidates(backend, latents),
+        lambda chain: SdeStepFunction.apply(tuple(chain), params, rollout, norm, *flat))
     prev = prev.view(x.shape) if rollout else prev_sample
     return SdeStep(prev, log_prob, mean.view(x.shape), std, kl)
 
@@ -125,7 +127,8 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next
     non-batch dims. sigma_max (flow): replaces σ in 1 − σ where σ >= 1; None uses σ' there, equal to
     Flow-GRPO's sigmas[1] on the first step of a schedule that starts at 1.
     v_ref: optional reference velocity (same x and variance) for the fused KL output.
-    backend: "auto" | "cuda" | "triton" | "torch".
+    backend: "auto" | "cuda" | "triton" | "torch"; under "auto" a faster backend that fails to compile or
+    launch is replaced by the next one, with one RuntimeWarning (pec_kernels._fallback).
     Schedule values: η ≥ 0; σ in (0, 1] for kind="flow" (σ = 0 divides by zero there), [0, 1] for the
     others; σ' in [0, σ). Python floats that break these raise a ValueError naming the argument, at no
     cost. Tensor schedules are not read on the host (that would synchronise); check_schedule=True, or

@@ -15,22 +15,38 @@ def _cuda_sde_ops_loaded() -> bool:
     return cuda_ops_available() and hasattr(torch.ops.pec, "sde_step_fwd")
 
 
-def resolve(backend: str, latents: tuple[torch.Tensor, ...]) -> ModuleType:
-    """The backend module for `backend` and these latent-shaped inputs.
+def _auto_order(device: torch.device, same_dtype: bool) -> tuple[str, ...]:
+    """The optional backends `auto` tries before torch, fastest first (tests patch this): on CUDA
+    tensors the CUDA kernels when the extension is loaded (never built here) and all latent inputs
+    share one dtype (they are compiled per dtype), then Triton; none on CPU (the Triton interpreter
+    is far slower than torch)."""
+    if device.type != "cuda":
+        return ()
+    order = ("cuda",) if same_dtype and _cuda_sde_ops_loaded() else ()
+    return order + (("triton",) if triton_usable_on(device) else ())
 
-    "auto": CUDA tensors → the CUDA kernels when the extension is built and all latent inputs share
-    one dtype (they are compiled per dtype), else Triton; CPU tensors → torch (the Triton
-    interpreter is far slower). An explicit backend that cannot run raises.
+
+def candidates(backend: str, latents: tuple[torch.Tensor, ...]) -> list[tuple[str, ModuleType]]:
+    """The chain of (name, module) for `backend` and these latent-shaped inputs, fastest first.
+
+    "auto": the backends of _auto_order, then torch; the ops run the chain with pec_kernels._fallback,
+    so a faster backend that fails at run time falls back to the next. An explicit backend is a chain
+    of one; one that cannot run raises.
     """
     device = latents[0].device
     same_dtype = all(t.dtype == latents[0].dtype for t in latents)
     if backend == "auto":
-        if device.type == "cuda" and same_dtype and _cuda_sde_ops_loaded():
-            backend = "cuda"
-        elif device.type == "cuda" and triton_usable_on(device):
-            backend = "triton"
-        else:
-            backend = "torch"
+        return [(name, _module(name, device, same_dtype)) for name in _auto_order(device, same_dtype) + ("torch",)]
+    return [(backend, _module(backend, device, same_dtype))]
+
+
+def resolve(backend: str, latents: tuple[torch.Tensor, ...]) -> ModuleType:
+    """The module `backend` runs these inputs on first (the head of `candidates`)."""
+    return candidates(backend, latents)[0][1]
+
+
+def _module(backend: str, device: torch.device, same_dtype: bool) -> ModuleType:
+    """The module of an explicitly named backend, or an error saying why it cannot run."""
     if backend == "torch":
         from pec_kernels.sde import torch_backend
         return torch_backend
@@ -43,8 +59,8 @@ def resolve(backend: str, latents: tuple[torch.Tensor, ...]) -> ModuleType:
     if device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
     if not same_dtype:
-        raise ValueError("backend='cuda' needs x, the velocities, noise/prev_sample and v_ref in one dtype, got "
-                         f"{sorted({str(t.dtype) for t in latents})}: cast them or use backend='triton'")
+        raise ValueError("backend='cuda' needs x, the velocities, noise/prev_sample and v_ref in one dtype: "
+                         "cast them or use backend='triton'")
     require_cuda_ops()
     if not _cuda_sde_ops_loaded():
         raise RuntimeError("backend='cuda': pec_kernels._C is loaded but has no sde_step ops; rebuild it with "

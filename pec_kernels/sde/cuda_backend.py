@@ -10,6 +10,11 @@ import torch
 from pec_kernels.sde.coefficients import KIND_IDS, StepParams
 
 
+def _op(name: str):
+    """torch.ops.pec.<name>, looked up at call time (an extension that loaded without it raises here)."""
+    return getattr(torch.ops.pec, name)
+
+
 def _param_lists(params: StepParams) -> tuple[list[torch.Tensor | None], list[float]]:
     """σ, σ', sigma_max, guidance scale, guidance weight as (tensor or None, number) pairs."""
     tensors, values = [], []
@@ -24,7 +29,7 @@ def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tenso
             params: StepParams, rollout: bool, norm: int):
     """See torch_backend.forward."""
     tensors, values = _param_lists(params)
-    prev, mean, log_prob, kl, std = torch.ops.pec.sde_step_fwd(
+    prev, mean, log_prob, kl, std = _op("sde_step_fwd")(
         x, list(vels), target, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], rollout, float(norm))
     return (prev if rollout else None), mean, log_prob, (kl if v_ref is not None else None), std
 
@@ -37,7 +42,7 @@ def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor
     need = tuple(needs) + (False,) * (4 - len(needs))
     grad_kl = grad_kl if v_ref is not None else None
     grad_mean, grad_prev = (None if g is None else g.to(x.dtype).contiguous() for g in (grad_mean, grad_prev))
-    dx, *dvs = torch.ops.pec.sde_step_bwd(
+    dx, *dvs = _op("sde_step_bwd")(
         x, list(vels), prev, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], float(norm), grad_log_prob,
         grad_kl, grad_mean, grad_prev, *need)
     return (dx if need[0] else None), tuple(d if k else None for d, k in zip(dvs[:len(vels)], need[1:]))

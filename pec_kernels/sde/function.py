@@ -10,25 +10,26 @@ same gradient as in re-evaluation. noise, prev_sample (input), v_ref and the sch
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
+from pec_kernels._fallback import Chain
+from pec_kernels._fallback import run as run_with_fallback
 from pec_kernels.sde.coefficients import StepParams
 
 
 class SdeStepFunction(torch.autograd.Function):
-    """forward(backend, params, rollout, norm, x, target, v_ref, *vels) -> (prev, mean, log_prob, kl, std).
+    """forward(chain, params, rollout, norm, x, target, v_ref, *vels) -> (prev, mean, log_prob, kl, std).
 
-    x, target, v_ref, vels: (B, n) contiguous; norm: n for reduce="mean", 1 for "sum";
-    prev is None in re-evaluation mode, kl is None without v_ref.
+    chain: the backends (pec_kernels._fallback) from the one to run on; its head computes the forward,
+    and the backward falls back along it. x, target, v_ref, vels: (B, n) contiguous; norm: n for
+    reduce="mean", 1 for "sum"; prev is None in re-evaluation mode, kl is None without v_ref.
     """
 
     @staticmethod
-    def forward(ctx, backend: ModuleType, params: StepParams, rollout: bool, norm: int, x: torch.Tensor,
+    def forward(ctx, chain: Chain, params: StepParams, rollout: bool, norm: int, x: torch.Tensor,
                 target: torch.Tensor, v_ref: torch.Tensor | None, *vels: torch.Tensor):
-        prev, mean, log_prob, kl, std = backend.forward(x, vels, target, v_ref, params, rollout, norm)
-        ctx.backend, ctx.params, ctx.norm, ctx.rollout = backend, params, norm, rollout
+        prev, mean, log_prob, kl, std = chain[0][1].forward(x, vels, target, v_ref, params, rollout, norm)
+        ctx.chain, ctx.params, ctx.norm, ctx.rollout = chain, params, norm, rollout
         ctx.save_for_backward(x, prev if rollout else target, v_ref, *vels)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(std)
@@ -38,6 +39,8 @@ class SdeStepFunction(torch.autograd.Function):
     def backward(ctx, grad_prev, grad_mean, grad_log_prob, grad_kl, _grad_std):
         x, prev, v_ref, *vels = ctx.saved_tensors
         needs = (ctx.needs_input_grad[4],) + tuple(ctx.needs_input_grad[7:])
-        dx, dvs = ctx.backend.backward(x, tuple(vels), prev, v_ref, ctx.params, ctx.norm, grad_log_prob,
-                                       grad_kl, grad_mean, grad_prev if ctx.rollout else None, needs)
+        dx, dvs = run_with_fallback(
+            "sde_step", ctx.chain,
+            lambda chain: chain[0][1].backward(x, tuple(vels), prev, v_ref, ctx.params, ctx.norm, grad_log_prob,
+                                               grad_kl, grad_mean, grad_prev if ctx.rollout else None, needs))
         return (None, None, None, None, dx, None, None, *dvs)
