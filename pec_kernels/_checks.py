@@ -27,9 +27,16 @@ def check_tensor(name: str, value: object, *, ndims: Iterable[int] | None = None
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise when `value` holds NaN or Inf. Costs one host synchronisation: not for graph-captured ops."""
+    """Raise a ValueError when `value` holds NaN or Inf. Costs one host synchronisation, so the public
+    ops take check_finite=False for callers that check once per step themselves. Under torch.compile
+    it is a device-side assert instead (torch._assert_async: no graph break, no sync; a failure raises
+    a RuntimeError with the same message when the compiled code runs)."""
+    message = f"{name} contains NaN or Inf values"
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(value).all(), message)
+        return
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
+        raise ValueError(message)
 
 
 def check_index_range(name: str, index: torch.Tensor, upper: int, upper_name: str) -> None:
@@ -37,10 +44,10 @@ def check_index_range(name: str, index: torch.Tensor, upper: int, upper_name: st
     skip it for indices their own kernels produced; skipped while a CUDA graph is being captured."""
     if index.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    low, high = torch.stack(torch.aminmax(index)).tolist()
-    if low < 0 or high >= upper:
+    low, high = torch.aminmax(index)
+    if bool((low < 0) | (high >= upper)):  # the one read; more only to word the error
         raise ValueError(f"{name} must hold row numbers in [0, {upper_name}) = [0, {upper}), "
-                         f"got values in [{low}, {high}]")
+                         f"got values in [{int(low)}, {int(high)}]")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:

@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from pec_kernels._checks import check_choice, check_finite, check_tensor
+from pec_kernels._checks import check_choice, check_tensor
+from pec_kernels._checks import check_finite as _check_finite
 
 
 class GaussianEntropy(NamedTuple):
@@ -23,14 +24,20 @@ class GaussianEntropy(NamedTuple):
     surprisal: torch.Tensor
 
 
-def gaussian_entropy(x: torch.Tensor, *, min_var: float = 1e-6, normalize: str = "none") -> GaussianEntropy:
+def gaussian_entropy(x: torch.Tensor, *, min_var: float = 1e-6, normalize: str = "none",
+                     check_finite: bool = True) -> GaussianEntropy:
     """Per-group diagonal-Gaussian entropy and per-sample surprisal of features x (n, D) or (G, n, D).
 
     The variance is the biased (1/n) estimate, clamped below at `min_var` so that a collapsed
     group gives a finite (very low) entropy instead of -inf. normalize="per_dim" divides by D.
+    check_finite: raise a ValueError when x holds NaN or Inf (one host synchronisation); False skips it
+    (as in knn_entropy).
     """
     check_tensor("x", x, ndims=(2, 3))
-    check_finite("x", x)
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if check_finite:
+        _check_finite("x", x)
     check_choice("normalize", normalize, ("none", "per_dim"))
     if not min_var > 0:
         raise ValueError(f"min_var must be > 0, got {min_var}")

@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pec_kernels._checks import check_choice, check_finite, check_same_device, check_tensor
+from pec_kernels._checks import check_choice, check_same_device, check_tensor
+from pec_kernels._checks import check_finite as _check_finite
 from pec_kernels.knn.autograd import NeighbourDistances
 from pec_kernels._fallback import Chain
 from pec_kernels._fallback import run as run_with_fallback
@@ -36,7 +37,7 @@ class KnnEntropy(NamedTuple):
 
 def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None = None,
                 metric: str = "euclidean", min_dist: float = 1e-6, normalize: str = "none",
-                backend: str = "auto") -> KnnEntropy:
+                backend: str = "auto", check_finite: bool = True) -> KnnEntropy:
     """Kozachenko-Leonenko kNN entropy of a set of feature vectors, differentiable in x and reference.
 
     surprisal_i = ψ(m+1) − ψ(k) + log V_D + D·log ρ_i, with ρ_i = max(distance to the k-th nearest of the
@@ -54,6 +55,10 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
         backend: "auto" (CUDA kernels, then Triton on GPU; torch elsewhere), "cuda", "triton", "torch".
             Under "auto" a faster backend that fails to compile or launch is replaced by the next one,
             with one RuntimeWarning (pec_kernels._fallback).
+        check_finite: raise a ValueError when x or reference holds NaN or Inf (one host
+            synchronisation per call). Pass False where the caller checks once per step itself (the
+            trainer); non-finite inputs then give non-finite outputs, never an error. Under
+            torch.compile the check is a device-side assert (no graph break).
 
     Returns:
         KnnEntropy(entropy, surprisal, index, distance); see its docstring for shapes.
@@ -62,7 +67,7 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
         ValueError naming the argument for bad input; RuntimeError when an explicitly requested
         backend is not installed or built.
     """
-    x_groups, ref_groups = _validated(x, k, reference, metric, min_dist, normalize, backend)
+    x_groups, ref_groups = _validated(x, k, reference, metric, min_dist, normalize, backend, check_finite)
     num_candidates = x_groups.shape[1] - 1 if ref_groups is None else ref_groups.shape[1]
     if metric == "cosine":
         x_groups = F.normalize(x_groups, dim=-1)
@@ -104,7 +109,7 @@ def _centred(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Ten
 
 
 def _validated(x: object, k: object, reference: object, metric: object, min_dist: object,
-               normalize: object, backend: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+               normalize: object, backend: object, finite: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check every argument; return x as (G, n, D) and reference as (G, M, D), (1, M, D) or None."""
     check_tensor("x", x, ndims=(2, 3))
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
@@ -115,8 +120,11 @@ def _validated(x: object, k: object, reference: object, metric: object, min_dist
     if (isinstance(min_dist, bool) or not isinstance(min_dist, (int, float))
             or not math.isfinite(min_dist) or min_dist <= 0):
         raise ValueError(f"min_dist must be a finite number > 0, got {min_dist!r}")
+    if not isinstance(finite, bool):
+        raise ValueError(f"check_finite must be a bool, got {type(finite).__name__}")
     x_groups = x if x.dim() == 3 else x.unsqueeze(0)
-    check_finite("x", x)
+    if finite:
+        _check_finite("x", x)
 
     if reference is None:
         num_candidates = x_groups.shape[1] - 1
@@ -138,5 +146,6 @@ def _validated(x: object, k: object, reference: object, metric: object, min_dist
     if k > reference.shape[-2]:
         raise ValueError(f"k must be at most the number of candidates M = {reference.shape[-2]} in the "
                          f"reference, got k={k}")
-    check_finite("reference", reference)
+    if finite:
+        _check_finite("reference", reference)
     return x_groups, (reference if reference.dim() == 3 else reference.unsqueeze(0))

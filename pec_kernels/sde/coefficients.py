@@ -136,10 +136,10 @@ def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float
         for message, ok in failures:
             torch._assert_async(ok, message)
         return
-    flags = torch.stack([ok for _, ok in failures]).tolist()  # the one host synchronisation
-    for (message, _), ok in zip(failures, flags):
-        if not ok:
-            bad = s if message.startswith("sigma ") else sn
+    if bool(torch.stack([ok for _, ok in failures]).all()):  # the one host synchronisation
+        return
+    for (message, ok), bad in zip(failures, (s, sn)):
+        if not bool(ok):
             raise ValueError(f"{message}; check_schedule found values in [{bad.min().item()}, "
                              f"{bad.max().item()}]")
 
