@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from pec.entropy import ESTIMATORS
-from pec.regularizers import OMEGAS
+from pec.regularizers import GENERATION_DENSITIES, OMEGAS
+from pec.sampling import KL_UNITS
 from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
 
 METHODS = ("grpo", "entropy_bonus", "pec", "pcgs")
@@ -48,10 +49,25 @@ def public_name(field_name: str) -> str:
 class ModelConfig:
     """Which flow model to fine-tune."""
 
-    name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package); "
-                                   "diffusers loaders (SD3.5, FLUX) plug in under new names")
-    path: str | None = option(None, "model weights: a file (embedded) or a local diffusers directory (sd3); "
-                                    "empty = the pretrained weights shipped with the package")
+    name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package), "
+                                   "'sd3' (SD3 / SD3.5-M / SD3.5-L) or 'flux' (FLUX.1-dev), from a local diffusers "
+                                   "folder (--model.path)")
+    path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (sd3, flux); "
+                                    "empty = the embedded weights shipped with the package")
+    resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)")
+    dtype: str = option("bfloat16", "weights dtype of the sd3 / flux pipeline: bfloat16, float16 or float32")
+    guidance: float = option(3.5, "flux: the distilled guidance scale fed to the transformer's guidance embedding "
+                                  "(FLUX.1-dev has no CFG forward: keep sampling.guidance_scale 1)")
+    t5: bool = option(True, "sd3: use the T5-XXL text encoder (false = CLIP-L and CLIP-G only, as SD3 allows)")
+    max_sequence_length: int = option(256, "sd3 / flux: T5 tokens per prompt")
+    gradient_checkpointing: bool = option(True, "sd3 / flux: recompute the transformer's blocks in the backward "
+                                                "pass (less memory, ~30% more time)")
+    vae_batch: int = option(8, "sd3 / flux: images per VAE decode call (0 = the whole batch at once)")
+    text_encoders: str = option("offload", "sd3 / flux: 'offload' keeps the text encoders on the CPU and moves "
+                                           "them to the GPU only to encode prompts not yet cached; 'gpu' keeps them "
+                                           "there")
+    prompt_cache: int = option(0, "sd3 / flux: most prompts kept encoded in host memory (each prompt is encoded "
+                                  "once; 0 = no limit)")
 
 
 @dataclasses.dataclass
@@ -95,8 +111,14 @@ class TrainConfig:
                                     "(Flow-GRPO's configs do; per-group std turns saturated groups' noise into "
                                     "unit advantages)")
     kl_beta: float = option(0.0, "weight of the KL to the reference policy (adapter-off / frozen copy); 0 = off")
+    kl_units: str = option("exact", f"units of the KL that kl_beta weighs, one of {KL_UNITS}: 'exact' = the "
+                                    "Gaussian KL |dmu|^2/(2 s^2) of each step; 'flow_grpo' = Flow-GRPO's, which "
+                                    "for kind flow is |dt| times the exact one (~10x weaker at 10 steps), equal "
+                                    "for cps, undefined for dance. Use flow_grpo with a beta quoted from Flow-GRPO")
     stop_after: int | None = option(None, "stop after this many finished steps in this invocation, as if "
                                           "interrupted (for resume tests); empty = run to `steps`")
+    max_bad_steps: int = option(3, "stop the run after this many consecutive steps whose optimizer update was "
+                                   "skipped (non-finite loss or gradient, or no valid sample group)")
 
 
 @dataclasses.dataclass
@@ -130,8 +152,19 @@ class PcgsConfig:
     lambda_: float = option(0.3, "weight of the one-sample KL term (reward form); scaled to the reward like "
                                  "pec.lambda (the paper's 0.03-0.10 suit PickScore/26)")
     omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
-    guidance_weight: float = option(0.05, "gamma: weight of the perceptual-entropy gradient added to the velocity "
-                                          "(guided form)")
+    guidance_weight: float = option(0.05, "gamma (guided form): the velocity shift that pushes each group apart "
+                                          "in perceptual space has gamma times the velocity's norm, per sample "
+                                          "(scale-free: one value serves every model); > 0 raises diversity "
+                                          "(0.05: +14% within-group SimCLR distance on the embedded model, "
+                                          "reward -4%; see pec.experiments.guidance_sweep)")
+    guidance_window: list[int] | None = option(
+        None, "guided form: guide only steps [start, end) (two integers), e.g. `0 5` for the high-noise half "
+              "where structure forms (as CADS / Particle Guidance); empty = every step")
+    generation_density: str = option(
+        "policy", f"reward form: what log p_gen is, one of {GENERATION_DENSITIES}. 'policy' (default: the paper's "
+                  "project-page formula) = the behaviour policy's step log-prob, which does not depend on theta, so "
+                  "the reward form is PEC plus zero-mean noise; 'latent_group' = the sample's log-density under "
+                  "its group's Gaussian fit in the generated latent space (theta-dependent through the samples)")
 
 
 @dataclasses.dataclass
@@ -146,7 +179,12 @@ class LoggingConfig:
     """What the run folder receives."""
 
     tensorboard: bool = option(True, "write TensorBoard event files next to metrics.jsonl")
-    checkpoint_every: int = option(1, "write a checkpoint every this many steps (and always at the end)")
+    checkpoint_every: int = option(1, "write a checkpoint every this many steps (and always at the end, and on "
+                                      "SIGTERM/SIGINT)")
+    keep_checkpoints: int = option(2, "keep the newest this many checkpoints in RUN/checkpoints (older ones are "
+                                      "deleted once a newer one is on disk)")
+    milestone_every: int = option(0, "also keep a snapshot every this many steps in RUN/milestones, never deleted "
+                                     "(for evaluation along training); 0 = none")
     grid_samples: int = option(8, "samples per prompt in the start / end PNG sample grids")
     progress: bool = option(True, "show a tqdm progress bar")
 
@@ -163,11 +201,34 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class PathsConfig:
+    """Local weights of the real rewards and perceptual spaces (nothing is downloaded)."""
+
+    pickscore: str | None = option(None, "PickScore_v1: a transformers CLIPModel folder (reward and space 'pickscore')")
+    pickscore_processor: str | None = option(None, "the CLIPProcessor folder PickScore uses (laion/CLIP-ViT-H-14-"
+                                                   "laion2B-s32B-b79K's tokenizer + preprocessor config); empty = "
+                                                   "the pickscore folder")
+    clip: str | None = option(None, "open_clip model of the reward 'clipscore' and the space 'clip': a folder with "
+                                    "open_clip_config.json + weights, or a checkpoint file with --paths.clip_arch")
+    clip_arch: str | None = option(None, "open_clip architecture of a --paths.clip file: a built-in name "
+                                         "(ViT-L-14, ViT-H-14, ...) or a model-config JSON file")
+    hpsv2: str | None = option(None, "HPSv2 / v2.1 checkpoint (HPS_v2.1_compressed.pt) or an open_clip folder")
+    hpsv2_arch: str | None = option("ViT-H-14", "open_clip architecture of a --paths.hpsv2 file")
+    aesthetic: str | None = option(None, "LAION aesthetic head (sac+logos+ava1-l14-linearMSE.pth)")
+    aesthetic_clip: str | None = option(None, "transformers CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) "
+                                              "the aesthetic head reads")
+    dino: str | None = option(None, "DINOv2: a transformers Dinov2Model folder (space 'dino'), e.g. dinov2-base")
+    reward_url: str | None = option(None, "URL of the reward server of the reward 'http' "
+                                          "(`python -m pec.rewards.serve NAME --port PORT`)")
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
     method: str = option("pec", f"training method, one of {METHODS}; GRPO + KL is `grpo` with --train.kl_beta > 0")
-    reward: str = option("digit", "training reward (pec.rewards.REWARDS)")
+    reward: str = option("digit", "training reward (pec.rewards.REWARDS), or a weighted sum of several: "
+                                  "'pickscore:1.0,jpeg:0.1'")
     assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "
                                       "shipped with the package")
     seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling")
@@ -185,6 +246,7 @@ class Config:
     entropy_bonus: EntropyBonusConfig = option(EntropyBonusConfig(), "")
     logging: LoggingConfig = option(LoggingConfig(), "")
     eval: EvalConfig = option(EvalConfig(), "")
+    paths: PathsConfig = option(PathsConfig(), "")
 
     def validate(self) -> Config:
         """Raise ValueError, saying what to change, for a configuration that cannot run; return self."""
@@ -194,11 +256,18 @@ class Config:
         _choice("pec.omega", self.pec.omega, OMEGAS)
         _choice("pcgs.omega", self.pcgs.omega, OMEGAS)
         _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
+        _choice("pcgs.generation_density", self.pcgs.generation_density, GENERATION_DENSITIES)
+        _choice("train.kl_units", self.train.kl_units, KL_UNITS)
+        if self.train.kl_units == "flow_grpo" and self.sampling.kind == "dance":
+            raise ValueError("train.kl_units flow_grpo is defined for sampling.kind flow and cps only (Flow-GRPO has "
+                             "no KL for DanceGRPO's SDE): use --train.kl_units exact with --sampling.kind dance")
         s, t = self.sampling, self.train
         for name, value in (("sampling.prompts_per_step", s.prompts_per_step), ("sampling.num_steps", s.num_steps),
                             ("train.steps", t.steps), ("train.micro_batch", t.micro_batch),
                             ("train.minibatches", t.minibatches), ("logging.checkpoint_every",
                                                                    self.logging.checkpoint_every),
+                            ("train.max_bad_steps", t.max_bad_steps),
+                            ("logging.keep_checkpoints", self.logging.keep_checkpoints),
                             ("eval.images_per_prompt", self.eval.images_per_prompt), ("perceptual.k", self.perceptual.k)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -217,6 +286,10 @@ class Config:
             if len(s.sde_window) != 2 or not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
                 raise ValueError(f"sampling.sde_window must be two integers start < end within [0, num_steps="
                                  f"{s.num_steps}], got {s.sde_window}")
+        w = self.pcgs.guidance_window
+        if w is not None and (len(w) != 2 or not 0 <= w[0] < w[1] <= s.num_steps):
+            raise ValueError(f"pcgs.guidance_window must be two integers start < end within [0, num_steps="
+                             f"{s.num_steps}], got {w}")
         if s.eta <= 0:
             raise ValueError(f"sampling.eta must be > 0 for training (eta = 0 is a deterministic ODE with no "
                              f"policy to optimise), got {s.eta}")
@@ -229,17 +302,33 @@ class Config:
                             ("entropy_bonus.coef", self.entropy_bonus.coef), ("train.weight_decay", t.weight_decay)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.logging.milestone_every < 0:
+            raise ValueError(f"logging.milestone_every must be >= 0 (0 = no milestones), got "
+                             f"{self.logging.milestone_every}")
         if t.minibatches > s.prompts_per_step * s.group_size:
             raise ValueError(f"train.minibatches ({t.minibatches}) cannot exceed the batch size "
                              f"prompts_per_step x group_size = {s.prompts_per_step * s.group_size}")
         if self.resume and not self.run_dir:
             raise ValueError("--resume needs --run-dir: the run folder to continue")
+        _check_local_weights(self)
         return self
 
     @property
     def batch_size(self) -> int:
         """Samples per training step (prompts_per_step x group_size)."""
         return self.sampling.prompts_per_step * self.sampling.group_size
+
+
+def _check_local_weights(cfg: Config) -> None:
+    """The model folder, reward spec and perceptual spaces: names and local paths, read from config files only,
+    so a wrong path fails before any model loads."""
+    from pec.models import check_model_config
+    from pec.perceptual import check_spaces
+    from pec.rewards import check_reward_spec
+
+    check_model_config(cfg.model, cfg.sampling.guidance_scale)
+    check_reward_spec(cfg.reward, cfg.paths)
+    check_spaces(cfg.perceptual.spaces, cfg.paths)
 
 
 def _choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -278,9 +367,15 @@ def apply_dict(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (an empty file is an empty dict)."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    """Read a YAML config file into a dict (an empty file is an empty dict); a file that is missing,
+    unreadable or not YAML raises a one-line ValueError naming it."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ValueError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return data

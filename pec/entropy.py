@@ -24,8 +24,8 @@ class GroupEntropy(NamedTuple):
     surprisal: torch.Tensor
 
 
-def group_entropy(features: torch.Tensor, *, estimator: str = "knn", k: int = 3,
-                  per_dim: bool = True) -> GroupEntropy:
+def group_entropy(features: torch.Tensor, *, estimator: str = "knn", k: int = 3, per_dim: bool = True,
+                  valid: torch.Tensor | None = None) -> GroupEntropy:
     """Perceptual entropy of each group of `features` (G, n, D) with the chosen estimator.
 
     Args:
@@ -33,9 +33,19 @@ def group_entropy(features: torch.Tensor, *, estimator: str = "knn", k: int = 3,
         estimator: "knn" (pec_kernels.knn_entropy, self mode within each group) or "gaussian".
         k: neighbour rank of the kNN estimator (k < n).
         per_dim: divide entropies and surprisals by D.
+        valid: optional (G, n) bool mask of the samples to use (`pec.run_safety`). Each group's entropy
+            is then estimated from its valid samples alone (their features may be NaN elsewhere); a
+            group with too few valid samples (k + 1 for kNN, 2 for the Gaussian fit) and every invalid
+            sample get 0. Reading the mask costs one host sync; all-valid masks take the batched path.
     """
     check_choice("estimator", estimator, ESTIMATORS)
     check_tensor("features", features, ndims=(3,))
+    if valid is not None:
+        check_tensor("valid", valid, ndims=(2,), dtypes=(torch.bool,))
+        if valid.shape != features.shape[:2]:
+            raise ValueError(f"valid must have shape (G, n) = {tuple(features.shape[:2])}, got {tuple(valid.shape)}")
+        if not bool(valid.all()):
+            return _masked_group_entropy(features, valid, estimator=estimator, k=k, per_dim=per_dim)
     normalize = "per_dim" if per_dim else "none"
     if estimator == "gaussian":
         out = gaussian_entropy(features.float(), normalize=normalize)
@@ -44,3 +54,19 @@ def group_entropy(features: torch.Tensor, *, estimator: str = "knn", k: int = 3,
             raise ValueError(f"k must be in [1, n - 1] for groups of n = {features.shape[1]} samples, got {k}")
         out = knn_entropy(features.float(), k=k, normalize=normalize)
     return GroupEntropy(out.entropy, out.surprisal)
+
+
+def _masked_group_entropy(features: torch.Tensor, valid: torch.Tensor, *, estimator: str, k: int,
+                          per_dim: bool) -> GroupEntropy:
+    """`group_entropy` group by group on the valid rows (the rare path: some sample was masked)."""
+    entropy = torch.zeros(features.shape[0], dtype=torch.float32, device=features.device)
+    surprisal = torch.zeros(features.shape[:2], dtype=torch.float32, device=features.device)
+    needed = k + 1 if estimator == "knn" else 2
+    for g, keep in enumerate(valid.cpu()):
+        rows = keep.nonzero().reshape(-1).to(features.device)
+        if rows.numel() < needed:
+            continue
+        out = group_entropy(features[g, rows][None], estimator=estimator, k=k, per_dim=per_dim)
+        entropy[g] = out.entropy[0]
+        surprisal[g, rows] = out.surprisal[0]
+    return GroupEntropy(entropy, surprisal)

@@ -14,7 +14,8 @@ from pec_kernels._checks import check_tensor
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False,
-                     eps: float = 1e-4, clip: float | None = None) -> torch.Tensor:
+                     eps: float = 1e-4, clip: float | None = None, valid: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """Advantages A = (R - mean_group) / (std + eps), computed independently for every column.
 
     Args:
@@ -25,6 +26,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_s
             `global_std`); the mean is always the group's.
         eps: added to the std, so a group of identical rewards gets advantage 0, not NaN.
         clip: clamp the advantages to [-clip, clip] when given.
+        valid: (B,) bool mask of the samples to learn from (`pec.run_safety.sample_validity`). Invalid
+            rows get advantage 0 and are left out of every mean and std; their rewards may be NaN.
 
     Returns:
         float32 advantages with the shape of `rewards`. The std is the population std (ddof 0).
@@ -36,15 +39,25 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_s
                          f"got {group_ids.shape[0]}")
     squeeze = rewards.dim() == 1
     r = rewards.float().reshape(rewards.shape[0], -1)
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    n_groups = counts.shape[0]
-    sums = torch.zeros(n_groups, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, inverse, r)
-    mean = sums / counts[:, None].to(r.dtype)
-    centred = r - mean[inverse]
+    if valid is None:
+        valid = torch.ones(r.shape[0], dtype=torch.bool, device=r.device)
+    check_tensor("valid", valid, ndims=(1,), dtypes=(torch.bool,))
+    if valid.shape[0] != r.shape[0]:
+        raise ValueError(f"valid must have one entry per reward row ({r.shape[0]}), got {valid.shape[0]}")
+    w = valid.to(r.dtype)[:, None]
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    r = torch.where(valid[:, None], r, zero)
+    _, inverse, group_sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n_groups = group_sizes.shape[0]
+    counts = torch.zeros(n_groups, 1, dtype=r.dtype, device=r.device).index_add_(0, inverse, w).clamp_min(1)
+    mean = torch.zeros(n_groups, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, inverse, r) / counts
+    centred = (r - mean[inverse]) * w
     if global_std:
-        std = r.std(dim=0, unbiased=False).expand_as(r)
+        n_valid = w.sum().clamp_min(1)
+        col_mean = r.sum(dim=0) / n_valid
+        std = (((r - col_mean) * w).square().sum(dim=0) / n_valid).sqrt().expand_as(r)
     else:
-        var = torch.zeros_like(mean).index_add_(0, inverse, centred.square()) / counts[:, None].to(r.dtype)
+        var = torch.zeros_like(mean).index_add_(0, inverse, centred.square()) / counts
         std = var.sqrt()[inverse]
     adv = centred / (std + eps)
     if clip is not None:
@@ -64,7 +77,7 @@ class SurrogateStats:
 
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                      clip_range: float) -> tuple[torch.Tensor, SurrogateStats]:
+                      clip_range: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, SurrogateStats]:
     """PPO's clipped surrogate loss, -mean min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - logp_old).
 
     Args:
@@ -72,6 +85,8 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
         old_log_prob: the behaviour policy's log-probabilities (same shape; treated as constants).
         advantages: same shape.
         clip_range: epsilon.
+        valid: optional bool mask (same shape): masked elements count as ratio 1 and advantage 0, so
+            they add nothing to the loss and a NaN in their log-probs cannot reach the gradient.
 
     Returns:
         (loss, stats): the mean loss over all elements and detached diagnostics; `approx_kl` is
@@ -83,6 +98,10 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     delta = log_prob - old_log_prob.detach()
+    if valid is not None:
+        delta = torch.where(valid, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+        advantages = torch.where(valid, advantages, torch.zeros((), dtype=advantages.dtype,
+                                                                device=advantages.device))
     ratio = torch.exp(delta)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)

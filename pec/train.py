@@ -13,13 +13,18 @@ One training step:
    chunked by `train.micro_batch` too, the same batch shapes, so the first ratio is exactly 1),
    the clipped surrogate, the optional KL to the reference, gradients accumulated over the logical batch.
 Every step appends a row to metrics.jsonl (and TensorBoard) and, by default, writes a checkpoint;
-`--resume` continues from it. Rollout noise and minibatch order are seeded by (seed, step), so a
-resumed run reproduces the uninterrupted one.
+`--resume` continues from the newest valid one. Rollout noise and minibatch order are seeded by (seed,
+step), so a resumed run reproduces the uninterrupted one.
+
+Run safety (`pec.run_safety`, `pec.checkpoint`): samples with a non-finite reward, image, feature or
+log-prob are masked out of their group (advantage 0); a non-finite loss or gradient skips the optimizer
+update; `train.max_bad_steps` consecutive skipped steps stop the run; a non-finite state is never
+written; SIGTERM/SIGINT checkpoint the last complete step and exit with 128 + the signal number.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,21 +34,26 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pec.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from pec.checkpoint import (NonFiniteStateError, checkpoint_name, config_mismatch, has_checkpoint, load_checkpoint,
+                            rng_state, save_checkpoint, set_rng_state)
 from pec.config import Config, add_config_arguments, apply_dict, config_from_args, load_yaml, save_yaml, to_dict
 from pec.data import digit_prompt
 from pec.entropy import group_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
 from pec.metrics import mean_pairwise_distance
-from pec.perceptual import ENCODERS
+from pec.perceptual import build_space
 from pec.policy import Policy, latent_dim, resolve_device
-from pec.regularizers import entropy_guidance, omega_weights, pcgs_reward, pec_reward, policy_entropy
-from pec.rewards import REWARDS
-from pec.sampling import guided_velocity, sample, step_log_prob
+from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
+                              policy_entropy)
+from pec.run_safety import BadStepGuard, Preempted, PreemptionHandler, TrainingStopped, sample_validity, zero_invalid
+from pec.rewards import build_reward
+from pec.sampling import guided_velocity, sample, sde_step_mask, step_log_prob
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_KEYS = ("reward_mean", "policy_entropy", "perc_knn", "diversity")
+# Config fields a checkpoint must share with the run that resumes it (they fix the trainable state).
+STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
 
 
 def default_prompts() -> list[str]:
@@ -56,6 +66,33 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
+def minibatch_chunks(batch: int, micro_batch: int, minibatches: int, generator: torch.Generator
+                     ) -> list[list[torch.Tensor]]:
+    """Split a batch into shuffled minibatches of micro-batches (lists of sample-index tensors).
+
+    Where the batch holds at least `minibatches` rollout chunks (consecutive runs of `micro_batch`
+    samples, the rollout's forward batches), whole chunks are shuffled, so every micro-batch re-evaluates
+    exactly the rows, in the order and batch shape, that the rollout computed together: BLAS kernels
+    round a row differently at another position in a batch, and only this makes the first ratio
+    exactly 1. Otherwise samples are shuffled one by one (the ratio is then 1 up to rounding).
+    """
+    chunks = list(torch.arange(batch).split(micro_batch))
+    if len(chunks) >= minibatches:
+        perm = torch.randperm(len(chunks), generator=generator)
+        return [[chunks[i] for i in part.tolist()] for part in perm.tensor_split(minibatches)]
+    order = torch.randperm(batch, generator=generator)
+    return [list(mb.split(micro_batch)) for mb in order.tensor_split(minibatches)]
+
+
+def read_scalars(scalars: dict[str, Any]) -> dict[str, float]:
+    """Logged values as Python floats, reading every device tensor among them in one host sync."""
+    keys = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([scalars[k].detach().double().reshape(()) for k in keys]).tolist() if keys else []
+    out = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
+    out.update(zip(keys, values))
+    return {k: out[k] for k in scalars}
+
+
 class Trainer:
     """Runs one configuration to completion in its run folder (see the module docstring)."""
 
@@ -65,28 +102,27 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir = Path(cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        has_checkpoint = (self.run_dir / CHECKPOINT_NAME).exists()
-        if cfg.resume and not has_checkpoint:
+        found = has_checkpoint(self.run_dir)
+        if cfg.resume and not found:
             raise ValueError(f"--resume: no checkpoint in {self.run_dir}; drop --resume to start a new run there")
-        if not cfg.resume and has_checkpoint:
+        if not cfg.resume and found:
             raise ValueError(f"{self.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.prompts = list(prompts) if prompts is not None else default_prompts()
         self.policy = Policy(cfg, self.device)
         self.model = self.policy.model
-        self.reward_fn = REWARDS.build(cfg.reward, device=self.device, directory=cfg.assets)
-        self.encoders = {name: ENCODERS.build(name, device=self.device, directory=cfg.assets)
+        self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths)
+        self.encoders = {name: build_space(name, device=self.device, directory=cfg.assets, paths=cfg.paths)
                          for name in cfg.perceptual.spaces}
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         self.start_step = 0
+        self.guard = BadStepGuard(cfg.train.max_bad_steps)
+        self.preemption = PreemptionHandler()  # installed for the duration of `run`
         if cfg.resume:
-            ckpt = load_checkpoint(self.run_dir, map_location=self.device)
-            self.policy.load_trainable_state(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            set_rng_state(ckpt["rng"])
-            self.start_step = ckpt["step"]
+            self.resume()
+        self.last_complete, self.last_saved, self.last_rng = self.start_step, self.start_step, rng_state()
         save_yaml(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLog.open(self.run_dir / METRICS_FILE, keep_through=self.start_step)
         self.tb = TensorBoardLog(self.run_dir / "tensorboard", cfg.logging.tensorboard,
@@ -94,29 +130,92 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        """Train from `start_step` to `train.steps` (or `train.stop_after` steps); return all metric rows."""
+        """Train from `start_step` to `train.steps` (or `train.stop_after` steps); return all metric rows.
+
+        Raises `Preempted` after a SIGTERM/SIGINT and `TrainingStopped` when the run cannot go on; in
+        both cases the last complete step has been checkpointed (if its state is finite).
+        """
         cfg = self.cfg
         if self.start_step == 0:
             self.save_grid("samples_start.png")
         last = min(cfg.train.steps, self.start_step + (cfg.train.stop_after or cfg.train.steps))
         bar = tqdm(range(self.start_step + 1, last + 1), initial=self.start_step, total=cfg.train.steps,
                    desc=f"{cfg.method}", disable=not cfg.logging.progress, dynamic_ncols=True)
-        for step in bar:
-            row = self.train_step(step)
-            self.metrics.append(row)
-            self.tb.log(row, step)
-            if step % cfg.logging.checkpoint_every == 0 or step == last:
-                save_checkpoint(self.run_dir, step=step, model_state=self.policy.trainable_state(),
-                                optimizer_state=self.optimizer.state_dict(), config=to_dict(cfg))
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                            H_perc=f"{row[f'perc_knn/{cfg.perceptual.space}']:.3f}")
-        bar.close()
+        try:
+            with self.preemption:
+                try:
+                    for step in bar:
+                        row = self.train_step(step)
+                        self.finish_step(step, row, last)
+                        bar.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                        H_perc=f"{row[f'perc_knn/{cfg.perceptual.space}']:.3f}")
+                        self.preemption.check()
+                except (Preempted, TrainingStopped):
+                    self.checkpoint_last_complete()
+                    raise
+        finally:
+            bar.close()
+            if self.metrics.rows:
+                plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
+            self.tb.close()
         if last == cfg.train.steps:
             self.save_grid("samples_end.png")
-        if self.metrics.rows:
-            plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
-        self.tb.close()
         return self.metrics.rows
+
+    def finish_step(self, step: int, row: dict[str, Any], last: int) -> None:
+        """Log a finished step, checkpoint it when due, and stop after too many skipped updates."""
+        self.metrics.append(row)
+        self.tb.log(row, step)
+        self.last_complete, self.last_rng = step, rng_state()
+        self.guard.record(step, row.pop("_skip_causes"))
+        milestone = bool(self.cfg.logging.milestone_every) and step % self.cfg.logging.milestone_every == 0
+        if step % self.cfg.logging.checkpoint_every == 0 or step == last or milestone or self.guard.exhausted:
+            self.save(step, milestone=milestone)
+        if self.guard.exhausted:
+            raise TrainingStopped(self.guard.message(step))
+
+    def save(self, step: int, *, milestone: bool = False) -> None:
+        """Checkpoint the current state as that of finished `step` (never a non-finite one)."""
+        try:
+            save_checkpoint(self.run_dir, step=step, model_state=self.policy.trainable_state(),
+                            optimizer_state=self.optimizer.state_dict(), config=to_dict(self.cfg),
+                            rng=self.last_rng, extra={"guard": self.guard.state()},
+                            keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
+        except NonFiniteStateError as err:
+            raise TrainingStopped(f"{err}: the last checkpoint is still step {self.last_saved}") from None
+        except OSError as err:
+            raise OSError(f"could not write the checkpoint of step {step} into {self.run_dir} ({err}); the "
+                          f"checkpoint of step {self.last_saved} is intact: free space and --resume") from err
+        self.last_saved = step
+
+    def checkpoint_last_complete(self) -> None:
+        """After a stop, make sure the last complete step is on disk (the in-memory state is its state:
+        an abandoned step never reached its first optimizer update)."""
+        if self.last_complete > self.last_saved:
+            self.save(self.last_complete)
+
+    def resume(self) -> None:
+        """Load the newest valid checkpoint of the run folder and say which one it took."""
+        expected = {n: tuple(p.shape) for n, p in self.policy.model.named_parameters() if p.requires_grad}
+
+        def check(payload: dict[str, Any]) -> None:
+            mismatch = config_mismatch(payload["config"], to_dict(self.cfg), STATE_KEYS)
+            if mismatch:
+                raise ValueError(f"does not match this run's config: {mismatch}")
+            shapes = {n: tuple(t.shape) for n, t in payload["model"].items()}
+            if shapes != expected:
+                raise ValueError("its trainable parameters do not match this model's")
+
+        def skipped(path: Path, reason: str) -> None:
+            print(f"pec.train: skipping checkpoint {path}: {reason}", file=sys.stderr)
+
+        ckpt = load_checkpoint(self.run_dir, map_location=self.device, check=check, on_skip=skipped)
+        self.policy.load_trainable_state(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.guard.load_state(ckpt.get("extra", {}).get("guard", {}))
+        self.start_step = ckpt["step"]
+        print(f"pec.train: resuming from {ckpt['path']} (step {self.start_step})", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------
     def rollout(self, step: int):
@@ -133,7 +232,8 @@ class Trainer:
             p = cfg.perceptual
             guidance_fn = entropy_guidance(self.model.decode, self.encoders[p.space], s.group_size,
                                            estimator=p.estimator, k=p.k, per_dim=p.per_dim)
-            guidance_weight = cfg.pcgs.guidance_weight
+            window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
+            guidance_weight = cfg.pcgs.guidance_weight * sde_step_mask(s.num_steps, window).float()
         with torch.no_grad():
             return sample(self.model, prompts, group_size=s.group_size, num_steps=s.num_steps,
                           guidance_scale=s.guidance_scale, eta=s.eta, kind=s.kind,
@@ -141,27 +241,40 @@ class Trainer:
                           seed=step_seed(cfg.seed, step, stream=1), guidance_fn=guidance_fn,
                           guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch)
 
-    def perceptual_stats(self, images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-        """Per-space perceptual entropies (kNN and Gaussian) and within-group diversity, and the
-        regulariser's per-sample surprisal (B,) in `perceptual.space`."""
-        p, k = self.cfg.perceptual, self.cfg.sampling.group_size
-        row: dict[str, float] = {}
-        surprisal = None
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, D) float32 features of every image in each perceptual space (no grad)."""
         with torch.no_grad():
-            for name, encoder in self.encoders.items():
-                feats = encoder(images).reshape(-1, k, encoder.dim)
-                knn = group_entropy(feats, estimator="knn", k=p.k, per_dim=p.per_dim)
-                gauss = group_entropy(feats, estimator="gaussian", per_dim=p.per_dim)
-                row[f"perc_knn/{name}"] = knn.entropy.mean().item()
-                row[f"perc_gauss/{name}"] = gauss.entropy.mean().item()
-                row[f"diversity/{name}"] = sum(mean_pairwise_distance(g) for g in feats) / feats.shape[0]
-                if name == p.space:
-                    surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
+            return {name: encoder(images).float() for name, encoder in self.encoders.items()}
+
+    def perceptual_stats(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, all_valid: bool
+                         ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Per-space perceptual entropies (kNN and Gaussian) and within-group diversity over the valid
+        samples of the valid groups, and the regulariser's per-sample surprisal (B,) in
+        `perceptual.space` (0 for invalid samples). `valid` is the (B,) mask on the host."""
+        p, n = self.cfg.perceptual, self.cfg.sampling.group_size
+        mask = valid.reshape(-1, n)
+        group_ok = mask.any(dim=1)
+        n_ok = max(int(group_ok.sum()), 1)
+        ok_dev = group_ok.to(self.device)
+        row: dict[str, Any] = {}
+        surprisal = None
+        for name, f in feats.items():
+            groups = f.reshape(-1, n, f.shape[-1])
+            group_mask = None if all_valid else mask.to(f.device)
+            knn = group_entropy(groups, estimator="knn", k=p.k, per_dim=p.per_dim, valid=group_mask)
+            gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask)
+            row[f"perc_knn/{name}"] = (knn.entropy * ok_dev).sum() / n_ok
+            row[f"perc_gauss/{name}"] = (gauss.entropy * ok_dev).sum() / n_ok
+            row[f"diversity/{name}"] = sum(mean_pairwise_distance(g[keep.to(g.device)])
+                                           for g, keep, ok in zip(groups, mask, group_ok) if ok) / n_ok
+            if name == p.space:
+                surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
         return row, surprisal
 
-    def shaped_rewards(self, rewards: torch.Tensor, surprisal: torch.Tensor, old_log_probs: torch.Tensor
-                       ) -> torch.Tensor:
-        """The (B, T) reward array of the method; `old_log_probs` (B, T) are the trained steps' log-probs."""
+    def shaped_rewards(self, rewards: torch.Tensor, surprisal: torch.Tensor, old_log_probs: torch.Tensor,
+                       latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The (B, T) reward array of the method; `old_log_probs` (B, T) are the trained steps' log-probs,
+        `latents` (B, ...) the final latents (needed by PCGS's `latent_group` generation density)."""
         cfg = self.cfg
         num_trained = old_log_probs.shape[1]
         if cfg.method == "pec":
@@ -169,106 +282,177 @@ class Trainer:
             return pec_reward(rewards, surprisal, cfg.pec.lambda_, omega)
         if cfg.method == "pcgs" and cfg.pcgs.form == "reward":
             omega = omega_weights(cfg.pcgs.omega, num_trained, device=rewards.device)
-            return pcgs_reward(rewards, -surprisal, old_log_probs, cfg.pcgs.lambda_, omega)
+            log_p_gen = old_log_probs
+            if cfg.pcgs.generation_density == "latent_group":
+                if latents is None:
+                    raise ValueError("pcgs.generation_density latent_group needs the rollout's final latents")
+                density = latent_group_log_density(latents, cfg.sampling.group_size, per_dim=cfg.perceptual.per_dim)
+                log_p_gen = density[:, None].expand_as(old_log_probs)
+            return pcgs_reward(rewards, -surprisal, log_p_gen, cfg.pcgs.lambda_, omega)
         return rewards.float()[:, None].expand(-1, num_trained)
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
-        """One rollout batch and its policy updates; returns the step's metrics row."""
+        """One rollout batch and its policy updates; returns the step's metrics row (its "_skip_causes"
+        entry lists the updates that were skipped and why).
+
+        Until its first optimizer update the step may be abandoned by a SIGTERM/SIGINT (`Preempted`).
+        Host syncs: one read of the validity mask, one finiteness decision per optimizer update and
+        one read of the logged scalars at the end.
+        """
         cfg = self.cfg
         times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        self.model.eval()
-        rollout = self.rollout(step)
-        times["rollout"] = time.perf_counter() - t0
+        with self.preemption.abandonable():
+            t0 = time.perf_counter()
+            self.model.eval()
+            rollout = self.rollout(step)
+            times["rollout"] = time.perf_counter() - t0
 
-        t = time.perf_counter()
-        with torch.no_grad():
-            rewards = self.reward_fn(rollout.images, rollout.prompts).float()
-        times["reward"] = time.perf_counter() - t
+            t = time.perf_counter()
+            with torch.no_grad():
+                rewards = self.reward_fn(rollout.images, rollout.prompts).float()
+            times["reward"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        perc_row, surprisal = self.perceptual_stats(rollout.images)
-        times["perceptual"] = time.perf_counter() - t
+            t = time.perf_counter()
+            feats = self.features(rollout.images)
+            trained = rollout.train_steps()
+            old_log_probs = rollout.log_probs[trained].T.float()  # (B, T_trained)
+            finite, valid = sample_validity(cfg.sampling.group_size, cfg.perceptual.k + 1, rewards, rollout.images,
+                                            old_log_probs, *feats.values())
+            valid_host = valid.cpu()
+            all_valid = bool(valid_host.all())
+            if not all_valid:
+                # No NaN of a masked sample may reach a forward or backward pass of the update.
+                rollout.latents = zero_invalid(rollout.latents, valid, dim=1)
+                rollout.log_probs = zero_invalid(rollout.log_probs, valid, dim=1)
+                if rollout.guidance is not None:
+                    rollout.guidance = zero_invalid(rollout.guidance, valid, dim=1)
+                old_log_probs = rollout.log_probs[trained].T.float()
+            perc_row, surprisal = self.perceptual_stats(feats, valid_host, all_valid)
+            times["perceptual"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        trained = rollout.train_steps()
-        old_log_probs = rollout.log_probs[trained].T.float()  # (B, T_trained)
-        shaped = self.shaped_rewards(rewards, surprisal, old_log_probs)
-        advantages = group_advantages(shaped, rollout.group_ids, global_std=cfg.train.global_std,
-                                      clip=cfg.train.adv_clip)
-        train_row = self.update(step, rollout, trained, advantages)
-        times["train"] = time.perf_counter() - t
-        times["step"] = time.perf_counter() - t0
+            t = time.perf_counter()
+            shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1])
+            advantages = group_advantages(shaped, rollout.group_ids, global_std=cfg.train.global_std,
+                                          clip=cfg.train.adv_clip, valid=valid)
+            train_row, causes = self.update(step, rollout, trained, advantages, valid, valid_host)
+            times["train"] = time.perf_counter() - t
+            times["step"] = time.perf_counter() - t0
 
-        group_std = rewards.reshape(-1, cfg.sampling.group_size).std(dim=1, unbiased=False).mean()
-        row: dict[str, Any] = {"step": step, "reward_mean": rewards.mean().item(),
-                               "reward_group_std": group_std.item(), "shaped_reward_mean": shaped.mean().item()}
-        row.update(perc_row)
-        row.update(train_row)
+        n = cfg.sampling.group_size
+        w = valid.float()
+        n_valid = w.sum().clamp_min(1)
+        clean = zero_invalid(rewards, valid)
+        group_w = w.reshape(-1, n)
+        group_n = group_w.sum(dim=1)
+        group_mean = clean.reshape(-1, n).sum(dim=1) / group_n.clamp_min(1)
+        group_var = ((clean.reshape(-1, n) - group_mean[:, None]) * group_w).square().sum(dim=1) / group_n.clamp_min(1)
+        group_ok = (group_n > 0).float()
+        scalars: dict[str, Any] = {
+            "reward_mean": clean.sum() / n_valid,
+            "reward_group_std": (group_var.sqrt() * group_ok).sum() / group_ok.sum().clamp_min(1),
+            "shaped_reward_mean": (zero_invalid(shaped, valid) * w[:, None]).sum() / (n_valid * shaped.shape[1]),
+            "mask/invalid_samples": (~finite).sum(), "mask/masked_samples": (~valid).sum(),
+            "mask/masked_groups": (group_ok == 0).sum()}
+        scalars.update(perc_row)
+        scalars.update(train_row)
+        row: dict[str, Any] = {"step": step}
+        row.update(read_scalars(scalars))
+        row["skipped_updates"] = len(causes)
         row.update({f"time/{k}": v for k, v in times.items()})
+        row["_skip_causes"] = causes
         return row
 
-    def update(self, step: int, rollout, trained: list[int], advantages: torch.Tensor) -> dict[str, float]:
-        """`train.minibatches` optimizer updates on the rollout; returns averaged diagnostics."""
+    def update(self, step: int, rollout, trained: list[int], advantages: torch.Tensor, valid: torch.Tensor,
+               valid_host: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """`train.minibatches` optimizer updates on the rollout.
+
+        Masked samples (`valid` False) add nothing to the loss. An update whose loss or gradient is not
+        finite is skipped (weights and optimizer moments untouched), and so is every update of a step
+        without a valid sample. Returns the averaged diagnostics (0-dim device tensors) and the causes
+        of the skipped updates.
+        """
         cfg = self.cfg
         batch = advantages.shape[0]
         dim = latent_dim(self.model)
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2))
-        order = torch.randperm(batch, generator=gen)
-        minibatches = order.tensor_split(cfg.train.minibatches)
-        sums: dict[str, float] = defaultdict(float)
+        minibatches = minibatch_chunks(batch, cfg.train.micro_batch, cfg.train.minibatches,
+                                       torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2)))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: zero)
         counts: dict[str, int] = defaultdict(int)
-        first_ratio_dev, ratio_max, ratio_min, grad_norm_sum = 0.0, -math.inf, math.inf, 0.0
+        first_ratio_dev, ratio_max, ratio_min = zero, zero - torch.inf, zero + torch.inf
+        grad_norm_sum, updates, causes = zero, 0, []
+        step_entropy: dict[int, torch.Tensor] = {}
+        params = self.policy.trainable_parameters()
         self.model.train()
-        for mb_index, mb in enumerate(minibatches):
+        for mb_index, chunks in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
+            mb = torch.cat(chunks)
             pieces = len(trained) * len(mb)
+            mb_loss = zero
             for col, t_index in enumerate(trained):
-                for idx in mb.split(cfg.train.micro_batch):
+                for idx in chunks:
                     idx_dev = idx.to(self.device)
                     v_ref = None
                     if cfg.train.kl_beta > 0:
                         with torch.no_grad(), self.policy.reference() as ref_model:
                             v_ref = guided_velocity(ref_model, rollout, t_index, idx_dev)
-                    out = step_log_prob(self.model, rollout, t_index, idx_dev, v_ref=v_ref)
+                    out = step_log_prob(self.model, rollout, t_index, idx_dev, v_ref=v_ref,
+                                        kl_units=cfg.train.kl_units)
                     old = rollout.log_probs[t_index, idx_dev].float()
                     adv = advantages[idx_dev, col]
-                    loss, stats = clipped_surrogate(out.log_prob.float(), old, adv, cfg.train.clip_range)
+                    keep = valid[idx_dev]
+                    loss, stats = clipped_surrogate(out.log_prob.float(), old, adv, cfg.train.clip_range, valid=keep)
                     entropy = policy_entropy(out.std.detach(), dim)
-                    surrogate = loss.item()
+                    # s is fixed by the schedule at each step: one value per trained step, whatever the
+                    # order of the micro-batches (a running sum would depend on it in the last bit).
+                    step_entropy[col] = entropy.mean()
+                    surrogate = loss.detach()
                     if out.kl is not None:
-                        loss = loss + cfg.train.kl_beta * out.kl.mean()
+                        loss = loss + cfg.train.kl_beta * (out.kl * keep).mean()
                     if cfg.method == "entropy_bonus":
                         # The analytic policy entropy depends on the schedule only: this term adds a
                         # constant to the loss and nothing to the gradient (the paper's diagnosis).
                         loss = loss - cfg.entropy_bonus.coef * entropy.mean().to(loss.dtype)
-                    (loss * len(idx) / pieces).backward()
+                    scaled = loss * len(idx) / pieces
+                    scaled.backward()
+                    mb_loss = mb_loss + scaled.detach()
                     if mb_index == 0:
-                        first_ratio_dev = max(first_ratio_dev, (stats.ratio_max - 1).abs().item(),
-                                              (stats.ratio_min - 1).abs().item())
+                        first_ratio_dev = torch.maximum(first_ratio_dev, torch.maximum(
+                            (stats.ratio_max - 1).abs(), (stats.ratio_min - 1).abs()).double())
                     n = len(idx)
-                    for key, value in (("loss", loss.item()), ("surrogate", surrogate),
-                                       ("ratio_mean", stats.ratio_mean.item()),
-                                       ("clip_fraction", stats.clip_fraction.item()),
-                                       ("approx_kl", stats.approx_kl.item()),
-                                       ("policy_entropy", entropy.mean().item()),
-                                       ("policy_entropy_per_dim", entropy.mean().item() / dim),
-                                       ("advantage_abs", adv.abs().mean().item())):
-                        sums[key] += value * n
+                    for key, value in (("loss", loss.detach()), ("surrogate", surrogate),
+                                       ("ratio_mean", stats.ratio_mean), ("clip_fraction", stats.clip_fraction),
+                                       ("approx_kl", stats.approx_kl), ("advantage_abs", adv.abs().mean())):
+                        sums[key] = sums[key] + value.double() * n
                         counts[key] += n
                     if out.kl is not None:
-                        sums["kl"] += out.kl.mean().item() * n
+                        sums["kl"] = sums["kl"] + out.kl.mean().double() * n
                         counts["kl"] += n
-                    ratio_max = max(ratio_max, stats.ratio_max.item())
-                    ratio_min = min(ratio_min, stats.ratio_min.item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.train.max_grad_norm)
-            grad_norm_sum += grad_norm.item()
+                    ratio_max = torch.maximum(ratio_max, stats.ratio_max.double())
+                    ratio_min = torch.minimum(ratio_min, stats.ratio_min.double())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            if not bool(valid_host[mb].any()):
+                if not bool(valid_host.any()):
+                    causes.append(f"minibatch {mb_index}: no valid sample group (every group kept fewer than "
+                                  f"perceptual.k + 1 = {cfg.perceptual.k + 1} samples with a finite reward, "
+                                  f"image, features and log-probs)")
+                continue
+            loss_ok, grad_ok = torch.stack([mb_loss, grad_norm.double()]).isfinite().tolist()
+            if not (loss_ok and grad_ok):
+                causes.append(f"minibatch {mb_index}: non-finite {'loss' if not loss_ok else 'gradient'}")
+                continue
+            self.preemption.commit()
             self.optimizer.step()
+            grad_norm_sum = grad_norm_sum + grad_norm.double()
+            updates += 1
+        self.optimizer.zero_grad(set_to_none=True)
         row = {k: sums[k] / counts[k] for k in counts}
-        row.update(ratio_max=ratio_max, ratio_min=ratio_min, grad_norm=grad_norm_sum / len(minibatches),
-                   first_update_ratio_dev=first_ratio_dev)
-        return row
+        entropy_mean = torch.stack([step_entropy[c] for c in sorted(step_entropy)]).mean()
+        row.update(policy_entropy=entropy_mean, policy_entropy_per_dim=entropy_mean / dim)
+        row.update(ratio_max=ratio_max, ratio_min=ratio_min, first_update_ratio_dev=first_ratio_dev,
+                   grad_norm=grad_norm_sum / updates if updates else zero + torch.nan)
+        return row, causes
 
     # ------------------------------------------------------------------------------------------
     def save_grid(self, name: str) -> None:
@@ -305,13 +489,25 @@ def config_from_argv(argv: Sequence[str] | None = None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m pec.train`."""
+    """Entry point of `python -m pec.train`.
+
+    Exits 1 with a one-line message for a bad configuration or a run that cannot go on, and with
+    128 + the signal number after SIGTERM/SIGINT, once the last complete step is checkpointed.
+    """
     try:
         cfg = config_from_argv(argv)
         trainer = Trainer(cfg)
     except ValueError as err:
         raise SystemExit(f"pec.train: {err}") from None
-    trainer.run()
+    try:
+        trainer.run()
+    except TrainingStopped as err:
+        raise SystemExit(f"pec.train: {err} (run folder: {trainer.run_dir})") from None
+    except Preempted as sig:
+        print(f"pec.train: {sig.signame}: abandoned the step in progress; step {trainer.last_complete} is "
+              f"checkpointed in {trainer.run_dir / 'checkpoints'}. Resume with: python -m pec.train "
+              f"--run-dir {trainer.run_dir} --resume", file=sys.stderr)
+        raise SystemExit(128 + sig.signum) from None
     print(f"run folder: {trainer.run_dir}")
 
 

@@ -44,8 +44,8 @@ def test_every_method_trains_and_first_ratio_is_exactly_one(world, tmp_path, nam
         assert row["kl"] == 0.0  # the first update starts at the reference
     for space in trainer.cfg.perceptual.spaces:
         assert f"perc_knn/{space}" in row and f"perc_gauss/{space}" in row and f"diversity/{space}" in row
-    for artefact in ("metrics.jsonl", "config.yaml", "checkpoint.pt", "samples_start.png", "samples_end.png",
-                     "curves.png"):
+    for artefact in ("metrics.jsonl", "config.yaml", "checkpoints/step-00000001.pt", "samples_start.png",
+                     "samples_end.png", "curves.png"):
         assert (tmp_path / name / artefact).exists(), artefact
 
 
@@ -77,13 +77,15 @@ def test_sde_window_trains_only_window_steps(world, tmp_path):
 
 
 def test_micro_batching_accumulates_the_same_gradient(world, tmp_path):
-    states = []
+    # AdamW's first moment after one update is (1 - beta1) * the accumulated gradient; the weights
+    # themselves are a poor witness (Adam turns rounding noise in near-zero gradients into +-lr steps).
+    moments = []
     for micro in (2, 6):
         trainer = Trainer(tiny_config(world, tmp_path / str(micro), train={"micro_batch": micro}))
         trainer.run()
-        states.append(trainer.policy.trainable_state())
-    for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-4, atol=1e-6)
+        moments.append([s["exp_avg"] for s in trainer.optimizer.state_dict()["state"].values()])
+    for a, b in zip(*moments):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
 def test_second_minibatch_is_off_policy_and_clipped(world, tmp_path):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pec.checkpoint import has_checkpoint
 from pec.evaluate import PRETRAINED, evaluate
 from pec.logging_utils import read_metrics, plot_metrics
 
@@ -34,7 +35,7 @@ from pec.logging_utils import read_metrics, plot_metrics
 # PEC and PCGS kept all the diversity but gave up the whole reward gain (see the project notes).
 ROWS: dict[str, list[str]] = {
     "grpo": ["--method", "grpo"],
-    "grpo_kl": ["--method", "grpo", "--train.kl_beta", "0.04"],
+    "grpo_kl": ["--method", "grpo", "--train.kl_beta", "0.04", "--train.kl_units", "flow_grpo"],
     "entropy_bonus": ["--method", "entropy_bonus"],
     "pec_lambda0.25": ["--method", "pec", "--pec.lambda", "0.25"],
     "pec_lambda0.5": ["--method", "pec", "--pec.lambda", "0.5"],
@@ -50,7 +51,7 @@ def run_status(run_dir: Path) -> str:
     """'new', 'partial' (has a checkpoint, not finished) or 'done' (has its final sample grid)."""
     if (run_dir / "samples_end.png").exists():
         return "done"
-    return "partial" if (run_dir / "checkpoint.pt").exists() else "new"
+    return "partial" if has_checkpoint(run_dir) else "new"
 
 
 def seed_dir(out: Path, seed: int) -> Path:
