@@ -19,8 +19,6 @@ from pec.registry import Registry
 
 MODELS: Registry[FlowModel] = Registry("model")
 
-# Flow-GRPO's LoRA targets: the SD3 / FLUX joint-attention projections.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 @MODELS.register("embedded")
 def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
@@ -30,11 +28,17 @@ def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
 
 @MODELS.register("sd3")
 def _sd3(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
     from pec.models.sd3 import SD3FlowModel
 
-    if not cfg.path:
-        raise ValueError("--model.path must name a local SD3 / SD3.5 diffusers directory for --model.name sd3")
-    return SD3FlowModel.from_pretrained(cfg.path, device=str(device))
+    return SD3FlowModel.from_pretrained(cfg.path, device=str(device), t5=cfg.t5, **model_kwargs(cfg))
+
+@MODELS.register("flux")
+def _flux(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
+    from pec.models.flux import FluxFlowModel
+
+    return FluxFlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch.device."""
@@ -63,7 +67,7 @@ class Policy:
             from peft import LoraConfig
 
             transformer.add_adapter(LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha,
-                                               init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                                               init_lora_weights="gaussian", target_modules=list(self.model.lora_targets)))  # Flow-GRPO's, per model
             for name, p in transformer.named_parameters():
                 p.requires_grad_("lora_" in name)
         else:

@@ -5,6 +5,7 @@ under a new name; configs then refer to it by that name.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -31,6 +32,16 @@ class Registry(Generic[T]):
         """Instantiate the component registered under `name`."""
         if name not in self._factories:
             raise ValueError(f"unknown {self.kind} {name!r}; choose one of {self.names()}")
+        return self._factories[name](**kwargs)
+
+    def build_with_options(self, name: str, options: dict, **kwargs) -> T:
+        """`build(name, **kwargs)`, plus those of `options` that the factory's signature accepts (so a
+        factory registered with fewer parameters, e.g. (device, directory), still builds)."""
+        if name not in self._factories:
+            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {self.names()}")
+        params = inspect.signature(self._factories[name]).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs.update({k: v for k, v in options.items() if takes_all or k in params})
         return self._factories[name](**kwargs)
 
     def names(self) -> list[str]:

@@ -11,6 +11,11 @@ unconditional forward is skipped, in sampling and re-evaluation alike: v_uncond 
 combined velocity v_cond + 1·(v_cond − v_cond) is exactly v_cond, at half the model cost.
 Steps outside the SDE window are deterministic (eta = 0) ODE steps: their log_prob is 0 and they
 are not trained on.
+
+Guided sampling (the PCGS guided form, DESIGN.md 2.5): `guidance_shift` is the one place that
+decides the sign and the scale of the guidance (see there); the shift is stored in the rollout and
+re-added unchanged at re-evaluation. The fused KL comes in the units `kl_in_units` defines ("exact"
+or Flow-GRPO's).
 """
 from __future__ import annotations
 
@@ -25,8 +30,41 @@ from pec_kernels.sde import SdeStep, guided_sde_step, step_sigmas
 
 # The embedded 8x8 model needs no resolution shift (SD3 uses 3.0 at 1024 px).
 EMBEDDED_SHIFT = 1.0
-# guidance_fn(latents (B, ...), sigma (B,), v_cfg (B, ...)) -> guidance (B, ...): the PCGS shift.
+# Units of the fused KL to the reference (`kl_in_units`).
+KL_UNITS = ("exact", "flow_grpo")
+# guidance_fn(latents (B, ...), sigma (B,), v_cfg (B, ...)) -> direction (B, ...): where the latents
+# should move (e.g. the gradient of an objective to raise); `guidance_shift` turns it into the
+# velocity shift the sampler adds (sign and scale are decided there, nowhere else).
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guidance_shift(direction: torch.Tensor, velocity: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """The velocity shift of guided sampling: the one place that decides its sign and its scale.
+
+    Sign: sampling runs sigma from 1 down to 0 and every SDE kind's mean is mu = a*x + b*v with
+    b < 0 (b = dt*(1 + ...) for flow and dance, b <= dt for cps, dt = sigma_next - sigma < 0), so
+    adding dv to the velocity moves the step's mean by b*dv, *against* dv. To move the latents along
+    `direction` (e.g. up the gradient of the group's perceptual entropy) the shift is subtracted.
+
+    Scale (scale-free): per sample i, the shift has norm `weight` times the norm of the velocity,
+
+        dv_i = -weight * ||v_i|| * direction_i / ||direction_i||        (norms over all non-batch dims),
+
+    so `weight` is a fraction of the step (0.1 = a shift a tenth the size of the velocity), whatever
+    the scale of the gradient (the encoder's feature scale, the estimator, the latent dimension): one
+    default serves the 8x8 embedded model and SD3.5/FLUX latents alike. A zero direction gives a zero
+    shift. `weight` may be a float or a (B,) tensor (e.g. 0 at steps the schedule leaves unguided).
+    """
+    if direction.shape != velocity.shape:
+        raise ValueError(f"direction must have the shape of the velocity {tuple(velocity.shape)}, "
+                         f"got {tuple(direction.shape)}")
+    d = direction.detach().float()
+    v_norm = velocity.detach().float().flatten(1).norm(dim=1)
+    d_norm = d.flatten(1).norm(dim=1)
+    scale = torch.where(d_norm > 0, v_norm / d_norm.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(d_norm))
+    w = torch.as_tensor(weight, dtype=d.dtype, device=d.device)
+    scale = -(w * scale)
+    return (d * scale.reshape(-1, *([1] * (d.dim() - 1)))).to(velocity.dtype)
 
 
 def make_scheduler(shift: float = EMBEDDED_SHIFT) -> FlowMatchEulerDiscreteScheduler:
@@ -68,9 +106,12 @@ class Rollout:
     images:    (B, C, H, W) decoded final latents, clamped to [0, 1].
     prompts:   the B prompts (expanded); group_ids: (B,) int64 index of each sample's prompt.
     sde_steps: (T,) bool, which steps were stochastic (trainable).
-    guidance:  (T, B, *sample_shape) what guidance_fn returned at each step, or None without it.
+    guidance:  (T, B, *sample_shape) the velocity shift added at each step (`guidance_shift` of what
+               guidance_fn returned: already signed and scaled), or None without guidance_fn. It is
+               part of the behaviour policy's mean, so re-evaluation adds it unchanged.
+    guidance_weight: (T,) float32 per-step weight gamma_t the shifts were made with (zeros without guidance).
     cond, uncond: the encoded prompts and null prompts (B rows), reused at re-evaluation.
-    eta, kind, guidance_scale, guidance_weight, group_size, sigma_max: the sampler settings.
+    eta, kind, guidance_scale, group_size, sigma_max: the sampler settings.
     """
 
     latents: torch.Tensor
@@ -86,7 +127,7 @@ class Rollout:
     eta: float
     kind: str
     guidance_scale: float
-    guidance_weight: float
+    guidance_weight: torch.Tensor
     group_size: int
     sigma_max: torch.Tensor
 
@@ -153,23 +194,30 @@ def _check_sample_args(prompts: Sequence[str], group_size: int, guidance_scale: 
 def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num_steps: int = 10,
            guidance_scale: float = 2.0, eta: float = 0.7, kind: str = "flow",
            sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
-           seed: int | None = None, guidance_fn: GuidanceFn | None = None, guidance_weight: float = 0.0,
-           batch_size: int | None = None, shift: float = EMBEDDED_SHIFT, sigmas: torch.Tensor | None = None,
+           seed: int | None = None, guidance_fn: GuidanceFn | None = None,
+           guidance_weight: float | Sequence[float] | torch.Tensor = 0.0, batch_size: int | None = None, shift: float | None = None, sigmas: torch.Tensor | None = None,
            backend: str = "auto") -> Rollout:
     """Sample `group_size` images per prompt and record the trajectories (no grad).
 
     Each sample draws its own initial noise and per-step noise from `generator` (or a fresh one
     seeded with `seed`; neither: the global RNG), in one draw for the whole batch, so results do
     not depend on `batch_size`, which only chunks the model forwards. `sigmas` overrides the
-    schedule of `schedule_sigmas(num_steps, shift)`. `guidance_fn(latents, sigma, v_cfg)` is called
-    on the whole batch at each step with grad enabled (it may backpropagate through the decoder and
-    an encoder); its result, detached, is added with `guidance_weight` to the CFG velocity and
-    stored in the rollout. kind, eta, backend: as in `pec_kernels.sde.guided_sde_step`.
+    schedule of `schedule_sigmas(num_steps, shift)`; with neither, the model's own schedule
+    (`FlowModel.schedule`: SD3's scheduler shift, FLUX's dynamic shift). kind, eta, backend: as in
+    `pec_kernels.sde.guided_sde_step`.
+
+    Guidance: `guidance_fn(latents, sigma, v_cfg)` is called on the whole batch with grad enabled (it
+    may backpropagate through the decoder and an encoder) and returns the direction in which the
+    latents should move (e.g. `pec.regularizers.entropy_guidance`: up each group's perceptual
+    entropy). `guidance_shift` turns it into the velocity shift -gamma_t*||v||*g/||g|| (the sign
+    that moves x *along* g, since dt < 0; the size a fraction gamma_t of the velocity's), which is
+    added to the CFG velocity and stored in the rollout. `guidance_weight` is gamma: one float for
+    every step, or (num_steps,) per-step values (a schedule; guidance_fn is not called where it is 0).
     """
     _check_sample_args(prompts, group_size, guidance_scale, eta, batch_size)
     device = next(model.parameters()).device
     if sigmas is None:
-        sigmas = schedule_sigmas(num_steps, shift, device)
+        sigmas = model.schedule(num_steps, device) if shift is None else schedule_sigmas(num_steps, shift, device)
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     num_steps = sigmas.shape[0] - 1
     sde_steps = sde_step_mask(num_steps, sde_window)
@@ -183,6 +231,7 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     shape = (b, *model.sample_shape)
     x = torch.randn(shape, generator=generator, device=device)
     noise = torch.randn((num_steps, *shape), generator=generator, device=device)
+    weights = _step_weights(guidance_weight, num_steps) if guidance_fn is not None else torch.zeros(num_steps)
 
     latents, log_probs, guidance = [x], [], []
     sigma_max = step_sigmas(sigmas, 0).sigma_max
@@ -191,13 +240,19 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond, uncond, batch_size, guidance_scale)
         g = None
         if guidance_fn is not None:
-            with torch.enable_grad():
-                g = guidance_fn(x, sig.sigma, v_uncond + guidance_scale * (v_cond - v_uncond)).detach()
-            if g.shape != x.shape:
-                raise ValueError(f"guidance_fn must return a tensor of shape {tuple(x.shape)}, got {tuple(g.shape)}")
+            v_cfg = v_uncond + guidance_scale * (v_cond - v_uncond)
+            if weights[t] != 0:
+                with torch.enable_grad():
+                    direction = guidance_fn(x, sig.sigma, v_cfg)
+                if direction.shape != x.shape:
+                    raise ValueError(f"guidance_fn must return a tensor of shape {tuple(x.shape)}, "
+                                     f"got {tuple(direction.shape)}")
+                g = guidance_shift(direction, v_cfg, float(weights[t]))
+            else:
+                g = torch.zeros_like(x)
             guidance.append(g)
         out = guided_sde_step(x, v_uncond, v_cond, guidance_scale, sig.sigma, sig.sigma_next, guidance=g,
-                              guidance_weight=guidance_weight, noise=noise[t], eta=eta if sde_steps[t] else 0.0,
+                              guidance_weight=1.0, noise=noise[t], eta=eta if sde_steps[t] else 0.0,
                               kind=kind, sigma_max=sigma_max, backend=backend)
         x = out.prev_sample
         latents.append(x)
@@ -209,7 +264,17 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
         sde_steps=sde_steps.to(device), guidance=torch.stack(guidance) if guidance_fn is not None else None,
         cond=cond, uncond=uncond, eta=float(eta), kind=kind, guidance_scale=float(guidance_scale),
-        guidance_weight=float(guidance_weight), group_size=group_size, sigma_max=sigma_max)
+        guidance_weight=weights.to(device), group_size=group_size, sigma_max=sigma_max)
+
+
+def _step_weights(weight: float | Sequence[float] | torch.Tensor, num_steps: int) -> torch.Tensor:
+    """gamma as a (num_steps,) float32 CPU tensor: a number for every step, or one value per step."""
+    w = torch.as_tensor(weight, dtype=torch.float32).detach().cpu()
+    if w.dim() == 0:
+        w = w.expand(num_steps).clone()
+    if w.shape != (num_steps,) or not torch.isfinite(w).all():
+        raise ValueError(f"guidance_weight must be a finite number or {num_steps} per-step values, got {weight!r:.80}")
+    return w
 
 
 def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None,
@@ -236,29 +301,67 @@ def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: to
 
 def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
                     sample_idx: torch.Tensor | slice | None = None) -> torch.Tensor:
-    """The combined velocity v_uncond + scale·(v_cond − v_uncond) + weight·guidance of `model` at a
-    recorded step, as `step_log_prob` forms it. Call it under `torch.no_grad()` with the reference
+    """The combined velocity v_uncond + scale·(v_cond − v_uncond) + shift of `model` at a recorded
+    step (shift: the stored guidance shift), as `step_log_prob` forms it. Call it under `torch.no_grad()` with the reference
     model (e.g. LoRA adapters disabled) to get `v_ref` for the KL."""
     _, _, _, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, rollout.guidance_scale)
     v = v_cond if skips_uncond(rollout.guidance_scale) else v_uncond + rollout.guidance_scale * (v_cond - v_uncond)
-    return v if guidance is None else v + rollout.guidance_weight * guidance
+    return v if guidance is None else v + guidance
+
+
+def check_kl_units(units: str, kind: str) -> None:
+    """ValueError unless `units` is one of KL_UNITS and defined for SDE `kind` (see `kl_in_units`)."""
+    if units not in KL_UNITS:
+        raise ValueError(f"kl_units must be one of {list(KL_UNITS)}, got {units!r}")
+    if units == "flow_grpo" and kind not in ("flow", "cps"):
+        raise ValueError(f"kl_units 'flow_grpo' is defined for SDE kinds 'flow' and 'cps' only: Flow-GRPO has no "
+                         f"KL for kind {kind!r}; use kl_units 'exact'")
+
+
+def kl_in_units(kl: torch.Tensor, units: str, kind: str, sigma: torch.Tensor | float,
+                sigma_next: torch.Tensor | float) -> torch.Tensor:
+    """The fused KL (B,) of a step, ||mu_theta - mu_ref||^2 / (2 s^2) mean-reduced, in `units`.
+
+    "exact": the Gaussian KL itself, s the step's standard deviation (DESIGN.md 2.1).
+    "flow_grpo": what Flow-GRPO's trainer computes, so that a beta quoted from Flow-GRPO means the same:
+      - kind "flow": Flow-GRPO divides by 2*std_dev_t^2 with std_dev_t = eta*sqrt(sigma/(1 - sigma)),
+        without the step's sqrt(-dt) (s = std_dev_t*sqrt(-dt)), so its KL is |dt| = sigma - sigma_next
+        times the exact one, step by step: about 10x weaker at 10 uniform steps, and by a varying
+        factor under SD3's or FLUX's shifted schedules;
+      - kind "cps": Flow-GRPO's std_dev_t = sigma_next*sin(eta*pi/2) already is the step's s, so the
+        two units coincide;
+      - kind "dance": Flow-GRPO has no formula for it: ValueError.
+    sigma, sigma_next: floats or (B,) tensors, the step's flow times.
+    """
+    check_kl_units(units, kind)
+    if units == "exact" or kind == "cps":
+        return kl
+    dt_abs = torch.as_tensor(sigma, dtype=kl.dtype, device=kl.device) - torch.as_tensor(
+        sigma_next, dtype=kl.dtype, device=kl.device)
+    return kl * dt_abs
 
 
 def step_log_prob(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None = None,
                   *, eta: float | None = None, kind: str | None = None, guidance_scale: float | None = None,
-                  v_ref: torch.Tensor | None = None, backend: str = "auto") -> SdeStep:
+                  v_ref: torch.Tensor | None = None, kl_units: str = "exact", backend: str = "auto") -> SdeStep:
     """Re-evaluate recorded step `step` for samples `sample_idx` (all if None), with grad.
 
     Uses the recorded latents (x and prev_sample), prompt encodings, guidance and sampler settings
     of the rollout (eta, kind, guidance_scale: the rollout's unless given), through the same
     `guided_sde_step` call as `sample`, so for unchanged weights log_prob equals the rollout's.
-    v_ref: the reference model's combined velocity (see `guided_velocity`) for the fused KL.
-    Raises ValueError for a step outside the SDE window.
+    v_ref: the reference model's combined velocity (see `guided_velocity`) for the fused KL, returned
+    in `kl_units` ("exact" or "flow_grpo", see `kl_in_units`).
+    Raises ValueError for a step outside the SDE window, or kl_units "flow_grpo" with kind "dance".
     """
     scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
+    kind = rollout.kind if kind is None else kind
+    check_kl_units(kl_units, kind)
     x, prev, sig, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, scale)
-    return guided_sde_step(
+    out = guided_sde_step(
         x, v_uncond, v_cond, scale,
-        sig.sigma, sig.sigma_next, guidance=guidance, guidance_weight=rollout.guidance_weight, prev_sample=prev,
-        eta=rollout.eta if eta is None else eta, kind=rollout.kind if kind is None else kind,
-        sigma_max=rollout.sigma_max, v_ref=v_ref, backend=backend)
+        sig.sigma, sig.sigma_next, guidance=guidance, guidance_weight=1.0, prev_sample=prev,
+        eta=rollout.eta if eta is None else eta, kind=kind, sigma_max=rollout.sigma_max, v_ref=v_ref,
+        backend=backend)
+    if out.kl is None:
+        return out
+    return out._replace(kl=kl_in_units(out.kl, kl_units, kind, sig.sigma, sig.sigma_next))

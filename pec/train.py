@@ -261,8 +261,10 @@ class Trainer:
         for name, f in feats.items():
             groups = f.reshape(-1, n, f.shape[-1])
             group_mask = None if all_valid else mask.to(f.device)
-            knn = group_entropy(groups, estimator="knn", k=p.k, per_dim=p.per_dim, valid=group_mask)
-            gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask)
+            knn = group_entropy(groups, estimator="knn", k=p.k, per_dim=p.per_dim, valid=group_mask,
+                                check_finite=False)
+            gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask,
+                                  check_finite=False)
             row[f"perc_knn/{name}"] = (knn.entropy * ok_dev).sum() / n_ok
             row[f"perc_gauss/{name}"] = (gauss.entropy * ok_dev).sum() / n_ok
             row[f"diversity/{name}"] = sum(mean_pairwise_distance(g[keep.to(g.device)])

@@ -43,17 +43,33 @@ class PromptBatch:
         return PromptBatch(torch.cat([b.embeds for b in batches]), torch.cat([b.pooled for b in batches]))
 
 
+# Flow-GRPO's LoRA targets for SD3 (and the embedded SD3 backbone): the joint-attention projections.
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
 class FlowModel(nn.Module, abc.ABC):
     """A flow-matching text-to-image model as the trainer sees it.
 
     Attributes:
         transformer: the denoising network; LoRA adapters and full fine-tuning target it.
-        sample_shape: shape of one latent, e.g. (1, 8, 8) for the embedded digits model or
-            (16, 64, 64) for SD3.5 at 512 px.
+        sample_shape: shape of one latent, e.g. (1, 8, 8) for the embedded digits model,
+            (16, 64, 64) for SD3.5 at 512 px or (1024, 64) for FLUX at 512 px (packed 2x2 tokens).
+        lora_targets: module names LoRA adapters attach to (peft `target_modules`).
     """
 
     transformer: nn.Module
     sample_shape: tuple[int, ...]
+    lora_targets: list[str] = SD3_LORA_TARGETS
+
+    def schedule(self, num_steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The (num_steps + 1,) float32 sigmas the sampler uses, from 1 down to a terminal 0.
+
+        The default is the unshifted flow-matching schedule of the embedded model; diffusers models
+        take the shift their scheduler config gives (SD3: static, FLUX: dynamic in the image size).
+        """
+        from pec.sampling import schedule_sigmas
+
+        return schedule_sigmas(num_steps, device=device)
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:

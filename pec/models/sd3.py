@@ -3,64 +3,82 @@
 The weights are never downloaded here: pass a local directory (`--model.path /data/sd3.5-medium`) or an
 already-built `StableDiffusion3Pipeline`. The trainer talks to it exactly as to the embedded model:
 SD3's transformer predicts v = eps - x0 in the same flow convention (DESIGN.md §2), its latents are
-the VAE's scaled latents, and `decode` runs the VAE.
+the VAE's scaled latents (16, H/8, W/8), `decode` runs the VAE, and the sigma schedule carries the
+shift of the folder's scheduler config (3.0 for SD3.5). The full pipeline's three text encoders
+(CLIP-L, CLIP-G, T5-XXL) encode prompts; T5 is optional (`--model.t5 false` drops it, as SD3 allows).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from pec.models.base import FlowModel, PromptBatch
+from pec.models.base import PromptBatch
+from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, resolve_dtype
+
+SD3_PIPELINES = ("StableDiffusion3Pipeline",)
+SD3_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-class SD3FlowModel(FlowModel):
-    """Wraps the components of a diffusers `StableDiffusion3Pipeline` (SD3-Medium, SD3.5-Medium/Large)."""
+class SD3FlowModel(DiffusersFlowModel):
+    """Wraps the components of a diffusers `StableDiffusion3Pipeline` (SD3-Medium, SD3.5-Medium/Large).
 
-    def __init__(self, pipeline, resolution: int = 512, max_sequence_length: int = 256) -> None:
-        super().__init__()
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        scale = pipeline.vae_scale_factor
-        if resolution % (scale * pipeline.transformer.config.patch_size):
-            raise ValueError(f"resolution must be a multiple of {scale * pipeline.transformer.config.patch_size}, "
-                             f"got {resolution}")
-        self.sample_shape = (pipeline.transformer.config.in_channels, resolution // scale, resolution // scale)
-        self.max_sequence_length = max_sequence_length
-        # The text encoders and the VAE are frozen; only the transformer is trained.
-        for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3):
-            if module is not None:
-                module.requires_grad_(False)
+    Keyword arguments: see `DiffusersFlowModel`.
+    """
+
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(self, pipeline, resolution: int = 512, max_sequence_length: int = 256, **kwargs) -> None:
+        super().__init__(pipeline, resolution=resolution, max_sequence_length=max_sequence_length, **kwargs)
+        self.check_resolution(self.vae_scale_factor * self.transformer.config.patch_size)
+        cells = resolution // self.vae_scale_factor
+        self.sample_shape = (self.transformer.config.in_channels, cells, cells)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512) -> SD3FlowModel:
-        """Load a local SD3/SD3.5 checkpoint directory (diffusers layout); nothing is fetched from a hub."""
+    def check_path(cls, path: str | None, t5: bool = True) -> None:
+        """ValueError (naming --model.path) unless `path` is a local SD3 diffusers folder."""
+        required = SD3_REQUIRED + (("text_encoder_3", "tokenizer_3") if t5 else ())
+        try:
+            check_pipeline_folder(path, model_name="sd3", pipeline_classes=SD3_PIPELINES,
+                                  transformer_class="SD3Transformer2DModel", required=required)
+        except ValueError as err:
+            if t5 and "text_encoder_3" in str(err):
+                raise ValueError(f"{err}; run without T5 with --model.t5 false") from None
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
+                        resolution: int = 512, t5: bool = True, **kwargs) -> SD3FlowModel:
+        """Load a local SD3/SD3.5 checkpoint directory (diffusers layout); nothing is fetched from a hub.
+
+        The transformer and VAE go to `device`; the text encoders too unless they are offloaded.
+        """
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return cls(pipe.to(device), resolution=resolution)
+        cls.check_path(path, t5)
+        extra = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype),
+                                                        local_files_only=True, **extra)
+        model = cls(pipe, resolution=resolution, **kwargs)
+        model.to(device)
+        if not model.offload_text_encoders:
+            for encoder in model._text_encoders():
+                encoder.to(device)
+        return model
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        """Encode with SD3's CLIP-L, CLIP-G (and T5 when present); "" is the null prompt for CFG."""
-        prompts = list(prompts)
+    def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
+        """SD3's CLIP-L, CLIP-G (and T5 when present); "" is the null prompt for CFG."""
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.transformer.device,
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
-        return PromptBatch(embeds.to(self.transformer.dtype), pooled.to(self.transformer.dtype))
+        return PromptBatch(embeds, pooled)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
-        """SD3's transformer takes timesteps in [0, 1000] (sigma * num_train_timesteps)."""
-        timestep = sigma.to(latents.dtype) * self.pipeline.scheduler.config.num_train_timesteps
-        return self.transformer(hidden_states=latents.to(self.transformer.dtype), timestep=timestep,
-                                encoder_hidden_states=prompts.embeds, pooled_projections=prompts.pooled,
-                                return_dict=False)[0]
+        """SD3's transformer takes timesteps in [0, 1000] (sigma * num_train_timesteps); float32 out."""
+        dtype = self.transformer.dtype
+        timestep = sigma.to(dtype) * self.scheduler_config["num_train_timesteps"]
+        return self.transformer(hidden_states=latents.to(dtype), timestep=timestep,
+                                encoder_hidden_states=prompts.embeds.to(dtype),
+                                pooled_projections=prompts.pooled.to(dtype), return_dict=False)[0].float()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode scaled latents into images in [0, 1] (unclamped, differentiable)."""
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() + 1) / 2
+    def _to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+

@@ -48,9 +48,9 @@ class FeatureEncoder(nn.Module):
         return self.network.features(images.float()).float()
 
 
-def build_encoder(name: str, device: str | torch.device = "cpu",
-                  directory: str | Path | None = None) -> FeatureEncoder:
-    """The perceptual encoder over the shipped network `name`, on `device`."""
+def build_encoder(name: str, device: str | torch.device = "cpu", directory: str | Path | None = None,
+                  paths: object = None) -> FeatureEncoder:
+    """The perceptual encoder over the shipped network `name`, on `device` (`paths`: unused, no real weights)."""
     network = load_network(name, device, directory)
     dim = network.config.get("feature_dim", network.config.get("latent_dim"))
     return FeatureEncoder(network, dim)

@@ -1,34 +1,157 @@
-"""Rewards (DESIGN.md §5): reward(images (B, C, H, W) in [0, 1], prompts) -> (B,) float32, no grad.
+"""Rewards: reward(images (B, C, H, W) in [0, 1], prompts) -> (B,) float32, no grad.
 
-`REWARDS.build(name, device=...)` loads any shipped weights from pec/assets (never downloads).
-"digit" is the learned, preference-like reward; "contrast" and "smoothness" are rule-based.
+Registered names (`REWARDS`):
+- the embedded world's: "digit" (learned, preference-like; 8x8 digits), "contrast", "smoothness" (rules);
+- real images: "pickscore", "clipscore", "hpsv2", "aesthetic" (weights from local paths, `--paths.*`),
+  "jpeg" / "jpeg_incompressibility" (rules, any size), "http" (a reward server, `--paths.reward_url`).
+
+`build_reward("pickscore:1.0,jpeg:0.1", ...)` builds a weighted sum; `check_reward_spec` validates names,
+weights and paths from config files only, before any model loads. Nothing downloads.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pec.perceptual.backbones import check_hf_clip, check_open_clip
 from pec.registry import Registry
+from pec.rewards.aesthetic import build_aesthetic_reward, check_aesthetic_head
+from pec.rewards.clip import build_clipscore_reward, build_hpsv2_reward
 from pec.rewards.digit import DigitReward, build_digit_reward
+from pec.rewards.http import build_http_reward, check_server
+from pec.rewards.jpeg import JpegReward
+from pec.rewards.pickscore import build_pickscore_reward
 from pec.rewards.rules import ContrastReward, SmoothnessReward
 
 REWARDS: Registry[nn.Module] = Registry("reward")
 REWARDS.register("digit")(build_digit_reward)
+REWARDS.register("pickscore")(build_pickscore_reward)
+REWARDS.register("clipscore")(build_clipscore_reward)
+REWARDS.register("hpsv2")(build_hpsv2_reward)
+REWARDS.register("aesthetic")(build_aesthetic_reward)
+REWARDS.register("http")(build_http_reward)
 
 
 @REWARDS.register("contrast")
-def build_contrast_reward(device: str | torch.device = "cpu", directory: str | Path | None = None) -> ContrastReward:
-    """The contrast reward (no weights; `directory` is accepted for a uniform factory signature)."""
+def build_contrast_reward(device: str | torch.device = "cpu", directory: str | Path | None = None,
+                          paths: object = None) -> ContrastReward:
+    """The contrast reward (no weights; `directory`, `paths` are accepted for a uniform factory signature)."""
     return ContrastReward().to(device)
 
 
 @REWARDS.register("smoothness")
-def build_smoothness_reward(device: str | torch.device = "cpu",
-                            directory: str | Path | None = None) -> SmoothnessReward:
-    """The smoothness reward (no weights; `directory` is accepted for a uniform factory signature)."""
+def build_smoothness_reward(device: str | torch.device = "cpu", directory: str | Path | None = None,
+                            paths: object = None) -> SmoothnessReward:
+    """The smoothness reward (no weights; `directory`, `paths` are accepted for a uniform factory signature)."""
     return SmoothnessReward().to(device)
 
 
-__all__ = ["REWARDS", "DigitReward", "ContrastReward", "SmoothnessReward"]
+@REWARDS.register("jpeg")
+def build_jpeg_reward(device: str | torch.device = "cpu", directory: str | Path | None = None,
+                      paths: object = None) -> JpegReward:
+    """JPEG compressibility: -size/500 (kB)."""
+    return JpegReward(-1.0)
+
+
+@REWARDS.register("jpeg_incompressibility")
+def build_jpeg_incompressibility_reward(device: str | torch.device = "cpu", directory: str | Path | None = None,
+                                        paths: object = None) -> JpegReward:
+    """JPEG incompressibility: +size/500 (kB)."""
+    return JpegReward(1.0)
+
+
+def _get(paths: object, name: str) -> object:
+    return getattr(paths, name, None)
+
+
+# What each reward needs on disk, checked from config files only (no weights load).
+CHECKS: dict[str, Callable[[object], object]] = {
+    "pickscore": lambda p: check_hf_clip(_get(p, "pickscore"), "--paths.pickscore",
+                                         processor=_get(p, "pickscore_processor")),
+    "clipscore": lambda p: check_open_clip(_get(p, "clip"), "--paths.clip", _get(p, "clip_arch")),
+    "hpsv2": lambda p: check_open_clip(_get(p, "hpsv2"), "--paths.hpsv2", _get(p, "hpsv2_arch")),
+    "aesthetic": lambda p: (check_aesthetic_head(_get(p, "aesthetic")),
+                            check_hf_clip(_get(p, "aesthetic_clip"), "--paths.aesthetic_clip")),
+    "http": lambda p: check_server(_get(p, "reward_url")),
+}
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """'pickscore:1.0,jpeg:0.1' -> [('pickscore', 1.0), ('jpeg', 0.1)]; a bare name has weight 1.
+
+    Unknown names, bad or non-finite weights, duplicates and an empty spec raise ValueError naming --reward.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"--reward must be a reward name or name:weight,... ; got {spec!r}")
+    terms: list[tuple[str, float]] = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        name = name.strip()
+        if name not in REWARDS.names():
+            raise ValueError(f"--reward: unknown reward {name!r}; choose one of {REWARDS.names()}")
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"--reward: the weight of {name!r} must be a number, got {weight!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"--reward: the weight of {name!r} must be finite, got {weight!r}")
+        if name in dict(terms):
+            raise ValueError(f"--reward names {name!r} twice")
+        terms.append((name, value))
+    return terms
+
+
+def check_reward_spec(spec: str, paths: object = None) -> list[tuple[str, float]]:
+    """Validate a reward spec and the local paths its rewards need (config files only); return its terms."""
+    terms = parse_reward_spec(spec)
+    for name, _ in terms:
+        if name in CHECKS:
+            CHECKS[name](paths)
+    return terms
+
+
+class WeightedReward(nn.Module):
+    """sum_i weight_i * reward_i(images, prompts): several rewards as one."""
+
+    def __init__(self, rewards: dict[str, nn.Module], weights: dict[str, float]) -> None:
+        super().__init__()
+        if set(rewards) != set(weights) or not rewards:
+            raise ValueError(f"rewards and weights must name the same non-empty set, got {sorted(rewards)} and "
+                             f"{sorted(weights)}")
+        self.rewards = nn.ModuleDict(rewards)
+        self.weights = dict(weights)
+
+    @torch.no_grad()
+    def components(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each reward's (B,) float32 scores, unweighted."""
+        return {name: reward(images, prompts).float() for name, reward in self.rewards.items()}
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        parts = self.components(images, prompts)
+        return sum(self.weights[name] * value for name, value in parts.items())
+
+
+def build_reward(spec: str, device: str | torch.device = "cpu", directory: str | Path | None = None,
+                 paths: object = None) -> nn.Module:
+    """The reward of a spec: a single registered reward (weight 1) as is, otherwise a `WeightedReward`.
+
+    Args:
+        spec: 'name' or 'name:weight,name:weight,...' (see `parse_reward_spec`).
+        device: where scoring runs.
+        directory: the embedded world's assets folder (--assets).
+        paths: local weights of the real rewards (a `pec.config.PathsConfig`).
+    """
+    terms = check_reward_spec(spec, paths)
+    rewards = {name: REWARDS.build_with_options(name, {"paths": paths}, device=device, directory=directory)
+               for name, _ in terms}
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return rewards[terms[0][0]]
+    return WeightedReward(rewards, dict(terms))
+
+
+__all__ = ["REWARDS", "DigitReward", "ContrastReward", "SmoothnessReward", "JpegReward", "WeightedReward",
+           "build_reward", "check_reward_spec", "parse_reward_spec"]

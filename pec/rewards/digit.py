@@ -39,6 +39,7 @@ class DigitReward(nn.Module):
         return probs.gather(1, digits[:, None]).squeeze(1)
 
 
-def build_digit_reward(device: str | torch.device = "cpu", directory: str | Path | None = None) -> DigitReward:
-    """The digit reward over the shipped classifier, on `device`."""
+def build_digit_reward(device: str | torch.device = "cpu", directory: str | Path | None = None,
+                       paths: object = None) -> DigitReward:
+    """The digit reward over the shipped classifier, on `device` (`paths` is unused: no real weights)."""
     return DigitReward(load_network("classifier", device, directory)).to(device)

@@ -4,7 +4,8 @@
   (a sharpness / aesthetic-like preference that needs no model).
 - "smoothness": 1 − mean absolute difference between neighbouring pixels, in [0, 1]. The analogue of
   JPEG compressibility: fewer edges score higher, so pushed hard it thins or erases strokes.
-Both ignore the prompt, so they are reward-hacking-prone exactly like compressibility rewards.
+Both ignore the prompt, so they are reward-hacking-prone exactly like compressibility rewards. They take
+images of any size and 1 or 3 channels.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pec.perceptual.encoders import check_images
+from pec.perceptual.backbones import check_real_images
 from pec.rewards.digit import check_prompts
 
 
@@ -22,7 +23,7 @@ class ContrastReward(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        check_images(images)
+        check_real_images(images)
         check_prompts(images, prompts)
         return (images.float().clamp(0, 1) * 2 - 1).abs().mean(dim=(1, 2, 3))
 
@@ -32,7 +33,7 @@ class SmoothnessReward(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        check_images(images)
+        check_real_images(images)
         check_prompts(images, prompts)
         x = images.float().clamp(0, 1)
         dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1)

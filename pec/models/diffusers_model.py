@@ -1,0 +1,270 @@
+"""What the real diffusers models (`sd3`, `flux`) share: local-folder checks, the prompt-embedding
+cache, the scheduler's sigma schedule, gradient checkpointing and micro-batched VAE decoding.
+
+Nothing here downloads: a model comes from a local diffusers folder (`model_index.json`,
+`transformer/`, `vae/`, `text_encoder*/`, `tokenizer*/`, `scheduler/`), as `save_pretrained` writes it
+and as the hub repositories of SD3.5 and FLUX.1-dev ship it.
+
+Text encoders are not submodules of the FlowModel: `FlowModel.to(device)` moves only the transformer
+and the VAE. With `text_encoders="offload"` the encoders stay on the CPU and visit the GPU only to
+encode prompts the cache has not seen; every prompt is encoded once (`PromptCache`).
+"""
+from __future__ import annotations
+
+import abc
+import copy
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pec.models.base import FlowModel, PromptBatch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+TEXT_ENCODER_PLACEMENTS = ("offload", "gpu")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'bf16' / 'float16' / 'float32' (or a torch.dtype) -> torch.dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def check_pipeline_folder(path: str | Path | None, *, model_name: str, pipeline_classes: Sequence[str],
+                          transformer_class: str, required: Sequence[str]) -> Path:
+    """Check that `path` is a local diffusers folder of the expected pipeline; return it as a Path.
+
+    Reads only JSON files, so a wrong folder fails in milliseconds, before any weights load. The
+    error names `--model.path` and says what the folder must hold.
+    """
+    hint = (f"--model.path must be a local diffusers folder of a {' / '.join(pipeline_classes)} (as "
+            f"`save_pretrained` writes it, with model_index.json, transformer/, vae/, ...) for "
+            f"--model.name {model_name}")
+    if not path:
+        raise ValueError(f"{hint}; it is empty")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{hint}; {folder} is not a folder")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{hint}; {folder} has no model_index.json")
+    index = json.loads(index_file.read_text())
+    found = index.get("_class_name")
+    if found not in pipeline_classes:
+        raise ValueError(f"{hint}; {folder} holds a {found} (model_index.json): choose the matching --model.name")
+    missing = [name for name in required if not (folder / name).is_dir() or index.get(name, [None])[0] is None]
+    if missing:
+        raise ValueError(f"{hint}; {folder} lacks the component folder(s) {missing}")
+    config_file = folder / "transformer" / "config.json"
+    found = json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
+    if found != transformer_class:
+        raise ValueError(f"{hint}; its transformer is a {found}, not a {transformer_class} "
+                         f"({config_file}): a checkpoint of another architecture")
+    return folder
+
+
+def model_kwargs(cfg: object) -> dict:
+    """The options of a `ModelConfig` that `from_pretrained` of `sd3` and `flux` take, as keyword arguments."""
+    return {"dtype": cfg.dtype, "resolution": cfg.resolution, "max_sequence_length": cfg.max_sequence_length,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "vae_batch": cfg.vae_batch,
+            "text_encoders": cfg.text_encoders, "prompt_cache": cfg.prompt_cache}
+
+
+class PromptCache:
+    """Encodes each distinct prompt once and keeps its rows (on `storage`, the CPU by default).
+
+    `encode(prompts) -> PromptBatch` runs only on prompts not yet cached. At most `max_size` prompts
+    are kept (least recently used are dropped; 0 = no limit).
+    """
+
+    def __init__(self, encode: Callable[[list[str]], PromptBatch], max_size: int = 0,
+                 storage: str | torch.device = "cpu") -> None:
+        if max_size < 0:
+            raise ValueError(f"--model.prompt_cache must be >= 0, got {max_size}")
+        self.encode = encode
+        self.max_size = max_size
+        self.storage = torch.device(storage)
+        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __call__(self, prompts: Sequence[str], device: str | torch.device) -> PromptBatch:
+        """The encoded `prompts` (one row each, in order) on `device`."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a sequence of strings, got a single str")
+        prompts = list(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if missing:
+            self.misses += len(missing)
+            batch = self.encode(missing)
+            for i, prompt in enumerate(missing):
+                self._rows[prompt] = (batch.embeds[i].to(self.storage), batch.pooled[i].to(self.storage))
+        for prompt in prompts:
+            self._rows.move_to_end(prompt)
+        rows = [self._rows[p] for p in prompts]
+        out = PromptBatch(torch.stack([r[0] for r in rows]).to(device, non_blocking=True),
+                          torch.stack([r[1] for r in rows]).to(device, non_blocking=True))
+        while self.max_size and len(self._rows) > max(self.max_size, len(set(prompts))):
+            self._rows.popitem(last=False)
+        return out
+
+
+class DiffusersFlowModel(FlowModel):
+    """A diffusers text-to-image pipeline as a `FlowModel` (the shared part of `sd3` and `flux`).
+
+    Subclasses set `sample_shape` and implement `_encode` (the pipeline's text encoders),
+    `velocity` and `_to_vae_latents` (latents -> the VAE's unscaled latent images).
+
+    Args:
+        pipeline: the loaded diffusers pipeline (its transformer, VAE, text encoders and scheduler).
+        resolution: image side in pixels.
+        max_sequence_length: T5 tokens per prompt.
+        gradient_checkpointing: recompute the transformer's blocks in the backward pass.
+        vae_batch: images per VAE decode call (0 = all at once).
+        text_encoders: 'offload' (on the CPU, on the GPU only to encode uncached prompts) or 'gpu'.
+        prompt_cache: most prompts kept encoded (0 = no limit).
+    """
+
+    text_encoder_names: tuple[str, ...] = ()
+
+    def __init__(self, pipeline, *, resolution: int, max_sequence_length: int = 256,
+                 gradient_checkpointing: bool = False, vae_batch: int = 8, text_encoders: str = "offload",
+                 prompt_cache: int = 0) -> None:
+        super().__init__()
+        if text_encoders not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(f"--model.text_encoders must be one of {TEXT_ENCODER_PLACEMENTS}, got {text_encoders!r}")
+        if vae_batch < 0:
+            raise ValueError(f"--model.vae_batch must be >= 0, got {vae_batch}")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"--model.resolution must be a positive int, got {resolution!r}")
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self.vae_batch = vae_batch
+        self.offload_text_encoders = text_encoders == "offload"
+        self.scheduler_config = dict(pipeline.scheduler.config)
+        self.vae.requires_grad_(False)
+        for encoder in self._text_encoders():
+            encoder.requires_grad_(False).eval()
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.prompt_cache = PromptCache(self._encode_on_device, prompt_cache)
+
+    # -------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD3 and FLUX)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_seq_len(self) -> int:
+        """Image tokens the transformer sees at this resolution (what FLUX's dynamic shift reads)."""
+        return (self.resolution // (self.vae_scale_factor * self.transformer.config.patch_size)) ** 2
+
+    def check_resolution(self, multiple: int) -> None:
+        """ValueError unless the resolution is a positive multiple of `multiple`."""
+        if self.resolution % multiple:
+            raise ValueError(f"--model.resolution must be a multiple of {multiple} for this model "
+                             f"(VAE factor x patch size), got {self.resolution}")
+
+    def _text_encoders(self) -> list[nn.Module]:
+        return [m for m in (getattr(self.pipeline, n, None) for n in self.text_encoder_names) if m is not None]
+
+    @property
+    def device(self) -> torch.device:
+        """The transformer's device (where prompts are encoded and latents live)."""
+        return next(self.transformer.parameters()).device
+
+    # -------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        """Encoded prompts from the cache (each distinct prompt is encoded once); "" is the null prompt."""
+        return self.prompt_cache(prompts, self.device)
+
+    @torch.no_grad()
+    def _encode_on_device(self, prompts: list[str]) -> PromptBatch:
+        device = self.device
+        encoders = self._text_encoders()
+        moved = self.offload_text_encoders and device.type != "cpu"
+        if moved:
+            for encoder in encoders:
+                encoder.to(device)
+        try:
+            batch = self._encode(prompts, device)
+        finally:
+            if moved:
+                for encoder in encoders:
+                    encoder.to("cpu")
+        dtype = self.transformer.dtype
+        return PromptBatch(batch.embeds.to(dtype), batch.pooled.to(dtype))
+
+    @abc.abstractmethod
+    def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
+        """Run the pipeline's text encoders on `prompts` (no cache)."""
+
+    @abc.abstractmethod
+    def _to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler latents (B, *sample_shape) -> the VAE's unscaled latent images (B, C, h, w)."""
+
+    # -------------------------------------------------------------------------------------------
+    def schedule(self, num_steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Sigmas of the pipeline's own scheduler config: SD3's static shift, or FLUX's dynamic shift
+        mu = calculate_shift(image_seq_len) on linspace(1, 1/N, N), as diffusers' pipelines build them."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        if scheduler.config.get("use_dynamic_shifting", False):
+            c = scheduler.config
+            mu = calculate_shift(self.image_seq_len, c.get("base_image_seq_len", 256),
+                                 c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
+        else:
+            scheduler.set_timesteps(num_steps, device="cpu")
+        return scheduler.sigmas.to(device=device, dtype=torch.float32)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode latents into images in [0, 1] (unclamped, differentiable), `vae_batch` at a time.
+
+        With grad enabled each micro-batch is checkpointed, so a guided sampler backpropagating
+        through the VAE holds one micro-batch's activations at a time.
+        """
+        step = self.vae_batch or latents.shape[0]
+        chunks = []
+        for start in range(0, latents.shape[0], step):
+            piece = latents[start:start + step]
+            if torch.is_grad_enabled() and piece.requires_grad:
+                chunks.append(checkpoint(self._decode_chunk, piece, use_reentrant=False))
+            else:
+                chunks.append(self._decode_chunk(piece))
+        return torch.cat(chunks)
+
+    def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        z = self._to_vae_latents(latents).to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+        images = self.vae.decode(z, return_dict=False)[0]
+        return (images.float() + 1) / 2
+
+    def __deepcopy__(self, memo: dict) -> DiffusersFlowModel:
+        """A copy with its own transformer that shares the frozen VAE, text encoders and prompt cache
+        (the full-fine-tuning KL reference needs only the transformer copied)."""
+        clone = copy.copy(self)
+        clone._modules = dict(self._modules)
+        clone._parameters = dict(self._parameters)
+        clone._buffers = dict(self._buffers)
+        clone.transformer = copy.deepcopy(self.transformer, memo)
+        return clone

@@ -1,0 +1,128 @@
+"""FLUX.1-dev (diffusers `FluxPipeline`) as a `FlowModel`, for training on GPUs.
+
+From a local diffusers folder only (`--model.path /data/FLUX.1-dev`). What differs from SD3:
+- Guidance-distilled: the guidance scale (`--model.guidance`, 3.5 as Flow-GRPO's FLUX configs) is an
+  input of the transformer's guidance embedding; there is no CFG forward, so the sampler runs with
+  `sampling.guidance_scale` 1 (one forward per step).
+- Latents are packed 2x2: a (16, H/8, W/8) VAE latent is a sequence of (H/16)(W/16) tokens of 64
+  channels, so `sample_shape` is (tokens, 64), with the image ids (0, row, col) per token and zero
+  text ids, as `FluxPipeline` builds them.
+- Prompts: CLIP-L's pooled embedding and T5's token embeddings.
+- The sigma schedule: linspace(1, 1/N, N) under the dynamic shift mu = calculate_shift(tokens) from
+  the scheduler config (`DiffusersFlowModel.schedule`), as `FluxPipeline` computes it.
+- The VAE's shift and scale factors map latents to the VAE's space.
+"""
+from __future__ import annotations
+
+import torch
+
+from pec.models.base import PromptBatch
+from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, resolve_dtype
+
+FLUX_PIPELINES = ("FluxPipeline",)
+FLUX_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# Flow-GRPO's FLUX LoRA targets (scripts/train_flux.py): attention projections of the double- and
+# single-stream blocks, and the image and text feed-forwards of the double-stream blocks.
+FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/2)(w/2), 4C): 2x2 patches as tokens, the layout of FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents`: (B, (h/2)(w/2), 4C) -> (B, C, h, w)."""
+    b, _, channels = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """(h*w, 3) position ids (0, row, col) of the packed tokens of an h x w token grid."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+class FluxFlowModel(DiffusersFlowModel):
+    """Wraps the components of a diffusers `FluxPipeline` (FLUX.1-dev).
+
+    Args:
+        pipeline: the FluxPipeline.
+        resolution: image side in pixels (a multiple of 16).
+        guidance: the distilled guidance scale fed to the guidance embedding (ignored by a
+            transformer without one, e.g. FLUX.1-schnell).
+        Other keyword arguments: see `DiffusersFlowModel`.
+    """
+
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    lora_targets = FLUX_LORA_TARGETS
+
+    def __init__(self, pipeline, resolution: int = 512, max_sequence_length: int = 512, guidance: float = 3.5,
+                 **kwargs) -> None:
+        super().__init__(pipeline, resolution=resolution, max_sequence_length=max_sequence_length, **kwargs)
+        if guidance < 0:
+            raise ValueError(f"--model.guidance must be >= 0, got {guidance}")
+        self.check_resolution(self.vae_scale_factor * 2)
+        self.guidance = float(guidance)
+        self.latent_cells = resolution // self.vae_scale_factor
+        channels = self.transformer.config.in_channels
+        self.sample_shape = ((self.latent_cells // 2) ** 2, channels)
+        self.register_buffer("img_ids", image_ids(self.latent_cells // 2, self.latent_cells // 2), persistent=False)
+
+    @property
+    def image_seq_len(self) -> int:
+        """Packed image tokens (what the dynamic shift reads)."""
+        return self.sample_shape[0]
+
+    @classmethod
+    def check_path(cls, path: str | None) -> None:
+        """ValueError (naming --model.path) unless `path` is a local FLUX diffusers folder."""
+        check_pipeline_folder(path, model_name="flux", pipeline_classes=FLUX_PIPELINES,
+                              transformer_class="FluxTransformer2DModel", required=FLUX_REQUIRED)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
+                        resolution: int = 512, **kwargs) -> FluxFlowModel:
+        """Load a local FLUX.1 checkpoint directory (diffusers layout); nothing is fetched from a hub."""
+        from diffusers import FluxPipeline
+
+        cls.check_path(path)
+        pipe = FluxPipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype), local_files_only=True)
+        model = cls(pipe, resolution=resolution, **kwargs)
+        model.to(device)
+        if not model.offload_text_encoders:
+            for encoder in model._text_encoders():
+                encoder.to(device)
+        return model
+
+    def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
+        """T5 token embeddings and CLIP-L's pooled embedding ("" encodes like any prompt)."""
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=prompts, device=device,
+                                                        max_sequence_length=self.max_sequence_length)
+        return PromptBatch(embeds, pooled)
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        """The transformer's prediction on packed latents (B, tokens, 64); float32 out.
+
+        FLUX's transformer scales timestep and guidance by 1000 itself, so it gets sigma in [0, 1].
+        """
+        dtype = self.transformer.dtype
+        b = latents.shape[0]
+        guidance = (torch.full((b,), self.guidance, device=latents.device, dtype=torch.float32)
+                    if self.transformer.config.guidance_embeds else None)
+        txt_ids = torch.zeros(prompts.embeds.shape[1], 3, device=latents.device, dtype=dtype)
+        return self.transformer(hidden_states=latents.to(dtype), timestep=sigma.to(dtype), guidance=guidance,
+                                pooled_projections=prompts.pooled.to(dtype),
+                                encoder_hidden_states=prompts.embeds.to(dtype), txt_ids=txt_ids,
+                                img_ids=self.img_ids.to(dtype), return_dict=False)[0].float()
+
+    def _to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return unpack_latents(latents, self.latent_cells, self.latent_cells)
