@@ -7,17 +7,20 @@
 // itself (step_coefficients below mirrors pec_kernels/sde/coefficients.py), so a call is three kernel
 // launches and no small torch ops.
 //
-// Forward: grid (chunks, B), one block streams one chunk of one sample with 16-byte vector loads,
-// writes μ (and x' in rollout mode, rounded to T, the residual taken against the rounded value) and one
-// partial sum of residual² (and of (v − v_ref)²) per block, reduced by warp shuffles then shared
-// memory. Finalize: one block per sample sums its partials in a fixed order (deterministic: a rollout
+// Forward: grid (chunks, min(B, 65535)), one block streams one chunk of a sample with 16-byte vector
+// loads (blocks loop over the samples b = blockIdx.y, blockIdx.y + gridDim.y, ..., since grid axis y
+// stops at 65535), writes x' in rollout mode (rounded to T, the residual taken against the rounded
+// value) and μ when asked for, and one partial sum of residual² (and of (v − v_ref)²) per block and
+// sample, reduced by warp shuffles then shared memory. Finalize: one block per sample sums its partials in a fixed order (deterministic: a rollout
 // and its re-evaluation give bit-identical log-probs) and writes log_prob, kl and std.
-// Backward: the same grid as the forward, elementwise; recomputes μ instead of storing the residual.
+// Backward: the same grid and sample loop as the forward, elementwise; recomputes μ instead of storing
+// the residual.
 #include "common.cuh"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -26,6 +29,7 @@ namespace pec {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;  // grid axis y limit: larger batches loop over the samples
 constexpr int kItersPerChunk = 2;  // ~1000 blocks at B·n = 4 M bf16 elements: a full wave on H100/H200
 
 template <typename T, int VEC>
@@ -149,50 +153,54 @@ __global__ void __launch_bounds__(kThreads)
 sde_forward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* __restrict__ v1,
                    const T* __restrict__ v2, const T* __restrict__ target, const T* __restrict__ vref,
                    T* __restrict__ prev, T* __restrict__ mean, A* __restrict__ part_r, A* __restrict__ part_kl,
-                   StepArgs<A> step, int64_t n, int64_t chunk_elems, int nv, bool rollout) {
+                   StepArgs<A> step, int64_t batch, int64_t n, int64_t chunk_elems, int nv, bool rollout) {
   __shared__ A shared_r[kThreads / 32];
   __shared__ A shared_k[kThreads / 32];
-  const int64_t chunk = blockIdx.x, b = blockIdx.y;
-  const Coefficients<A> c = step_coefficients(step, b);
-  const A gs = step.guidance_scale.at(b), gw = step.guidance_weight.at(b);
-  const int64_t start = chunk * chunk_elems;
-  const int64_t end = min(n, start + chunk_elems);
-  A acc_r = 0, acc_k = 0;
-  for (int64_t i = start + int64_t(threadIdx.x) * VEC; i < end; i += int64_t(kThreads) * VEC) {
-    const int64_t off = b * n + i;
-    A v[VEC], xv[VEC], t[VEC], mu[VEC];
-    velocity<T, VEC>(v0, v1, v2, nv, gs, gw, off, v);
-    load<T, VEC>(x + off, xv);
-    load<T, VEC>(target + off, t);
+  const int64_t chunk = blockIdx.x;
+  // b is the same for the whole block, so the barriers inside block_sum are reached by every thread.
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const Coefficients<A> c = step_coefficients(step, b);
+    const A gs = step.guidance_scale.at(b), gw = step.guidance_weight.at(b);
+    const int64_t start = chunk * chunk_elems;
+    const int64_t end = min(n, start + chunk_elems);
+    A acc_r = 0, acc_k = 0;
+    for (int64_t i = start + int64_t(threadIdx.x) * VEC; i < end; i += int64_t(kThreads) * VEC) {
+      const int64_t off = b * n + i;
+      A v[VEC], xv[VEC], t[VEC], mu[VEC];
+      velocity<T, VEC>(v0, v1, v2, nv, gs, gw, off, v);
+      load<T, VEC>(x + off, xv);
+      load<T, VEC>(target + off, t);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) mu[k] = c.a * xv[k] + c.b * v[k];
-    if (rollout) {
+      for (int k = 0; k < VEC; ++k) mu[k] = c.a * xv[k] + c.b * v[k];
+      if (rollout) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) t[k] = static_cast<A>(static_cast<T>(mu[k] + c.s * t[k]));
-      store<T, VEC>(prev + off, t);
-    }
-    store<T, VEC>(mean + off, mu);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const A r = t[k] - mu[k];
-      acc_r += r * r;
-    }
-    if (vref != nullptr) {
-      A w[VEC];
-      load<T, VEC>(vref + off, w);
+        for (int k = 0; k < VEC; ++k) t[k] = static_cast<A>(static_cast<T>(mu[k] + c.s * t[k]));
+        store<T, VEC>(prev + off, t);
+      }
+      if (mean != nullptr) store<T, VEC>(mean + off, mu);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const A d = v[k] - w[k];
-        acc_k += d * d;
+        const A r = t[k] - mu[k];
+        acc_r += r * r;
+      }
+      if (vref != nullptr) {
+        A w[VEC];
+        load<T, VEC>(vref + off, w);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A d = v[k] - w[k];
+          acc_k += d * d;
+        }
       }
     }
-  }
-  const int64_t n_chunks = gridDim.x;
-  acc_r = block_sum(acc_r, shared_r);
-  if (threadIdx.x == 0) part_r[b * n_chunks + chunk] = acc_r;
-  if (vref != nullptr) {
-    acc_k = block_sum(acc_k, shared_k);
-    if (threadIdx.x == 0) part_kl[b * n_chunks + chunk] = acc_k;
+    const int64_t n_chunks = gridDim.x;
+    acc_r = block_sum(acc_r, shared_r);
+    if (threadIdx.x == 0) part_r[b * n_chunks + chunk] = acc_r;
+    if (vref != nullptr) {
+      acc_k = block_sum(acc_k, shared_k);
+      if (threadIdx.x == 0) part_kl[b * n_chunks + chunk] = acc_k;
+    }
+    __syncthreads();  // warp 0 has read the shared slots before the next sample overwrites them
   }
 }
 
@@ -226,59 +234,61 @@ sde_backward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* 
                     const A* __restrict__ grad_log_prob, const A* __restrict__ grad_kl,
                     const T* __restrict__ grad_mean, const T* __restrict__ grad_prev, T* __restrict__ dx,
                     T* __restrict__ dv0, T* __restrict__ dv1, T* __restrict__ dv2, StepArgs<A> step, int64_t n,
-                    int64_t chunk_elems, A inv_norm, Velocities vel) {
-  const int64_t chunk = blockIdx.x, b = blockIdx.y;
-  const Coefficients<A> c = step_coefficients(step, b);
-  // d log_prob / d μ = 2·inv_two_var·(x' − μ)/norm; d kl / d v = 2·inv_two_var·b²·(v − v_ref)/norm.
-  const A gr = grad_log_prob != nullptr ? A(2) * c.inv_two_var * inv_norm * grad_log_prob[b] : A(0);
-  const A gk = grad_kl != nullptr ? A(2) * c.inv_two_var * c.b * c.b * inv_norm * grad_kl[b] : A(0);
-  const int nv = vel.nv;
-  const A gs = step.guidance_scale.at(b), gw = step.guidance_weight.at(b);
-  // d v / d v_k: 1 for a plain velocity, (1 − gs, gs, gw) for a guided one.
-  const A weight[3] = {nv >= 2 ? A(1) - gs : A(1), gs, gw};
-  T* const dv[3] = {dv0, dv1, dv2};
-  const int64_t start = chunk * chunk_elems;
-  const int64_t end = min(n, start + chunk_elems);
-  for (int64_t i = start + int64_t(threadIdx.x) * VEC; i < end; i += int64_t(kThreads) * VEC) {
-    const int64_t off = b * n + i;
-    A v[VEC], xv[VEC], p[VEC], g_mu[VEC], g_v[VEC];
-    velocity<T, VEC>(v0, v1, v2, nv, gs, gw, off, v);
-    load<T, VEC>(x + off, xv);
-    load<T, VEC>(prev + off, p);
+                    int64_t batch, int64_t chunk_elems, A inv_norm, Velocities vel) {
+  const int64_t chunk = blockIdx.x;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const Coefficients<A> c = step_coefficients(step, b);
+    // d log_prob / d μ = 2·inv_two_var·(x' − μ)/norm; d kl / d v = 2·inv_two_var·b²·(v − v_ref)/norm.
+    const A gr = grad_log_prob != nullptr ? A(2) * c.inv_two_var * inv_norm * grad_log_prob[b] : A(0);
+    const A gk = grad_kl != nullptr ? A(2) * c.inv_two_var * c.b * c.b * inv_norm * grad_kl[b] : A(0);
+    const int nv = vel.nv;
+    const A gs = step.guidance_scale.at(b), gw = step.guidance_weight.at(b);
+    // d v / d v_k: 1 for a plain velocity, (1 − gs, gs, gw) for a guided one.
+    const A weight[3] = {nv >= 2 ? A(1) - gs : A(1), gs, gw};
+    T* const dv[3] = {dv0, dv1, dv2};
+    const int64_t start = chunk * chunk_elems;
+    const int64_t end = min(n, start + chunk_elems);
+    for (int64_t i = start + int64_t(threadIdx.x) * VEC; i < end; i += int64_t(kThreads) * VEC) {
+      const int64_t off = b * n + i;
+      A v[VEC], xv[VEC], p[VEC], g_mu[VEC], g_v[VEC];
+      velocity<T, VEC>(v0, v1, v2, nv, gs, gw, off, v);
+      load<T, VEC>(x + off, xv);
+      load<T, VEC>(prev + off, p);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g_mu[k] = gr * (p[k] - (c.a * xv[k] + c.b * v[k]));
-    if (grad_mean != nullptr) {
-      A g[VEC];
-      load<T, VEC>(grad_mean + off, g);
+      for (int k = 0; k < VEC; ++k) g_mu[k] = gr * (p[k] - (c.a * xv[k] + c.b * v[k]));
+      if (grad_mean != nullptr) {
+        A g[VEC];
+        load<T, VEC>(grad_mean + off, g);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) g_mu[k] += g[k];
-    }
-    if (grad_prev != nullptr) {
-      A g[VEC];
-      load<T, VEC>(grad_prev + off, g);
+        for (int k = 0; k < VEC; ++k) g_mu[k] += g[k];
+      }
+      if (grad_prev != nullptr) {
+        A g[VEC];
+        load<T, VEC>(grad_prev + off, g);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) g_mu[k] += g[k];
-    }
+        for (int k = 0; k < VEC; ++k) g_mu[k] += g[k];
+      }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g_v[k] = c.b * g_mu[k];
-    if (grad_kl != nullptr) {
-      A w[VEC];
-      load<T, VEC>(vref + off, w);
+      for (int k = 0; k < VEC; ++k) g_v[k] = c.b * g_mu[k];
+      if (grad_kl != nullptr) {
+        A w[VEC];
+        load<T, VEC>(vref + off, w);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) g_v[k] += gk * (v[k] - w[k]);
-    }
-    if (dx != nullptr) {
-      A out[VEC];
+        for (int k = 0; k < VEC; ++k) g_v[k] += gk * (v[k] - w[k]);
+      }
+      if (dx != nullptr) {
+        A out[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] = c.a * g_mu[k];
-      store<T, VEC>(dx + off, out);
-    }
-    for (int j = 0; j < nv; ++j) {
-      if (!vel.need[j]) continue;
-      A out[VEC];
+        for (int k = 0; k < VEC; ++k) out[k] = c.a * g_mu[k];
+        store<T, VEC>(dx + off, out);
+      }
+      for (int j = 0; j < nv; ++j) {
+        if (!vel.need[j]) continue;
+        A out[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) out[k] = weight[j] * g_v[k];
-      store<T, VEC>(dv[j] + off, out);
+        for (int k = 0; k < VEC; ++k) out[k] = weight[j] * g_v[k];
+        store<T, VEC>(dv[j] + off, out);
+      }
     }
   }
 }
@@ -358,7 +368,7 @@ void with_vector_width(int vec, F&& launch) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_fwd(
     const at::Tensor& x, at::TensorList vels, const at::Tensor& target, const std::optional<at::Tensor>& v_ref,
     const c10::List<std::optional<at::Tensor>>& params, at::ArrayRef<double> values, double eta, int64_t kind,
-    bool rollout, double norm) {
+    bool rollout, double norm, bool need_mean) {
   PEC_CHECK_CUDA(x);
   PEC_CHECK_CONTIGUOUS(x);
   TORCH_CHECK(x.dim() == 2, "x must be (B, n)");
@@ -367,10 +377,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_
   if (v_ref.has_value()) check_latent(*v_ref, x, "v_ref");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0), n = x.size(1);
-  TORCH_CHECK(batch <= 65535, "sde_step_fwd: at most 65535 samples per call, got ", batch);
+  TORCH_CHECK(batch <= INT32_MAX, "sde_step_fwd: at most 2^31 - 1 samples per call, got ", batch);
+  const unsigned grid_y = static_cast<unsigned>(std::min<int64_t>(batch, kMaxGridY));
   const int nv = static_cast<int>(vels.size());
   at::Tensor prev = rollout ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor mean = at::empty_like(x);
+  at::Tensor mean = need_mean ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor out = at::empty({3, batch}, x.options().dtype(compute_type(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_fwd", [&] {
     using A = at::acc_type<scalar_t, true>;
@@ -379,8 +390,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_
     const scalar_t* v2 = nv == 3 ? vels[2].data_ptr<scalar_t>() : nullptr;
     const scalar_t* vref = ptr_or_null<scalar_t>(v_ref);
     scalar_t* prev_p = rollout ? prev.data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean_p = need_mean ? mean.data_ptr<scalar_t>() : nullptr;
     const int vec = vector_width<scalar_t>(
-        n, {x.data_ptr(), vels[0].data_ptr(), v1, v2, target.data_ptr(), vref, prev_p, mean.data_ptr()});
+        n, {x.data_ptr(), vels[0].data_ptr(), v1, v2, target.data_ptr(), vref, prev_p, mean_p});
     const int64_t chunk_elems = int64_t(kThreads) * vec * kItersPerChunk;
     const int64_t n_chunks = (n + chunk_elems - 1) / chunk_elems;
     at::Tensor part = at::empty({vref != nullptr ? 2 : 1, batch, n_chunks}, out.options());
@@ -389,9 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_
     const auto stream = at::cuda::getCurrentCUDAStream();
     with_vector_width(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      sde_forward_kernel<scalar_t, VEC, A><<<dim3(n_chunks, batch), kThreads, 0, stream>>>(
+      sde_forward_kernel<scalar_t, VEC, A><<<dim3(n_chunks, grid_y), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), vels[0].data_ptr<scalar_t>(), v1, v2, target.data_ptr<scalar_t>(), vref, prev_p,
-          mean.data_ptr<scalar_t>(), part_r, part_kl, step, n, chunk_elems, nv, rollout);
+          mean_p, part_r, part_kl, step, batch, n, chunk_elems, nv, rollout);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sde_finalize_kernel<A><<<batch, kThreads, 0, stream>>>(part_r, part_kl, out.data_ptr<A>(), step, n_chunks,
@@ -421,7 +433,8 @@ std::vector<at::Tensor> sde_step_bwd(const at::Tensor& x, at::TensorList vels, c
   TORCH_CHECK(!grad_kl.has_value() || v_ref.has_value(), "grad_kl needs v_ref");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0), n = x.size(1);
-  TORCH_CHECK(batch <= 65535, "sde_step_bwd: at most 65535 samples per call, got ", batch);
+  TORCH_CHECK(batch <= INT32_MAX, "sde_step_bwd: at most 2^31 - 1 samples per call, got ", batch);
+  const unsigned grid_y = static_cast<unsigned>(std::min<int64_t>(batch, kMaxGridY));
   const int nv = static_cast<int>(vels.size());
   const std::optional<at::Tensor> glp = per_sample_grad(grad_log_prob, x), gkl = per_sample_grad(grad_kl, x);
   const bool need[4] = {need_dx, need_dv0, need_dv1 && nv >= 2, need_dv2 && nv == 3};
@@ -443,10 +456,10 @@ std::vector<at::Tensor> sde_step_bwd(const at::Tensor& x, at::TensorList vels, c
     const int64_t n_chunks = (n + chunk_elems - 1) / chunk_elems;
     with_vector_width(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      sde_backward_kernel<scalar_t, VEC, A><<<dim3(n_chunks, batch), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      sde_backward_kernel<scalar_t, VEC, A><<<dim3(n_chunks, grid_y), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           x.data_ptr<scalar_t>(), vels[0].data_ptr<scalar_t>(), v1, v2, prev.data_ptr<scalar_t>(), vref,
           glp.has_value() ? glp->data_ptr<A>() : nullptr, gkl.has_value() ? gkl->data_ptr<A>() : nullptr, gm, gp,
-          out(0), out(1), out(2), out(3), step, n, chunk_elems, static_cast<A>(1.0 / norm), vel);
+          out(0), out(1), out(2), out(3), step, n, batch, chunk_elems, static_cast<A>(1.0 / norm), vel);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -458,8 +471,8 @@ std::vector<at::Tensor> sde_step_bwd(const at::Tensor& x, at::TensorList vels, c
 
 TORCH_LIBRARY_FRAGMENT(pec, m) {
   m.def("sde_step_fwd(Tensor x, Tensor[] vels, Tensor target, Tensor? v_ref, Tensor?[] params, float[] values, "
-        "float eta, int kind, bool rollout, float norm) -> (Tensor prev, Tensor mean, Tensor log_prob, Tensor kl, "
-        "Tensor std)");
+        "float eta, int kind, bool rollout, float norm, bool need_mean) -> (Tensor prev, Tensor mean, "
+        "Tensor log_prob, Tensor kl, Tensor std)");
   m.def("sde_step_bwd(Tensor x, Tensor[] vels, Tensor prev, Tensor? v_ref, Tensor?[] params, float[] values, "
         "float eta, int kind, float norm, Tensor? grad_log_prob, Tensor? grad_kl, Tensor? grad_mean, "
         "Tensor? grad_prev, bool need_dx, bool need_dv0, bool need_dv1, bool need_dv2) -> Tensor[]");

@@ -111,7 +111,7 @@ def test_matches_float64_reference(poisoned, backend, kind, shape, rollout):
                               noise=d["noise"])[0].float()
     kwargs = dict(noise=inp["noise"]) if rollout else dict(prev_sample=ref_prev)
     out = sde_step_logprob(inp["x"], inp["v"], sigma, sigma_next, eta=eta, kind=kind, sigma_max=SIGMA_MAX,
-                           v_ref=inp["v_ref"], backend=backend, **kwargs)
+                           v_ref=inp["v_ref"], backend=backend, return_mean=True, **kwargs)
     # The log-prob is defined against x' as returned (rounded to x's dtype): score the reference there.
     prev, lp, mean, std, kl = reference_step(kind, d["x"], d["v"], sigma.double(), sigma_next.double(), eta,
                                              SIGMA_MAX, prev=out.prev_sample.double(), v_ref=d["v_ref"])
@@ -138,7 +138,7 @@ def test_guided_matches_reference(poisoned, backend, with_guidance):
         v = v + 0.3 * d["guidance"]
         extra = dict(guidance=inp["guidance"], guidance_weight=0.3)
     out = guided_sde_step(inp["x"], inp["v_uncond"], inp["v_cond"], scale, sigma, sigma_next, noise=inp["noise"],
-                          sigma_max=SIGMA_MAX, v_ref=inp["v_ref"], backend=backend, **extra)
+                          sigma_max=SIGMA_MAX, v_ref=inp["v_ref"], backend=backend, return_mean=True, **extra)
     prev, lp, mean, std, kl = reference_step("flow", d["x"], v, sigma.double(), sigma_next.double(), 0.7, SIGMA_MAX,
                                              prev=out.prev_sample.double(), v_ref=d["v_ref"])
     ref_prev = reference_step("flow", d["x"], v, sigma.double(), sigma_next.double(), 0.7, SIGMA_MAX,
@@ -159,7 +159,7 @@ def test_half_precision_inputs_use_float32_math(dtype, kind):
     inp = make_inputs(shape, dtype=dtype)
     sigma, sigma_next = schedule(5)
     out = sde_step_logprob(inp["x"], inp["v"], sigma, sigma_next, noise=inp["noise"], kind=kind, sigma_max=SIGMA_MAX,
-                           v_ref=inp["v_ref"], backend="torch")
+                           v_ref=inp["v_ref"], backend="torch", return_mean=True)
     d = {k: t.double() for k, t in inp.items()}
     prev, lp, mean, std, kl = reference_step(kind, d["x"], d["v"], sigma.double(), sigma_next.double(), 0.7,
                                              SIGMA_MAX, prev=out.prev_sample.double(), v_ref=d["v_ref"])
@@ -186,11 +186,12 @@ def test_rollout_logprob_equals_reevaluation(backend, dtype, guided):
         if guided:
             def step(**kw):
                 return guided_sde_step(inp["x"], inp["v_uncond"], inp["v_cond"], 4.5, sigma, sigma_next, kind=kind,
-                                       guidance=inp["guidance"], guidance_weight=0.2, backend=backend, **kw)
+                                       guidance=inp["guidance"], guidance_weight=0.2, backend=backend,
+                                       return_mean=True, **kw)
         else:
             def step(**kw):
                 return sde_step_logprob(inp["x"], inp["v"], sigma, sigma_next, kind=kind, sigma_max=SIGMA_MAX,
-                                        backend=backend, **kw)
+                                        backend=backend, return_mean=True, **kw)
         rolled = step(noise=inp["noise"])
         again = step(prev_sample=rolled.prev_sample)
         assert torch.isfinite(rolled.log_prob).all()
@@ -242,7 +243,7 @@ def test_gradcheck_torch_backend(kind, rollout, guided):
     def fn(*args):
         tensors = dict(zip(names, args))
         target = dict(noise=t["noise"]) if rollout else dict(prev_sample=prev)
-        common = dict(kind=kind, sigma_max=SIGMA_MAX, v_ref=t["v_ref"], backend="torch", **target)
+        common = dict(kind=kind, sigma_max=SIGMA_MAX, v_ref=t["v_ref"], backend="torch", return_mean=True, **target)
         if guided:
             out = guided_sde_step(tensors["x"], tensors["v_uncond"], tensors["v_cond"], 3.0, sigma, sigma_next,
                                   guidance=tensors["guidance"], guidance_weight=0.5, **common)
@@ -282,7 +283,8 @@ def test_gradients_match_reference_autograd(backend, kind, guided):
     names = ("x", "v_uncond", "v_cond", "guidance") if guided else ("x", "v")
     ours = {n: inp[n].clone().requires_grad_() for n in names}
     ref = {n: inp[n].double().requires_grad_() for n in names}
-    common = dict(prev_sample=prev, kind=kind, sigma_max=SIGMA_MAX, v_ref=inp["v_ref"], backend=backend)
+    common = dict(prev_sample=prev, kind=kind, sigma_max=SIGMA_MAX, v_ref=inp["v_ref"], backend=backend,
+                  return_mean=True)
     if guided:
         out = guided_sde_step(ours["x"], ours["v_uncond"], ours["v_cond"], 2.0, sigma, sigma_next,
                               guidance=ours["guidance"], guidance_weight=0.5, **common)
@@ -309,7 +311,7 @@ def test_deterministic_step_is_finite(backend, kind):
     for rollout in (True, False):
         target = dict(noise=inp["noise"]) if rollout else dict(prev_sample=inp["noise"])
         out = sde_step_logprob(x, v, sigma, sigma_next, eta=0.0, kind=kind, v_ref=inp["v_ref"], backend=backend,
-                               **target)
+                               return_mean=True, **target)
         assert torch.equal(out.log_prob, torch.zeros(5)) and torch.equal(out.kl, torch.zeros(5))
         assert torch.equal(out.std, torch.zeros(5))
         if rollout:
@@ -406,3 +408,72 @@ def test_step_sigmas_bad_input():
         step_sigmas(torch.ones(2, 2), torch.tensor([0]))
     with pytest.raises(ValueError, match="integer dtype"):
         step_sigmas(torch.ones(3), torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("rollout", [True, False], ids=["rollout", "reeval"])
+def test_mean_only_on_request(backend, rollout):
+    """return_mean=False (the default) returns mean=None and leaves every other output bit-identical."""
+    inp = make_inputs((3, 2, 5, 4))
+    sigma, sigma_next = schedule(3)
+    target = dict(noise=inp["noise"]) if rollout else dict(prev_sample=inp["noise"])
+    outs = [sde_step_logprob(inp["x"], inp["v"], sigma, sigma_next, v_ref=inp["v_ref"], backend=backend,
+                             return_mean=want, **target) for want in (False, True)]
+    assert outs[0].mean is None and outs[1].mean is not None
+    for a, b in zip(outs[0], outs[1]):
+        if a is not None and b is not None:
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="return_mean must be a bool"):
+        sde_step_logprob(inp["x"], inp["v"], 0.5, 0.4, backend=backend, return_mean=1, **target)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rollout", [True, False], ids=["rollout", "reeval"])
+def test_triton_writes_mean_only_on_request(monkeypatch, rollout):
+    """The Triton forward allocates (and so writes) a latent-sized μ only with return_mean=True."""
+    from pec_kernels.sde import triton_backend
+
+    inp = make_inputs((3, 2, 5, 4))
+    target = dict(noise=inp["noise"]) if rollout else dict(prev_sample=inp["noise"])
+    real_empty_like = torch.empty_like
+    for want in (False, True):
+        latent_allocations = []
+
+        def counting(t, *args, **kwargs):
+            latent_allocations.append(t.numel() == inp["x"].numel())
+            return real_empty_like(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "empty_like", counting)
+        with torch.no_grad():
+            sde_step_logprob(inp["x"], inp["v"], 0.7, 0.5, backend="triton", return_mean=want, **target)
+        monkeypatch.setattr(torch, "empty_like", real_empty_like)
+        assert sum(latent_allocations) == int(rollout) + int(want)
+
+
+@needs_interpreter
+def test_triton_grid_is_flat_so_any_batch_launches(monkeypatch):
+    """The (sample, chunk) grid lives on axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65,535),
+    and a launch beyond that limit is refused with a ValueError saying to split the batch."""
+    from pec_kernels.sde import triton_backend
+
+    grids = []
+    for name in ("_sde_forward_kernel", "_sde_backward_kernel"):
+        kernel = getattr(triton_backend, name)
+
+        class Recording:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(triton_backend, name, Recording(kernel))
+    inp = make_inputs((3, 2, 16, 16))  # 512 elements per sample: 2 chunks of 256 under the interpreter
+    v = inp["v"].requires_grad_()
+    out = sde_step_logprob(inp["x"], v, 0.7, 0.5, prev_sample=inp["noise"], backend="triton")
+    out.log_prob.sum().backward()
+    assert grids == [(6,), (6,)]
+    monkeypatch.setattr(triton_backend, "MAX_PROGRAMS", 5)
+    with pytest.raises(ValueError, match="split the batch"):
+        sde_step_logprob(inp["x"], inp["v"], 0.7, 0.5, prev_sample=inp["noise"], backend="triton")

@@ -33,7 +33,7 @@ def test_backends_match_reference_and_each_other(dtype, kind, shape, rollout):
     outs = {}
     for backend in BACKENDS:
         out = sde_step_logprob(inp["x"], inp["v"], sigma, sigma_next, kind=kind, sigma_max=SIGMA_MAX,
-                               v_ref=inp["v_ref"], backend=backend, **target)
+                               v_ref=inp["v_ref"], backend=backend, return_mean=True, **target)
         _, lp, mean, std, kl = reference_step(kind, d["x"], d["v"], sigma.double(), sigma_next.double(), 0.7, SIGMA_MAX,
                                               prev=out.prev_sample.double(), v_ref=d["v_ref"])
         assert_close(out.log_prob, lp, 1e-5, 1e-4, f"{backend} log_prob")
@@ -65,7 +65,7 @@ def test_backend_gradients_agree(dtype, guided, rollout):
     grads = {}
     for backend in BACKENDS:
         leaves = {n: inp[n].clone().requires_grad_() for n in names}
-        common = dict(kind="flow", v_ref=inp["v_ref"], backend=backend,
+        common = dict(kind="flow", v_ref=inp["v_ref"], backend=backend, return_mean=True,
                       **(dict(noise=inp["noise"]) if rollout else dict(prev_sample=inp["noise"])))
         if guided:
             out = guided_sde_step(leaves["x"], leaves["v_uncond"], leaves["v_cond"], 4.5, sigma, sigma_next,
@@ -149,7 +149,7 @@ def test_no_host_synchronisation(backend, guided):
 
     def run():
         st = step_sigmas(sigmas, index)
-        common = dict(sigma_max=st.sigma_max, v_ref=inp["v_ref"], backend=backend)
+        common = dict(sigma_max=st.sigma_max, v_ref=inp["v_ref"], backend=backend, return_mean=True)
         if guided:
             out = guided_sde_step(leaves["x"], leaves["v_uncond"], leaves["v_cond"], 4.5, st.sigma, st.sigma_next,
                                   noise=inp["noise"], **common)
@@ -165,3 +165,25 @@ def test_no_host_synchronisation(backend, guided):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+def test_batch_beyond_65535_and_mean_on_request(backend):
+    """B = 70,000 > 65,535 (the grid limit of axes 1 and 2) runs forward and backward and matches torch;
+    without return_mean no μ comes back, and the other outputs do not change."""
+    shape = (70_000, 2, 8)
+    inp = {k: torch.randn(shape, device="cuda") for k in ("x", "v", "prev")}
+    sigma = torch.rand(shape[0], device="cuda") * 0.8 + 0.1
+    results = {}
+    for name in ("torch", backend):
+        v = inp["v"].clone().requires_grad_()
+        out = sde_step_logprob(inp["x"], v, sigma, sigma * 0.5, prev_sample=inp["prev"], backend=name)
+        out.log_prob.sum().backward()
+        assert out.mean is None
+        results[name] = (out.log_prob, v.grad)
+    assert_close(results[backend][0], results["torch"][0], 1e-5, 1e-4, f"{backend} log_prob")
+    assert_close(results[backend][1], results["torch"][1], 1e-5, 1e-5, f"{backend} grad v")
+    with_mean = sde_step_logprob(inp["x"], inp["v"], sigma, sigma * 0.5, prev_sample=inp["prev"], backend=backend,
+                                 return_mean=True)
+    assert torch.equal(with_mean.log_prob, results[backend][0].detach())
+    assert with_mean.mean.shape == shape and torch.isfinite(with_mean.mean).all()

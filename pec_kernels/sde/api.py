@@ -29,7 +29,8 @@ class SdeStep(NamedTuple):
     prev_sample: x' in the dtype of x (the given prev_sample in re-evaluation mode).
     log_prob:    (B,) log N(x'; μ, s²I), reduced over all non-batch dims ("mean" or "sum"); float32
                  (float64 for float64 inputs). 0 for a deterministic step (s = 0).
-    mean:        μ, shape and dtype of x.
+    mean:        μ, shape and dtype of x, when asked for with return_mean=True, else None (writing it
+                 costs a full latent-sized write that sampling and re-evaluation never read).
     std:         (B,) s, the standard deviation of the step's Gaussian (Flow-GRPO's std_dev_t·sqrt(−dt)
                  for kind="flow"), in the log_prob dtype.
     kl:          (B,) ‖μθ − μref‖²/(2s²) reduced like log_prob, when a reference velocity was given,
@@ -38,7 +39,7 @@ class SdeStep(NamedTuple):
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
-    mean: torch.Tensor
+    mean: torch.Tensor | None
     std: torch.Tensor
     kl: torch.Tensor | None = None
 
@@ -62,7 +63,8 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tuple[str, ...],
                 vscale: tuple[Scalar, Scalar] | None, sigma: Scalar, sigma_next: Scalar, noise: torch.Tensor | None,
                 prev_sample: torch.Tensor | None, v_ref: torch.Tensor | None, eta: float, kind: str, reduce: str,
-                sigma_max: Scalar | None, backend: str, debug_schedule: bool | None) -> SdeStep:
+                sigma_max: Scalar | None, backend: str, debug_schedule: bool | None,
+                return_mean: bool) -> SdeStep:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must have a batch dimension and at least one more (B, ...), got shape {tuple(x.shape)}")
@@ -81,6 +83,8 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
     check_choice("kind", kind, KINDS)
     check_choice("reduce", reduce, REDUCTIONS)
     check_choice("backend", backend, backends.BACKENDS)
+    if not isinstance(return_mean, bool):
+        raise ValueError(f"return_mean must be a bool, got {type(return_mean).__name__}")
     device = check_same_device(x=x, **dict(zip(vels_names, vels)), **{target_name: target}, v_ref=v_ref)
 
     latents = (x, *vels, target) + (() if v_ref is None else (v_ref,))
@@ -104,15 +108,15 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
     flat = (_flat(x), _flat(target), _flat(v_ref), *(_flat(v) for v in vels))
     prev, mean, log_prob, kl, std = run_with_fallback(
         "sde_step", backends.candidates(backend, latents),
-        lambda chain: SdeStepFunction.apply(tuple(chain), params, rollout, norm, *flat))
+        lambda chain: SdeStepFunction.apply(tuple(chain), params, rollout, norm, return_mean, *flat))
     prev = prev.view(x.shape) if rollout else prev_sample
-    return SdeStep(prev, log_prob, mean.view(x.shape), std, kl)
+    return SdeStep(prev, log_prob, None if mean is None else mean.view(x.shape), std, kl)
 
 
 def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar, *,
                      noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
                      eta: float = 0.7, kind: str = "flow", reduce: str = "mean", sigma_max: Scalar | None = None,
-                     v_ref: torch.Tensor | None = None, backend: str = "auto",
+                     v_ref: torch.Tensor | None = None, backend: str = "auto", return_mean: bool = False,
                      check_schedule: bool | None = None) -> SdeStep:
     """One SDE step x_σ → x_σ' of a flow-matching sampler and the log-probability of x' under it.
 
@@ -135,10 +139,11 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next
     the environment variable PEC_DEBUG=1 when check_schedule is None, checks them too, at the cost of
     one host synchronisation per call (under torch.compile: device-side asserts, no graph break).
     Deterministic steps (s = 0, e.g. η = 0): x' = μ, log_prob = kl = 0, no gradient from them.
+    return_mean: also return μ (SdeStep.mean; None otherwise, which saves writing it).
     Differentiable in x and v (also through mean and the rollout prev_sample).
     """
     return _fused_step(x, (v,), ("v",), None, sigma, sigma_next, noise, prev_sample, v_ref, eta, kind, reduce,
-                       sigma_max, backend, check_schedule)
+                       sigma_max, backend, check_schedule, return_mean)
 
 
 def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: Scalar,
@@ -146,7 +151,8 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
                     guidance_weight: Scalar = 0.0, noise: torch.Tensor | None = None,
                     prev_sample: torch.Tensor | None = None, eta: float = 0.7, kind: str = "flow",
                     reduce: str = "mean", sigma_max: Scalar | None = None, v_ref: torch.Tensor | None = None,
-                    backend: str = "auto", check_schedule: bool | None = None) -> SdeStep:
+                    backend: str = "auto", return_mean: bool = False,
+                    check_schedule: bool | None = None) -> SdeStep:
     """Classifier-free guidance and an SDE step with its log-prob, in one pass.
 
     v = v_uncond + guidance_scale·(v_cond − v_uncond) + guidance_weight·guidance, then exactly
@@ -158,4 +164,4 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
     vels = (v_uncond, v_cond) if guidance is None else (v_uncond, v_cond, guidance)
     names = ("v_uncond", "v_cond", "guidance")[:len(vels)]
     return _fused_step(x, vels, names, (guidance_scale, guidance_weight), sigma, sigma_next, noise, prev_sample,
-                       v_ref, eta, kind, reduce, sigma_max, backend, check_schedule)
+                       v_ref, eta, kind, reduce, sigma_max, backend, check_schedule, return_mean)

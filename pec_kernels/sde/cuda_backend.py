@@ -26,12 +26,13 @@ def _param_lists(params: StepParams) -> tuple[list[torch.Tensor | None], list[fl
 
 
 def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tensor, v_ref: torch.Tensor | None,
-            params: StepParams, rollout: bool, norm: int):
+            params: StepParams, rollout: bool, norm: int, want_mean: bool):
     """See torch_backend.forward."""
     tensors, values = _param_lists(params)
     prev, mean, log_prob, kl, std = _op("sde_step_fwd")(
-        x, list(vels), target, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], rollout, float(norm))
-    return (prev if rollout else None), mean, log_prob, (kl if v_ref is not None else None), std
+        x, list(vels), target, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], rollout, float(norm),
+        want_mean)
+    return (prev if rollout else None), (mean if want_mean else None), log_prob, (kl if v_ref is not None else None), std
 
 
 def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor, v_ref: torch.Tensor | None,

@@ -18,17 +18,19 @@ from pec_kernels.sde.coefficients import StepParams
 
 
 class SdeStepFunction(torch.autograd.Function):
-    """forward(chain, params, rollout, norm, x, target, v_ref, *vels) -> (prev, mean, log_prob, kl, std).
+    """forward(chain, params, rollout, norm, want_mean, x, target, v_ref, *vels) -> (prev, mean, log_prob, kl, std).
 
     chain: the backends (pec_kernels._fallback) from the one to run on; its head computes the forward,
     and the backward falls back along it. x, target, v_ref, vels: (B, n) contiguous; norm: n for
-    reduce="mean", 1 for "sum"; prev is None in re-evaluation mode, kl is None without v_ref.
+    reduce="mean", 1 for "sum"; prev is None in re-evaluation mode, mean is None unless want_mean, kl is
+    None without v_ref.
     """
 
     @staticmethod
-    def forward(ctx, chain: Chain, params: StepParams, rollout: bool, norm: int, x: torch.Tensor,
+    def forward(ctx, chain: Chain, params: StepParams, rollout: bool, norm: int, want_mean: bool, x: torch.Tensor,
                 target: torch.Tensor, v_ref: torch.Tensor | None, *vels: torch.Tensor):
-        prev, mean, log_prob, kl, std = chain[0][1].forward(x, vels, target, v_ref, params, rollout, norm)
+        prev, mean, log_prob, kl, std = chain[0][1].forward(x, vels, target, v_ref, params, rollout, norm,
+                                                            want_mean)
         ctx.chain, ctx.params, ctx.norm, ctx.rollout = chain, params, norm, rollout
         ctx.save_for_backward(x, prev if rollout else target, v_ref, *vels)
         ctx.set_materialize_grads(False)
@@ -38,9 +40,9 @@ class SdeStepFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_prev, grad_mean, grad_log_prob, grad_kl, _grad_std):
         x, prev, v_ref, *vels = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[4],) + tuple(ctx.needs_input_grad[7:])
+        needs = (ctx.needs_input_grad[5],) + tuple(ctx.needs_input_grad[8:])
         dx, dvs = run_with_fallback(
             "sde_step", ctx.chain,
             lambda chain: chain[0][1].backward(x, tuple(vels), prev, v_ref, ctx.params, ctx.norm, grad_log_prob,
                                                grad_kl, grad_mean, grad_prev if ctx.rollout else None, needs))
-        return (None, None, None, None, dx, None, None, *dvs)
+        return (None, None, None, None, None, dx, None, None, *dvs)

@@ -4,13 +4,15 @@ and the CPU path.
 Every backend implements the same two functions on flattened (B, n) contiguous tensors, with the
 step described by a `StepParams` (coefficients.py) and norm = n for reduce="mean", 1 for "sum":
 
-forward(x, vels, target, v_ref, params, rollout, norm) -> (prev | None, mean, log_prob, kl | None, std)
+forward(x, vels, target, v_ref, params, rollout, norm, want_mean)
+    -> (prev | None, mean | None, log_prob, kl | None, std)
   v = vels[0] (one velocity) or v_u + gs·(v_c − v_u) [+ gw·guidance] (vels = (v_u, v_c[, guidance]));
   μ = a·x + b·v. Rollout (target = noise): x' = μ + s·ε is rounded to x's dtype and the residual is
   taken against that rounded x', which is what a later re-evaluation sees. Re-evaluation
   (target = x'): residual x' − μ. log_prob = (n·log_norm − inv_two_var·Σ residual²)/norm,
   kl = inv_two_var·b²·Σ(v − v_ref)²/norm (μ − μref = b·(v − v_ref)); log_prob, kl, std are (B,) in
-  the compute dtype, prev and mean in x's dtype. Per-sample sums are deterministic.
+  the compute dtype, prev and mean in x's dtype; mean is written only with want_mean (it is a full
+  latent-sized write that neither sampling nor re-evaluation needs). Per-sample sums are deterministic.
 
 backward(x, vels, prev, v_ref, params, norm, grad_log_prob, grad_kl, grad_mean, grad_prev, needs)
     -> (dx | None, (dv_k | None for each velocity))
@@ -36,7 +38,7 @@ def _velocity(vels: tuple[torch.Tensor, ...], params: StepParams, cd: torch.dtyp
 
 
 def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tensor, v_ref: torch.Tensor | None,
-            params: StepParams, rollout: bool, norm: int):
+            params: StepParams, rollout: bool, norm: int, want_mean: bool):
     cd = params.dtype
     coefs = params.coefficients()
     a, b, s = coefs.a[:, None], coefs.b[:, None], coefs.s[:, None]
@@ -53,7 +55,7 @@ def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tenso
     if v_ref is not None:
         d = v - v_ref.to(cd)
         kl = coefs.inv_two_var * coefs.b * coefs.b * (d * d).sum(dim=1) / norm
-    return prev, mu.to(x.dtype), log_prob, kl, coefs.s
+    return prev, (mu.to(x.dtype) if want_mean else None), log_prob, kl, coefs.s
 
 
 def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor, v_ref: torch.Tensor | None,

@@ -1,12 +1,14 @@
 """Triton kernels for the fused SDE pass (contract: torch_backend.py's module docstring).
 
 Three launches per forward+backward, nothing else on the host but allocations:
-- forward, grid (chunks, B): each program evaluates its sample's step coefficients, streams one chunk
-  of n, writes x' and μ and one partial sum of residual² (and of (v − v_ref)²);
+- forward, grid (B·chunks,): each program evaluates its sample's step coefficients, streams one chunk
+  of n, writes x' (and μ when asked for) and one partial sum of residual² (and of (v − v_ref)²);
 - finalize, grid (B,): sums the chunk partials in a fixed order (deterministic, so a rollout and its
   re-evaluation give bit-identical log-probs) and writes log_prob, kl and std;
-- backward, grid (chunks, B): elementwise; recomputes μ (cheaper than storing the residual) and
+- backward, grid (B·chunks,): elementwise; recomputes μ (cheaper than storing the residual) and
   applies the per-sample scalings of the residual to write the gradients.
+The (sample, chunk) grid is flattened onto axis 0, whose limit is 2³¹ − 1 programs (axes 1 and 2 stop
+at 65,535, which would cap the batch), so any batch that fits in memory runs.
 A per-sample parameter (σ, σ', sigma_max, guidance scale/weight) arrives either as a float or as a
 0-d / (B,) tensor (pointer + stride); the PTRS bit mask says which. Loads upcast to the compute dtype
 first (fp32, fp64 for fp64 inputs): the interpreter cannot do bf16 arithmetic.
@@ -80,11 +82,11 @@ def _velocity(v0_ptr, v1_ptr, v2_ptr, offs, mask, gs, gw, NV: tl.constexpr, COMP
 def _sde_forward_kernel(x_ptr, v0_ptr, v1_ptr, v2_ptr, target_ptr, vref_ptr, prev_ptr, mean_ptr, part_r_ptr,
                         part_kl_ptr, sig_ptr, sig_stride, sig_val, nxt_ptr, nxt_stride, nxt_val, max_ptr, max_stride,
                         max_val, gs_ptr, gs_stride, gs_val, gw_ptr, gw_stride, gw_val, eta, n, n_chunks,
-                        NV: tl.constexpr, ROLLOUT: tl.constexpr, HAS_REF: tl.constexpr, PTRS: tl.constexpr,
-                        KIND: tl.constexpr, COMPUTE: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr,
-                        BLOCK: tl.constexpr, TILES: tl.constexpr):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1)
+                        NV: tl.constexpr, ROLLOUT: tl.constexpr, HAS_REF: tl.constexpr, STORE_MEAN: tl.constexpr,
+                        PTRS: tl.constexpr, KIND: tl.constexpr, COMPUTE: tl.constexpr, EPS: tl.constexpr,
+                        TINY: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    chunk = tl.program_id(0) % n_chunks
+    b = tl.program_id(0) // n_chunks
     a, bv, s, _, _ = _step(sig_ptr, sig_stride, sig_val, nxt_ptr, nxt_stride, nxt_val, max_ptr, max_stride, max_val,
                            eta, b, PTRS, KIND, COMPUTE, EPS, TINY)
     gs = _param(gs_ptr, gs_stride, gs_val, b, PTRS & 8, COMPUTE)
@@ -105,7 +107,8 @@ def _sde_forward_kernel(x_ptr, v0_ptr, v1_ptr, v2_ptr, target_ptr, vref_ptr, pre
             r = prev.to(COMPUTE) - mu
         else:
             r = target - mu
-        tl.store(mean_ptr + offs, mu.to(mean_ptr.dtype.element_ty), mask=mask)
+        if STORE_MEAN:
+            tl.store(mean_ptr + offs, mu.to(mean_ptr.dtype.element_ty), mask=mask)
         acc_r += tl.where(mask, r * r, 0.0)
         if HAS_REF:
             d = v - tl.load(vref_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -141,14 +144,14 @@ def _sde_finalize_kernel(part_r_ptr, part_kl_ptr, out_ptr, sig_ptr, sig_stride, 
 def _sde_backward_kernel(x_ptr, v0_ptr, v1_ptr, v2_ptr, prev_ptr, vref_ptr, glp_ptr, gkl_ptr, gmean_ptr, gprev_ptr,
                          dx_ptr, dv0_ptr, dv1_ptr, dv2_ptr, sig_ptr, sig_stride, sig_val, nxt_ptr, nxt_stride,
                          nxt_val, max_ptr, max_stride, max_val, gs_ptr, gs_stride, gs_val, gw_ptr, gw_stride, gw_val,
-                         eta, n, inv_norm,
+                         eta, n, n_chunks, inv_norm,
                          NV: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GKL: tl.constexpr, HAS_GMEAN: tl.constexpr,
                          HAS_GPREV: tl.constexpr, NEED_DX: tl.constexpr, NEED_DV0: tl.constexpr,
                          NEED_DV1: tl.constexpr, NEED_DV2: tl.constexpr, PTRS: tl.constexpr, KIND: tl.constexpr,
                          COMPUTE: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr,
                          BLOCK: tl.constexpr, TILES: tl.constexpr):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1)
+    chunk = tl.program_id(0) % n_chunks
+    b = tl.program_id(0) // n_chunks
     a, bv, _, inv_two_var, _ = _step(sig_ptr, sig_stride, sig_val, nxt_ptr, nxt_stride, nxt_val, max_ptr, max_stride,
                                      max_val, eta, b, PTRS, KIND, COMPUTE, EPS, TINY)
     gs = _param(gs_ptr, gs_stride, gs_val, b, PTRS & 8, COMPUTE)
@@ -188,10 +191,18 @@ def _sde_backward_kernel(x_ptr, v0_ptr, v1_ptr, v2_ptr, prev_ptr, vref_ptr, glp_
                 tl.store(dv2_ptr + offs, (gw * g_v).to(dv2_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(n: int) -> tuple[int, int, int]:
+#: Programs of one launch: grid axis 0 takes up to 2³¹ − 1.
+MAX_PROGRAMS = 2**31 - 1
+
+
+def _launch_shape(batch: int, n: int) -> tuple[int, int, int]:
     """(BLOCK, TILES, chunks): small fixed tiles under the interpreter, 4 K-element chunks on GPU."""
     block, tiles = (128, 2) if interpreting() else (1024, 4)
-    return block, tiles, triton.cdiv(n, block * tiles)
+    chunks = triton.cdiv(n, block * tiles)
+    if batch * chunks > MAX_PROGRAMS:
+        raise ValueError(f"x is too large for one Triton launch: {batch} samples x {chunks} chunks of "
+                         f"{block * tiles} elements > {MAX_PROGRAMS} programs; split the batch")
+    return block, tiles, chunks
 
 
 def _step_args(params: StepParams, dummy: torch.Tensor) -> tuple[list, dict]:
@@ -212,21 +223,22 @@ def _step_args(params: StepParams, dummy: torch.Tensor) -> tuple[list, dict]:
 
 
 def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tensor, v_ref: torch.Tensor | None,
-            params: StepParams, rollout: bool, norm: int):
+            params: StepParams, rollout: bool, norm: int, want_mean: bool):
     """See torch_backend.forward."""
     batch, n = x.shape
-    block, tiles, chunks = _launch_shape(n)
+    block, tiles, chunks = _launch_shape(batch, n)
     prev = torch.empty_like(x) if rollout else None
-    mean = torch.empty_like(x)
+    mean = torch.empty_like(x) if want_mean else None
     part = torch.empty((2 if v_ref is not None else 1, batch, chunks), dtype=params.dtype, device=x.device)
     out = torch.empty((3, batch), dtype=params.dtype, device=x.device)
     step, const = _step_args(params, x)
     sig, nxt, smax, gs, gw, eta = step[0:3], step[3:6], step[6:9], step[9:12], step[12:15], step[15]
     v1, v2 = (tuple(vels[1:]) + (x, x))[:2]
-    _sde_forward_kernel[(chunks, batch)](
-        x, vels[0], v1, v2, target, x if v_ref is None else v_ref, mean if prev is None else prev, mean,
-        part[0], part[-1], *sig, *nxt, *smax, *gs, *gw, eta, n, chunks,
-        NV=len(vels), ROLLOUT=rollout, HAS_REF=v_ref is not None, BLOCK=block, TILES=tiles, num_warps=4, **const)
+    _sde_forward_kernel[(batch * chunks,)](
+        x, vels[0], v1, v2, target, x if v_ref is None else v_ref, x if prev is None else prev,
+        x if mean is None else mean, part[0], part[-1], *sig, *nxt, *smax, *gs, *gw, eta, n, chunks,
+        NV=len(vels), ROLLOUT=rollout, HAS_REF=v_ref is not None, STORE_MEAN=want_mean, BLOCK=block, TILES=tiles,
+        num_warps=4, **const)
     _sde_finalize_kernel[(batch,)](
         part[0], part[-1], out, *sig, *nxt, *smax, eta, chunks, batch, 1.0 / norm, n / norm,
         HAS_REF=v_ref is not None, BLOCK_C=min(triton.next_power_of_2(chunks), 256), num_warps=1, **const)
@@ -238,7 +250,7 @@ def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor
              grad_mean: torch.Tensor | None, grad_prev: torch.Tensor | None, needs: tuple[bool, ...]):
     """See torch_backend.backward."""
     batch, n = x.shape
-    block, tiles, chunks = _launch_shape(n)
+    block, tiles, chunks = _launch_shape(batch, n)
     grad_kl = grad_kl if v_ref is not None else None
     grads = [None if g is None else g.contiguous() for g in (grad_log_prob, grad_kl, grad_mean, grad_prev)]
     dx = torch.empty_like(x) if needs[0] else None
@@ -246,9 +258,9 @@ def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor
     outs = (dx,) + dvs + (None,) * (3 - len(vels))
     step, const = _step_args(params, x)
     v1, v2 = (tuple(vels[1:]) + (x, x))[:2]
-    _sde_backward_kernel[(chunks, batch)](
+    _sde_backward_kernel[(batch * chunks,)](
         x, vels[0], v1, v2, prev, x if v_ref is None else v_ref, *(x if g is None else g for g in grads),
-        *(x if o is None else o for o in outs), *step, n, 1.0 / norm,
+        *(x if o is None else o for o in outs), *step, n, chunks, 1.0 / norm,
         NV=len(vels), HAS_GLP=grads[0] is not None, HAS_GKL=grads[1] is not None, HAS_GMEAN=grads[2] is not None,
         HAS_GPREV=grads[3] is not None, NEED_DX=outs[0] is not None, NEED_DV0=outs[1] is not None,
         NEED_DV1=outs[2] is not None, NEED_DV2=outs[3] is not None, BLOCK=block, TILES=tiles, num_warps=4,
