@@ -9,8 +9,8 @@ the timed call). Anchors, written in this file after notes/peers.md §1.1 and no
            (nonzero() + .item() per sample), timed including that lookup;
   compile: torch.compile of the same formula (dynamic=False, no CUDA graphs), σ given as per-sample
            tensors (it cannot compile the lookup loop, which would graph-break);
-  floor:   the bytes the op must move (reads + writes of latent-sized tensors, ours writes μ on top)
-           over the device-to-device copy rate measured in this run (μ is not written: return_mean=False).
+  floor:   the bytes the op must move (reads + writes of latent-sized tensors; ours no longer writes μ,
+           return_mean=False) over the device-to-device copy rate measured in this run.
 Targets: ours <= 1.5x floor, >= 10x faster than eager (with lookup), >= 1.3x faster than compile,
 and zero host synchronisations (checked with torch.cuda.set_sync_debug_mode("error")).
 Run: `pytest benchmarks/bench_sde.py --benchmark-only -s`; PEC_BENCH_COMPILE=0 skips torch.compile.
