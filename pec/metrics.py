@@ -21,11 +21,27 @@ from pec_kernels._checks import check_tensor
 def mean_pairwise_distance(features: torch.Tensor) -> float:
     """Mean Euclidean distance over all unordered pairs of rows of `features` (n, D), n >= 2."""
     check_tensor("features", features, ndims=(2,))
-    n = features.shape[0]
+    return float(group_pairwise_distance(features[None])[0])
+
+
+def group_pairwise_distance(groups: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(G,) float64 mean Euclidean distance over the pairs of distinct rows of each group (G, n, D).
+
+    With a (G, n) bool `valid` mask only pairs of valid rows count (invalid rows may hold NaN), and a
+    group with fewer than 2 valid rows gets 0. No host synchronisation.
+    """
+    check_tensor("groups", groups, ndims=(3,))
+    n = groups.shape[1]
     if n < 2:
-        raise ValueError(f"features needs at least 2 rows, got {n}")
-    d = torch.cdist(features.double(), features.double())
-    return float(d.sum() / (n * (n - 1)))
+        raise ValueError(f"groups need at least 2 rows each, got {n}")
+    if valid is None:
+        valid = torch.ones(groups.shape[:2], dtype=torch.bool, device=groups.device)
+    if valid.shape != groups.shape[:2]:
+        raise ValueError(f"valid must have shape (G, n) = {tuple(groups.shape[:2])}, got {tuple(valid.shape)}")
+    x = torch.where(valid[..., None], groups.double(), torch.zeros((), dtype=torch.float64, device=groups.device))
+    pairs = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=groups.device)
+    d = torch.where(pairs, torch.cdist(x, x), torch.zeros((), dtype=torch.float64, device=groups.device))
+    return d.sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).clamp_min(1)
 
 
 def vendi_score(features: torch.Tensor) -> float:

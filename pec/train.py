@@ -41,7 +41,7 @@ from pec.data import digit_prompt
 from pec.entropy import group_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
-from pec.metrics import mean_pairwise_distance
+from pec.metrics import group_pairwise_distance
 from pec.perceptual import build_space
 from pec.policy import Policy, latent_dim, resolve_device
 from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
@@ -267,8 +267,7 @@ class Trainer:
                                   check_finite=False)
             row[f"perc_knn/{name}"] = (knn.entropy * ok_dev).sum() / n_ok
             row[f"perc_gauss/{name}"] = (gauss.entropy * ok_dev).sum() / n_ok
-            row[f"diversity/{name}"] = sum(mean_pairwise_distance(g[keep.to(g.device)])
-                                           for g, keep, ok in zip(groups, mask, group_ok) if ok) / n_ok
+            row[f"diversity/{name}"] = (group_pairwise_distance(groups, mask.to(f.device)) * ok_dev).sum() / n_ok
             if name == p.space:
                 surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
         return row, surprisal

@@ -21,6 +21,7 @@ from pec.entropy import group_entropy
 from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import group_advantages
 from pec.logging_utils import read_metrics
+from pec.metrics import group_pairwise_distance, mean_pairwise_distance
 from pec.run_safety import Preempted, PreemptionHandler, TrainingStopped, sample_validity
 from pec.train import Trainer, main
 
@@ -69,6 +70,10 @@ def test_masked_advantages_and_entropy_use_the_valid_samples_only():
     alone = group_entropy(groups[0, [0, 2, 3]][None], k=1)
     torch.testing.assert_close(out.entropy[0], alone.entropy[0])
     assert out.surprisal[0, 1] == 0 and torch.isfinite(out.surprisal).all()
+    # So is its within-group diversity.
+    spread = group_pairwise_distance(groups, mask)
+    assert spread[0] == pytest.approx(mean_pairwise_distance(groups[0, [0, 2, 3]]))
+    assert spread[1] == pytest.approx(mean_pairwise_distance(groups[1]))
 
 
 def test_nan_reward_at_step_3_is_masked_and_never_reaches_a_checkpoint(world, tmp_path):
