@@ -2,9 +2,16 @@
 
 - PEC (DESIGN.md 2.4): R~_t = R + lambda * omega_t * surprisal, surprisal from the perceptual entropy
   estimator, per group.
-- PCGS, reward form (2.5): R~_t = R - lambda * omega_t * (log p_perc - log p_theta_t).
-- PCGS, guided form (2.5): `entropy_guidance` returns the gradient of each group's perceptual entropy
-  with respect to the current latents, which the sampler adds to the velocity.
+- PCGS, reward form (2.5; the paper's PCGS, named PCVAE on its project page):
+  R~_t = R - lambda * omega_t * (log p_perc - log p_gen), with log p_gen read as the behaviour
+  policy's log-prob of the step ("policy", the page's formula; see `pcgs_reward` for what that
+  amounts to) or as the sample's log-density under its group's Gaussian fit in the generated latent
+  space ("latent_group", `latent_group_log_density`).
+- PCGS, guided form (2.5; this project's own method, the design card's "guided sampling", in the line
+  of Particle Guidance and CADS): `entropy_guidance` returns the gradient of each group's perceptual
+  entropy with respect to the current latents (the direction that pushes the group apart);
+  `pec.sampling.guidance_shift` turns it into the velocity shift, with the sign and the scale-free size
+  decided there.
 - The policy-entropy bonus baseline: H = (D/2) log(2 pi e s^2) per step, which does not depend on
   theta (s is fixed by the schedule), so the bonus has zero gradient. That is the paper's point.
 
@@ -22,6 +29,8 @@ from pec.entropy import group_entropy
 from pec_kernels._checks import check_choice, check_tensor
 
 OMEGAS = ("uniform", "late", "early")
+# Readings of log p_gen in the PCGS reward form (`pcgs_reward`, `latent_group_log_density`).
+GENERATION_DENSITIES = ("policy", "latent_group")
 
 
 def omega_weights(name: str, num_steps: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,11 +66,25 @@ def pcgs_reward(rewards: torch.Tensor, log_p_perc: torch.Tensor, log_p_theta: to
                 omega: torch.Tensor) -> torch.Tensor:
     """PCGS reward form R~[b, t] = R[b] - lam * omega[t] * (log_p_perc[b] - log_p_theta[b, t]).
 
+    What the "policy" reading amounts to: with log_p_theta the behaviour policy's log-prob of the
+    sampled transition (the project page's formula), x' = mu + s*eps, so
+
+        log p_theta(x'|x) = -1/2 mean(eps^2) - log s - 1/2 log 2 pi,
+
+    which does not depend on theta (s is fixed by the schedule, and the same for every sample of a
+    step column). After per-group, per-column normalisation the constant -log s - 1/2 log 2 pi
+    cancels, and the shaped reward is PEC's R + lam*omega*surprisal plus lam*omega*(-1/2 mean(eps^2)):
+    zero-mean noise (its spread is lam*omega*sqrt(1/(2D)) for D latent elements) that carries no
+    information about the sample. So the "policy" reading is PEC with added noise;
+    `latent_group_log_density` gives a theta-dependent reading of "generation space" to pass as
+    `log_p_theta` instead (broadcast over the T columns).
+
     Args:
         rewards: (B,) task rewards.
         log_p_perc: (B,) perceptual log-density of each sample (= -surprisal), detached.
-        log_p_theta: (B, T) the behaviour policy's log-probability of each trained transition
-            (mean-reduced, as stored in the rollout), detached.
+        log_p_theta: (B, T) the generation-space log-density of each sample per trained step: the
+            behaviour policy's log-probability of each trained transition (mean-reduced, as stored in
+            the rollout) in the "policy" reading, detached.
         lam: lambda.
         omega: (T,) per-step weights.
     """
@@ -72,6 +95,31 @@ def pcgs_reward(rewards: torch.Tensor, log_p_perc: torch.Tensor, log_p_theta: to
                          f"got {tuple(log_p_theta.shape)}")
     one_sample_kl = log_p_perc.detach().float()[:, None] - log_p_theta.detach().float()
     return rewards.float()[:, None] - lam * omega[None, :] * one_sample_kl
+
+
+def latent_group_log_density(latents: torch.Tensor, group_size: int, *, per_dim: bool = True) -> torch.Tensor:
+    """The "latent_group" reading of log p_gen in the PCGS reward form: (B,) log-density of each
+    generated latent under a diagonal Gaussian fitted to its group (the estimator of DESIGN.md 2.2,
+    applied in the space the model generates in instead of a perceptual space).
+
+    Unlike the behaviour log-prob it depends on theta, through the samples: it is high for a sample
+    typical of what the policy generates for its prompt and low for an outlier, so
+    -(log p_perc - log p_gen) rewards samples that are rarer perceptually than in latent space.
+
+    Args:
+        latents: (B, ...) final latents of the rollout (`Rollout.latents[-1]`), groups contiguous.
+        group_size: samples per group (>= 2).
+        per_dim: divide by the number of latent elements, like the perceptual surprisal with
+            `perceptual.per_dim` and the mean-reduced policy log-prob.
+    """
+    check_tensor("latents", latents)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an int >= 2 (a Gaussian fit needs two samples), got {group_size!r}")
+    if latents.dim() < 2 or latents.shape[0] % group_size:
+        raise ValueError(f"latents must be (B, ...) with B a multiple of group_size={group_size}, "
+                         f"got shape {tuple(latents.shape)}")
+    flat = latents.detach().float().reshape(-1, group_size, latents[0].numel())
+    return -group_entropy(flat, estimator="gaussian", per_dim=per_dim).surprisal.reshape(-1)
 
 
 def policy_entropy(std: torch.Tensor | float, dim: int) -> torch.Tensor:
@@ -87,12 +135,16 @@ def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
                      encode: Callable[[torch.Tensor], torch.Tensor], group_size: int, *, estimator: str = "knn",
                      k: int = 3, per_dim: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                                    torch.Tensor]:
-    """A guidance function g(latents, sigma, v) for the guided PCGS sampler.
+    """A guidance function g(latents, sigma, v) for the guided PCGS sampler (`pec.sampling.sample`).
 
     g is the gradient of the sum of the groups' perceptual entropies with respect to the current
     latents, through x0_hat = x - sigma * v, the decoder and the encoder (the kNN op's backward); v
     is held constant, so no gradient goes through the transformer. Samples are grouped in consecutive
     runs of `group_size`, as the sampler lays them out.
+
+    g is an ascent direction in latent space: moving x along +g pushes each group apart. It is not
+    a velocity: the sampler's `guidance_shift` turns it into the shift -gamma*||v||*g/||g|| (minus,
+    because sampling moves x by dt*v with dt < 0; DESIGN.md 2.5).
 
     Args:
         decode: latents -> images in [0, 1], differentiable (FlowModel.decode).

@@ -6,7 +6,8 @@ import torch
 
 from pec.entropy import group_entropy
 from pec.grpo import group_advantages
-from pec.regularizers import entropy_guidance, omega_weights, pcgs_reward, pec_reward, policy_entropy
+from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
+                              policy_entropy)
 
 
 @pytest.mark.parametrize("name", ["uniform", "late", "early"])
@@ -85,3 +86,93 @@ def test_group_entropy_dispatch_and_k_check():
     assert knn.surprisal.shape == gauss.surprisal.shape == (3, 5)
     with pytest.raises(ValueError, match="k must be"):
         group_entropy(f, estimator="knn", k=5)
+
+
+def test_pcgs_policy_reading_is_pec_plus_zero_mean_noise():
+    """With log p_theta = the behaviour log-prob of the sampled transition, log p_theta = -1/2 mean(eps^2)
+    - log s - 1/2 log 2 pi: it does not depend on theta, and after group normalisation PCGS's reward
+    form gives PEC's advantages for the reward R - 1/2 lam omega mean(eps^2)."""
+    from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
+    from pec.sampling import sample, step_log_prob
+
+    tiny = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
+    policies = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        policies.append(EmbeddedFlowModel(tiny).eval())
+    prompts, k = ["a handwritten 3", "number 0", "the digit seven"], 4
+    rollouts = [sample(m, prompts, group_size=k, num_steps=3, guidance_scale=1.0, seed=7) for m in policies]
+    r = rollouts[0]
+    # Two different policies, the same noise: different samples, the same log-probs (independent of theta).
+    assert (rollouts[0].latents[-1] - rollouts[1].latents[-1]).abs().max() > 1e-2
+    torch.testing.assert_close(rollouts[0].log_probs, rollouts[1].log_probs, rtol=1e-5, atol=1e-5)
+
+    # The sampler's noise, drawn as `sample` draws it (initial latents, then every step's eps at once).
+    gen = torch.Generator().manual_seed(7)
+    torch.randn(r.latents[0].shape, generator=gen)
+    eps = torch.randn((r.num_steps, *r.latents[0].shape), generator=gen)
+    half_eps_sq = []
+    for step in r.train_steps():
+        out = step_log_prob(policies[0], r, step)
+        term = 0.5 * eps[step].square().flatten(1).mean(dim=1)
+        torch.testing.assert_close(r.log_probs[step], -term - out.std.log() - 0.5 * math.log(2 * math.pi),
+                                   rtol=0, atol=1e-5)
+        half_eps_sq.append(term)
+    half_eps_sq = torch.stack(half_eps_sq, dim=1)  # (B, T)
+    assert (half_eps_sq.mean() - 0.5).abs() < 0.1, "1/2 mean(eps^2) has expectation 1/2: zero-mean noise around it"
+
+    b = r.batch_size
+    rewards, surprisal = torch.rand(b), torch.rand(b)
+    omega, lam = omega_weights("late", r.num_steps), 0.3
+    old = r.log_probs.T
+    for global_std in (False, True):
+        pcgs_adv = group_advantages(pcgs_reward(rewards, -surprisal, old, lam, omega), r.group_ids,
+                                    global_std=global_std)
+        pec_noise = pec_reward(rewards, surprisal, lam, omega) - lam * omega[None] * half_eps_sq
+        torch.testing.assert_close(pcgs_adv, group_advantages(pec_noise, r.group_ids, global_std=global_std),
+                                   rtol=1e-4, atol=1e-4)
+        pec_adv = group_advantages(pec_reward(rewards, surprisal, lam, omega), r.group_ids, global_std=global_std)
+        assert (pcgs_adv - pec_adv).abs().max() > 1e-3, "the noise term is there"
+
+
+def test_latent_group_log_density_is_the_groups_gaussian_fit():
+    torch.manual_seed(0)
+    latents = torch.randn(6, 1, 2, 2)
+    dens = latent_group_log_density(latents, 3, per_dim=True)
+    assert dens.shape == (6,)
+    flat = latents.reshape(2, 3, 4).double()
+    mean, var = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
+    expected = (-0.5 * ((flat - mean) ** 2 / var + torch.log(2 * math.pi * var))).mean(dim=-1).reshape(-1)
+    torch.testing.assert_close(dens.double(), expected, rtol=1e-5, atol=1e-5)
+    # It depends on the samples (so on theta through them): an outlier lowers its own density.
+    moved = latents.clone()
+    moved[0] += 3.0
+    assert latent_group_log_density(moved, 3)[0] < dens[0]
+    torch.testing.assert_close(latent_group_log_density(moved, 3)[3:], dens[3:])
+    with pytest.raises(ValueError, match="group_size"):
+        latent_group_log_density(latents, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        latent_group_log_density(latents, 1)
+
+
+def test_trainer_reward_form_reads_the_configured_generation_density():
+    """Trainer.shaped_rewards: 'policy' passes the behaviour log-probs, 'latent_group' the latent fit."""
+    from types import SimpleNamespace
+
+    from pec.config import Config, apply_dict
+    from pec.train import Trainer
+
+    torch.manual_seed(0)
+    b, t, k = 8, 2, 4
+    rewards, surprisal, old = torch.rand(b), torch.rand(b), torch.randn(b, t)
+    latents = torch.randn(b, 1, 8, 8)
+    omega = omega_weights("uniform", t)
+    shaped = {}
+    for density in ("policy", "latent_group"):
+        cfg = Config()
+        apply_dict(cfg, {"method": "pcgs", "sampling": {"group_size": k},
+                         "pcgs": {"form": "reward", "generation_density": density, "lambda": 0.3}})
+        shaped[density] = Trainer.shaped_rewards(SimpleNamespace(cfg=cfg), rewards, surprisal, old, latents)
+    torch.testing.assert_close(shaped["policy"], pcgs_reward(rewards, -surprisal, old, 0.3, omega))
+    log_gen = latent_group_log_density(latents, k)[:, None].expand(b, t)
+    torch.testing.assert_close(shaped["latent_group"], pcgs_reward(rewards, -surprisal, log_gen, 0.3, omega))

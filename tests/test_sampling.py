@@ -146,7 +146,9 @@ def test_bad_arguments(model):
     with pytest.raises(ValueError, match="step"):
         step_log_prob(model, r, 2)
     with pytest.raises(ValueError, match="guidance_fn"):
-        sample(model, PROMPTS, num_steps=2, guidance_fn=lambda x, s, v: x[:1])
+        sample(model, PROMPTS, num_steps=2, guidance_fn=lambda x, s, v: x[:1], guidance_weight=0.1)
+    with pytest.raises(ValueError, match="guidance_weight"):
+        sample(model, PROMPTS, num_steps=2, guidance_fn=lambda x, s, v: x, guidance_weight=[0.1, 0.1, 0.1])
 
 
 def test_cfg_one_skips_the_unconditional_forward(model, monkeypatch):
