@@ -10,8 +10,9 @@ NAMES = ["classifier", "simclr", "autoencoder"]
 
 def test_registry_names_and_unknown_name():
     assert set(NAMES) <= set(ENCODERS.names())
-    with pytest.raises(ValueError, match=r"unknown perceptual encoder 'dino'.*autoencoder.*classifier.*simclr"):
-        ENCODERS.build("dino")
+    with pytest.raises(ValueError, match=r"unknown perceptual encoder 'dinov3'.*autoencoder.*classifier.*simclr"):
+        ENCODERS.build("dinov3")
+    assert {"dino", "clip", "pickscore"} <= set(ENCODERS.names())
 
 
 @pytest.mark.parametrize("name", NAMES)

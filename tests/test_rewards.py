@@ -10,6 +10,8 @@ def test_registry_names_and_unknown_name():
     assert {"digit", "contrast", "smoothness"} <= set(REWARDS.names())
     with pytest.raises(ValueError, match=r"unknown reward 'clip'.*contrast.*digit.*smoothness"):
         REWARDS.build("clip")
+    assert {"pickscore", "clipscore", "hpsv2", "aesthetic", "jpeg", "jpeg_incompressibility", "http"} <= set(
+        REWARDS.names())
 
 
 @pytest.mark.parametrize("name", ["digit", "contrast", "smoothness"])
@@ -22,7 +24,13 @@ def test_shape_dtype_range_and_no_grad(name):
     with pytest.raises(ValueError, match="prompts"):
         reward(images, ["a handwritten 1"])
     with pytest.raises(ValueError, match="images"):
-        reward(torch.rand(5, 3, 8, 8), [digit_prompt(1)] * 5)
+        reward(torch.rand(5, 2, 8, 8), [digit_prompt(1)] * 5)
+    if name == "digit":  # the classifier reads 8x8 digits; the rule rewards take any size
+        with pytest.raises(ValueError, match="images"):
+            reward(torch.rand(5, 3, 8, 8), [digit_prompt(1)] * 5)
+    else:
+        r = reward(torch.rand(2, 3, 40, 24), [digit_prompt(1)] * 2)
+        assert r.shape == (2,) and ((r >= 0) & (r <= 1)).all()
 
 
 def test_digit_reward_reads_the_prompted_digit():

@@ -1,4 +1,5 @@
-"""The diffusers SD3 adapter on a tiny randomly initialised pipeline (no downloads)."""
+"""The diffusers SD3 adapter on tiny random pipelines saved in the real on-disk layout (no downloads)."""
+import copy
 import json
 
 import pytest
@@ -7,46 +8,21 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from _tiny_diffusers import tiny_sd3_folder, tiny_sd3_pipeline  # noqa: E402
+
+from pec.config import ModelConfig  # noqa: E402
+from pec.models import check_model_config  # noqa: E402
 from pec.models.sd3 import SD3FlowModel  # noqa: E402
+from pec.sampling import schedule_sigmas  # noqa: E402
 
 
-def _tiny_tokenizer(tmp_path):
-    words = ["a", "photo", "of", "cat", "dog"]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for w in words:
-        vocab[w + "</w>"] = len(vocab)
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"),
-                                   model_max_length=77)
-
-
-def _tiny_pipeline(tmp_path):
-    torch.manual_seed(0)
-    transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
-    clip_config = transformers.CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=100, projection_dim=32,
-        hidden_act="gelu")
-    vae = diffusers.AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1,
-        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035)
-    tok = _tiny_tokenizer(tmp_path)
-    return diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-        vae=vae, text_encoder=transformers.CLIPTextModelWithProjection(clip_config), tokenizer=tok,
-        text_encoder_2=transformers.CLIPTextModelWithProjection(clip_config), tokenizer_2=tok,
-        text_encoder_3=None, tokenizer_3=None)
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    return tiny_sd3_folder(tmp_path_factory.mktemp("sd3"))
 
 
 def test_sd3_adapter_contract(tmp_path):
-    pipe = _tiny_pipeline(tmp_path)
+    pipe = tiny_sd3_pipeline(tmp_path)
     model = SD3FlowModel(pipe, resolution=16)
     assert model.sample_shape == (4, 8, 8)
     prompts = model.encode_prompts(["a photo of a cat", ""])
@@ -54,17 +30,93 @@ def test_sd3_adapter_contract(tmp_path):
     assert not torch.equal(prompts.embeds[0], prompts.embeds[1])
     latents = torch.randn(2, *model.sample_shape)
     v = model.velocity(latents, torch.tensor([1.0, 0.5]), prompts)
-    assert v.shape == latents.shape and torch.isfinite(v).all()
+    assert v.shape == latents.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
     latents.requires_grad_(True)
     images = model.decode(latents)
     assert images.shape == (2, 3, 16, 16)
     images.sum().backward()
     assert torch.isfinite(latents.grad).all() and latents.grad.abs().sum() > 0
-    # Only the transformer trains.
+    # Only the transformer trains; the text encoders are not submodules (model.to() leaves them be).
     assert all(not p.requires_grad for p in pipe.vae.parameters())
+    assert all(not p.requires_grad for p in pipe.text_encoder.parameters())
     assert any(p.requires_grad for p in model.transformer.parameters())
+    assert not any(n.startswith("pipeline") or "text_encoder" in n for n, _ in model.named_parameters())
 
 
 def test_sd3_adapter_rejects_bad_resolution(tmp_path):
     with pytest.raises(ValueError, match="resolution"):
-        SD3FlowModel(_tiny_pipeline(tmp_path), resolution=13)
+        SD3FlowModel(tiny_sd3_pipeline(tmp_path), resolution=13)
+
+
+def test_load_from_folder_schedule_cache_and_decode_batches(sd3_folder):
+    model = SD3FlowModel.from_pretrained(str(sd3_folder), dtype="float32", device="cpu", resolution=32, vae_batch=2)
+    assert model.sample_shape == (4, 16, 16)
+    # The sigma schedule is the one SD3's pipeline uses: the folder's scheduler config (shift 3).
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(sd3_folder / "scheduler"))
+    assert scheduler.config.shift == 3.0
+    scheduler.set_timesteps(6)
+    assert torch.allclose(model.schedule(6), scheduler.sigmas.float())
+    assert not torch.allclose(model.schedule(6), schedule_sigmas(6))  # the embedded model's unshifted one
+    # Each prompt is encoded once; the cache answers exactly what a fresh encode gives.
+    first = model.encode_prompts(["a red car", "a dog", "a red car"])
+    assert model.prompt_cache.misses == 2
+    again = model.encode_prompts(["a dog", "a red car"])
+    assert model.prompt_cache.misses == 2
+    assert torch.equal(again.embeds[1], first.embeds[0]) and torch.equal(again.pooled[0], first.pooled[1])
+    fresh = model._encode(["a dog"], torch.device("cpu"))
+    assert torch.allclose(fresh.embeds[0], again.embeds[0])
+    # Micro-batched decoding gives what one batch gives.
+    latents = torch.randn(5, *model.sample_shape)
+    with torch.no_grad():
+        chunked = model.decode(latents)
+        model.vae_batch = 0
+        whole = model.decode(latents)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_without_t5_and_reference_copy_shares_encoders(sd3_folder):
+    model = SD3FlowModel.from_pretrained(str(sd3_folder), dtype="float32", device="cpu", resolution=16, t5=False)
+    assert model.pipeline.text_encoder_3 is None
+    batch = model.encode_prompts(["a cat"])
+    assert torch.isfinite(batch.embeds).all()
+    reference = copy.deepcopy(model)
+    assert reference.transformer is not model.transformer and reference.vae is model.vae
+    assert reference.pipeline.text_encoder is model.pipeline.text_encoder
+    assert reference.prompt_cache is model.prompt_cache
+
+
+def test_bf16_weights_give_float32_velocity(tmp_path):
+    model = SD3FlowModel(tiny_sd3_pipeline(tmp_path).to(dtype=torch.bfloat16), resolution=16,
+                         gradient_checkpointing=True)
+    assert model.transformer.dtype == torch.bfloat16 and model.transformer.is_gradient_checkpointing
+    prompts = model.encode_prompts(["a cat", ""])
+    v = model.velocity(torch.randn(2, *model.sample_shape), torch.tensor([0.9, 0.3]), prompts)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_folder_checks_name_the_option(sd3_folder, tmp_path):
+    cfg = ModelConfig(name="sd3", path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="--model.path.*not a folder"):
+        check_model_config(cfg)
+    cfg.path = str(tmp_path)
+    with pytest.raises(ValueError, match="--model.path.*no model_index.json"):
+        check_model_config(cfg)
+    cfg.path = str(sd3_folder)
+    check_model_config(cfg)
+    cfg.name = "flux"
+    with pytest.raises(ValueError, match="holds a StableDiffusion3Pipeline.*--model.name"):
+        check_model_config(cfg)
+    cfg.name, cfg.resolution = "sd3", 500
+    with pytest.raises(ValueError, match="--model.resolution"):
+        check_model_config(cfg)
+    # A transformer of another architecture in an SD3 folder.
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for item in sd3_folder.iterdir():
+        (wrong / item.name).symlink_to(item)
+    (wrong / "transformer").unlink()
+    (wrong / "transformer").mkdir()
+    (wrong / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    cfg.resolution, cfg.path = 512, str(wrong)
+    with pytest.raises(ValueError, match="FluxTransformer2DModel.*another architecture"):
+        check_model_config(cfg)

@@ -260,7 +260,7 @@ def load_open_clip(path: str | Path, option: str, arch: str | None = None, devic
         name, pretrained = arch, str(p)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, weights_only=False)
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError, KeyError) as err:
         raise ValueError(f"{option}: {p} does not fit the open_clip architecture {arch or p.name}: a checkpoint of "
                          f"another architecture; check {option}_arch ({str(err).splitlines()[0][:200]})") from None
     cfg = model.visual.preprocess_cfg
