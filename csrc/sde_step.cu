@@ -204,14 +204,16 @@ sde_forward_kernel(const T* __restrict__ x, const T* __restrict__ v0, const T* _
   }
 }
 
-// One block per sample: out = (3, B) [log_prob, kl, std], partials summed in a fixed order.
+// One block per sample: writes log_prob[b], std[b] and kl[b] (when part_kl is given), partials summed in
+// a fixed order. Three separate (B,) outputs, so that no output of the op aliases another.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-sde_finalize_kernel(const A* __restrict__ part_r, const A* __restrict__ part_kl, A* __restrict__ out,
-                    StepArgs<A> step, int64_t n_chunks, A inv_norm, A n_over_norm) {
+sde_finalize_kernel(const A* __restrict__ part_r, const A* __restrict__ part_kl, A* __restrict__ log_prob,
+                    A* __restrict__ kl, A* __restrict__ std_out, StepArgs<A> step, int64_t n_chunks, A inv_norm,
+                    A n_over_norm) {
   __shared__ A shared_r[kThreads / 32];
   __shared__ A shared_k[kThreads / 32];
-  const int64_t b = blockIdx.x, batch = gridDim.x;
+  const int64_t b = blockIdx.x;
   A acc_r = 0, acc_k = 0;
   for (int64_t c = threadIdx.x; c < n_chunks; c += kThreads) {
     acc_r += part_r[b * n_chunks + c];
@@ -221,9 +223,9 @@ sde_finalize_kernel(const A* __restrict__ part_r, const A* __restrict__ part_kl,
   if (part_kl != nullptr) acc_k = block_sum(acc_k, shared_k);
   if (threadIdx.x == 0) {
     const Coefficients<A> c = step_coefficients(step, b);
-    out[b] = c.log_norm * n_over_norm - c.inv_two_var * acc_r * inv_norm;
-    out[batch + b] = part_kl != nullptr ? c.inv_two_var * c.b * c.b * acc_k * inv_norm : A(0);
-    out[2 * batch + b] = c.s;
+    log_prob[b] = c.log_norm * n_over_norm - c.inv_two_var * acc_r * inv_norm;
+    if (part_kl != nullptr) kl[b] = c.inv_two_var * c.b * c.b * acc_k * inv_norm;
+    std_out[b] = c.s;
   }
 }
 
@@ -382,7 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_
   const int nv = static_cast<int>(vels.size());
   at::Tensor prev = rollout ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor mean = need_mean ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor out = at::empty({3, batch}, x.options().dtype(compute_type(x)));
+  const auto per_sample = x.options().dtype(compute_type(x));
+  at::Tensor log_prob = at::empty({batch}, per_sample), std_out = at::empty({batch}, per_sample);
+  at::Tensor kl = at::empty({v_ref.has_value() ? batch : 0}, per_sample);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_fwd", [&] {
     using A = at::acc_type<scalar_t, true>;
     const StepArgs<A> step = step_args<A>(x, params, values, eta, kind);
@@ -395,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_
         n, {x.data_ptr(), vels[0].data_ptr(), v1, v2, target.data_ptr(), vref, prev_p, mean_p});
     const int64_t chunk_elems = int64_t(kThreads) * vec * kItersPerChunk;
     const int64_t n_chunks = (n + chunk_elems - 1) / chunk_elems;
-    at::Tensor part = at::empty({vref != nullptr ? 2 : 1, batch, n_chunks}, out.options());
+    at::Tensor part = at::empty({vref != nullptr ? 2 : 1, batch, n_chunks}, per_sample);
     A* part_r = part.data_ptr<A>();
     A* part_kl = vref != nullptr ? part_r + batch * n_chunks : nullptr;
     const auto stream = at::cuda::getCurrentCUDAStream();
@@ -406,11 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sde_step_
           mean_p, part_r, part_kl, step, batch, n, chunk_elems, nv, rollout);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sde_finalize_kernel<A><<<batch, kThreads, 0, stream>>>(part_r, part_kl, out.data_ptr<A>(), step, n_chunks,
-                                                           static_cast<A>(1.0 / norm), static_cast<A>(n / norm));
+    sde_finalize_kernel<A><<<batch, kThreads, 0, stream>>>(
+        part_r, part_kl, log_prob.data_ptr<A>(), vref != nullptr ? kl.data_ptr<A>() : nullptr, std_out.data_ptr<A>(),
+        step, n_chunks, static_cast<A>(1.0 / norm), static_cast<A>(n / norm));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {prev, mean, out[0], v_ref.has_value() ? out[1] : at::empty({0}, out.options()), out[2]};
+  return {prev, mean, log_prob, kl, std_out};
 }
 
 std::vector<at::Tensor> sde_step_bwd(const at::Tensor& x, at::TensorList vels, const at::Tensor& prev,

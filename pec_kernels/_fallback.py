@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 R = TypeVar("R")
-#: A chain of (backend name, backend module), fastest first.
-Chain = Sequence[tuple[str, Any]]
+#: A chain of backend names, fastest first (each op maps a name to its module).
+Chain = Sequence[str]
 
 _failed: dict[tuple[str, str], str] = {}
 
@@ -35,20 +35,20 @@ def reset_fallbacks() -> None:
     _failed.clear()
 
 
-def usable(op: str, chain: Chain) -> list[tuple[str, Any]]:
+def usable(op: str, chain: Chain) -> tuple[str, ...]:
     """The chain without the backends that already failed for `op` (never empty: the last one stays)."""
-    kept = [(name, module) for name, module in chain if (op, name) not in _failed]
-    return kept or list(chain[-1:])
+    kept = tuple(name for name in chain if (op, name) not in _failed)
+    return kept or tuple(chain[-1:])
 
 
 def run(op: str, chain: Chain, fn: Callable[[Chain], R]) -> R:
-    """fn(chain[i:]) for the first i whose backend, chain[i][1], does not fail; see the module docstring.
+    """fn(chain[i:]) for the first i whose backend, chain[i], does not fail; see the module docstring.
 
     fn receives the rest of the chain so that it can hand it on (e.g. to an autograd Function, whose
     backward then falls back the same way).
     """
     chain = usable(op, chain)
-    for i, (name, _) in enumerate(chain):
+    for i, name in enumerate(chain):
         if i == len(chain) - 1 or torch.compiler.is_compiling():
             return fn(chain[i:])
         try:
@@ -56,7 +56,7 @@ def run(op: str, chain: Chain, fn: Callable[[Chain], R]) -> R:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # compile/launch failure of an optional backend: rerun on the next
-            _record(op, name, exc, chain[i + 1][0])
+            _record(op, name, exc, chain[i + 1])
     raise AssertionError("unreachable: the last backend's call returns or raises")
 
 

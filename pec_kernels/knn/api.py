@@ -12,7 +12,7 @@ from pec_kernels._checks import check_finite as _check_finite
 from pec_kernels.knn.autograd import NeighbourDistances
 from pec_kernels._fallback import Chain
 from pec_kernels._fallback import run as run_with_fallback
-from pec_kernels.knn.backends import BACKENDS, candidates
+from pec_kernels.knn.backends import BACKENDS, candidates, module_of
 from pec_kernels.knn.estimator import surprisal_from_distance
 
 MAX_K = 64
@@ -76,7 +76,7 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
     ref_groups = None if ref_groups is None else ref_groups.contiguous()
 
     def neighbours(chain: Chain) -> tuple[torch.Tensor, torch.Tensor]:
-        module = chain[0][1]
+        module = module_of(chain[0])
         with torch.no_grad():
             x_rank, ref_rank = x_groups.detach(), None if ref_groups is None else ref_groups.detach()
             if module.EXACT_SELECT:

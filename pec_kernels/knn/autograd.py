@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from pec_kernels._fallback import Chain
 from pec_kernels._fallback import run as run_with_fallback
+from pec_kernels.knn.backends import module_of
 from pec_kernels.knn.estimator import pair_coefficients, sort_pairs
 
 
@@ -21,7 +22,8 @@ class NeighbourDistances(torch.autograd.Function):
 
     distance = max(‖x_i − c_j‖, min_dist); the pairs clamped by min_dist get zero gradient.
     reference is None in self mode; a (1, M, D) reference is a bank shared by all groups. chain: the
-    backends (pec_kernels._fallback) from the one that selected `index` on; its head computes, and the
+    names of the backends (pec_kernels._fallback) from the one that selected `index` on; its head
+    (pec_kernels.knn.backends.module_of) computes, and the
     backward falls back along it. The indices come from the backend's own select, so no backend
     re-checks their range (that would cost a host synchronisation). `exact`, when
     the backend's selection already produced the exact fp32 distances of these pairs, saves recomputing them.
@@ -32,7 +34,7 @@ class NeighbourDistances(torch.autograd.Function):
                 min_dist: float, chain: Chain,
                 exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if exact is None:
-            exact = chain[0][1].pair_distances(x, reference, index, check_index=False)
+            exact = module_of(chain[0]).pair_distances(x, reference, index, check_index=False)
         exact, index = sort_pairs(exact, index)
         ctx.save_for_backward(x, reference, index, exact)
         ctx.mark_non_differentiable(index)
@@ -46,7 +48,8 @@ class NeighbourDistances(torch.autograd.Function):
         x, reference, index, exact = ctx.saved_tensors
         coef = pair_coefficients(grad_distance, exact, ctx.min_dist)
         grad_x, grad_reference = run_with_fallback(
-            "knn_entropy", ctx.chain, lambda chain: chain[0][1].pair_grad(x, reference, index, coef, check_index=False))
+            "knn_entropy", ctx.chain,
+            lambda chain: module_of(chain[0]).pair_grad(x, reference, index, coef, check_index=False))
         grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         if grad_reference is not None and ctx.needs_input_grad[1]:
             grad_reference = grad_reference.to(reference.dtype)

@@ -38,40 +38,52 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton") if device.type == "cuda" else ()
 
 
+#: The modules of the backends named by the last `candidates` call, for `module_of` (a global dict, so
+#: that torch.compile can read it while tracing).
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _import(name: str) -> ModuleType:
     try:
-        return importlib.import_module(_MODULES[name])
+        _LOADED[name] = importlib.import_module(_MODULES[name])
     except ImportError as exc:
         raise RuntimeError(f"backend={name!r} is unavailable: {exc}") from exc
+    return _LOADED[name]
 
 
 def _auto_candidate(name: str, x: torch.Tensor, reference: torch.Tensor | None, k: int) -> ModuleType | None:
     """The backend if it loads and takes these inputs; a broken optional backend only costs a warning.
     Its capability check never builds anything (the CUDA JIT build runs only when asked for)."""
     try:
-        module = importlib.import_module(_MODULES[name])
-        return module if module.supports(x, reference, k) else None
-    except ImportError:
+        module = _import(name)
+    except RuntimeError:  # not installed: nothing to say
         return None
+    try:
+        return module if module.supports(x, reference, k) else None
     except Exception as exc:  # "auto" must never fail where the torch backend works
         warnings.warn(f"pec_kernels.knn: backend {name!r} skipped: {exc!r}", RuntimeWarning, stacklevel=3)
         return None
 
 
-def candidates(backend: str, x: torch.Tensor, reference: torch.Tensor | None,
-               k: int) -> list[tuple[str, ModuleType]]:
-    """The chain of (name, module) to run these (validated, grouped) inputs on, fastest first.
+@torch.compiler.assume_constant_result
+def candidates(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: int) -> tuple[str, ...]:
+    """The chain of backend names to run these (validated, grouped) inputs on, fastest first; their
+    modules are then `module_of(name)`.
 
     "auto": on CUDA the CUDA kernels when they take the shape, then Triton when usable, then torch;
     on any other device torch alone. knn_entropy runs the chain with pec_kernels._fallback, so a
     faster backend that fails at run time falls back to the next one. An explicit backend is a chain
     of one, and one that cannot run raises: RuntimeError when it is not installed or built, ValueError
-    (naming `backend`) when it does not take these inputs.
+    (naming `backend`) when it does not take these inputs. torch.compile runs this once while tracing
+    and keeps the answer (it depends only on the inputs' metadata).
     """
     if backend == "auto":
-        chain = [(name, module) for name in _auto_order(x.device)
-                 if (module := _auto_candidate(name, x, reference, k)) is not None]
-        return chain + [("torch", _import("torch"))]
+        chain = []
+        for name in _auto_order(x.device):
+            if _auto_candidate(name, x, reference, k) is not None:
+                chain.append(name)
+        _import("torch")
+        return (*chain, "torch")
     if backend == "cuda":
         if x.device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}")
@@ -80,9 +92,14 @@ def candidates(backend: str, x: torch.Tensor, reference: torch.Tensor | None,
     if not module.supports(x, reference, k):
         raise ValueError(f"backend={backend!r} does not take these inputs: "
                          f"{module.why_unsupported(x, reference, k)}")
-    return [(backend, module)]
+    return (backend,)
+
+
+def module_of(name: str) -> ModuleType:
+    """The module of a backend named by `candidates`."""
+    return _LOADED[name]
 
 
 def resolve(backend: str, x: torch.Tensor, reference: torch.Tensor | None, k: int) -> ModuleType:
     """The module `backend` runs these inputs on first (the head of `candidates`)."""
-    return candidates(backend, x, reference, k)[0][1]
+    return module_of(candidates(backend, x, reference, k)[0])

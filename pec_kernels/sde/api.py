@@ -107,7 +107,7 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
     norm = math.prod(x.shape[1:]) if reduce == "mean" else 1
     flat = (_flat(x), _flat(target), _flat(v_ref), *(_flat(v) for v in vels))
     prev, mean, log_prob, kl, std = run_with_fallback(
-        "sde_step", backends.candidates(backend, latents),
+        "sde_step", backends.candidates(backend, *backends.placement(latents)),
         lambda chain: SdeStepFunction.apply(tuple(chain), params, rollout, norm, return_mean, *flat))
     prev = prev.view(x.shape) if rollout else prev_sample
     return SdeStep(prev, log_prob, None if mean is None else mean.view(x.shape), std, kl)

@@ -26,23 +26,40 @@ def _auto_order(device: torch.device, same_dtype: bool) -> tuple[str, ...]:
     return order + (("triton",) if triton_usable_on(device) else ())
 
 
-def candidates(backend: str, latents: tuple[torch.Tensor, ...]) -> list[tuple[str, ModuleType]]:
-    """The chain of (name, module) for `backend` and these latent-shaped inputs, fastest first.
+#: The modules of the backends named by the last `candidates` call, for `module_of` (a global dict, so
+#: that torch.compile can read it while tracing).
+_LOADED: dict[str, ModuleType] = {}
+
+
+@torch.compiler.assume_constant_result
+def candidates(backend: str, device: torch.device, same_dtype: bool) -> tuple[str, ...]:
+    """The chain of backend names for `backend` and latent-shaped inputs on `device` (`same_dtype`: all
+    of them in one dtype), fastest first; their modules are then `module_of(name)`.
 
     "auto": the backends of _auto_order, then torch; the ops run the chain with pec_kernels._fallback,
     so a faster backend that fails at run time falls back to the next. An explicit backend is a chain
-    of one; one that cannot run raises.
+    of one; one that cannot run raises. torch.compile runs this once while tracing and keeps the answer
+    (it depends only on the inputs' metadata).
     """
-    device = latents[0].device
-    same_dtype = all(t.dtype == latents[0].dtype for t in latents)
-    if backend == "auto":
-        return [(name, _module(name, device, same_dtype)) for name in _auto_order(device, same_dtype) + ("torch",)]
-    return [(backend, _module(backend, device, same_dtype))]
+    chain = _auto_order(device, same_dtype) + ("torch",) if backend == "auto" else (backend,)
+    for name in chain:
+        _LOADED[name] = _module(name, device, same_dtype)
+    return chain
+
+
+def module_of(name: str) -> ModuleType:
+    """The module of a backend named by `candidates`."""
+    return _LOADED[name]
 
 
 def resolve(backend: str, latents: tuple[torch.Tensor, ...]) -> ModuleType:
     """The module `backend` runs these inputs on first (the head of `candidates`)."""
-    return candidates(backend, latents)[0][1]
+    return module_of(candidates(backend, *placement(latents))[0])
+
+
+def placement(latents: tuple[torch.Tensor, ...]) -> tuple[torch.device, bool]:
+    """(device, whether all latent inputs share one dtype): what `candidates` decides on."""
+    return latents[0].device, all(t.dtype == latents[0].dtype for t in latents)
 
 
 def _module(backend: str, device: torch.device, same_dtype: bool) -> ModuleType:

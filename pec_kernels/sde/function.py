@@ -14,14 +14,15 @@ import torch
 
 from pec_kernels._fallback import Chain
 from pec_kernels._fallback import run as run_with_fallback
+from pec_kernels.sde.backends import module_of
 from pec_kernels.sde.coefficients import StepParams
 
 
 class SdeStepFunction(torch.autograd.Function):
     """forward(chain, params, rollout, norm, want_mean, x, target, v_ref, *vels) -> (prev, mean, log_prob, kl, std).
 
-    chain: the backends (pec_kernels._fallback) from the one to run on; its head computes the forward,
-    and the backward falls back along it. x, target, v_ref, vels: (B, n) contiguous; norm: n for
+    chain: the names of the backends (pec_kernels._fallback) from the one to run on; its head
+    (pec_kernels.sde.backends.module_of) computes the forward, and the backward falls back along it. x, target, v_ref, vels: (B, n) contiguous; norm: n for
     reduce="mean", 1 for "sum"; prev is None in re-evaluation mode, mean is None unless want_mean, kl is
     None without v_ref.
     """
@@ -29,8 +30,8 @@ class SdeStepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: Chain, params: StepParams, rollout: bool, norm: int, want_mean: bool, x: torch.Tensor,
                 target: torch.Tensor, v_ref: torch.Tensor | None, *vels: torch.Tensor):
-        prev, mean, log_prob, kl, std = chain[0][1].forward(x, vels, target, v_ref, params, rollout, norm,
-                                                            want_mean)
+        prev, mean, log_prob, kl, std = module_of(chain[0]).forward(x, vels, target, v_ref, params, rollout, norm,
+                                                                    want_mean)
         ctx.chain, ctx.params, ctx.norm, ctx.rollout = chain, params, norm, rollout
         ctx.save_for_backward(x, prev if rollout else target, v_ref, *vels)
         ctx.set_materialize_grads(False)
@@ -43,6 +44,7 @@ class SdeStepFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[5],) + tuple(ctx.needs_input_grad[8:])
         dx, dvs = run_with_fallback(
             "sde_step", ctx.chain,
-            lambda chain: chain[0][1].backward(x, tuple(vels), prev, v_ref, ctx.params, ctx.norm, grad_log_prob,
-                                               grad_kl, grad_mean, grad_prev if ctx.rollout else None, needs))
+            lambda chain: module_of(chain[0]).backward(x, tuple(vels), prev, v_ref, ctx.params, ctx.norm,
+                                                       grad_log_prob, grad_kl, grad_mean,
+                                                       grad_prev if ctx.rollout else None, needs))
         return (None, None, None, None, None, dx, None, None, *dvs)
