@@ -83,7 +83,8 @@ def schedule_sigmas(num_steps: int, shift: float = EMBEDDED_SHIFT,
 
 
 def sde_step_mask(num_steps: int, sde_window: tuple[int, int] | None) -> torch.Tensor:
-    """(num_steps,) bool: True for SDE steps, i.e. steps start <= t < end of `sde_window` (all if None)."""
+    """(num_steps,) bool: True for steps start <= t < end of `sde_window` (all if None): the SDE steps, or
+    any other step window (the trainer's guidance window)."""
     mask = torch.ones(num_steps, dtype=torch.bool)
     if sde_window is None:
         return mask
@@ -196,7 +197,7 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
            sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
            seed: int | None = None, guidance_fn: GuidanceFn | None = None,
            guidance_weight: float | Sequence[float] | torch.Tensor = 0.0, batch_size: int | None = None, shift: float | None = None, sigmas: torch.Tensor | None = None,
-           backend: str = "auto") -> Rollout:
+           backend: str = "auto", noise: torch.Tensor | None = None) -> Rollout:
     """Sample `group_size` images per prompt and record the trajectories (no grad).
 
     Each sample draws its own initial noise and per-step noise from `generator` (or a fresh one
@@ -204,7 +205,9 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     not depend on `batch_size`, which only chunks the model forwards. `sigmas` overrides the
     schedule of `schedule_sigmas(num_steps, shift)`; with neither, the model's own schedule
     (`FlowModel.schedule`: SD3's scheduler shift, FLUX's dynamic shift). kind, eta, backend: as in
-    `pec_kernels.sde.guided_sde_step`.
+    `pec_kernels.sde.guided_sde_step`. `noise` (num_steps + 1, B, *sample_shape), when given, replaces
+    the draws: noise[0] is the initial noise and noise[t + 1] step t's (the trainer draws it per sample
+    from the sample's global index, so samples do not depend on how a batch is split over processes).
 
     Guidance: `guidance_fn(latents, sigma, v_cfg)` is called on the whole batch with grad enabled (it
     may backpropagate through the decoder and an encoder) and returns the direction in which the
@@ -229,8 +232,14 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     cond = model.encode_prompts(list(prompts)).repeat_interleave(group_size)
     uncond = model.encode_prompts([""]).repeat_interleave(b)
     shape = (b, *model.sample_shape)
-    x = torch.randn(shape, generator=generator, device=device)
-    noise = torch.randn((num_steps, *shape), generator=generator, device=device)
+    if noise is None:
+        x = torch.randn(shape, generator=generator, device=device)
+        noise = torch.randn((num_steps, *shape), generator=generator, device=device)
+    else:
+        if noise.shape != (num_steps + 1, *shape):
+            raise ValueError(f"noise must have shape (num_steps + 1, B, *sample_shape) = {(num_steps + 1, *shape)}, "
+                             f"got {tuple(noise.shape)}")
+        x, noise = noise[0].to(device), noise[1:].to(device)
     weights = _step_weights(guidance_weight, num_steps) if guidance_fn is not None else torch.zeros(num_steps)
 
     latents, log_probs, guidance = [x], [], []

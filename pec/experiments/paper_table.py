@@ -33,6 +33,8 @@ from pec.logging_utils import read_metrics, plot_metrics
 # the per-dimension kNN surprisal's within-group std ~0.16, so the lambdas keep the paper's ratios
 # with the larger one at 0.5 (bonus spread ~1/3 of the reward's). At lambda = 1.0 (equal spreads)
 # PEC and PCGS kept all the diversity but gave up the whole reward gain (see the project notes).
+# GRPO + KL quotes Flow-GRPO's beta 0.04, so its KL is in Flow-GRPO's units (|dt| x the exact KL per step,
+# pec.sampling.kl_in_units); the measured table in the README predates that and used exact units.
 ROWS: dict[str, list[str]] = {
     "grpo": ["--method", "grpo"],
     "grpo_kl": ["--method", "grpo", "--train.kl_beta", "0.04", "--train.kl_units", "flow_grpo"],
