@@ -106,6 +106,11 @@ setup(
         "pyyaml",
         "tensorboard",
         "matplotlib",
+        # Real models, rewards and perceptual spaces (issue 9): text encoders, PickScore / CLIP / DINOv2
+        # through transformers, CLIPScore / HPSv2 / the clip space through open_clip (local-dir: needs 3.x).
+        "transformers>=4.46",
+        "open_clip_torch>=3.0",
+        "pillow",
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"]},
     ext_modules=ext_modules,

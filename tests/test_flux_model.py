@@ -2,6 +2,7 @@
 the FLUX adapter against diffusers' own FluxPipeline helpers, and `python -m pec.train` two steps with
 PEC, PCGS-guided and a multi-reward for both models, through the same loading code a user runs."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
 
-from _tiny_diffusers import tiny_dino_folder, tiny_flux_folder, tiny_open_clip_folder, tiny_sd3_folder  # noqa: E402
+from _tiny_diffusers import (tiny_clip_folder, tiny_dino_folder, tiny_flux_folder, tiny_open_clip_folder,  # noqa: E402
+                             tiny_sd3_folder)
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift  # noqa: E402
 
-from pec.config import Config  # noqa: E402
+import pec  # noqa: E402
+from pec.config import Config, parse_config  # noqa: E402
 from pec.models.flux import FLUX_LORA_TARGETS, FluxFlowModel, image_ids, pack_latents, unpack_latents  # noqa: E402
 from pec.policy import Policy  # noqa: E402
 from pec.train import main as train_main  # noqa: E402
@@ -23,7 +26,7 @@ from pec.train import main as train_main  # noqa: E402
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     return {"flux": tiny_flux_folder(tmp), "sd3": tiny_sd3_folder(tmp), "clip": tiny_open_clip_folder(tmp),
-            "dino": tiny_dino_folder(tmp)}
+            "dino": tiny_dino_folder(tmp), "pickscore": tiny_clip_folder(tmp)}
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,16 @@ def test_flux_refuses_cfg_and_a_wrong_reward_before_loading(world, tmp_path):
     with pytest.raises(SystemExit, match="--paths.pickscore is empty"):
         train_main(base + ["--reward", "pickscore:1.0,jpeg:0.1"])
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["flow_grpo_sd35", "flow_grpo_flux"])
+def test_shipped_real_model_configs_validate(world, name):
+    """The README's commands for the paper's runs, on tiny folders in place of the real weights."""
+    config = Path(pec.__file__).parent / "configs" / f"{name}.yaml"
+    model_dir = world["flux" if "flux" in name else "sd3"]
+    cfg = parse_config(["--config", str(config), "--model.path", str(model_dir),
+                        "--paths.pickscore", str(world["pickscore"]), "--paths.dino", str(world["dino"]),
+                        "--paths.clip", str(world["clip"])])
+    cfg.validate()
+    assert cfg.reward == "pickscore" and cfg.perceptual.space == "pickscore" and cfg.pec.lambda_ == 0.05
+    assert cfg.model.resolution == 512 and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
