@@ -66,8 +66,10 @@ class Policy:
                                  f"{type(transformer).__name__} has none: use --train.lora false")
             from peft import LoraConfig
 
+            # Flow-GRPO's targets, per model (FlowModel.lora_targets: SD3's or FLUX's).
             transformer.add_adapter(LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha,
-                                               init_lora_weights="gaussian", target_modules=list(self.model.lora_targets)))  # Flow-GRPO's, per model
+                                               init_lora_weights="gaussian",
+                                               target_modules=list(self.model.lora_targets)))
             for name, p in transformer.named_parameters():
                 p.requires_grad_("lora_" in name)
         else:

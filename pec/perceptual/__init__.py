@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+from torch import nn
+
 from pec.perceptual.encoders import FeatureEncoder, build_encoder, check_images
 from pec.perceptual.real import CHECKS, SPACES, BackboneSpace
 from pec.registry import Registry
 
-ENCODERS: Registry = Registry("perceptual encoder")
+ENCODERS: Registry[nn.Module] = Registry("perceptual encoder")
 for _name in ("classifier", "simclr", "autoencoder"):
     ENCODERS.register(_name)(partial(build_encoder, _name))
 for _name, _factory in SPACES.items():
@@ -25,14 +27,16 @@ def check_spaces(names: Sequence[str], paths: object = None) -> None:
     """ValueError for an unknown space or a missing / wrong local folder of a real one (config files only)."""
     for name in names:
         if name not in ENCODERS.names():
-            raise ValueError(f"--perceptual.spaces: unknown perceptual encoder {name!r}; choose from {ENCODERS.names()}")
+            raise ValueError(f"--perceptual.spaces: unknown perceptual encoder {name!r}; "
+                             f"choose from {ENCODERS.names()}")
         if name in CHECKS:
             CHECKS[name](paths)
 
 
-def build_space(name: str, device: str = "cpu", directory: object = None, paths: object = None):
+def build_space(name: str, device: str = "cpu", directory: object = None, paths: object = None) -> nn.Module:
     """The perceptual encoder `name` on `device` (embedded assets from `directory`, real weights from `paths`)."""
     return ENCODERS.build_with_options(name, {"paths": paths}, device=device, directory=directory)
 
 
-__all__ = ["ENCODERS", "build_space", "FeatureEncoder", "BackboneSpace", "build_encoder", "check_images", "check_spaces"]
+__all__ = ["ENCODERS", "build_space", "FeatureEncoder", "BackboneSpace", "build_encoder", "check_images",
+           "check_spaces"]

@@ -31,6 +31,11 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
                      "pytorch_model.bin")
 
 
+def backbone_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 for frozen backbones on a GPU (features are upcast to float32 before any use), else float32."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def check_real_images(images: object, name: str = "images") -> torch.Tensor:
     """ValueError unless `images` is a float tensor (B, C, H, W), B >= 1, C in (1, 3), H, W >= 1."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
@@ -100,7 +105,8 @@ def check_hf_clip(path: str | Path | None, option: str, what: str = "a transform
     proc = Path(processor).expanduser() if processor else folder
     if not any((proc / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")) or not any(
             (proc / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-        raise ValueError(f"{option}: {proc} lacks the CLIPProcessor files (preprocessor_config.json or processor_config.json, and the "
+        raise ValueError(f"{option}: {proc} lacks the CLIPProcessor files (preprocessor_config.json or "
+                         f"processor_config.json, and the "
                          f"tokenizer); PickScore_v1 uses those of laion/CLIP-ViT-H-14-laion2B-s32B-b79K: save "
                          f"them to a folder and pass it with {option}_processor")
     return folder
@@ -259,7 +265,7 @@ def load_open_clip(path: str | Path, option: str, arch: str | None = None, devic
     else:
         name, pretrained = arch, str(p)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True, weights_only=False)
+        model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
     except (RuntimeError, AssertionError, KeyError) as err:
         raise ValueError(f"{option}: {p} does not fit the open_clip architecture {arch or p.name}: a checkpoint of "
                          f"another architecture; check {option}_arch ({str(err).splitlines()[0][:200]})") from None

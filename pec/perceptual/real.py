@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pec.perceptual.backbones import check_dino, check_hf_clip, check_open_clip, load_dino, load_hf_clip, \
-    load_open_clip
+from pec.perceptual.backbones import (backbone_dtype, check_dino, check_hf_clip, check_open_clip, load_dino,
+                                     load_hf_clip, load_open_clip)
 
 
 class BackboneSpace(nn.Module):
@@ -32,28 +32,24 @@ class BackboneSpace(nn.Module):
         return self.backbone.image_features(images).float()
 
 
-def _dtype(device: str | torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def build_dino_space(device: str | torch.device = "cpu", directory: object = None,
                      paths: object = None) -> BackboneSpace:
     """DINOv2 CLS features from --paths.dino."""
-    return BackboneSpace(load_dino(getattr(paths, "dino", None), "--paths.dino", device, _dtype(device)))
+    return BackboneSpace(load_dino(getattr(paths, "dino", None), "--paths.dino", device, backbone_dtype(device)))
 
 
 def build_clip_space(device: str | torch.device = "cpu", directory: object = None,
                      paths: object = None) -> BackboneSpace:
     """open_clip image embeddings (normalised) from --paths.clip (--paths.clip_arch for a file)."""
     return BackboneSpace(load_open_clip(getattr(paths, "clip", None), "--paths.clip", getattr(paths, "clip_arch", None),
-                                        device, _dtype(device)))
+                                        device, backbone_dtype(device)))
 
 
 def build_pickscore_space(device: str | torch.device = "cpu", directory: object = None,
                           paths: object = None) -> BackboneSpace:
     """PickScore's image embeddings (normalised) from --paths.pickscore."""
-    return BackboneSpace(load_hf_clip(getattr(paths, "pickscore", None), "--paths.pickscore", device, _dtype(device),
-                                      processor=getattr(paths, "pickscore_processor", None)))
+    return BackboneSpace(load_hf_clip(getattr(paths, "pickscore", None), "--paths.pickscore", device,
+                                      backbone_dtype(device), processor=getattr(paths, "pickscore_processor", None)))
 
 
 SPACES: dict[str, Callable[..., BackboneSpace]] = {"dino": build_dino_space, "clip": build_clip_space,

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pec.perceptual.backbones import HFClip, load_hf_clip
-from pec.rewards.base import ImageReward, backbone_dtype
+from pec.perceptual.backbones import HFClip, backbone_dtype, load_hf_clip
+from pec.rewards.base import ImageReward
 
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 HEAD_DROPOUT = (0.2, 0.2, 0.1, 0.0)

@@ -18,11 +18,6 @@ from pec.rewards.digit import check_prompts
 DEFAULT_BATCH = 32
 
 
-def backbone_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 for frozen backbones on a GPU (safe: features are upcast before scoring), else float32."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 class ImageReward(nn.Module, abc.ABC):
     """reward(images (B, C, H, W) in [0, 1], prompts) -> (B,) float32, scored `batch_size` at a time."""
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pec.perceptual.backbones import OpenClip, load_open_clip
-from pec.rewards.base import ImageReward, backbone_dtype
+from pec.perceptual.backbones import OpenClip, backbone_dtype, load_open_clip
+from pec.rewards.base import ImageReward
 
 
 class ClipSimilarityReward(ImageReward):

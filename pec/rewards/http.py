@@ -76,8 +76,8 @@ class HttpReward(ImageReward):
         body = json.dumps({"prompts": prompts, "images": [encode_png(im) for im in images]}).encode()
         scores = self._post(body)
         if not isinstance(scores, Sequence) or len(scores) != len(prompts):
-            raise ValueError(f"reward server {self.url} answered {len(scores) if isinstance(scores, Sequence) else scores!r}"
-                             f" scores for {len(prompts)} images; it must answer {{\"scores\": [one per image]}}")
+            raise ValueError(f"reward server {self.url} answered {scores!r:.80} for {len(prompts)} images; it must "
+                             f"answer {{\"scores\": [one float per image]}}")
         return torch.tensor([float(s) for s in scores], dtype=torch.float32)
 
     def _post(self, body: bytes) -> list:

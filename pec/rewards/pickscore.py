@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from pec.perceptual.backbones import HFClip, load_hf_clip
-from pec.rewards.base import ImageReward, backbone_dtype
+from pec.perceptual.backbones import HFClip, backbone_dtype, load_hf_clip
+from pec.rewards.base import ImageReward
 
 PICKSCORE_SCALE = 26.0
 
