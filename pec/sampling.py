@@ -196,7 +196,8 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
            guidance_scale: float = 2.0, eta: float = 0.7, kind: str = "flow",
            sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
            seed: int | None = None, guidance_fn: GuidanceFn | None = None,
-           guidance_weight: float | Sequence[float] | torch.Tensor = 0.0, batch_size: int | None = None, shift: float | None = None, sigmas: torch.Tensor | None = None,
+           guidance_weight: float | Sequence[float] | torch.Tensor = 0.0, batch_size: int | None = None,
+           shift: float | None = None, sigmas: torch.Tensor | None = None,
            backend: str = "auto", noise: torch.Tensor | None = None) -> Rollout:
     """Sample `group_size` images per prompt and record the trajectories (no grad).
 
@@ -311,8 +312,8 @@ def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: to
 def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
                     sample_idx: torch.Tensor | slice | None = None) -> torch.Tensor:
     """The combined velocity v_uncond + scale·(v_cond − v_uncond) + shift of `model` at a recorded
-    step (shift: the stored guidance shift), as `step_log_prob` forms it. Call it under `torch.no_grad()` with the reference
-    model (e.g. LoRA adapters disabled) to get `v_ref` for the KL."""
+    step (shift: the stored guidance shift), as `step_log_prob` forms it. Call it under
+    `torch.no_grad()` with the reference model (e.g. LoRA adapters disabled) to get `v_ref` for the KL."""
     _, _, _, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, rollout.guidance_scale)
     v = v_cond if skips_uncond(rollout.guidance_scale) else v_uncond + rollout.guidance_scale * (v_cond - v_uncond)
     return v if guidance is None else v + guidance

@@ -18,10 +18,15 @@ SPACES = ("simclr", "classifier", "autoencoder")
 
 @pytest.fixture(scope="module")
 def world():
-    """The shipped pretrained model, encoders and training reward, with the default config."""
+    """The shipped pretrained model, encoders and training reward, with the default config; one torch
+    thread, as the trainer runs the embedded model (`Config.threads`: its tiny products are fastest
+    on one, and several threads crawl on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     encoders = {name: ENCODERS.build(name) for name in SPACES}
-    return EmbeddedFlowModel.from_pretrained(), encoders, REWARDS.build("digit"), Config()
+    yield EmbeddedFlowModel.from_pretrained(), encoders, REWARDS.build("digit"), Config()
+    torch.set_num_threads(threads)
 
 
 def test_shift_points_against_the_direction_with_a_fraction_of_the_velocity_norm():
@@ -88,7 +93,8 @@ def test_guidance_window_guides_only_its_steps(world):
     r = sample(model, [digit_prompt(1), digit_prompt(7)], group_size=4, num_steps=4, guidance_scale=1.0,
                seed=3, guidance_fn=counting, guidance_weight=[0.05, 0.05, 0.0, 0.0])
     assert calls == r.sigmas[:2].tolist()
-    assert r.guidance[:2].flatten(1).norm(dim=1).min() > 0 and torch.equal(r.guidance[2:], torch.zeros_like(r.guidance[2:]))
+    assert r.guidance[:2].flatten(1).norm(dim=1).min() > 0
+    assert torch.equal(r.guidance[2:], torch.zeros_like(r.guidance[2:]))
     assert r.guidance_weight.tolist() == pytest.approx([0.05, 0.05, 0.0, 0.0])
     # The stored shift is exactly 5% of the guided-free velocity's norm, per sample.
     with torch.no_grad():

@@ -1,11 +1,12 @@
 """`python -m pec.experiments.guidance_sweep`: what the PCGS guided form does to diversity and reward.
 
 Samples the pretrained embedded model (no training) with the trainer's rollout settings (the config
-defaults; training options after `--` change them, e.g. `-- --sampling.kind cps --config FILE.yaml`), unguided and guided at each --weights gamma, with the
-same seeds, so every sample of a guided batch starts from the same noise as its unguided twin. For
-each gamma it prints the within-group diversity (mean pairwise distance of the group's features) in
-every perceptual space, as a change from gamma = 0, and the training reward's mean and change: the
-diversity the guidance buys and its reward cost.
+defaults; training options after `--` change them, e.g. `-- --sampling.kind cps --config FILE.yaml`),
+unguided and guided at each --weights gamma, with the same seeds, so every sample of a guided batch
+starts from the same noise as its unguided twin. For each gamma it prints the within-group diversity
+(mean pairwise distance of the group's features) in every perceptual space, as a change from
+gamma = 0, and the training reward's mean and change: the diversity the guidance buys and its reward
+cost.
 
 Guidance (DESIGN.md 2.5, `pec.sampling.guidance_shift`): per sample, the velocity is shifted by
 -gamma*||v||*g/||g||, g the gradient of the group's perceptual entropy in `perceptual.space`
