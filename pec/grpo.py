@@ -77,14 +77,20 @@ class SurrogateStats:
 
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                      clip_range: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, SurrogateStats]:
-    """PPO's clipped surrogate loss, -mean min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - logp_old).
+                      clip_range: float, valid: torch.Tensor | None = None, *, clip_range_high: float | None = None
+                      ) -> tuple[torch.Tensor, SurrogateStats]:
+    """PPO's clipped surrogate loss, -mean min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = exp(logp - logp_old).
+
+    Clip-Higher (DAPO, arXiv 2503.14476) is the asymmetric case eps_high > eps_low: a ratio may rise
+    further than it may fall, so low-probability transitions with a positive advantage can gain more
+    before their gradient is cut (DAPO uses 0.28 against 0.2, i.e. eps_high = 1.4 eps_low).
 
     Args:
         log_prob: log-probabilities under the current policy (differentiable), any shape.
         old_log_prob: the behaviour policy's log-probabilities (same shape; treated as constants).
         advantages: same shape.
-        clip_range: epsilon.
+        clip_range: eps_low (and eps_high unless `clip_range_high` is given).
+        clip_range_high: eps_high; None = `clip_range` (the symmetric clip, bit for bit).
         valid: optional bool mask (same shape): masked elements count as ratio 1 and advantage 0, so
             they add nothing to the loss and a NaN in their log-probs cannot reach the gradient.
 
@@ -97,6 +103,9 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
                          f"{tuple(old_log_prob.shape)} and {tuple(advantages.shape)}")
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    high = clip_range if clip_range_high is None else clip_range_high
+    if high <= 0:
+        raise ValueError(f"clip_range_high must be > 0, got {clip_range_high}")
     delta = log_prob - old_log_prob.detach()
     if valid is not None:
         delta = torch.where(valid, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
@@ -104,10 +113,10 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
                                                                 device=advantages.device))
     ratio = torch.exp(delta)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
         stats = SurrogateStats(ratio_mean=ratio.mean(), ratio_min=ratio.min(), ratio_max=ratio.max(),
-                               clip_fraction=((ratio - 1.0).abs() > clip_range).float().mean(),
+                               clip_fraction=((ratio - 1.0 > high) | (1.0 - ratio > clip_range)).float().mean(),
                                approx_kl=0.5 * delta.square().mean())
     return loss, stats
