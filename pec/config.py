@@ -21,12 +21,14 @@ from typing import Any
 
 import yaml
 
+from pec.covariance import COV_VARIANTS
+from pec.distributed import PLACEMENTS
 from pec.entropy import ESTIMATORS
 from pec.regularizers import GENERATION_DENSITIES, OMEGAS
 from pec.sampling import KL_UNITS
 from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
 
-METHODS = ("grpo", "entropy_bonus", "pec", "pcgs")
+METHODS = ("grpo", "entropy_bonus", "entropy_sample", "perc_entropy_bonus", "pec", "pcgs", "clip_cov", "kl_cov")
 PCGS_FORMS = ("reward", "guided")
 
 
@@ -106,6 +108,10 @@ class TrainConfig:
     minibatches: int = option(1, "optimizer updates per rollout batch; the batch is split into this many shuffled "
                                  "minibatches (the first update is exactly on-policy, later ones are clipped)")
     clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio")
+    clip_range_high: float | None = option(None, "Clip-Higher (DAPO): the upper clip range eps_high, ratio clipped "
+                                                 "to [1 - clip_range, 1 + clip_range_high]; must be >= clip_range "
+                                                 "(DAPO: 0.28 against 0.2, i.e. 1.4 x clip_range). Clipping acts "
+                                                 "only off-policy (train.minibatches >= 2). Empty = clip_range")
     adv_clip: float = option(5.0, "clamp advantages to [-adv_clip, adv_clip]")
     global_std: bool = option(True, "normalise advantages by the batch-global std instead of the per-group std "
                                     "(Flow-GRPO's configs do; per-group std turns saturated groups' noise into "
@@ -171,7 +177,30 @@ class PcgsConfig:
 class EntropyBonusConfig:
     """The policy-entropy bonus baseline: loss -= coef * H(pi), with H analytic and independent of theta."""
 
-    coef: float = option(0.01, "weight of the policy-entropy bonus")
+    coef: float = option(0.01, "weight of the analytic entropy bonus: the policy entropy in the loss "
+                               "(entropy_bonus) or the batch's perceptual entropy in the reward "
+                               "(perc_entropy_bonus); neither depends on the sample, so neither changes the gradient")
+    sample_coef: float = option(0.5, "entropy_sample: weight of the per-sample bonus -log pi(x'|x) added to each "
+                                     "trained step's reward (0.5 = pec.lambda's default: the mean-reduced log-prob "
+                                     "and the per-dim surprisal are commensurate)")
+
+
+@dataclasses.dataclass
+class CovConfig:
+    """Clip-Cov and KL-Cov (Cui et al. 2025): covariance of log pi (or the perceptual log-density) with A."""
+
+    variant: str = option("native", f"one of {COV_VARIANTS}: the covariance of each (sample, trained step) entry "
+                                    "uses the policy log-prob (native) or the sample's perceptual log-density "
+                                    "-surprisal in perceptual.space (perceptual, the paper's PickScore rows)")
+    band: float = option(0.2, "clip_cov: the band is this top fraction of the step's entries by covariance (batch "
+                              "quantiles: the LLM paper's absolute band [1, 5] selects nothing on images)")
+    detach_fraction: float = option(0.1, "clip_cov: fraction r of the band whose gradient is detached (random, "
+                                         "seeded by seed and step; at least 1 entry when > 0). Default: 6 of 320 "
+                                         "entries on the embedded world")
+    kl_fraction: float = option(0.02, "kl_cov: top fraction of the step's entries by covariance that get the "
+                                      "penalty (at least 1 when > 0). Default: 6 of 320 entries on the embedded world")
+    kl_coef: float = option(1.0, "kl_cov: beta of the penalty beta*|log pi_old - log pi|; its gradient is 0 "
+                                 "on-policy, so it acts from the second minibatch on (train.minibatches >= 2)")
 
 
 @dataclasses.dataclass
@@ -190,6 +219,19 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class DistConfig:
+    """Several processes (`torchrun --nproc_per_node N -m pec.train ...`; see pec/distributed.py)."""
+
+    placement: str = option("contiguous", "where a prompt group's samples live: 'contiguous' (each group on one "
+                                          "rank: only rewards travel) or 'spread' (every group over all ranks, as "
+                                          "Flow-GRPO's sampler: rewards, masks and features are all-gathered)")
+    timeout: float = option(600.0, "seconds a collective waits for the other ranks before the run fails with an "
+                                   "error (a rank that died or hangs)")
+    processes: int = option(1, "number of processes of the run; set from torchrun's WORLD_SIZE and recorded in "
+                               "config.yaml (not an input)")
+
+
+@dataclasses.dataclass
 class EvalConfig:
     """Evaluation: images per prompt on fixed held-out seeds."""
 
@@ -198,6 +240,16 @@ class EvalConfig:
     eta: float = option(0.0, "sampler noise level at evaluation (0 = ODE, as Flow-GRPO evaluates)")
     num_steps: int | None = option(None, "denoising steps at evaluation; empty = the run's sampling.num_steps")
     batch: int = option(64, "images per sampling call")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Training prompts."""
+
+    prompts: str | None = option(None, "prompt source for real models: a .txt (one a line), .jsonl ('prompt' field) "
+                                       "or .csv ('prompt' column) file, split 90/10 into train/test with a fixed "
+                                       "seed, or a Flow-GRPO dataset folder (train.txt/test.txt or "
+                                       "*_metadata.jsonl) with its own split; empty = the embedded digit prompts")
 
 
 @dataclasses.dataclass
@@ -244,9 +296,12 @@ class Config:
     pec: PecConfig = option(PecConfig(), "")
     pcgs: PcgsConfig = option(PcgsConfig(), "")
     entropy_bonus: EntropyBonusConfig = option(EntropyBonusConfig(), "")
+    cov: CovConfig = option(CovConfig(), "")
     logging: LoggingConfig = option(LoggingConfig(), "")
     eval: EvalConfig = option(EvalConfig(), "")
+    dist: DistConfig = option(DistConfig(), "")
     paths: PathsConfig = option(PathsConfig(), "")
+    data: DataConfig = option(DataConfig(), "")
 
     def validate(self) -> Config:
         """Raise ValueError, saying what to change, for a configuration that cannot run; return self."""
@@ -256,8 +311,16 @@ class Config:
         _choice("pec.omega", self.pec.omega, OMEGAS)
         _choice("pcgs.omega", self.pcgs.omega, OMEGAS)
         _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
+        _choice("dist.placement", self.dist.placement, PLACEMENTS)
+        if self.dist.timeout <= 0:
+            raise ValueError(f"dist.timeout must be > 0 seconds, got {self.dist.timeout}")
         _choice("pcgs.generation_density", self.pcgs.generation_density, GENERATION_DENSITIES)
         _choice("train.kl_units", self.train.kl_units, KL_UNITS)
+        _choice("cov.variant", self.cov.variant, COV_VARIANTS)
+        for name, value in (("cov.band", self.cov.band), ("cov.detach_fraction", self.cov.detach_fraction),
+                            ("cov.kl_fraction", self.cov.kl_fraction)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
         if self.train.kl_units == "flow_grpo" and self.sampling.kind == "dance":
             raise ValueError("train.kl_units flow_grpo is defined for sampling.kind flow and cps only (Flow-GRPO has "
                              "no KL for DanceGRPO's SDE): use --train.kl_units exact with --sampling.kind dance")
@@ -299,9 +362,14 @@ class Config:
                 raise ValueError(f"{name} must be > 0, got {value}")
         for name, value in (("train.kl_beta", t.kl_beta), ("pec.lambda", self.pec.lambda_),
                             ("pcgs.lambda", self.pcgs.lambda_), ("pcgs.guidance_weight", self.pcgs.guidance_weight),
-                            ("entropy_bonus.coef", self.entropy_bonus.coef), ("train.weight_decay", t.weight_decay)):
+                            ("entropy_bonus.coef", self.entropy_bonus.coef), ("train.weight_decay", t.weight_decay),
+                            ("entropy_bonus.sample_coef", self.entropy_bonus.sample_coef),
+                            ("cov.kl_coef", self.cov.kl_coef)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if t.clip_range_high is not None and t.clip_range_high < t.clip_range:
+            raise ValueError(f"train.clip_range_high ({t.clip_range_high}) must be >= train.clip_range "
+                             f"({t.clip_range}): Clip-Higher widens the upper clip only")
         if self.logging.milestone_every < 0:
             raise ValueError(f"logging.milestone_every must be >= 0 (0 = no milestones), got "
                              f"{self.logging.milestone_every}")
@@ -320,8 +388,9 @@ class Config:
 
 
 def _check_local_weights(cfg: Config) -> None:
-    """The model folder, reward spec and perceptual spaces: names and local paths, read from config files only,
-    so a wrong path fails before any model loads."""
+    """The model folder, reward spec, perceptual spaces and prompt file: names and local paths, read from config
+    and prompt files only, so a wrong path fails before any model loads."""
+    from pec.data.prompt_files import load_prompt_splits
     from pec.models import check_model_config
     from pec.perceptual import check_spaces
     from pec.rewards import check_reward_spec
@@ -329,6 +398,8 @@ def _check_local_weights(cfg: Config) -> None:
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths)
     check_spaces(cfg.perceptual.spaces, cfg.paths)
+    if cfg.data.prompts:
+        load_prompt_splits(cfg.data.prompts)
 
 
 def _choice(name: str, value: object, choices: Sequence[object]) -> None:

@@ -2,8 +2,9 @@
 
 One training step:
 1. rollouts: `prompts_per_step` prompts, `group_size` samples each with distinct noise, through
-   `pec.sampling.sample` (CFG, the chosen SDE kind and window; the PCGS guided form adds the
-   perceptual-entropy gradient to the velocity and stores it with the rollout);
+   `pec.sampling.sample` (CFG, the chosen SDE kind and window; the PCGS guided form shifts the
+   velocity to push each group apart along its perceptual-entropy gradient, `pec.sampling.guidance_shift`,
+   and stores the shift with the rollout);
 2. the reward of every final image, and the perceptual features of every image in each space;
 3. a (B, T) shaped-reward array (one column per trained step: R for GRPO, + lambda*omega_t*surprisal
    for PEC, - lambda*omega_t*(log p_perc - log p_theta_t) for PCGS's reward form), normalised per group
@@ -37,7 +38,9 @@ from tqdm import tqdm
 from pec.checkpoint import (NonFiniteStateError, checkpoint_name, config_mismatch, has_checkpoint, load_checkpoint,
                             rng_state, save_checkpoint, set_rng_state)
 from pec.config import Config, add_config_arguments, apply_dict, config_from_args, load_yaml, save_yaml, to_dict
+from pec.covariance import COV_METHODS, CovSelection, select_entries
 from pec.data import digit_prompt
+from pec.data.prompt_files import load_prompt_splits
 from pec.entropy import group_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
@@ -46,7 +49,9 @@ from pec.perceptual import build_space
 from pec.policy import Policy, latent_dim, resolve_device
 from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
                               policy_entropy)
-from pec.run_safety import BadStepGuard, Preempted, PreemptionHandler, TrainingStopped, sample_validity, zero_invalid
+from pec.distributed import DistContext, minibatch_plan, sample_noise
+from pec.run_safety import (BadStepGuard, Preempted, PreemptionHandler, TrainingStopped, finite_samples, group_validity,
+                            zero_invalid)
 from pec.rewards import build_reward
 from pec.sampling import guided_velocity, sample, sde_step_mask, step_log_prob
 
@@ -56,32 +61,14 @@ PLOT_KEYS = ("reward_mean", "policy_entropy", "perc_knn", "diversity")
 STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
 
 
-def default_prompts() -> list[str]:
-    """The embedded world's training prompts: "a handwritten 0" ... "a handwritten 9"."""
-    return [digit_prompt(d) for d in range(10)]
+def default_prompts(source: str | None = None) -> list[str]:
+    """The train split of `source` (--data.prompts), or the embedded world's "a handwritten 0" ... "9"."""
+    return load_prompt_splits(source).train if source else [digit_prompt(d) for d in range(10)]
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """A distinct, reproducible seed per (run seed, step, stream) (rollouts and shuffles of a step)."""
     return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)
-
-
-def minibatch_chunks(batch: int, micro_batch: int, minibatches: int, generator: torch.Generator
-                     ) -> list[list[torch.Tensor]]:
-    """Split a batch into shuffled minibatches of micro-batches (lists of sample-index tensors).
-
-    Where the batch holds at least `minibatches` rollout chunks (consecutive runs of `micro_batch`
-    samples, the rollout's forward batches), whole chunks are shuffled, so every micro-batch re-evaluates
-    exactly the rows, in the order and batch shape, that the rollout computed together: BLAS kernels
-    round a row differently at another position in a batch, and only this makes the first ratio
-    exactly 1. Otherwise samples are shuffled one by one (the ratio is then 1 up to rounding).
-    """
-    chunks = list(torch.arange(batch).split(micro_batch))
-    if len(chunks) >= minibatches:
-        perm = torch.randperm(len(chunks), generator=generator)
-        return [[chunks[i] for i in part.tolist()] for part in perm.tensor_split(minibatches)]
-    order = torch.randperm(batch, generator=generator)
-    return [list(mb.split(micro_batch)) for mb in order.tensor_split(minibatches)]
 
 
 def read_scalars(scalars: dict[str, Any]) -> dict[str, float]:
@@ -98,7 +85,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, prompts: Sequence[str] | None = None) -> None:
         self.cfg = cfg.validate()
-        self.device = resolve_device(cfg.device)
+        s = cfg.sampling
+        self.dist = DistContext.from_env(cfg.device, cfg.dist.timeout)
+        self.dist.check_layout(s.prompts_per_step, s.group_size, cfg.dist.placement, cfg.method, cfg.pcgs.form,
+                               cfg.pcgs.generation_density)
+        cfg.dist.processes = self.dist.world_size
+        self.placements = [self.dist.placement(s.prompts_per_step, s.group_size, cfg.dist.placement, rank=r)
+                           for r in range(self.dist.world_size)]
+        self.place = self.placements[self.dist.rank]
+        self.device = resolve_device(self.dist.device(cfg.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir = Path(cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -109,7 +104,7 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.prompts = list(prompts) if prompts is not None else default_prompts()
+        self.prompts = list(prompts) if prompts is not None else default_prompts(cfg.data.prompts)
         self.policy = Policy(cfg, self.device)
         self.model = self.policy.model
         self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths)
@@ -123,10 +118,14 @@ class Trainer:
         if cfg.resume:
             self.resume()
         self.last_complete, self.last_saved, self.last_rng = self.start_step, self.start_step, rng_state()
-        save_yaml(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLog.open(self.run_dir / METRICS_FILE, keep_through=self.start_step)
-        self.tb = TensorBoardLog(self.run_dir / "tensorboard", cfg.logging.tensorboard,
+        main = self.dist.is_main  # rank 0 writes the run folder; the others only train
+        if main:
+            save_yaml(cfg, self.run_dir / "config.yaml")
+        self.metrics = (MetricsLog.open(self.run_dir / METRICS_FILE, keep_through=self.start_step) if main
+                        else MetricsLog(self.run_dir / METRICS_FILE, []))
+        self.tb = TensorBoardLog(self.run_dir / "tensorboard", cfg.logging.tensorboard and main,
                                  purge_step=self.start_step + 1 if cfg.resume else None)
+        self.dist.barrier()  # nobody starts step 1 before every rank has checked the run folder
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -136,11 +135,12 @@ class Trainer:
         both cases the last complete step has been checkpointed (if its state is finite).
         """
         cfg = self.cfg
-        if self.start_step == 0:
+        main = self.dist.is_main
+        if self.start_step == 0 and main:
             self.save_grid("samples_start.png")
         last = min(cfg.train.steps, self.start_step + (cfg.train.stop_after or cfg.train.steps))
         bar = tqdm(range(self.start_step + 1, last + 1), initial=self.start_step, total=cfg.train.steps,
-                   desc=f"{cfg.method}", disable=not cfg.logging.progress, dynamic_ncols=True)
+                   desc=f"{cfg.method}", disable=not (cfg.logging.progress and main), dynamic_ncols=True)
         try:
             with self.preemption:
                 try:
@@ -153,20 +153,31 @@ class Trainer:
                 except (Preempted, TrainingStopped):
                     self.checkpoint_last_complete()
                     raise
+                except RuntimeError as err:
+                    if self.preemption.signum is None:
+                        raise
+                    # Another rank took the signal first and left a collective this rank was in.
+                    self.checkpoint_last_complete()
+                    raise Preempted(self.preemption.signum) from err
         finally:
             bar.close()
-            if self.metrics.rows:
+            if self.metrics.rows and main:
                 plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
             self.tb.close()
-        if last == cfg.train.steps:
+        if last == cfg.train.steps and main:
             self.save_grid("samples_end.png")
         return self.metrics.rows
 
     def finish_step(self, step: int, row: dict[str, Any], last: int) -> None:
-        """Log a finished step, checkpoint it when due, and stop after too many skipped updates."""
-        self.metrics.append(row)
+        """Log a finished step, checkpoint it when due, and stop after too many skipped updates (every
+        rank takes the same decisions: they rest on all-reduced numbers)."""
+        if self.dist.is_main:
+            self.metrics.append(row)
+        else:
+            self.metrics.rows.append(row)
         self.tb.log(row, step)
         self.last_complete, self.last_rng = step, rng_state()
+        self.preemption.committed = False
         self.guard.record(step, row.pop("_skip_causes"))
         milestone = bool(self.cfg.logging.milestone_every) and step % self.cfg.logging.milestone_every == 0
         if step % self.cfg.logging.checkpoint_every == 0 or step == last or milestone or self.guard.exhausted:
@@ -175,7 +186,11 @@ class Trainer:
             raise TrainingStopped(self.guard.message(step))
 
     def save(self, step: int, *, milestone: bool = False) -> None:
-        """Checkpoint the current state as that of finished `step` (never a non-finite one)."""
+        """Checkpoint the current state as that of finished `step` (never a non-finite one); rank 0 writes
+        it (LoRA weights and optimizer state are replicated, so any process count can resume it)."""
+        if not self.dist.is_main:
+            self.last_saved = step
+            return
         try:
             save_checkpoint(self.run_dir, step=step, model_state=self.policy.trainable_state(),
                             optimizer_state=self.optimizer.state_dict(), config=to_dict(self.cfg),
@@ -191,7 +206,7 @@ class Trainer:
     def checkpoint_last_complete(self) -> None:
         """After a stop, make sure the last complete step is on disk (the in-memory state is its state:
         an abandoned step never reached its first optimizer update)."""
-        if self.last_complete > self.last_saved:
+        if self.last_complete > self.last_saved and not self.preemption.committed:
             self.save(self.last_complete)
 
     def resume(self) -> None:
@@ -207,7 +222,8 @@ class Trainer:
                 raise ValueError("its trainable parameters do not match this model's")
 
         def skipped(path: Path, reason: str) -> None:
-            print(f"pec.train: skipping checkpoint {path}: {reason}", file=sys.stderr)
+            if self.dist.is_main:
+                print(f"pec.train: skipping checkpoint {path}: {reason}", file=sys.stderr)
 
         ckpt = load_checkpoint(self.run_dir, map_location=self.device, check=check, on_skip=skipped)
         self.policy.load_trainable_state(ckpt["model"])
@@ -215,7 +231,8 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.guard.load_state(ckpt.get("extra", {}).get("guard", {}))
         self.start_step = ckpt["step"]
-        print(f"pec.train: resuming from {ckpt['path']} (step {self.start_step})", file=sys.stderr)
+        if self.dist.is_main:
+            print(f"pec.train: resuming from {ckpt['path']} (step {self.start_step})", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------
     def rollout(self, step: int):
@@ -226,20 +243,23 @@ class Trainer:
             chosen = torch.randperm(len(self.prompts), generator=gen)[:s.prompts_per_step]
         else:
             chosen = torch.randint(len(self.prompts), (s.prompts_per_step,), generator=gen)
-        prompts = [self.prompts[i] for i in chosen.tolist()]
+        chosen = chosen.tolist()  # the step's G prompts, the same on every rank
+        prompts = [self.prompts[chosen[i]] for i in self.place.prompt_slots]
         guidance_fn, guidance_weight = None, 0.0
         if cfg.method == "pcgs" and cfg.pcgs.form == "guided":
             p = cfg.perceptual
-            guidance_fn = entropy_guidance(self.model.decode, self.encoders[p.space], s.group_size,
+            guidance_fn = entropy_guidance(self.model.decode, self.encoders[p.space], self.place.group_size,
                                            estimator=p.estimator, k=p.k, per_dim=p.per_dim)
             window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
             guidance_weight = cfg.pcgs.guidance_weight * sde_step_mask(s.num_steps, window).float()
         with torch.no_grad():
-            return sample(self.model, prompts, group_size=s.group_size, num_steps=s.num_steps,
+            noise = sample_noise(self.place.global_index, tuple(self.model.sample_shape), s.num_steps,
+                                 step_seed(cfg.seed, step, stream=1), self.device)
+            return sample(self.model, prompts, group_size=self.place.group_size, num_steps=s.num_steps,
                           guidance_scale=s.guidance_scale, eta=s.eta, kind=s.kind,
-                          sde_window=tuple(s.sde_window) if s.sde_window else None,
-                          seed=step_seed(cfg.seed, step, stream=1), guidance_fn=guidance_fn,
-                          guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch)
+                          sde_window=tuple(s.sde_window) if s.sde_window else None, noise=noise,
+                          guidance_fn=guidance_fn, guidance_weight=guidance_weight,
+                          batch_size=cfg.train.micro_batch)
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, D) float32 features of every image in each perceptual space (no grad)."""
@@ -247,16 +267,14 @@ class Trainer:
             return {name: encoder(images).float() for name, encoder in self.encoders.items()}
 
     def perceptual_stats(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, all_valid: bool
-                         ) -> tuple[dict[str, Any], torch.Tensor]:
-        """Per-space perceptual entropies (kNN and Gaussian) and within-group diversity over the valid
-        samples of the valid groups, and the regulariser's per-sample surprisal (B,) in
-        `perceptual.space` (0 for invalid samples). `valid` is the (B,) mask on the host."""
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-group perceptual entropies (kNN and Gaussian) and within-group diversity in each space over
+        the valid samples, and the regulariser's per-sample surprisal in `perceptual.space` (0 for
+        invalid samples). `feats` hold whole groups of `sampling.group_size` consecutive samples;
+        `valid` is their (B,) mask on the host. Returns ({key: (G,) tensor}, surprisal (B,))."""
         p, n = self.cfg.perceptual, self.cfg.sampling.group_size
         mask = valid.reshape(-1, n)
-        group_ok = mask.any(dim=1)
-        n_ok = max(int(group_ok.sum()), 1)
-        ok_dev = group_ok.to(self.device)
-        row: dict[str, Any] = {}
+        per_group: dict[str, torch.Tensor] = {}
         surprisal = None
         for name, f in feats.items():
             groups = f.reshape(-1, n, f.shape[-1])
@@ -265,12 +283,32 @@ class Trainer:
                                 check_finite=False)
             gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask,
                                   check_finite=False)
-            row[f"perc_knn/{name}"] = (knn.entropy * ok_dev).sum() / n_ok
-            row[f"perc_gauss/{name}"] = (gauss.entropy * ok_dev).sum() / n_ok
-            row[f"diversity/{name}"] = (group_pairwise_distance(groups, mask.to(f.device)) * ok_dev).sum() / n_ok
+            per_group[f"perc_knn/{name}"] = knn.entropy.double()
+            per_group[f"perc_gauss/{name}"] = gauss.entropy.double()
+            per_group[f"diversity/{name}"] = group_pairwise_distance(groups, mask.to(f.device))
             if name == p.space:
                 surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
-        return row, surprisal
+        return per_group, surprisal
+
+    def step_perceptual(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, valid_host: torch.Tensor,
+                        all_valid: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`perceptual_stats` over the step's global batch, laid out by `dist.placement`: the logged means
+        over valid groups (0-dim tensors, identical on every rank) and this rank's surprisal."""
+        index = self.place.global_index.to(self.device)
+        if self.cfg.dist.placement == "spread" and self.dist.active:
+            # A group lives on every rank: gather each space's features, and every rank computes all groups.
+            gathered = {name: self.dist.all_gather(f, index) for name, f in feats.items()}
+            per_group, surprisal = self.perceptual_stats(gathered, valid_host, all_valid)
+            surprisal = surprisal[index]
+        else:
+            local = valid_host[self.place.global_index]
+            per_group, surprisal = self.perceptual_stats(feats, local, bool(local.all()))
+            keys = list(per_group)
+            stacked = self.dist.all_gather(torch.stack([per_group[k] for k in keys], dim=1))
+            per_group = {k: stacked[:, i] for i, k in enumerate(keys)}
+        group_ok = valid.reshape(-1, self.cfg.sampling.group_size).any(dim=1).double()
+        n_ok = group_ok.sum().clamp_min(1)
+        return {k: (v * group_ok).sum() / n_ok for k, v in per_group.items()}, surprisal
 
     def shaped_rewards(self, rewards: torch.Tensor, surprisal: torch.Tensor, old_log_probs: torch.Tensor,
                        latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,6 +328,14 @@ class Trainer:
                 density = latent_group_log_density(latents, cfg.sampling.group_size, per_dim=cfg.perceptual.per_dim)
                 log_p_gen = density[:, None].expand_as(old_log_probs)
             return pcgs_reward(rewards, -surprisal, log_p_gen, cfg.pcgs.lambda_, omega)
+        if cfg.method == "entropy_sample":
+            # The native entropy, per-sample reading: the bonus -log pi(x'|x) of each sampled transition.
+            return rewards.float()[:, None] - cfg.entropy_bonus.sample_coef * old_log_probs.detach().float()
+        if cfg.method == "perc_entropy_bonus":
+            # The perceptual entropy, analytic reading: the batch's entropy estimate (mean surprisal), the
+            # same number for every sample, which group normalisation removes. Per sample, it is PEC.
+            bonus = cfg.entropy_bonus.coef * surprisal.detach().float().mean()
+            return rewards.float()[:, None].expand(-1, num_trained) + bonus
         return rewards.float()[:, None].expand(-1, num_trained)
 
     # ------------------------------------------------------------------------------------------
@@ -317,26 +363,36 @@ class Trainer:
             t = time.perf_counter()
             feats = self.features(rollout.images)
             trained = rollout.train_steps()
-            old_log_probs = rollout.log_probs[trained].T.float()  # (B, T_trained)
-            finite, valid = sample_validity(cfg.sampling.group_size, cfg.perceptual.k + 1, rewards, rollout.images,
-                                            old_log_probs, *feats.values())
+            old_log_probs = rollout.log_probs[trained].T.float()  # (B_local, T_trained)
+            index = self.place.global_index.to(self.device)
+            # Masks over the step's global batch (identical on every rank); one host read of them.
+            finite = self.dist.all_gather(finite_samples(rewards, rollout.images, old_log_probs, *feats.values()),
+                                          index)
+            valid = group_validity(finite, cfg.sampling.group_size, cfg.perceptual.k + 1)
             valid_host = valid.cpu()
             all_valid = bool(valid_host.all())
+            local_valid = valid[index]
             if not all_valid:
                 # No NaN of a masked sample may reach a forward or backward pass of the update.
-                rollout.latents = zero_invalid(rollout.latents, valid, dim=1)
-                rollout.log_probs = zero_invalid(rollout.log_probs, valid, dim=1)
+                rollout.latents = zero_invalid(rollout.latents, local_valid, dim=1)
+                rollout.log_probs = zero_invalid(rollout.log_probs, local_valid, dim=1)
                 if rollout.guidance is not None:
-                    rollout.guidance = zero_invalid(rollout.guidance, valid, dim=1)
+                    rollout.guidance = zero_invalid(rollout.guidance, local_valid, dim=1)
                 old_log_probs = rollout.log_probs[trained].T.float()
-            perc_row, surprisal = self.perceptual_stats(feats, valid_host, all_valid)
+            perc_row, surprisal = self.step_perceptual(feats, valid, valid_host, all_valid)
             times["perceptual"] = time.perf_counter() - t
 
             t = time.perf_counter()
             shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1])
-            advantages = group_advantages(shaped, rollout.group_ids, global_std=cfg.train.global_std,
+            # Group statistics need every reward of a group: gather [R, R~] (B x (1 + T) floats).
+            both = self.dist.all_gather(torch.cat([rewards[:, None], shaped], dim=1), index)
+            rewards, shaped = both[:, 0], both[:, 1:]
+            group_ids = torch.arange(shaped.shape[0], device=self.device) // cfg.sampling.group_size
+            advantages = group_advantages(shaped, group_ids, global_std=cfg.train.global_std,
                                           clip=cfg.train.adv_clip, valid=valid)
-            train_row, causes = self.update(step, rollout, trained, advantages, valid, valid_host)
+            cov = self.covariance_selection(step, old_log_probs, surprisal, advantages, valid)
+            train_row, causes = self.update(step, rollout, trained, advantages[index], local_valid, valid_host,
+                                            cov=cov)
             times["train"] = time.perf_counter() - t
             times["step"] = time.perf_counter() - t0
 
@@ -364,20 +420,41 @@ class Trainer:
         row["_skip_causes"] = causes
         return row
 
+    def covariance_selection(self, step: int, old_log_probs: torch.Tensor, surprisal: torch.Tensor,
+                             advantages: torch.Tensor, valid: torch.Tensor) -> CovSelection | None:
+        """Clip-Cov / KL-Cov: the step's selected (sample, trained step) entries, this process's rows
+        (`pec.covariance`); None for the other methods.
+
+        Chosen once per step over the global batch from the rollout's stored log-probs (native) or
+        -surprisal (perceptual) and the global (B, T) `advantages` and `valid` mask; Cui et al.'s Cov is
+        of the current log pi, which at the first, on-policy update equals the stored one exactly.
+        Clip-Cov's random draw is seeded by (seed, step).
+        """
+        cfg = self.cfg
+        if cfg.method not in COV_METHODS:
+            return None
+        index = self.place.global_index.to(self.device)
+        density = old_log_probs if cfg.cov.variant == "native" else -surprisal
+        fraction = cfg.cov.detach_fraction if cfg.method == "clip_cov" else cfg.cov.kl_fraction
+        selection = select_entries(cfg.method, self.dist.all_gather(density, index), advantages, valid,
+                                   band=cfg.cov.band, fraction=fraction, kl_coef=cfg.cov.kl_coef,
+                                   generator=torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=4)))
+        return selection.rows(index)
+
     def update(self, step: int, rollout, trained: list[int], advantages: torch.Tensor, valid: torch.Tensor,
-               valid_host: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[str]]:
+               valid_host: torch.Tensor, cov: CovSelection | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
         """`train.minibatches` optimizer updates on the rollout.
 
         Masked samples (`valid` False) add nothing to the loss. An update whose loss or gradient is not
         finite is skipped (weights and optimizer moments untouched), and so is every update of a step
-        without a valid sample. Returns the averaged diagnostics (0-dim device tensors) and the causes
-        of the skipped updates.
+        without a valid sample. `cov` (Clip-Cov / KL-Cov) detaches or penalises its selected entries.
+        Returns the averaged diagnostics (0-dim device tensors) and the causes of the skipped updates.
         """
         cfg = self.cfg
-        batch = advantages.shape[0]
         dim = latent_dim(self.model)
-        minibatches = minibatch_chunks(batch, cfg.train.micro_batch, cfg.train.minibatches,
-                                       torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2)))
+        minibatches = minibatch_plan([p.global_index for p in self.placements], self.dist.rank,
+                                     cfg.train.micro_batch, cfg.train.minibatches,
+                                     torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2)))
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: zero)
         counts: dict[str, int] = defaultdict(int)
@@ -386,10 +463,9 @@ class Trainer:
         step_entropy: dict[int, torch.Tensor] = {}
         params = self.policy.trainable_parameters()
         self.model.train()
-        for mb_index, chunks in enumerate(minibatches):
+        for mb_index, (chunks, mb) in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
-            mb = torch.cat(chunks)
-            pieces = len(trained) * len(mb)
+            pieces = len(trained) * len(mb)  # the loss is a mean over the whole (global) minibatch
             mb_loss = zero
             for col, t_index in enumerate(trained):
                 for idx in chunks:
@@ -403,7 +479,13 @@ class Trainer:
                     old = rollout.log_probs[t_index, idx_dev].float()
                     adv = advantages[idx_dev, col]
                     keep = valid[idx_dev]
-                    loss, stats = clipped_surrogate(out.log_prob.float(), old, adv, cfg.train.clip_range, valid=keep)
+                    log_prob, penalty = out.log_prob.float(), None
+                    if cov is not None:
+                        log_prob, penalty = cov.apply(idx_dev, col, log_prob, old)
+                    loss, stats = clipped_surrogate(log_prob, old, adv, cfg.train.clip_range, valid=keep,
+                                                    clip_range_high=cfg.train.clip_range_high)
+                    if penalty is not None:
+                        loss = loss + penalty
                     entropy = policy_entropy(out.std.detach(), dim)
                     # s is fixed by the schedule at each step: one value per trained step, whatever the
                     # order of the micro-batches (a running sum would depend on it in the last bit).
@@ -432,6 +514,7 @@ class Trainer:
                         counts["kl"] += n
                     ratio_max = torch.maximum(ratio_max, stats.ratio_max.double())
                     ratio_min = torch.minimum(ratio_min, stats.ratio_min.double())
+            mb_loss = self.dist.reduce_gradients_(params, mb_loss)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             if not bool(valid_host[mb].any()):
                 if not bool(valid_host.any()):
@@ -448,11 +531,18 @@ class Trainer:
             grad_norm_sum = grad_norm_sum + grad_norm.double()
             updates += 1
         self.optimizer.zero_grad(set_to_none=True)
-        row = {k: sums[k] / counts[k] for k in counts}
+        keys = sorted(counts)
+        totals = self.dist.all_reduce_(torch.stack([sums[k] for k in keys] + [
+            torch.tensor(float(counts[k]), dtype=torch.float64, device=self.device) for k in keys]))
+        row = {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
+        first_ratio_dev, ratio_max = self.dist.all_reduce_(torch.stack([first_ratio_dev, ratio_max]), "max")
+        ratio_min = self.dist.all_reduce_(ratio_min.clone(), "min")
         entropy_mean = torch.stack([step_entropy[c] for c in sorted(step_entropy)]).mean()
         row.update(policy_entropy=entropy_mean, policy_entropy_per_dim=entropy_mean / dim)
         row.update(ratio_max=ratio_max, ratio_min=ratio_min, first_update_ratio_dev=first_ratio_dev,
                    grad_norm=grad_norm_sum / updates if updates else zero + torch.nan)
+        if cov is not None:
+            row.update(cov.counts())
         return row, causes
 
     # ------------------------------------------------------------------------------------------

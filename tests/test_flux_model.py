@@ -109,7 +109,12 @@ def _train(world, tmp_path, name, resolution, extra):
 @pytest.mark.parametrize("name,resolution", [("flux", 32), ("sd3", 16)])
 def test_train_two_steps_pec_and_pcgs_guided(world, tmp_path, name, resolution):
     cfg_scale = ["--sampling.guidance_scale", "1" if name == "flux" else "2"]
-    _train(world, tmp_path, name, resolution, ["--method", "pec", "--pec.lambda", "0.05", *cfg_scale])
+    prompts = tmp_path / "prompts.jsonl"  # --data.prompts: its 90% train split is what the run samples
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a photo of a cat", "a red car", "a blue dog",
+                                                                       "a dog", "a cat", "a car"]))
+    rows = _train(world, tmp_path, name, resolution,
+                  ["--method", "pec", "--pec.lambda", "0.05", "--data.prompts", str(prompts), *cfg_scale])
+    assert all(row["shaped_reward_mean"] != row["reward_mean"] for row in rows)  # PEC's bonus is there
     # PCGS-guided; SD3 also fully fine-tuned with a KL to its reference copy (which shares the text encoders).
     full = ["--train.lora", "false", "--train.kl_beta", "0.01"] if name == "sd3" else []
     rows = _train(world, tmp_path / "g", name, resolution,
