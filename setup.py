@@ -112,7 +112,9 @@ setup(
         "open_clip_torch>=3.0",
         "pillow",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"],
+                    # CPU anchors of benchmarks/bench_knn_cpu_anchors.py (not needed by the package or tests)
+                    "bench": ["pytest-benchmark", "faiss-cpu", "scikit-learn"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
