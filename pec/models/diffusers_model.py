@@ -108,8 +108,9 @@ class PromptCache:
         if missing:
             self.misses += len(missing)
             batch = self.encode(missing)
+            embeds, pooled = batch.embeds.to(self.storage), batch.pooled.to(self.storage)  # one copy each
             for i, prompt in enumerate(missing):
-                self._rows[prompt] = (batch.embeds[i].to(self.storage), batch.pooled[i].to(self.storage))
+                self._rows[prompt] = (embeds[i], pooled[i])
         for prompt in prompts:
             self._rows.move_to_end(prompt)
         rows = [self._rows[p] for p in prompts]
