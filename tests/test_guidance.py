@@ -3,7 +3,7 @@ diversity measured on images sampled by the shipped embedded model, and the exac
 import pytest
 import torch
 
-from pec.config import Config
+from pec.config import Config, apply_dict
 from pec.data import digit_prompt
 from pec.experiments.guidance_sweep import measure, report
 from pec.models.embedded import EmbeddedFlowModel
@@ -120,3 +120,17 @@ def test_on_policy_ratio_is_exactly_one_with_guidance(world):
     # ...and the check can fail: re-evaluated without the shift, the ratio moves.
     unguided = type(r)(**{**r.__dict__, "guidance": None})
     assert (step_log_prob(model, unguided, 1).log_prob - r.log_probs[1]).abs().max() > 1e-3
+
+
+def test_config_checks_the_guidance_window_and_generation_density():
+    for bad in ([3], [4, 2], [0, 11]):
+        cfg = Config()
+        apply_dict(cfg, {"pcgs": {"guidance_window": bad}})
+        with pytest.raises(ValueError, match="guidance_window"):
+            cfg.validate()
+    cfg = Config()
+    apply_dict(cfg, {"pcgs": {"guidance_window": [0, 5]}})
+    cfg.validate()
+    apply_dict(cfg, {"pcgs": {"generation_density": "pixels"}})
+    with pytest.raises(ValueError, match="generation_density"):
+        cfg.validate()
