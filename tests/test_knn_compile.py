@@ -47,7 +47,11 @@ for dtype, k, self_mode in [(torch.float32, 5, True), (torch.bfloat16, 64, False
     kp = tb._slots(k)
     config = tb._select_config(dtype, kp)
     num_warps = config.pop("num_warps")
-    build(kernels.knn_select_kernel, dtype, "*i64", dict(K=k, KP=kp, SELF=self_mode, **config), num_warps)
+    shift = dtype == torch.float32  # knn_entropy centres float32 inputs in the kernel
+    build(kernels.knn_select_kernel, dtype, "*i64", dict(K=k, KP=kp, SELF=self_mode, HAS_SHIFT=shift, **config),
+          num_warps)
+    block_r, block_d = tb._row_norm_blocks()
+    build(kernels.row_sq_norm_kernel, dtype, "*fp32", dict(HAS_SHIFT=shift, BLOCK_R=block_r, BLOCK_D=block_d))
 block_p, block_d = tb._pair_distance_blocks()
 build(kernels.pair_distance_kernel, torch.bfloat16, "*fp32", dict(K=5, BLOCK_P=block_p, BLOCK_D=block_d))
 block_r, block_d = tb._pair_grad_blocks()

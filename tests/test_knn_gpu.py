@@ -90,6 +90,28 @@ def test_large_self_knn_matches_chunked_torch_without_n_by_n_memory(dtype):
     assert same_kth >= 0.95, f"only {same_kth:.3f} of rows agree on the k-th neighbour"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["self", "bank"])
+def test_triton_forward_extra_memory_is_o_n_k(dtype, mode):
+    """The Triton path allocates O(N·k) beyond its inputs (issue 11, item 3): norms computed in a kernel,
+    float32 centring applied as the kernels load (no centred copy), the finiteness check one reduction.
+    One float32 copy of x would be 4·N·D bytes = 128 MiB here; the bound is 64 bytes per (row, neighbour)."""
+    n, dim, k = 65_536, 512, 5
+    x = torch.randn(n, dim, device=DEVICE).to(dtype)
+    reference = torch.randn(n, dim, device=DEVICE).to(dtype) if mode == "bank" else None
+    knn_entropy(x[:512], k, reference=None if reference is None else reference[:512], backend="triton")  # compile
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = knn_entropy(x, k, reference=reference, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    bound = 64 * n * k + 8 * 2 * n + (1 << 20)
+    assert extra <= bound, f"{extra / 2**20:.1f} MiB beyond the inputs, bound {bound / 2**20:.1f} MiB"
+    assert torch.isfinite(out.entropy)
+
+
 def test_grouped_forward_backward_matches_torch(monkeypatch):
     # IEEE fp32 ranking: with TF32, about 1 row in 60 would swap near-tied neighbours at D = 1024 and
     # make a third of the groups differ; TF32 is covered statistically by the large-shape test.

@@ -82,7 +82,7 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
             if module.EXACT_SELECT:
                 index, exact = module.select_with_distances(x_rank, ref_rank, k)
             else:
-                index, exact = module.select(*_centred(x_rank, ref_rank), k), None
+                index, exact = module.select(x_rank, ref_rank, k, _shift(x_rank, ref_rank)), None
         return NeighbourDistances.apply(x_groups, ref_groups, index, float(min_dist), tuple(chain), exact)
 
     distance, index = run_with_fallback("knn_entropy", candidates(backend, x_groups, ref_groups, k), neighbours)
@@ -95,17 +95,15 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
     return KnnEntropy(entropy, surprisal, index, distance)
 
 
-def _centred(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shift each group by its candidates' mean before ranking: distances do not change, but the
-    expanded form ‖x‖² + ‖c‖² − 2x·c (and TF32's 10-bit inputs) lose far less precision on features far
-    from the origin. 16-bit inputs stay as they are: their products are exact in float32, while
-    rounding the shifted values back to 16 bits would perturb the ranking more than it gains."""
+def _shift(x: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
+    """The candidates' mean per group, (G|1, 1, D), that the backends subtract before ranking (inside
+    their kernels: no centred copy of x): distances do not change, but the expanded form
+    ‖x‖² + ‖c‖² − 2x·c (and TF32's 10-bit inputs) lose far less precision on features far from the
+    origin. None for 16-bit inputs: their products are exact in float32, while rounding the shifted
+    values back to 16 bits would perturb the ranking more than it gains."""
     if x.dtype not in (torch.float32, torch.float64):
-        return x, reference
-    if reference is None:
-        return (x - x.mean(dim=1, keepdim=True)).contiguous(), None
-    shift = reference.mean(dim=1, keepdim=True)
-    return (x - shift).contiguous(), (reference - shift).contiguous()
+        return None
+    return (x if reference is None else reference).mean(dim=1, keepdim=True)
 
 
 def _validated(x: object, k: object, reference: object, metric: object, min_dist: object,

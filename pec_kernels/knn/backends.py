@@ -3,7 +3,9 @@
 Every backend module (torch_backend, triton_backend, cuda) provides, on x (G, n, D) and reference
 (G, M, D), (1, M, D) (a bank shared by all groups) or None (self mode), contiguous, already
 L2-normalised for the cosine metric:
-  select(x, reference, k) -> (G, n, k) int64, candidates ascending by distance (may rank in low precision);
+  select(x, reference, k, shift=None) -> (G, n, k) int64, candidates ascending by distance (may rank in
+      low precision); shift (G|1, 1, D), for float32/64 inputs: subtracted from x and the candidates before
+      ranking (the Triton kernels do it as they load, allocating nothing of size N·D);
   pair_distances(x, reference, index, *, check_index=True) -> (G, n, k) float32 exact ‖x_i − c_j‖ (float64
       for float64 inputs);
   pair_grad(x, reference, index, coef, *, check_index=True) -> (grad_x (G, n, D), grad_reference (G|1, M, D)

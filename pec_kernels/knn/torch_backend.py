@@ -53,14 +53,19 @@ def _chunks(num_groups: int, num_rows: int, per_row: int) -> Iterator[tuple[slic
             yield slice(g0, g0 + groups), slice(r0, r0 + rows)
 
 
-def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Tensor:
+def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
+           shift: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (G, n, k) int64 of each row's k nearest candidates, nearest first.
 
     Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c per chunk (in float32, or float64 for float64
     inputs); the caller recomputes the exact distances of the selected pairs and re-sorts them, which
-    also orders exact ties by index (torch.topk does not). Self is excluded by index.
+    also orders exact ties by index (torch.topk does not). Self is excluded by index. shift: (G|1, 1, D)
+    subtracted from x and the candidates first (distances do not change; precision improves).
     """
     dtype = _work_dtype(x)
+    if shift is not None:
+        x = (x - shift).contiguous()
+        reference = None if reference is None else (reference - shift).contiguous()
     cand = _candidates(x, reference)
     num_groups, n, _ = x.shape
     m = cand.shape[1]

@@ -70,6 +70,11 @@ def _select_config(dtype: torch.dtype, kp: int) -> dict:
                 UPCAST=False, INPUT_PRECISION=INPUT_PRECISION, num_warps=8)
 
 
+def _row_norm_blocks() -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) of row_sq_norm_kernel."""
+    return (32, 16) if interpreting() else (64, 128)
+
+
 def _pair_distance_blocks() -> tuple[int, int]:
     """(BLOCK_P, BLOCK_D) of pair_distance_kernel."""
     return (64, 16) if interpreting() else (32, 128)
@@ -80,26 +85,47 @@ def _pair_grad_blocks() -> tuple[int, int]:
     return (32, 16) if interpreting() else (32, 128)
 
 
-def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Tensor:
+def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
+           shift: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (G, n, k) int64 of each row's k nearest candidates (ascending, ties to smaller index),
-    ranked with tl.dot in the input precision (TF32 for float32 on GPU); self excluded by index."""
+    ranked with tl.dot in the input precision (TF32 for float32 on GPU); self excluded by index.
+
+    shift (float32 inputs): (G|1, 1, D), subtracted from x and the candidates inside the kernels. The
+    squared norms are computed by a Triton kernel too, so the only allocations are O(G·n + G·m) norms
+    and the (G, n, k) keys: no O(N·D) temporary.
+    """
     cand, stride_cg = _candidates(x, reference)
     num_groups, n, dim = x.shape
     m = cand.shape[1]
-    x_sq = x.float().square().sum(-1)
-    c_sq = x_sq if reference is None else cand.float().square().sum(-1)
+    if shift is not None:
+        shift = shift.to(torch.float32).contiguous()
+    stride_shift_g = 0 if shift is None or shift.shape[0] == 1 else shift.stride(0)
+    x_sq = _row_sq_norms(x, shift, stride_shift_g)
+    c_sq = x_sq if reference is None else _row_sq_norms(cand, shift, stride_shift_g)
     keys = torch.empty((num_groups, n, k), dtype=torch.int64, device=x.device)
     kp = _slots(k)
     config = _select_config(x.dtype, kp)
     grid = (num_groups * triton.cdiv(n, config["BLOCK_M"]),)
     with _on_device(x):
         kernels.knn_select_kernel[grid](
-            x, cand, x_sq, c_sq, keys, n, m, dim,
+            x, cand, x_sq, c_sq, x_sq if shift is None else shift, keys, n, m, dim,
             x.stride(0), x.stride(1), stride_cg, cand.stride(1), x_sq.stride(0),
-            c_sq.stride(0) if stride_cg else 0,
-            K=k, KP=kp, SELF=reference is None, **config)
+            c_sq.stride(0) if stride_cg else 0, stride_shift_g,
+            K=k, KP=kp, SELF=reference is None, HAS_SHIFT=shift is not None, **config)
     # Keys are (d² bits << 32 | column): sorting them orders by distance, ties by smaller column.
     return torch.sort(keys, dim=-1).values & 0x7FFFFFFF
+
+
+def _row_sq_norms(t: torch.Tensor, shift: torch.Tensor | None, stride_shift_g: int) -> torch.Tensor:
+    """(G, rows) float32 ‖t_r − shift‖² of a contiguous (G, rows, D) tensor, computed in a kernel."""
+    num_groups, rows, dim = t.shape
+    out = torch.empty((num_groups, rows), dtype=torch.float32, device=t.device)
+    block_r, block_d = _row_norm_blocks()
+    with _on_device(t):
+        kernels.row_sq_norm_kernel[(triton.cdiv(out.numel(), block_r),)](
+            t, out if shift is None else shift, out, out.numel(), rows, dim, stride_shift_g,
+            HAS_SHIFT=shift is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
 
 
 def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, *,

@@ -13,11 +13,34 @@ _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _squared_distances(x_base, c_base, x_sq, c_sq_base, rows, row_ok, start, m, dim, stride_cn,
-                       SELF: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def row_sq_norm_kernel(x_ptr, shift_ptr, out_ptr, num_rows, n, dim, stride_shift_g,
+                       HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = ‖x_r − shift_g‖² in float32 for the rows r of a contiguous (G, n, D) x (g = r // n),
+    computed in registers: no (G, n, D) temporary. shift (Gs, 1, D) float32, group stride 0 when shared."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        mask = row_ok[:, None] & (d0 + dims < dim)[None, :]
+        v = tl.load(x_ptr + rows[:, None] * dim + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + (rows // n)[:, None] * stride_shift_g + d0 + dims[None, :], mask=mask,
+                            other=0.0)
+            v = v - shift
+        acc += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _squared_distances(x_base, c_base, x_sq, c_sq_base, shift_base, rows, row_ok, start, m, dim, stride_cn,
+                       SELF: tl.constexpr, UPCAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """(BLOCK_M, BLOCK_N) float32 d² = ‖x‖² + ‖c‖² − 2·x·c against candidates start + [0, BLOCK_N);
-    +inf where the candidate is out of range, is the row itself (SELF), or the row is out of range."""
+    +inf where the candidate is out of range, is the row itself (SELF), or the row is out of range.
+    With HAS_SHIFT (float32 inputs), x and c are centred by the group's shift as they are loaded, so
+    that the expanded form loses less precision far from the origin (no centred copy in memory)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < m
     dims = tl.arange(0, BLOCK_D)
@@ -30,6 +53,10 @@ def _squared_distances(x_base, c_base, x_sq, c_sq_base, rows, row_ok, start, m, 
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if HAS_SHIFT:  # beyond D the shift loads as 0, so padded columns stay 0
+            shift = tl.load(shift_base + d0 + dims, mask=d_ok, other=0.0)
+            a = a - shift[None, :]
+            b = b - shift[None, :]
         dot = tl.dot(a, tl.trans(b), dot, input_precision=INPUT_PRECISION)
     c_sq = tl.load(c_sq_base + cols, mask=col_ok, other=0.0)
     sq = x_sq[:, None] + c_sq[None, :] - 2.0 * dot
@@ -52,10 +79,10 @@ def _keys(sq, start, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def knn_select_kernel(
-    x_ptr, c_ptr, x_sq_ptr, c_sq_ptr, out_ptr,
+    x_ptr, c_ptr, x_sq_ptr, c_sq_ptr, shift_ptr, out_ptr,
     n, m, dim,
-    stride_xg, stride_xn, stride_cg, stride_cn, stride_sqg, stride_csqg,
-    K: tl.constexpr, KP: tl.constexpr, SELF: tl.constexpr, UPCAST: tl.constexpr,
+    stride_xg, stride_xn, stride_cg, stride_cn, stride_sqg, stride_csqg, stride_shift_g,
+    K: tl.constexpr, KP: tl.constexpr, SELF: tl.constexpr, UPCAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -77,6 +104,7 @@ def knn_select_kernel(
     x_base = x_ptr + group * stride_xg + rows.to(tl.int64)[:, None] * stride_xn
     c_base = c_ptr + group * stride_cg
     c_sq_base = c_sq_ptr + group * stride_csqg
+    shift_base = shift_ptr + group * stride_shift_g
     x_sq = tl.load(x_sq_ptr + group * stride_sqg + rows, mask=row_ok, other=0.0)
 
     empty = (tl.full((KP,), _INF_BITS, tl.int64) << 32) | (0x7FFFFFFF - slots).to(tl.int64)
@@ -85,8 +113,8 @@ def knn_select_kernel(
     worst = tl.max(best, axis=1)
 
     for start in range(0, m, BLOCK_N):
-        sq = _squared_distances(x_base, c_base, x_sq, c_sq_base, rows, row_ok, start, m, dim, stride_cn,
-                                SELF, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        sq = _squared_distances(x_base, c_base, x_sq, c_sq_base, shift_base, rows, row_ok, start, m, dim,
+                                stride_cn, SELF, UPCAST, HAS_SHIFT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         # The worst kept d² is a strict threshold: a candidate at an equal d² has a larger column than
         # every kept one, since columns are visited in increasing order and inserted nearest first.
         threshold = (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True)
