@@ -175,7 +175,8 @@ class PcgsConfig:
 
 @dataclasses.dataclass
 class EntropyBonusConfig:
-    """The policy-entropy bonus baseline: loss -= coef * H(pi), with H analytic and independent of theta."""
+    """Entropy regularisation: entropy_bonus (loss -= coef * H(pi), analytic and independent of theta),
+    perc_entropy_bonus (R += coef * the batch's perceptual entropy), entropy_sample (R_t -= sample_coef * log pi_t)."""
 
     coef: float = option(0.01, "weight of the analytic entropy bonus: the policy entropy in the loss "
                                "(entropy_bonus) or the batch's perceptual entropy in the reward "
@@ -278,7 +279,12 @@ class PathsConfig:
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
-    method: str = option("pec", f"training method, one of {METHODS}; GRPO + KL is `grpo` with --train.kl_beta > 0")
+    method: str = option("pec", f"training method, one of {METHODS}; GRPO + KL is `grpo` with --train.kl_beta > 0, "
+                                "Clip-Higher is `grpo` with --train.clip_range_high > --train.clip_range. "
+                                "entropy_bonus / perc_entropy_bonus: the policy / perceptual entropy, analytic "
+                                "(constants: no gradient); entropy_sample: per-sample -log pi reward bonus (pec is "
+                                "the perceptual per-sample reading); clip_cov / kl_cov: Cui et al.'s Clip-Cov and "
+                                "KL-Cov (--cov.*)")
     reward: str = option("digit", "training reward (pec.rewards.REWARDS), or a weighted sum of several: "
                                   "'pickscore:1.0,jpeg:0.1'")
     assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "

@@ -65,7 +65,8 @@ def entry_covariance(log_density: torch.Tensor, advantages: torch.Tensor, valid:
     y = log_density.detach().float()
     y = y[:, None].expand_as(advantages) if y.dim() == 1 else y
     if y.shape != advantages.shape:
-        raise ValueError(f"log_density must be (B,) or (B, T) = {tuple(advantages.shape)}, got {tuple(log_density.shape)}")
+        raise ValueError(f"log_density must be (B,) or (B, T) = {tuple(advantages.shape)}, "
+                         f"got {tuple(log_density.shape)}")
     a = advantages.detach().float()
     if valid is None:
         valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)

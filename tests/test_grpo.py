@@ -69,3 +69,46 @@ def test_surrogate_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
     assert stats.ratio_mean.item() == 1.0 and stats.clip_fraction.item() == 0.0
     loss.backward()
     torch.testing.assert_close(logp.grad, -adv / 5)
+
+
+def test_clip_higher_clips_asymmetrically():
+    ratio = torch.tensor([0.7, 0.85, 0.95, 1.05, 1.15, 1.3]).repeat(2)
+    adv = torch.tensor([1.0] * 6 + [-1.0] * 6)
+    low, high = 0.1, 0.2
+    grads, losses = {}, {}
+    for name, eps_high in (("symmetric", None), ("higher", high)):
+        logp = ratio.log().requires_grad_(True)
+        losses[name], stats = clipped_surrogate(logp, torch.zeros(12), adv, low, clip_range_high=eps_high)
+        losses[name].backward()
+        grads[name] = logp.grad
+    r = ratio.double()
+    ref = -torch.minimum(r * adv, r.clamp(1 - low, 1 + high) * adv).mean()
+    torch.testing.assert_close(losses["higher"].double(), ref, rtol=1e-6, atol=1e-7)
+    assert stats.clip_fraction.item() == pytest.approx(((r < 1 - low) | (r > 1 + high)).double().mean().item())
+    live = (grads["higher"] != 0).tolist()
+    # A > 0: the gradient survives up to 1 + eps_high (1.15 now trains) and below 1 - eps_low.
+    assert live[:6] == [True, True, True, True, True, False]
+    # A < 0: cut below 1 - eps_low exactly as before, and it survives above 1 + eps_high.
+    assert live[6:] == [False, False, True, True, True, True]
+    sym = (grads["symmetric"] != 0).tolist()
+    assert sym[:6] == [True, True, True, True, False, False] and sym[6:] == [False, False, True, True, True, True]
+
+
+def test_clip_range_high_equal_to_clip_range_is_the_symmetric_clip_bit_for_bit():
+    logp_old = torch.randn(64)
+    logp = logp_old + 0.05 * torch.randn(64)
+    adv = torch.randn(64)
+    valid = torch.rand(64) > 0.2
+    out = []
+    for kwargs in ({}, {"clip_range_high": 0.03}):
+        leaf = logp.clone().requires_grad_(True)
+        loss, stats = clipped_surrogate(leaf, logp_old, adv, 0.03, valid=valid, **kwargs)
+        loss.backward()
+        out.append([loss, leaf.grad, *vars(stats).values()])
+    assert out[0][4].item() > 0  # some ratios are clipped, so the comparison means something
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_clip_range_high_must_be_positive():
+    with pytest.raises(ValueError, match="clip_range_high"):
+        clipped_surrogate(torch.zeros(3), torch.zeros(3), torch.ones(3), 0.1, clip_range_high=0.0)
