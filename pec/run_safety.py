@@ -56,19 +56,30 @@ def sample_validity(group_size: int, min_valid: int, *rows: torch.Tensor) -> tup
         (finite (B,), valid (B,)): `finite` marks samples whose every value is finite; `valid` is
         `finite` with the samples of groups that keep fewer than `min_valid` finite samples cleared.
     """
+    finite = finite_samples(*rows)
+    return finite, group_validity(finite, group_size, min_valid)
+
+
+def finite_samples(*rows: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the samples whose every value in `rows` (tensors with one row per sample) is finite."""
     if not rows:
-        raise ValueError("sample_validity needs at least one tensor of per-sample values")
+        raise ValueError("finite_samples needs at least one tensor of per-sample values")
     finite = torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
     for t in rows:
         if t.shape[0] != finite.shape[0]:
             raise ValueError(f"every tensor must have one row per sample ({finite.shape[0]}), got {t.shape[0]}")
         finite &= finite_rows(t).to(finite.device)
+    return finite
+
+
+def group_validity(finite: torch.Tensor, group_size: int, min_valid: int) -> torch.Tensor:
+    """(B,) bool: `finite` with every sample of a group (consecutive runs of `group_size`) cleared when
+    the group keeps fewer than `min_valid` finite samples."""
     if finite.shape[0] % group_size:
         raise ValueError(f"{finite.shape[0]} samples do not split into groups of group_size={group_size}")
     per_group = finite.reshape(-1, group_size)
     group_ok = per_group.sum(dim=1) >= min_valid
-    valid = (per_group & group_ok[:, None]).reshape(-1)
-    return finite, valid
+    return (per_group & group_ok[:, None]).reshape(-1)
 
 
 def zero_invalid(t: torch.Tensor, valid: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -132,6 +143,7 @@ class PreemptionHandler:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.committed = False  # the step in progress has changed the weights (the trainer resets it)
         self._abandonable = False
         self._previous: dict[int, object] = {}
 
@@ -166,6 +178,7 @@ class PreemptionHandler:
     def commit(self) -> None:
         """Leave the abandonable region for good (the weights are about to change)."""
         self._abandonable = False
+        self.committed = True
 
     def check(self) -> None:
         """Raise `Preempted` when a signal arrived outside an abandonable region."""

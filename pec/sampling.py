@@ -230,7 +230,9 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
 
     expanded = [p for p in prompts for _ in range(group_size)]
     b = len(expanded)
-    cond = model.encode_prompts(list(prompts)).repeat_interleave(group_size)
+    # One prompt at a time: an embedding must not depend on which other prompts share its batch (BLAS
+    # rounds a row by its batch), or samples would change with the number of processes.
+    cond = PromptBatch.cat([model.encode_prompts([p]) for p in prompts]).repeat_interleave(group_size)
     uncond = model.encode_prompts([""]).repeat_interleave(b)
     shape = (b, *model.sample_shape)
     if noise is None:

@@ -261,10 +261,18 @@ class Trainer:
                           guidance_fn=guidance_fn, guidance_weight=guidance_weight,
                           batch_size=cfg.train.micro_batch)
 
-    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, D) float32 features of every image in each perceptual space (no grad)."""
+    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards (B,) and (B, D) features in each perceptual space, float32, no grad.
+
+        Scored in the rollout's chunks of `train.micro_batch` images: bounded memory with real reward
+        models, and the same batches whatever the number of processes (BLAS rounds a row by its batch).
+        """
+        chunks = torch.arange(images.shape[0]).split(self.cfg.train.micro_batch)
         with torch.no_grad():
-            return {name: encoder(images).float() for name, encoder in self.encoders.items()}
+            rewards = torch.cat([self.reward_fn(images[c], [prompts[i] for i in c.tolist()]).float() for c in chunks])
+            feats = {name: torch.cat([encoder(images[c]).float() for c in chunks])
+                     for name, encoder in self.encoders.items()}
+        return rewards, feats
 
     def perceptual_stats(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, all_valid: bool
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -329,7 +337,9 @@ class Trainer:
                 log_p_gen = density[:, None].expand_as(old_log_probs)
             return pcgs_reward(rewards, -surprisal, log_p_gen, cfg.pcgs.lambda_, omega)
         if cfg.method == "entropy_sample":
-            # The native entropy, per-sample reading: the bonus -log pi(x'|x) of each sampled transition.
+            # The native entropy, per-sample reading: the bonus -log pi(x'|x) of each sampled transition,
+            # 1/2 mean(eps^2) + a per-step constant. Its policy gradient is zero in expectation (an odd
+            # moment of eps): GRPO plus noise, as the paper's Table 3 "PEC with H" suggests.
             return rewards.float()[:, None] - cfg.entropy_bonus.sample_coef * old_log_probs.detach().float()
         if cfg.method == "perc_entropy_bonus":
             # The perceptual entropy, analytic reading: the batch's entropy estimate (mean surprisal), the
@@ -356,12 +366,10 @@ class Trainer:
             times["rollout"] = time.perf_counter() - t0
 
             t = time.perf_counter()
-            with torch.no_grad():
-                rewards = self.reward_fn(rollout.images, rollout.prompts).float()
+            rewards, feats = self.scores(rollout.images, rollout.prompts)
             times["reward"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            feats = self.features(rollout.images)
             trained = rollout.train_steps()
             old_log_probs = rollout.log_probs[trained].T.float()  # (B_local, T_trained)
             index = self.place.global_index.to(self.device)

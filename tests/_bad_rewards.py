@@ -1,5 +1,6 @@
 """Rewards registered the way the README tells users to (`@REWARDS.register`), for the run-safety tests.
-Not a test module (pytest collects only test_*.py); the SIGTERM test's subprocess imports it too.
+The trainer scores in chunks of train.micro_batch images: with the whole batch in one chunk, call n is
+step n. Not a test module (pytest collects only test_*.py); the SIGTERM test's subprocess imports it too.
 
 - "nan_at_call3": the digit reward, but its third call (training step 3) returns NaN for sample 0 and
   for two samples of the second group (which then keeps too few valid samples).

@@ -77,7 +77,8 @@ def test_masked_advantages_and_entropy_use_the_valid_samples_only():
 
 
 def test_nan_reward_at_step_3_is_masked_and_never_reaches_a_checkpoint(world, tmp_path):
-    cfg = tiny_config(world, tmp_path, method="pec", reward="nan_at_call3", train={"steps": 4},
+    # micro_batch 6: the whole batch is scored in one call, so call 3 is step 3.
+    cfg = tiny_config(world, tmp_path, method="pec", reward="nan_at_call3", train={"steps": 4, "micro_batch": 6},
                       logging={"keep_checkpoints": 10})
     rows = Trainer(cfg).run()
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -201,7 +202,7 @@ def test_a_signal_abandons_an_abandonable_region_and_is_held_outside_it():
 
 
 def test_sigterm_mid_step_checkpoints_the_last_complete_step_and_resume_matches(world, tmp_path):
-    overrides = dict(method="pec", reward="slow_at_call3", train={"steps": 4},
+    overrides = dict(method="pec", reward="slow_at_call3", train={"steps": 4, "micro_batch": 6},
                      logging={"checkpoint_every": 10})
     full = Trainer(tiny_config(world, tmp_path / "full", **overrides)).run()
 

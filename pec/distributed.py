@@ -1,0 +1,240 @@
+"""Everything about processes and ranks (DESIGN.md §8), so the Trainer reads the same with one process or many.
+
+`python -m pec.train` runs in one process; `torchrun --nproc_per_node N -m pec.train ...` runs the same
+trainer in N (and across nodes through torchrun's rendezvous flags). One process is exactly the
+single-device run: every helper here is then the identity.
+
+- Process group: NCCL on GPUs, gloo on CPU, created from torchrun's environment (RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR/PORT) with a timeout (`--dist.timeout`): a rank that dies or hangs makes
+  the others fail with an error within it (gloo notices a dead peer's closed socket at once).
+- Placement of a step's global batch (G prompt groups x K samples, global sample index g*K + j):
+  `contiguous`: rank r holds whole groups (G/W each): advantages need every reward (B floats), but
+  features never travel: the kNN entropy is local. `spread`: rank r holds samples j in
+  [r*K/W, (r+1)*K/W) of every group, as Flow-GRPO's sampler does: rewards, masks and the features of
+  every perceptual space are all-gathered (B x D per space), so each group's entropy covers all of it.
+- Seeding: each sample's noise comes from its own generator, seeded by (run seed, step, global index),
+  so the samples do not depend on the number of processes.
+- Gradients are averaged with one all-reduce per optimizer update over a flat buffer of the
+  trainable parameters (what DDP does for LoRA adapters, after micro-batch accumulation, in one bucket);
+  the finiteness decision is taken on the reduced gradient, so every rank takes the same one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PLACEMENTS = ("contiguous", "spread")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which samples of a step's global batch this rank generates.
+
+    prompt_slots: indices (into the step's list of G prompts) of the groups this rank samples.
+    group_size: samples per group on this rank (K for contiguous, K/W for spread).
+    global_index: (B_local,) global sample indices g*K + j of the local samples, in local order.
+    """
+
+    prompt_slots: list[int]
+    group_size: int
+    global_index: torch.Tensor
+
+
+class DistContext:
+    """The process group of a run and collective helpers that are identities with one process."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+
+    @classmethod
+    def from_env(cls, device: str, timeout_s: float) -> DistContext:
+        """Join the process group torchrun describes in the environment (none: a one-process context).
+
+        Args:
+            device: the run's --device ("auto", "cpu", "cuda", ...); with several processes on GPUs
+                each takes cuda:LOCAL_RANK.
+            timeout_s: how long a collective waits for a peer before failing.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank, world_size, local_rank)
+
+    @property
+    def active(self) -> bool:
+        """Whether there is more than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes metrics, grids and checkpoints."""
+        return self.rank == 0
+
+    def device(self, name: str) -> str:
+        """The device this rank trains on, for the run's --device `name`."""
+        if self.active and name in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return name
+
+    def check_layout(self, prompts_per_step: int, group_size: int, placement: str, method: str, pcgs_form: str,
+                     generation_density: str) -> None:
+        """Reject a global batch or method that cannot be laid out on the ranks, saying what to change."""
+        if placement not in PLACEMENTS:
+            raise ValueError(f"dist.placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+        w = self.world_size
+        if w > 1 and placement == "spread" and method == "pcgs" and pcgs_form == "guided":
+            raise ValueError("the PCGS guided form needs each group's latents on one rank: use --dist.placement "
+                             "contiguous")
+        if (w > 1 and placement == "spread" and method == "pcgs" and pcgs_form == "reward"
+                and generation_density == "latent_group"):
+            raise ValueError("--pcgs.generation_density latent_group fits each group's latents on one rank: use "
+                             "--dist.placement contiguous")
+        if placement == "contiguous" and prompts_per_step % w:
+            raise ValueError(f"dist.placement contiguous puts whole groups on ranks: sampling.prompts_per_step "
+                             f"({prompts_per_step}) must divide by the {w} processes; change it, or use "
+                             f"--dist.placement spread")
+        if placement == "spread" and group_size % w:
+            raise ValueError(f"dist.placement spread splits every group over the ranks: sampling.group_size "
+                             f"({group_size}) must divide by the {w} processes; change it, or use "
+                             f"--dist.placement contiguous")
+
+    def placement(self, prompts_per_step: int, group_size: int, placement: str, rank: int | None = None
+                  ) -> Placement:
+        """The samples `rank` (default: this rank) generates in a step (see the module docstring)."""
+        w, r = self.world_size, self.rank if rank is None else rank
+        if placement == "contiguous":
+            per = prompts_per_step // w
+            slots = list(range(r * per, (r + 1) * per))
+            index = torch.arange(r * per * group_size, (r + 1) * per * group_size)
+            return Placement(slots, group_size, index)
+        per = group_size // w
+        j = torch.arange(r * per, (r + 1) * per)
+        index = (torch.arange(prompts_per_step)[:, None] * group_size + j[None, :]).reshape(-1)
+        return Placement(list(range(prompts_per_step)), per, index)
+
+    # -- collectives (identities with one process) ---------------------------------------------
+    def all_gather(self, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate every rank's `t` (same shape on all ranks) along dim 0. With `index` (this rank's
+        global row indices, as `Placement.global_index`), rows are put in global order instead."""
+        if not self.active:
+            return t
+        t = t.contiguous()
+        gathered = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+        if t.dtype == torch.bool:  # gloo and NCCL gather bytes, not bools
+            gather(gathered.view(torch.uint8), t.view(torch.uint8))
+        else:
+            gather(gathered, t)
+        if index is None:
+            return gathered
+        order = self.all_gather(index.to(t.device))
+        out = torch.empty_like(gathered)
+        out[order] = gathered
+        return out
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce of `t` ("sum", "max" or "min"); returns it."""
+        if self.active:
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                   "min": dist.ReduceOp.MIN}[op])
+        return t
+
+    def reduce_gradients_(self, params: list[torch.nn.Parameter], extra: torch.Tensor) -> torch.Tensor:
+        """Sum the gradients of `params` and the 0-dim `extra` (e.g. the minibatch loss) over ranks, in one
+        flat all-reduce (DDP's bucket, for adapters); returns the summed `extra`. A parameter without a
+        gradient on some rank (it had no micro-batch in this minibatch) contributes zeros."""
+        if not self.active:
+            return extra
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        flat = torch.cat(grads + [extra.reshape(1).float()])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        return flat[-1].to(extra.dtype)
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group."""
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sample_noise(global_index: torch.Tensor, shape: tuple[int, ...], num_steps: int, seed: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """(num_steps + 1, B, *shape) standard normal noise, each sample's drawn from a generator seeded by
+    (seed, its global index), so a sample's noise never depends on the batch split.
+
+    Drawn on the CPU (float32) and moved to `device`: the same on every device and process count.
+    """
+    out = torch.empty((num_steps + 1, global_index.shape[0], *shape))
+    for b, g in enumerate(global_index.tolist()):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + g * 2_654_435_761) % (2**63 - 1))
+        out[:, b] = torch.randn((num_steps + 1, *shape), generator=gen)
+    return out.to(device)
+
+
+def minibatch_plan(global_index: list[torch.Tensor], rank: int, micro_batch: int, minibatches: int,
+                   generator: torch.Generator) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Shuffled minibatches of a step's global batch, and this rank's share of each.
+
+    Args:
+        global_index: for every rank, the global indices of its samples in its local order.
+        rank: this rank.
+        micro_batch: samples per forward pass; each rank's rollout ran its samples in consecutive
+            chunks of this size.
+        minibatches: optimizer updates per step.
+        generator: seeded by (seed, step), the same on every rank.
+
+    Returns:
+        For each minibatch: (this rank's micro-batches as local index tensors, the global indices of
+        the whole minibatch). Where there are at least `minibatches` rollout chunks in all, whole chunks
+        are shuffled, so each micro-batch re-evaluates exactly the rows, in the order and batch shape,
+        that the rollout computed together (BLAS rounds a row differently elsewhere in a batch: only
+        this makes the first ratio exactly 1). Otherwise samples are shuffled one by one.
+    """
+    chunks = [(r, c) for r, idx in enumerate(global_index) for c in torch.arange(idx.shape[0]).split(micro_batch)]
+    if len(chunks) >= minibatches:
+        perm = torch.randperm(len(chunks), generator=generator)
+        plan = []
+        for part in perm.tensor_split(minibatches):
+            picked = [chunks[i] for i in part.tolist()]
+            local = [c for r, c in picked if r == rank]
+            plan.append((local, torch.cat([global_index[r][c] for r, c in picked])))
+        return plan
+    owner = torch.cat([torch.full_like(idx, r) for r, idx in enumerate(global_index)])
+    position = torch.cat([torch.arange(idx.shape[0]) for idx in global_index])
+    flat = torch.cat(global_index)
+    order = flat[torch.randperm(flat.shape[0], generator=generator)]
+    lookup = torch.empty_like(order)
+    lookup[flat] = torch.arange(flat.shape[0])
+    plan = []
+    for mb in order.tensor_split(minibatches):
+        rows = lookup[mb]
+        mine = position[rows[owner[rows] == rank]]
+        plan.append((list(mine.split(micro_batch)) if mine.numel() else [], mb))
+    return plan
