@@ -15,6 +15,7 @@ Nothing here downloads; heavy imports (transformers, open_clip) happen inside th
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,10 @@ def load_open_clip(path: str | Path, option: str, arch: str | None = None, devic
     except (RuntimeError, AssertionError, KeyError) as err:
         raise ValueError(f"{option}: {p} does not fit the open_clip architecture {arch or p.name}: a checkpoint of "
                          f"another architecture; check {option}_arch ({str(err).splitlines()[0][:200]})") from None
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{option}: {p} holds more than tensors and loads only with weights_only=False (arbitrary "
+                         f"code); re-save its state dict with torch.save({{'state_dict': ...}}) "
+                         f"({str(err).splitlines()[0][:120]})") from None
     cfg = model.visual.preprocess_cfg
     size = cfg.get("size", model_cfg["vision_cfg"].get("image_size", 224))
     size = size[0] if isinstance(size, (list, tuple)) else size
