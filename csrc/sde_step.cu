@@ -11,8 +11,9 @@
 // loads (blocks loop over the samples b = blockIdx.y, blockIdx.y + gridDim.y, ..., since grid axis y
 // stops at 65535), writes x' in rollout mode (rounded to T, the residual taken against the rounded
 // value) and μ when asked for, and one partial sum of residual² (and of (v − v_ref)²) per block and
-// sample, reduced by warp shuffles then shared memory. Finalize: one block per sample sums its partials in a fixed order (deterministic: a rollout
-// and its re-evaluation give bit-identical log-probs) and writes log_prob, kl and std.
+// sample, reduced by warp shuffles then shared memory. Finalize: one block per sample sums its partials
+// in a fixed order (deterministic: a rollout and its re-evaluation give bit-identical log-probs) and
+// writes log_prob, kl and std.
 // Backward: the same grid and sample loop as the forward, elementwise; recomputes μ instead of storing
 // the residual.
 #include "common.cuh"

@@ -14,5 +14,6 @@ from pec_kernels.knn import KnnEntropy, knn_entropy
 from pec_kernels.gaussian import GaussianEntropy, gaussian_entropy
 from pec_kernels.sde import SdeStep, guided_sde_step, sde_step_logprob, step_sigmas
 
-__all__ = ["cuda_ops_available", "extension_status", "failed_backends", "reset_fallbacks", "GaussianEntropy", "gaussian_entropy", "KnnEntropy",
-           "knn_entropy", "SdeStep", "guided_sde_step", "sde_step_logprob", "step_sigmas"]
+__all__ = ["cuda_ops_available", "extension_status", "failed_backends", "reset_fallbacks", "GaussianEntropy",
+           "gaussian_entropy", "KnnEntropy", "knn_entropy", "SdeStep", "guided_sde_step", "sde_step_logprob",
+           "step_sigmas"]

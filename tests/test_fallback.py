@@ -163,7 +163,8 @@ def test_sde_triton_failure_falls_back_to_torch_once(monkeypatch, kernel):
 
 def test_sde_cuda_extension_without_its_ops_falls_back(monkeypatch):
     monkeypatch.setattr(sde_backends, "_auto_order", lambda device, same_dtype: ("cuda",))
-    monkeypatch.setattr(sde_backends, "_module", lambda name, device, same_dtype: sde_cuda if name == "cuda" else sde_torch)
+    monkeypatch.setattr(sde_backends, "_module",
+                        lambda name, device, same_dtype: sde_cuda if name == "cuda" else sde_torch)
     monkeypatch.setattr(sde_cuda, "_op", _missing_op)
     t = _sde_inputs()
     results, record = _sde_twice(t)

@@ -32,7 +32,8 @@ def forward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], target: torch.Tenso
     prev, mean, log_prob, kl, std = _op("sde_step_fwd")(
         x, list(vels), target, v_ref, tensors, values, params.eta, KIND_IDS[params.kind], rollout, float(norm),
         want_mean)
-    return (prev if rollout else None), (mean if want_mean else None), log_prob, (kl if v_ref is not None else None), std
+    return ((prev if rollout else None), (mean if want_mean else None), log_prob,
+            (kl if v_ref is not None else None), std)
 
 
 def backward(x: torch.Tensor, vels: tuple[torch.Tensor, ...], prev: torch.Tensor, v_ref: torch.Tensor | None,

@@ -19,12 +19,13 @@ from pec_kernels.sde.coefficients import StepParams
 
 
 class SdeStepFunction(torch.autograd.Function):
-    """forward(chain, params, rollout, norm, want_mean, x, target, v_ref, *vels) -> (prev, mean, log_prob, kl, std).
+    """forward(chain, params, rollout, norm, want_mean, x, target, v_ref, *vels)
+    -> (prev, mean, log_prob, kl, std).
 
     chain: the names of the backends (pec_kernels._fallback) from the one to run on; its head
-    (pec_kernels.sde.backends.module_of) computes the forward, and the backward falls back along it. x, target, v_ref, vels: (B, n) contiguous; norm: n for
-    reduce="mean", 1 for "sum"; prev is None in re-evaluation mode, mean is None unless want_mean, kl is
-    None without v_ref.
+    (pec_kernels.sde.backends.module_of) computes the forward, and the backward falls back along it.
+    x, target, v_ref, vels: (B, n) contiguous; norm: n for reduce="mean", 1 for "sum"; prev is None in
+    re-evaluation mode, mean is None unless want_mean, kl is None without v_ref.
     """
 
     @staticmethod
