@@ -144,3 +144,13 @@ def test_shipped_real_model_configs_validate(world, name):
     cfg.validate()
     assert cfg.reward == "pickscore" and cfg.perceptual.space == "pickscore" and cfg.pec.lambda_ == 0.05
     assert cfg.model.resolution == 512 and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name,billions", [("sd3.5-medium", (2.2, 2.6)), ("flux-dev", (11.8, 12.0))])
+def test_real_transformer_shapes_have_the_real_sizes(name, billions):
+    """The configs GPU benchmarks build with random weights (on 'meta': no memory here)."""
+    from pec.models.shapes import random_transformer
+
+    model = random_transformer(name)
+    count = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions[0] < count < billions[1], count
