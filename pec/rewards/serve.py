@@ -1,4 +1,4 @@
-"""`python -m pec.rewards.serve NAME [--port 8000] [--host 127.0.0.1] [--device cuda] [--paths.X PATH ...]`:
+"""`python -m pec.rewards.serve NAME [--port 8000] [--host 127.0.0.1] [--device auto] [--paths.X PATH ...]`:
 serve any registered reward (or a weighted spec such as `pickscore:1,jpeg:0.1`) over HTTP with the
 protocol of `pec.rewards.http`: POST `{"prompts": [...], "images": [base64 PNG...]}` -> `{"scores": [...]}`.
 A GET answers `{"reward": NAME}` (a health check). Prints `serving NAME on http://HOST:PORT/` once ready.
@@ -6,6 +6,7 @@ A GET answers `{"reward": NAME}` (a health check). Prints `serving NAME on http:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 from collections.abc import Sequence
@@ -52,21 +53,26 @@ def make_server(reward: torch.nn.Module, name: str, host: str = "127.0.0.1", por
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: build the reward from the command line (`--paths.*` as in pec.train) and serve it."""
-    from pec.config import add_config_arguments, config_from_args
+    from pec.config import PathsConfig
     from pec.policy import resolve_device
     from pec.rewards import build_reward
 
     parser = argparse.ArgumentParser(prog="python -m pec.rewards.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="a registered reward name or a weighted spec (name:weight,...)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
-    add_config_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 = any free port (default: 8000)")
+    parser.add_argument("--device", default="auto", help="torch device; auto = cuda if available (default: auto)")
+    parser.add_argument("--assets", default=None, help="the embedded world's assets folder (as pec.train --assets)")
+    defaults = PathsConfig()
+    for f in dataclasses.fields(PathsConfig):
+        parser.add_argument(f"--paths.{f.name}", dest=f.name, default=getattr(defaults, f.name),
+                            help=f.metadata["help"])
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    device = resolve_device(cfg.device)
+    paths = PathsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PathsConfig)})
+    device = resolve_device(args.device)
     try:
-        reward = build_reward(args.name, device=device, directory=cfg.assets, paths=cfg.paths)
+        reward = build_reward(args.name, device=device, directory=args.assets, paths=paths)
     except ValueError as err:
         raise SystemExit(f"pec.rewards.serve: {err}") from None
     server = make_server(reward, args.name, args.host, args.port, device)
