@@ -171,6 +171,7 @@ class Trainer:
     def finish_step(self, step: int, row: dict[str, Any], last: int) -> None:
         """Log a finished step, checkpoint it when due, and stop after too many skipped updates (every
         rank takes the same decisions: they rest on all-reduced numbers)."""
+        causes = row.pop("_skip_causes")
         if self.dist.is_main:
             self.metrics.append(row)
         else:
@@ -178,7 +179,7 @@ class Trainer:
         self.tb.log(row, step)
         self.last_complete, self.last_rng = step, rng_state()
         self.preemption.committed = False
-        self.guard.record(step, row.pop("_skip_causes"))
+        self.guard.record(step, causes)
         milestone = bool(self.cfg.logging.milestone_every) and step % self.cfg.logging.milestone_every == 0
         if step % self.cfg.logging.checkpoint_every == 0 or step == last or milestone or self.guard.exhausted:
             self.save(step, milestone=milestone)
@@ -598,16 +599,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         trainer = Trainer(cfg)
     except ValueError as err:
         raise SystemExit(f"pec.train: {err}") from None
+    resume = f"python -m pec.train --run-dir {trainer.run_dir} --resume"
     try:
         trainer.run()
     except TrainingStopped as err:
         raise SystemExit(f"pec.train: {err} (run folder: {trainer.run_dir})") from None
     except Preempted as sig:
         print(f"pec.train: {sig.signame}: abandoned the step in progress; step {trainer.last_complete} is "
-              f"checkpointed in {trainer.run_dir / 'checkpoints'}. Resume with: python -m pec.train "
-              f"--run-dir {trainer.run_dir} --resume", file=sys.stderr)
+              f"checkpointed in {trainer.run_dir / 'checkpoints'}. Resume with: {resume}", file=sys.stderr)
         raise SystemExit(128 + sig.signum) from None
-    print(f"run folder: {trainer.run_dir}")
+    except RuntimeError as err:
+        if not trainer.dist.active:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"pec.train: rank {trainer.dist.rank}: a collective failed ({first}): another process "
+                         f"died or did not answer within --dist.timeout {trainer.cfg.dist.timeout:g} s. The last "
+                         f"checkpoint is step {trainer.last_saved}; resume with torchrun ... {resume}") from None
+    finally:
+        trainer.dist.close()
+    if trainer.dist.is_main:
+        print(f"run folder: {trainer.run_dir}")
 
 
 if __name__ == "__main__":

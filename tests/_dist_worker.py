@@ -1,0 +1,63 @@
+"""A tiny training run that records what the multi-process tests compare: the step's global shaped
+rewards and advantages, the reduced gradient of every update, and the metric rows.
+
+Run in-process (`run_and_capture`) for the one-process reference, or under torchrun:
+    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS
+Not a test module (pytest collects only test_*.py).
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pec.train as train_module  # noqa: E402
+from _tiny_runs import tiny_config  # noqa: E402
+from pec.train import Trainer  # noqa: E402
+
+# 2 prompts x 4 samples, micro-batches of 2: with 1, 2 or 4 processes every rank's batch splits into
+# the same micro-batches as the one-process run's.
+SIZES = {"sampling": {"prompts_per_step": 2, "group_size": 4}, "train": {"micro_batch": 2}}
+
+
+def dist_config(world: Path, run_dir: Path, placement: str, steps: int, **sections):
+    """The tiny config the multi-process tests share."""
+    return tiny_config(world, run_dir, method="pec", sampling=SIZES["sampling"],
+                       train={**SIZES["train"], "steps": steps, **sections.pop("train", {})},
+                       dist={"placement": placement, "timeout": 60}, **sections)
+
+
+def run_and_capture(world: Path, out: Path, placement: str, steps: int) -> dict:
+    """Train and return {"rows", "shaped", "advantages", "grads"} (this rank's view)."""
+    captured = {"shaped": [], "advantages": [], "grads": []}
+    original = train_module.group_advantages
+
+    def capture(shaped, *args, **kwargs):
+        adv = original(shaped, *args, **kwargs)
+        captured["shaped"].append(shaped.clone())
+        captured["advantages"].append(adv.clone())
+        return adv
+
+    train_module.group_advantages = capture
+    try:
+        trainer = Trainer(dist_config(world, out / "run", placement, steps))
+        step_fn = trainer.optimizer.step
+
+        def step(*args, **kwargs):
+            captured["grads"].append([p.grad.clone() for p in trainer.policy.trainable_parameters()])
+            return step_fn(*args, **kwargs)
+
+        trainer.optimizer.step = step
+        captured["rows"] = trainer.run()
+        captured["rank"] = trainer.dist.rank
+        trainer.dist.close()
+    finally:
+        train_module.group_advantages = original
+    return captured
+
+
+if __name__ == "__main__":
+    world, out, placement, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    result = run_and_capture(world, out, placement, steps)
+    torch.save(result, out / f"rank{result['rank']}.pt")

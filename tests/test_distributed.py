@@ -1,0 +1,179 @@
+"""Several processes on CPU (gloo), issue 10: 2 processes against 1 at the same seed and global batch,
+`spread` entropies, a 2-process run resumed by 1 process, a killed rank, impossible layouts.
+
+Each multi-process test launches real processes (torchrun, or two plain ones for the killed rank).
+"""
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pec.config import to_dict
+from pec.distributed import DistContext, minibatch_plan, sample_noise
+from pec.experiments.tiny_world import write_tiny_world
+from pec.logging_utils import read_metrics
+from pec.train import main
+
+from _dist_worker import dist_config, run_and_capture
+
+TESTS = Path(__file__).parent
+REL = 1e-5  # the stated tolerance for anything downstream of an all-reduce (summation order)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="module")
+def single(world, tmp_path_factory):
+    """The one-process reference: 3 steps, contiguous (placement changes nothing with one process)."""
+    return run_and_capture(world, tmp_path_factory.mktemp("single"), "contiguous", 3)
+
+
+def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _two_process_capture(world, out, placement, steps=2):
+    _torchrun(2, str(TESTS / "_dist_worker.py"), str(world), str(out), placement, str(steps))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _close(a, b, rel=REL):
+    scale = max(abs(a), abs(b), 1e-12)
+    return abs(a - b) <= rel * scale
+
+
+def _assert_rows_close(rows_a, rows_b, exact_keys=()):
+    for ra, rb in zip(rows_a, rows_b):
+        keys = [k for k in ra if not k.startswith("time/")]
+        assert keys == [k for k in rb if not k.startswith("time/")]
+        for k in keys:
+            a, b = ra[k], rb[k]
+            if k in exact_keys:
+                assert a == b, (ra["step"], k, a, b)
+            elif k in ("loss", "surrogate"):  # sums of +-A terms that cancel to ~0: compare on the scale of A
+                assert abs(a - b) <= REL * ra["advantage_abs"], (ra["step"], k, a, b)
+            elif isinstance(a, float) and not (math.isnan(a) and math.isnan(b)):
+                assert _close(a, b), (ra["step"], k, a, b)
+            else:
+                assert a == b or (math.isnan(a) and math.isnan(b)), (ra["step"], k, a, b)
+
+
+# Rollout-level values: bit-identical; loss-level values pass through all-reduces (summation order).
+ROLLOUT_KEYS = ("reward_mean", "reward_group_std", "shaped_reward_mean", "mask/invalid_samples",
+                "mask/masked_samples", "mask/masked_groups")
+
+
+@pytest.mark.parametrize("placement", ["contiguous", "spread"])
+def test_two_processes_match_one(world, single, tmp_path, placement):
+    ranks = _two_process_capture(world, tmp_path, placement)
+    for rank in ranks:  # every rank holds the same global view
+        for step in range(2):
+            assert torch.equal(rank["shaped"][step], single["shaped"][step]), (placement, step)
+            assert torch.equal(rank["advantages"][step], single["advantages"][step]), (placement, step)
+        for grads_a, grads_b in zip(rank["grads"], single["grads"][:2]):
+            for a, b in zip(grads_a, grads_b):
+                assert (a - b).norm() <= REL * b.norm(), (placement, (a - b).norm() / b.norm())
+    perceptual = tuple(k for k in single["rows"][0] if k.startswith(("perc_", "diversity/")))
+    _assert_rows_close(ranks[0]["rows"][:1], single["rows"][:1], exact_keys=ROLLOUT_KEYS + perceptual)
+    _assert_rows_close(ranks[0]["rows"], single["rows"][:2])
+    _assert_rows_close(ranks[1]["rows"], ranks[0]["rows"])
+
+
+def test_a_two_process_run_resumes_with_one(world, single, tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(to_dict(dist_config(world, run, "contiguous", 3, train={"stop_after": 2}))))
+    _torchrun(2, "-m", "pec.train", "--config", str(config))
+    assert yaml.safe_load((run / "config.yaml").read_text())["dist"]["processes"] == 2
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    main(["--run-dir", str(run), "--resume", "--train.stop_after", "none"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["dist"]["processes"] == 1
+    _assert_rows_close(read_metrics(run / "metrics.jsonl"), single["rows"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_rank_is_an_error_not_a_hang(world, tmp_path):
+    run = tmp_path / "run"
+    # micro_batch 4: each rank scores its 4 samples in one call, so the reward's call 3 is step 3.
+    cfg = dist_config(world, run, "contiguous", 5, train={"micro_batch": 4}, reward="slow_at_call3")
+    cfg.dist.timeout = 30
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    marker = tmp_path / "rank1_in_step_3"
+    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import _bad_rewards; "
+              f"from pec.train import main; main(['--config', {str(config)!r}])")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
+                                              **({"PEC_TEST_MARKER": str(marker)} if r == 1 else {})})
+             for r in range(2)]
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.monotonic() < deadline, "rank 1 never reached step 3"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].wait()
+    assert procs[0].returncode == 1, err[-2000:]
+    assert "rank 0: a collective failed" in err and "--resume" in err, err[-2000:]
+    assert time.monotonic() - started < 60
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompts_per_step": 3, "group_size": 4, "placement": "contiguous"}, "prompts_per_step \\(3\\) must divide"),
+    ({"prompts_per_step": 2, "group_size": 3, "placement": "spread"}, "group_size \\(3\\) must divide"),
+])
+def test_impossible_layouts_are_rejected_with_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistContext(rank=0, world_size=2).check_layout(**kwargs, method="pec", pcgs_form="reward",
+                                                       generation_density="policy")
+
+
+@pytest.mark.parametrize("placement", ["contiguous", "spread"])
+@pytest.mark.parametrize("minibatches", [1, 3, 8])
+def test_minibatch_plans_cover_the_batch_once_and_agree_across_process_counts(placement, minibatches):
+    plans = {}
+    for w in (1, 2, 4):
+        contexts = [DistContext(rank=r, world_size=w) for r in range(w)]
+        index = [c.placement(4, 4, placement).global_index for c in contexts]
+        per_rank = [minibatch_plan(index, r, 2, minibatches, torch.Generator().manual_seed(7)) for r in range(w)]
+        for m in range(minibatches):
+            mine = torch.cat([index[r][c] for r in range(w) for c in per_rank[r][m][0]] or [torch.tensor([], dtype=torch.long)])
+            assert sorted(mine.tolist()) == sorted(per_rank[0][m][1].tolist())
+        covered = torch.cat([plan[1] for plan in per_rank[0]])
+        assert sorted(covered.tolist()) == list(range(16))
+        plans[w] = [sorted(plan[1].tolist()) for plan in per_rank[0]]
+    if placement == "contiguous" or minibatches == 1:
+        assert plans[1] == plans[2] == plans[4]
+
+
+def test_sample_noise_depends_on_the_global_index_only():
+    whole = sample_noise(torch.arange(6), (1, 2, 2), 3, seed=5, device="cpu")
+    part = sample_noise(torch.tensor([4, 1]), (1, 2, 2), 3, seed=5, device="cpu")
+    assert torch.equal(part[:, 0], whole[:, 4]) and torch.equal(part[:, 1], whole[:, 1])
+    assert not torch.equal(whole[:, 0], whole[:, 1])
