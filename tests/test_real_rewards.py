@@ -19,7 +19,7 @@ from _tiny_diffusers import TINY_OPEN_CLIP, tiny_clip_folder, tiny_open_clip_che
 
 from pec.config import PathsConfig  # noqa: E402
 from pec.rewards import WeightedReward, build_reward, check_reward_spec, parse_reward_spec  # noqa: E402
-from pec.rewards.aesthetic import AestheticHead  # noqa: E402
+from pec.rewards.aesthetic import AestheticHead, load_aesthetic_head  # noqa: E402
 from pec.rewards.http import HttpReward, decode_png, encode_png  # noqa: E402
 from pec.rewards.jpeg import jpeg_sizes_kb  # noqa: E402
 
@@ -102,8 +102,10 @@ def test_checks_before_loading_name_the_option(paths, tmp_path):
     (tmp_path / "wider.json").write_text(json.dumps(wider))
     with pytest.raises(ValueError, match="--paths.hpsv2.*does not fit the open_clip architecture"):
         build_reward("hpsv2", paths=PathsConfig(hpsv2=paths.hpsv2, hpsv2_arch=str(tmp_path / "wider.json")))
+    with pytest.raises(ValueError, match="--paths.aesthetic reads 768-d embeddings but --paths.aesthetic_clip gives"):
+        check_reward_spec("aesthetic", PathsConfig(aesthetic=paths.aesthetic, aesthetic_clip=paths.pickscore))
     with pytest.raises(ValueError, match="--paths.aesthetic.*not an aesthetic head for 16-d"):
-        build_reward("aesthetic", paths=PathsConfig(aesthetic=paths.aesthetic, aesthetic_clip=paths.pickscore))
+        load_aesthetic_head(paths.aesthetic, 16)
     with pytest.raises(ValueError, match="--paths.reward_url.*does not answer"):
         check_reward_spec("http", PathsConfig(reward_url="http://127.0.0.1:9/"))
 

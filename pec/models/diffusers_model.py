@@ -198,14 +198,12 @@ class DiffusersFlowModel(FlowModel):
     def _encode_on_device(self, prompts: list[str]) -> PromptBatch:
         device = self.device
         encoders = self._text_encoders()
-        moved = self.offload_text_encoders and device.type != "cpu"
-        if moved:
-            for encoder in encoders:
-                encoder.to(device)
+        for encoder in encoders:  # a no-op where they already are ('gpu' after the first call)
+            encoder.to(device)
         try:
             batch = self._encode(prompts, device)
         finally:
-            if moved:
+            if self.offload_text_encoders:
                 for encoder in encoders:
                     encoder.to("cpu")
         dtype = self.transformer.dtype

@@ -97,11 +97,7 @@ class FluxFlowModel(DiffusersFlowModel):
         cls.check_path(path)
         pipe = FluxPipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype), local_files_only=True)
         model = cls(pipe, resolution=resolution, **kwargs)
-        model.to(device)
-        if not model.offload_text_encoders:
-            for encoder in model._text_encoders():
-                encoder.to(device)
-        return model
+        return model.to(device)  # the transformer and the VAE; text encoders move when they encode
 
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
         """T5 token embeddings and CLIP-L's pooled embedding ("" encodes like any prompt)."""

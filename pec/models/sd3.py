@@ -49,7 +49,8 @@ class SD3FlowModel(DiffusersFlowModel):
                         resolution: int = 512, t5: bool = True, **kwargs) -> SD3FlowModel:
         """Load a local SD3/SD3.5 checkpoint directory (diffusers layout); nothing is fetched from a hub.
 
-        The transformer and VAE go to `device`; the text encoders too unless they are offloaded.
+        The transformer and VAE go to `device`; the text encoders go there to encode (and stay with
+        text_encoders='gpu', or return to the CPU with 'offload').
         """
         from diffusers import StableDiffusion3Pipeline
 
@@ -58,11 +59,7 @@ class SD3FlowModel(DiffusersFlowModel):
         pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype),
                                                         local_files_only=True, **extra)
         model = cls(pipe, resolution=resolution, **kwargs)
-        model.to(device)
-        if not model.offload_text_encoders:
-            for encoder in model._text_encoders():
-                encoder.to(device)
-        return model
+        return model.to(device)  # the transformer and the VAE; text encoders move when they encode
 
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
         """SD3's CLIP-L, CLIP-G (and T5 when present); "" is the null prompt for CFG."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from pec.perceptual.backbones import check_hf_clip, check_open_clip
 from pec.registry import Registry
-from pec.rewards.aesthetic import build_aesthetic_reward, check_aesthetic_head
+from pec.rewards.aesthetic import build_aesthetic_reward, check_aesthetic
 from pec.rewards.clip import build_clipscore_reward, build_hpsv2_reward
 from pec.rewards.digit import DigitReward, build_digit_reward
 from pec.rewards.http import build_http_reward, check_server
@@ -73,8 +73,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
                                          processor=_get(p, "pickscore_processor")),
     "clipscore": lambda p: check_open_clip(_get(p, "clip"), "--paths.clip", _get(p, "clip_arch")),
     "hpsv2": lambda p: check_open_clip(_get(p, "hpsv2"), "--paths.hpsv2", _get(p, "hpsv2_arch")),
-    "aesthetic": lambda p: (check_aesthetic_head(_get(p, "aesthetic")),
-                            check_hf_clip(_get(p, "aesthetic_clip"), "--paths.aesthetic_clip")),
+    "aesthetic": check_aesthetic,
     "http": lambda p: check_server(_get(p, "reward_url")),
 }
 

@@ -7,12 +7,13 @@ here: tables made with this reward say "LAION aesthetic v2 (CLIP-L/14 MLP)".
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pec.perceptual.backbones import HFClip, backbone_dtype, load_hf_clip
+from pec.perceptual.backbones import HFClip, backbone_dtype, check_hf_clip, load_hf_clip
 from pec.rewards.base import ImageReward
 
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
@@ -48,15 +49,33 @@ def check_aesthetic_head(path: str | Path | None, option: str = "--paths.aesthet
     return file
 
 
-def load_aesthetic_head(path: str | Path, dim: int, option: str = "--paths.aesthetic") -> AestheticHead:
-    """The head from its .pth / .safetensors state dict; a head of other shapes raises ValueError."""
+def _head_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
     file = check_aesthetic_head(path, option)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        return load_file(str(file))
+    return torch.load(str(file), map_location="cpu", weights_only=True)
+
+
+def check_aesthetic(paths: object) -> None:
+    """Before loading: the head file, the CLIP folder, and that the head reads that CLIP's embedding width
+    (the head is a 3 MB file; the CLIP width comes from its config.json)."""
+    head = _head_state(getattr(paths, "aesthetic", None), "--paths.aesthetic")
+    folder = check_hf_clip(getattr(paths, "aesthetic_clip", None), "--paths.aesthetic_clip")
+    width = json.loads((folder / "config.json").read_text()).get("projection_dim")
+    first = head.get("layers.0.weight")
+    if first is None or first.dim() != 2:
+        raise ValueError("--paths.aesthetic is not a LAION aesthetic head (no 2-d layers.0.weight)")
+    if first.shape[1] != width:
+        raise ValueError(f"--paths.aesthetic reads {first.shape[1]}-d embeddings but --paths.aesthetic_clip gives "
+                         f"{width}-d ones: use CLIP ViT-L/14 (openai/clip-vit-large-patch14) with this head")
+
+
+def load_aesthetic_head(path: str | Path, dim: int, option: str = "--paths.aesthetic") -> AestheticHead:
+    """The head from its .pth / .safetensors state dict; a head of other shapes raises ValueError."""
+    file = check_aesthetic_head(path, option)
+    state = _head_state(file, option)
     head = AestheticHead(dim)
     try:
         head.load_state_dict(state)
