@@ -30,6 +30,7 @@ from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
 
 METHODS = ("grpo", "entropy_bonus", "entropy_sample", "perc_entropy_bonus", "pec", "pcgs", "clip_cov", "kl_cov")
 PCGS_FORMS = ("reward", "guided")
+SCOPES = ("group", "batch")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -138,6 +139,13 @@ class PerceptualConfig:
     k: int = option(2, "k of the kNN estimator (must be < group_size)")
     per_dim: bool = option(True, "divide surprisals by the feature dimension, so they are commensurate with the "
                                  "mean-reduced policy log-prob")
+    scope: str = option("group", "what the regulariser's surprisal is measured against: 'group' (the other samples "
+                                 "of the prompt group, the paper's) or 'batch' (every sample of the step, over all "
+                                 "processes)")
+    batch_metric: bool = option(True, "log the kNN entropy of the regulariser's space over the step's whole batch "
+                                      "(perc_knn_batch/<space>; with several processes it all-gathers B x D features)")
+    bank_steps: int = option(0, "also log the step's surprisal against a bank of the last N steps' features "
+                                "(perc_knn_bank/<space>, knn_entropy's reference mode); 0 = no bank")
 
 
 @dataclasses.dataclass
@@ -318,6 +326,12 @@ class Config:
         _choice("pcgs.omega", self.pcgs.omega, OMEGAS)
         _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
         _choice("dist.placement", self.dist.placement, PLACEMENTS)
+        _choice("perceptual.scope", self.perceptual.scope, SCOPES)
+        if self.perceptual.bank_steps < 0:
+            raise ValueError(f"perceptual.bank_steps must be >= 0 (0 = no bank), got {self.perceptual.bank_steps}")
+        if self.perceptual.scope == "batch" and self.perceptual.estimator != "knn":
+            raise ValueError("perceptual.scope batch uses the kNN estimator over the whole step: set "
+                             "--perceptual.estimator knn")
         if self.dist.timeout <= 0:
             raise ValueError(f"dist.timeout must be > 0 seconds, got {self.dist.timeout}")
         _choice("pcgs.generation_density", self.pcgs.generation_density, GENERATION_DENSITIES)
@@ -376,6 +390,14 @@ class Config:
         if t.clip_range_high is not None and t.clip_range_high < t.clip_range:
             raise ValueError(f"train.clip_range_high ({t.clip_range_high}) must be >= train.clip_range "
                              f"({t.clip_range}): Clip-Higher widens the upper clip only")
+        # With one minibatch every update is on-policy (ratio 1, |log pi_old - log pi| = 0 with zero
+        # gradient), so these settings would train GRPO bit for bit without saying so.
+        if t.minibatches == 1 and t.clip_range_high is not None and t.clip_range_high > t.clip_range:
+            raise ValueError("train.clip_range_high acts only off-policy, and with train.minibatches 1 no ratio "
+                             "leaves 1: set --train.minibatches 2 or more for Clip-Higher")
+        if t.minibatches == 1 and self.method == "kl_cov" and self.cov.kl_fraction > 0 and self.cov.kl_coef > 0:
+            raise ValueError("kl_cov's penalty |log pi_old - log pi| has zero gradient on-policy, and with "
+                             "train.minibatches 1 every update is on-policy: set --train.minibatches 2 or more")
         if self.logging.milestone_every < 0:
             raise ValueError(f"logging.milestone_every must be >= 0 (0 = no milestones), got "
                              f"{self.logging.milestone_every}")

@@ -153,6 +153,8 @@ def test_select_entries_rejects_bad_settings():
     ({"cov": {"variant": "vae"}}, "cov.variant"),
     ({"train": {"clip_range": 0.2, "clip_range_high": 0.1}}, "train.clip_range_high"),
     ({"entropy_bonus": {"sample_coef": -1.0}}, "entropy_bonus.sample_coef"),
+    # Settings that would silently train GRPO: clipping and KL-Cov's penalty act only off-policy.
+    ({"train": {"clip_range_high": 2e-3}}, "train.minibatches"), ({"method": "kl_cov"}, "train.minibatches"),
 ])
 def test_bad_settings_name_the_option(overrides, option):
     cfg = Config()
