@@ -42,6 +42,7 @@ from pec.covariance import COV_METHODS, CovSelection, select_entries
 from pec.data import digit_prompt
 from pec.data.prompt_files import load_prompt_splits
 from pec.entropy import group_entropy
+from pec_kernels import knn_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
 from pec.metrics import group_pairwise_distance
@@ -115,6 +116,7 @@ class Trainer:
         self.start_step = 0
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
         self.preemption = PreemptionHandler()  # installed for the duration of `run`
+        self.bank: list[torch.Tensor] = []  # the regulariser space's features of the last bank_steps steps
         if cfg.resume:
             self.resume()
         self.last_complete, self.last_saved, self.last_rng = self.start_step, self.start_step, rng_state()
@@ -195,7 +197,8 @@ class Trainer:
         try:
             save_checkpoint(self.run_dir, step=step, model_state=self.policy.trainable_state(),
                             optimizer_state=self.optimizer.state_dict(), config=to_dict(self.cfg),
-                            rng=self.last_rng, extra={"guard": self.guard.state()},
+                            rng=self.last_rng, extra={"guard": self.guard.state(),
+                                                      "bank": [b.cpu() for b in self.bank]},
                             keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
         except NonFiniteStateError as err:
             raise TrainingStopped(f"{err}: the last checkpoint is still step {self.last_saved}") from None
@@ -231,6 +234,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         self.guard.load_state(ckpt.get("extra", {}).get("guard", {}))
+        self.bank = [b.to(self.device) for b in ckpt.get("extra", {}).get("bank", [])]
         self.start_step = ckpt["step"]
         if self.dist.is_main:
             print(f"pec.train: resuming from {ckpt['path']} (step {self.start_step})", file=sys.stderr)
@@ -302,13 +306,16 @@ class Trainer:
     def step_perceptual(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, valid_host: torch.Tensor,
                         all_valid: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """`perceptual_stats` over the step's global batch, laid out by `dist.placement`: the logged means
-        over valid groups (0-dim tensors, identical on every rank) and this rank's surprisal."""
+        over valid groups (0-dim tensors, identical on every rank) and this rank's surprisal; with
+        `perceptual.batch_metric`/`bank_steps`/`scope batch`, the kNN entropy of the whole batch too."""
+        p = self.cfg.perceptual
         index = self.place.global_index.to(self.device)
-        if self.cfg.dist.placement == "spread" and self.dist.active:
+        spread = self.cfg.dist.placement == "spread" and self.dist.active
+        gathered: dict[str, torch.Tensor] = {}
+        if spread:
             # A group lives on every rank: gather each space's features, and every rank computes all groups.
             gathered = {name: self.dist.all_gather(f, index) for name, f in feats.items()}
             per_group, surprisal = self.perceptual_stats(gathered, valid_host, all_valid)
-            surprisal = surprisal[index]
         else:
             local = valid_host[self.place.global_index]
             per_group, surprisal = self.perceptual_stats(feats, local, bool(local.all()))
@@ -317,7 +324,40 @@ class Trainer:
             per_group = {k: stacked[:, i] for i, k in enumerate(keys)}
         group_ok = valid.reshape(-1, self.cfg.sampling.group_size).any(dim=1).double()
         n_ok = group_ok.sum().clamp_min(1)
-        return {k: (v * group_ok).sum() / n_ok for k, v in per_group.items()}, surprisal
+        row = {k: (v * group_ok).sum() / n_ok for k, v in per_group.items()}
+        if p.batch_metric or p.bank_steps or p.scope == "batch":
+            whole = gathered.get(p.space)
+            if whole is None:
+                whole = self.dist.all_gather(feats[p.space], index)
+            batch_row, batch_surprisal = self.batch_entropy(whole, valid_host)
+            row.update(batch_row)
+            if p.scope == "batch":
+                return row, batch_surprisal[index]
+        return row, surprisal[index] if spread else surprisal
+
+    def batch_entropy(self, feats: torch.Tensor, valid_host: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                                                      torch.Tensor]:
+        """The kNN entropy of the regulariser's space over the step's valid samples (B, D), and against the
+        bank of earlier steps' features; returns the logged values and the per-sample batch surprisal
+        (B,) (0 for invalid samples). This is the large-N case the fused kNN kernel exists for."""
+        p = self.cfg.perceptual
+        rows = valid_host.nonzero().reshape(-1).to(feats.device)
+        surprisal = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
+        out: dict[str, torch.Tensor] = {}
+        x = feats[rows]
+        normalize = "per_dim" if p.per_dim else "none"
+        if x.shape[0] > p.k:
+            batch = knn_entropy(x, k=p.k, normalize=normalize, check_finite=False)
+            surprisal[rows] = batch.surprisal
+            out[f"perc_knn_batch/{p.space}"] = batch.entropy
+        if p.bank_steps:
+            if self.bank and x.shape[0]:
+                bank = torch.cat(self.bank)
+                if bank.shape[0] >= p.k:
+                    against = knn_entropy(x, k=p.k, reference=bank, normalize=normalize, check_finite=False)
+                    out[f"perc_knn_bank/{p.space}"] = against.entropy
+            self.bank = (self.bank + [x.detach()])[-p.bank_steps:]
+        return out, surprisal
 
     def shaped_rewards(self, rewards: torch.Tensor, surprisal: torch.Tensor, old_log_probs: torch.Tensor,
                        latents: torch.Tensor | None = None) -> torch.Tensor:

@@ -130,3 +130,15 @@ def test_existing_run_needs_resume(world, tmp_path):
     Trainer(tiny_config(world, tmp_path)).run()
     with pytest.raises(ValueError, match="pass --resume"):
         Trainer(tiny_config(world, tmp_path))
+
+
+def test_batch_scope_and_feature_bank_survive_a_resume(world, tmp_path):
+    overrides = {"method": "pec", "perceptual": {"k": 1, "scope": "batch", "bank_steps": 2}, "train": {"steps": 3}}
+    full = Trainer(tiny_config(world, tmp_path / "full", **overrides)).run()
+    assert "perc_knn_bank/simclr" not in full[0]
+    for row in full[1:]:
+        assert math.isfinite(row["perc_knn_bank/simclr"]) and math.isfinite(row["perc_knn_batch/simclr"])
+    run = tmp_path / "cut"
+    Trainer(tiny_config(world, run, **{**overrides, "train": {"steps": 3, "stop_after": 2}})).run()
+    main(["--run-dir", str(run), "--resume", "--logging.progress", "false"])
+    assert _strip_times(read_metrics(run / "metrics.jsonl")) == _strip_times(full)
