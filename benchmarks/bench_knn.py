@@ -10,6 +10,9 @@ Cases (all k-th-neighbour Kozachenko-Leonenko entropy, Euclidean):
 would: bf16 GEMM (or cdist) + norms, topk, then the exact distances of the selected pairs under
 autograd, chunked where the n x m matrix would not fit. Floors: the bf16 GEMM X·Yᵀ alone for (a), (b),
 (d), and bytes over the measured copy bandwidth for (c). Everything in one process, printed as a table.
+Library anchors (issue 11, item 6): FAISS GPU `knn_gpu` and cuVS brute force, forward only, against our
+forward pass in (a), (b) and (d) ((c)'s 8192 tiny groups would be 8192 library calls); where a library is
+not installed on the GPU machine its row says so.
 Run: `pytest benchmarks/bench_knn.py --benchmark-only -s`; PEC_BENCH_COMPILE=0 skips torch.compile.
 """
 from __future__ import annotations
@@ -119,6 +122,14 @@ def _fwd_bwd(fn, x: torch.Tensor):
     return run
 
 
+def _no_grad(fn):
+    """fn run under torch.no_grad() (forward-only timings)."""
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
 def _ours(x: torch.Tensor, k: int, reference: torch.Tensor | None = None) -> torch.Tensor:
     return knn_entropy(x, k, reference=reference, min_dist=MIN_DIST, backend="auto").entropy
 
@@ -142,6 +153,49 @@ def _report(table, case: str, ours: Measurement, eager: Measurement | None, comp
 
 def _skip_compile() -> Measurement:
     return Measurement(None, None, "n/a: disabled by PEC_BENCH_COMPILE=0")
+
+
+def _library_anchors(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_mode: bool,
+                     blocks: float = 1.0) -> list[tuple[str, Measurement]]:
+    """Forward-only brute-force kNN of FAISS GPU (`faiss.knn_gpu`) and cuVS (`brute_force`) on the same
+    tensors (k + 1 in self mode: the first hit is the point itself), times scaled by `blocks` when the
+    queries are one block of the case. A library that is not installed here, or fails on these inputs
+    (e.g. no bf16 support), gives a row "n/a" with the reason (issue 11, item 6: their wheels may not fit
+    the GPU machine's carry limit)."""
+    kk = k + 1 if self_mode else k
+    rows = []
+    try:
+        import faiss
+        import faiss.contrib.torch_utils  # noqa: F401  (torch tensors in and out)
+        if faiss.get_num_gpus() < 1:
+            raise ImportError("this faiss build has no GPU support (faiss-cpu)")
+    except ImportError as exc:
+        rows.append(("faiss-gpu knn_gpu (fwd)", Measurement(None, None, f"n/a: {exc}")))
+    else:
+        res = faiss.StandardGpuResources()
+        res.setDefaultNullStreamAllDevices()
+        rows.append(("faiss-gpu knn_gpu (fwd)", measure(lambda: faiss.knn_gpu(res, queries, base, kk), reps=3)))
+    try:
+        from cuvs.neighbors import brute_force
+    except ImportError as exc:
+        rows.append(("cuVS brute_force (fwd)", Measurement(None, None, f"n/a: {exc}")))
+    else:
+        rows.append(("cuVS brute_force (fwd)",
+                     measure(lambda: brute_force.search(brute_force.build(base), queries, kk), reps=3)))
+    for _, m in rows:
+        if m.ok and blocks != 1.0:
+            m.ms *= blocks
+            m.note = f"one {queries.shape[0]}-row block x{blocks:.0f}"
+    return rows
+
+
+def _report_libraries(table, case: str, ours_fwd: Measurement, anchors: list[tuple[str, Measurement]]) -> None:
+    """Library rows of a case against our forward pass (the libraries are not differentiable)."""
+    if ours_fwd is not None:
+        table.add(case, "ours forward only", ours_fwd)
+    for label, m in anchors:
+        table.add(case, label, m)
+        table.add_ratio(case, f"ours fwd / {label.split()[0]}", ratio(ours_fwd, m))
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -174,6 +228,9 @@ def test_knn_a_self_65k_d1024_fwd_bwd(benchmark, result_table):
     floor = gpu_time_ms(lambda: [x[r0:r0 + rows] @ x.T for r0 in range(0, n, rows)], reps=3)
     _report(result_table, "a: self N=65536 D=1024 k=5 bf16 fwd+bwd", ours, eager, compiled, floor,
             eager_label=f"eager (bf16 mm + topk, {rows}-row chunks)", note_floor="bf16 X·Xᵀ, chunked")
+    ours_fwd = measure(_no_grad(lambda: _ours(x, k)), catch=False, reps=3)
+    _report_libraries(result_table, "a: self N=65536 D=1024 k=5 bf16 fwd+bwd", ours_fwd,
+                      _library_anchors(x, x, k, self_mode=True))
 
 
 @pytest.mark.gpu
@@ -215,6 +272,7 @@ def test_knn_b_self_1m_d512_fwd(benchmark, result_table):
     floor = tile * (n / tile_rows) * (n / tile_cols)
     _report(result_table, case, ours, eager, compiled, floor, eager_label="eager (bf16 mm + topk, scaled)",
             note_floor=f"bf16 GEMM {tile_rows}x{tile_cols} tile ({tile:.2f} ms) scaled to N x N")
+    _report_libraries(result_table, case, ours, _library_anchors(q, x, k, self_mode=True, blocks=blocks))
 
 
 @pytest.mark.gpu
@@ -254,3 +312,6 @@ def test_knn_d_bank_4096_vs_1m_d512(benchmark, result_table):
     floor = gpu_time_ms(lambda: [q @ bank[c0:c0 + cols].T for c0 in range(0, bank_size, cols)], reps=3)
     _report(result_table, "d: 4096 queries vs bank 1048576 x 512 k=5 bf16 fwd+bwd", ours, eager, compiled, floor,
             eager_label=f"eager (bf16 mm + topk, {cols}-column chunks)", note_floor="bf16 Q·Bᵀ, chunked")
+    ours_fwd = measure(_no_grad(lambda: _ours(q, k, reference=bank)), catch=False, reps=3)
+    _report_libraries(result_table, "d: 4096 queries vs bank 1048576 x 512 k=5 bf16 fwd+bwd", ours_fwd,
+                      _library_anchors(q, bank, k, self_mode=False))
