@@ -384,8 +384,9 @@ class Trainer:
             return rewards.float()[:, None] - cfg.entropy_bonus.sample_coef * old_log_probs.detach().float()
         if cfg.method == "perc_entropy_bonus":
             # The perceptual entropy, analytic reading: the batch's entropy estimate (mean surprisal), the
-            # same number for every sample, which group normalisation removes. Per sample, it is PEC.
-            bonus = cfg.entropy_bonus.coef * surprisal.detach().float().mean()
+            # same number for every sample (of every process), which group normalisation removes. Per
+            # sample, it is PEC.
+            bonus = cfg.entropy_bonus.coef * self.dist.all_gather(surprisal.detach().float()).mean()
             return rewards.float()[:, None].expand(-1, num_trained) + bonus
         return rewards.float()[:, None].expand(-1, num_trained)
 
