@@ -57,8 +57,9 @@ def knn_entropy(x: torch.Tensor, k: int = 3, *, reference: torch.Tensor | None =
             with one RuntimeWarning (pec_kernels._fallback).
         check_finite: raise a ValueError when x or reference holds NaN or Inf (one host
             synchronisation per call). Pass False where the caller checks once per step itself (the
-            trainer); non-finite inputs then give non-finite outputs, never an error. Under
-            torch.compile the check is a device-side assert (no graph break).
+            trainer); a group holding non-finite values then gets meaningless (often non-finite)
+            results, the other groups are unaffected, and nothing raises. Under torch.compile the
+            check is a device-side assert (no graph break).
 
     Returns:
         KnnEntropy(entropy, surprisal, index, distance); see its docstring for shapes.
