@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import pec_kernels
-from pec_kernels import gaussian_entropy, guided_sde_step, knn_entropy, sde_step_logprob
-from pec_kernels import _fake
+from pec_kernels import _fake, gaussian_entropy, guided_sde_step, knn_entropy, sde_step_logprob
 
 pytestmark = pytest.mark.slow
 

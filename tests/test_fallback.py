@@ -18,8 +18,8 @@ from pec_kernels.knn import cuda as knn_cuda
 from pec_kernels.knn import knn_entropy
 from pec_kernels.sde import backends as sde_backends
 from pec_kernels.sde import cuda_backend as sde_cuda
-from pec_kernels.sde import torch_backend as sde_torch
 from pec_kernels.sde import sde_step_logprob
+from pec_kernels.sde import torch_backend as sde_torch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="injects failures into CPU runs (interpreter)")
 

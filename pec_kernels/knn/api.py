@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from pec_kernels._checks import check_choice, check_same_device, check_tensor
 from pec_kernels._checks import check_finite as _check_finite
-from pec_kernels.knn.autograd import NeighbourDistances
 from pec_kernels._fallback import Chain
 from pec_kernels._fallback import run as run_with_fallback
+from pec_kernels.knn.autograd import NeighbourDistances
 from pec_kernels.knn.backends import BACKENDS, candidates, module_of
 from pec_kernels.knn.estimator import surprisal_from_distance
 

@@ -131,7 +131,7 @@ def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float
     sigma_ok = ((s > 0) if low_open else (s >= 0)) & (s <= 1)
     next_ok = (sn >= 0) & (sn < s)
     failures = [(f"sigma must be in {sigma_range} for kind={kind!r}{why}", sigma_ok.all()),
-                (f"sigma_next must be in [0, sigma) (a step goes down the schedule)", next_ok.all())]
+                ("sigma_next must be in [0, sigma) (a step goes down the schedule)", next_ok.all())]
     if torch.compiler.is_compiling():
         for message, ok in failures:
             torch._assert_async(ok, message)
