@@ -184,6 +184,24 @@ def test_triton_kernels_match_torch_backend(mode):
         torch.testing.assert_close(grads[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["self", "per_group_bank"])
+def test_triton_resident_query_tile_matches_streaming(monkeypatch, mode):
+    """16-bit inputs with D <= 512 keep the query tile on chip across candidate tiles (RESIDENT_D); the
+    streaming path (D in BLOCK_D blocks per candidate tile) must select the same neighbours. D = 40 is
+    padded to 64 on chip, so the masked columns are exercised too."""
+    x = torch.randn(2, 45, 40).to(torch.bfloat16)
+    ref = None if mode == "self" else torch.randn(2, 37, 40).to(torch.bfloat16)
+    assert triton_backend._resident_d(torch.bfloat16, 40, shifted=False) == 64
+    assert triton_backend._resident_d(torch.float32, 40, shifted=True) == 0
+    assert triton_backend._resident_d(torch.bfloat16, 1024, shifted=False) == 0
+    resident = triton_backend.select(x, ref, 5)
+    monkeypatch.setattr(triton_backend, "MAX_RESIDENT_D", 0)
+    streamed = triton_backend.select(x, ref, 5)
+    torch.testing.assert_close(resident, streamed, rtol=0, atol=0)
+    torch.testing.assert_close(resident, torch_backend.select(x.float(), None if ref is None else ref.float(), 5),
+                               rtol=0, atol=0)
+
+
 # ---- dispatch ----
 
 def test_auto_on_cpu_is_torch():

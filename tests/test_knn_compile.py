@@ -40,16 +40,22 @@ def arg_types(fn, dtype, out):
 def build(fn, dtype, out, consts, num_warps=4):
     types = arg_types(fn, dtype, out)
     signature = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
-    compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": num_warps})
+    return compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
 
-for dtype, k, self_mode in [(torch.float32, 5, True), (torch.bfloat16, 64, False)]:
+SM90_SHARED = 227 * 1024  # the most shared memory one block may use on sm_90
+# (dtype, k, D, self mode): float32 streams D (and is centred in the kernel); 16-bit at D <= 512 keeps
+# the query tile on chip (RESIDENT_D), larger D streams it.
+for dtype, k, dim, self_mode in [(torch.float32, 5, 512, True), (torch.bfloat16, 64, 512, False),
+                                 (torch.bfloat16, 5, 512, True), (torch.float16, 5, 1024, True)]:
     kp = tb._slots(k)
-    config = tb._select_config(dtype, kp)
-    num_warps = config.pop("num_warps")
     shift = dtype == torch.float32  # knn_entropy centres float32 inputs in the kernel
-    build(kernels.knn_select_kernel, dtype, "*i64", dict(K=k, KP=kp, SELF=self_mode, HAS_SHIFT=shift, **config),
-          num_warps)
+    config = tb._select_config(dtype, kp, dim, shift)
+    num_warps = config.pop("num_warps")
+    assert (config["RESIDENT_D"] > 0) == (dtype != torch.float32 and dim <= 512), config
+    kernel = build(kernels.knn_select_kernel, dtype, "*i64",
+                   dict(K=k, KP=kp, SELF=self_mode, HAS_SHIFT=shift, **config), num_warps)
+    assert kernel.metadata.shared <= SM90_SHARED, (dtype, k, dim, kernel.metadata.shared)
     block_r, block_d = tb._row_norm_blocks()
     build(kernels.row_sq_norm_kernel, dtype, "*fp32", dict(HAS_SHIFT=shift, BLOCK_R=block_r, BLOCK_D=block_d))
 block_p, block_d = tb._pair_distance_blocks()

@@ -60,14 +60,29 @@ def _slots(k: int) -> int:
     return triton.next_power_of_2(k)
 
 
-def _select_config(dtype: torch.dtype, kp: int) -> dict:
+#: Largest D whose query tile stays on chip across candidate tiles (16-bit inputs only: 64 rows x 512
+#: bf16 = 64 KiB); larger D, and float32, stream D in BLOCK_D blocks for every candidate tile.
+MAX_RESIDENT_D = 512
+
+
+def _resident_d(dtype: torch.dtype, dim: int, shifted: bool) -> int:
+    """RESIDENT_D of knn_select_kernel: D padded to a power of 2 when the query tile is kept on chip, else 0."""
+    if dtype not in (torch.float16, torch.bfloat16) or shifted or dim > MAX_RESIDENT_D:
+        return 0
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _select_config(dtype: torch.dtype, kp: int, dim: int, shifted: bool) -> dict:
     """Fixed blocks: autotuning needs a GPU, and these few shapes cover the cases."""
+    resident = _resident_d(dtype, dim, shifted)
     if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, UPCAST=True, INPUT_PRECISION="ieee")
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, RESIDENT_D=resident, UPCAST=True, INPUT_PRECISION="ieee")
     # Checked with ptxas for sm_90: no register spills at 8 warps, except 32 bytes for float32 at k > 32.
     # The running best (BLOCK_M × KP int64) lives in registers: halve the row block for k > 32.
+    # Resident query tile (Triton 3.8, ptxas for sm_90a): bf16, D = 512, k = 5: 249 registers (216 when
+    # streaming: one block per SM either way at 8 warps), 128 KiB of shared memory, no spills.
     return dict(BLOCK_M=64 if kp <= 32 else 32, BLOCK_N=64, BLOCK_D=32 if dtype == torch.float32 else 64,
-                UPCAST=False, INPUT_PRECISION=INPUT_PRECISION, num_warps=8)
+                RESIDENT_D=resident, UPCAST=False, INPUT_PRECISION=INPUT_PRECISION, num_warps=8)
 
 
 def _row_norm_blocks() -> tuple[int, int]:
@@ -104,7 +119,7 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
     c_sq = x_sq if reference is None else _row_sq_norms(cand, shift, stride_shift_g)
     keys = torch.empty((num_groups, n, k), dtype=torch.int64, device=x.device)
     kp = _slots(k)
-    config = _select_config(x.dtype, kp)
+    config = _select_config(x.dtype, kp, dim, shift is not None)
     grid = (num_groups * triton.cdiv(n, config["BLOCK_M"]),)
     with _on_device(x):
         kernels.knn_select_kernel[grid](

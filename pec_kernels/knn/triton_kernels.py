@@ -58,6 +58,29 @@ def _squared_distances(x_base, c_base, x_sq, c_sq_base, shift_base, rows, row_ok
             a = a - shift[None, :]
             b = b - shift[None, :]
         dot = tl.dot(a, tl.trans(b), dot, input_precision=INPUT_PRECISION)
+    return _finish(dot, x_sq, c_sq_base, rows, row_ok, cols, col_ok, SELF)
+
+
+@triton.jit
+def _squared_distances_resident(a_tile, c_base, x_sq, c_sq_base, rows, row_ok, start, m, dim, stride_cn,
+                                SELF: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                                BLOCK_N: tl.constexpr, RESIDENT_D: tl.constexpr):
+    """_squared_distances with the query tile already on chip: a_tile (BLOCK_M, RESIDENT_D), loaded once
+    per program, so each candidate tile costs one load of its own rows and one tl.dot over all of D."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < m
+    dims = tl.arange(0, RESIDENT_D)
+    b = tl.load(c_base + cols.to(tl.int64)[:, None] * stride_cn + dims[None, :],
+                mask=col_ok[:, None] & (dims < dim)[None, :], other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+    dot = tl.dot(a_tile, tl.trans(b), input_precision=INPUT_PRECISION)
+    return _finish(dot, x_sq, c_sq_base, rows, row_ok, cols, col_ok, SELF)
+
+
+@triton.jit
+def _finish(dot, x_sq, c_sq_base, rows, row_ok, cols, col_ok, SELF: tl.constexpr):
+    """d² = ‖x‖² + ‖c‖² − 2·x·c from the tile's dot products, +inf where excluded (see _squared_distances)."""
     c_sq = tl.load(c_sq_base + cols, mask=col_ok, other=0.0)
     sq = x_sq[:, None] + c_sq[None, :] - 2.0 * dot
     # Round-off can make d² negative (this also turns -0.0 into +0.0); capping at the largest float
@@ -84,7 +107,7 @@ def knn_select_kernel(
     stride_xg, stride_xn, stride_cg, stride_cn, stride_sqg, stride_csqg, stride_shift_g,
     K: tl.constexpr, KP: tl.constexpr, SELF: tl.constexpr, UPCAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT_D: tl.constexpr,
 ):
     """Per program: BLOCK_M query rows of one group (program_id(0) = group · row-blocks + row-block,
     flattened because grid axes 1 and 2 stop at 65535); writes the packed keys (see _keys) of the rows'
@@ -95,6 +118,10 @@ def knn_select_kernel(
     candidates are rejected by one float compare against the row's worst kept d²; survivors are
     inserted one per row and iteration, nearest first, each replacing the row's worst key. No sort
     network: tl.sort/tl.topk cost far more than these few reductions, on GPUs and in the interpreter.
+
+    RESIDENT_D > 0 (16-bit inputs with D <= RESIDENT_D <= 512, no shift): the program's query tile is
+    loaded once and kept on chip across all candidate tiles; otherwise D is streamed in BLOCK_D blocks
+    for every candidate tile.
     """
     row_blocks = tl.cdiv(n, BLOCK_M)
     group = (tl.program_id(0) // row_blocks).to(tl.int64)
@@ -111,10 +138,20 @@ def knn_select_kernel(
     best = tl.where(slots < K, empty, -1 - slots.to(tl.int64))
     best = tl.broadcast_to(best[None, :], (BLOCK_M, KP))
     worst = tl.max(best, axis=1)
+    if RESIDENT_D > 0:
+        res_dims = tl.arange(0, RESIDENT_D)
+        a_tile = tl.load(x_base + res_dims[None, :], mask=row_ok[:, None] & (res_dims < dim)[None, :], other=0.0)
+        if UPCAST:
+            a_tile = a_tile.to(tl.float32)
 
     for start in range(0, m, BLOCK_N):
-        sq = _squared_distances(x_base, c_base, x_sq, c_sq_base, shift_base, rows, row_ok, start, m, dim,
-                                stride_cn, SELF, UPCAST, HAS_SHIFT, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        if RESIDENT_D > 0:
+            sq = _squared_distances_resident(a_tile, c_base, x_sq, c_sq_base, rows, row_ok, start, m, dim,
+                                             stride_cn, SELF, UPCAST, INPUT_PRECISION, BLOCK_N, RESIDENT_D)
+        else:
+            sq = _squared_distances(x_base, c_base, x_sq, c_sq_base, shift_base, rows, row_ok, start, m, dim,
+                                    stride_cn, SELF, UPCAST, HAS_SHIFT, INPUT_PRECISION, BLOCK_M, BLOCK_N,
+                                    BLOCK_D)
         # The worst kept d² is a strict threshold: a candidate at an equal d² has a larger column than
         # every kept one, since columns are visited in increasing order and inserted nearest first.
         threshold = (worst >> 32).to(tl.int32).to(tl.float32, bitcast=True)
