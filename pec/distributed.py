@@ -238,3 +238,70 @@ def minibatch_plan(global_index: list[torch.Tensor], rank: int, micro_batch: int
         mine = position[rows[owner[rows] == rank]]
         plan.append((list(mine.split(micro_batch)) if mine.numel() else [], mb))
     return plan
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A regular tensor for `t`, gathering it when FSDP2 returned a DTensor (e.g. the gradient norm)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_transformer(transformer: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 (`fully_shard`) over each transformer block, then the transformer (full fine-tuning on
+    several processes): each rank keeps 1/W of the weights, gradients and optimizer moments. On GPUs the
+    parameters are all-gathered in bf16 and gradients reduced in fp32; on CPU everything stays fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, None) or []:
+            fully_shard(block, **kwargs)
+    fully_shard(transformer, **kwargs)
+
+
+def _full_options(**kwargs: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, whole (gathered from FSDP shards) and on the CPU: the same
+    checkpoint whatever the process count. Every rank must call it (a collective when sharded)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # not the buffers
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    # CPU tensors may be the live parameters themselves: copy them.
+    return {k: v.detach().clone() if on_cpu else v for k, v in state.items() if k in trainable}
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `full_model_state` into a model, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full_options(strict=False))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, whole and on the CPU (every rank must call it).
+    Before the first update it is empty (torch's getter would otherwise run a zero step to create it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not optimizer.state:
+        return {"state": {}, "param_groups": []}
+    return get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True, ignore_frozen_params=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load `full_optimizer_state`, sharding it again where the model is sharded (an empty state, saved
+    before the first update, leaves the fresh optimizer as it is)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if not state["state"]:
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=_full_options())

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from pec.config import Config, ModelConfig
+from pec.distributed import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
+                             shard_transformer)
 from pec.models.base import FlowModel
 from pec.registry import Registry
 
@@ -54,7 +56,9 @@ class Policy:
     reference is a frozen copy (made only when a KL term needs it).
     """
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, shard: bool = False) -> None:
+        """Build the model named by `cfg.model`; `shard` (full fine-tuning on several processes) puts the
+        transformer, and the KL reference's, under FSDP2 (`pec.distributed.shard_transformer`)."""
         self.model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
         self.model.requires_grad_(False)
         self.lora = cfg.train.lora
@@ -77,14 +81,34 @@ class Policy:
             if cfg.train.kl_beta > 0:
                 self._reference = copy.deepcopy(self.model).requires_grad_(False)
         self.model.to(device)
+        self.sharded = shard and not self.lora
+        if self.sharded:
+            for model in (self.model, self._reference):
+                if model is not None:
+                    shard_transformer(model.to(device).transformer, torch.device(device))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """State of the trainable parameters only (what a checkpoint needs), detached on the CPU."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        """State of the trainable parameters only (what a checkpoint needs), whole and on the CPU, the
+        same with any number of processes (a collective every rank joins when sharded)."""
+        return full_model_state(self.model)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer`'s state keyed by parameter name, whole and on the CPU (see `trainable_state`)."""
+        return full_optimizer_state(self.model, optimizer)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load an `optimizer_state` (sharded again where the model is)."""
+        load_full_optimizer_state(self.model, optimizer, state)
+
+    def gradient_sync(self, enabled: bool) -> None:
+        """Under FSDP2, whether the next backward reduce-scatters gradients (off while micro-batches
+        accumulate); a no-op otherwise (adapters are all-reduced once per update by the trainer)."""
+        if self.sharded:
+            self.model.transformer.set_requires_gradient_sync(enabled)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a `trainable_state`; every trainable parameter must be present."""
@@ -94,9 +118,7 @@ class Policy:
             raise ValueError(f"checkpoint does not match the model: missing {sorted(expected - set(state))[:3]}, "
                              f"unexpected {sorted(set(state) - expected)[:3]} (was it trained with other "
                              f"--train.lora / --model options?)")
-        with torch.no_grad():
-            for n, value in state.items():
-                params[n].copy_(value)
+        load_full_model_state(self.model, state)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[FlowModel]:

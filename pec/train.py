@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pec.checkpoint import (NonFiniteStateError, checkpoint_name, config_mismatch, has_checkpoint, load_checkpoint,
+from pec.checkpoint import (NonFiniteStateError, config_mismatch, has_checkpoint, load_checkpoint, nonfinite_entries,
                             rng_state, save_checkpoint, set_rng_state)
 from pec.config import Config, add_config_arguments, apply_dict, config_from_args, load_yaml, save_yaml, to_dict
 from pec.covariance import COV_METHODS, CovSelection, select_entries
@@ -50,7 +50,7 @@ from pec.perceptual import build_space
 from pec.policy import Policy, latent_dim, resolve_device
 from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
                               policy_entropy)
-from pec.distributed import DistContext, minibatch_plan, sample_noise
+from pec.distributed import DistContext, minibatch_plan, plain_tensor, sample_noise
 from pec.run_safety import (BadStepGuard, Preempted, PreemptionHandler, TrainingStopped, finite_samples, group_validity,
                             zero_invalid)
 from pec.rewards import build_reward
@@ -106,7 +106,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.prompts = list(prompts) if prompts is not None else default_prompts(cfg.data.prompts)
-        self.policy = Policy(cfg, self.device)
+        self.policy = Policy(cfg, self.device, shard=self.dist.active)
         self.model = self.policy.model
         self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths)
         self.encoders = {name: build_space(name, device=self.device, directory=cfg.assets, paths=cfg.paths)
@@ -138,7 +138,7 @@ class Trainer:
         """
         cfg = self.cfg
         main = self.dist.is_main
-        if self.start_step == 0 and main:
+        if self.start_step == 0:
             self.save_grid("samples_start.png")
         last = min(cfg.train.steps, self.start_step + (cfg.train.stop_after or cfg.train.steps))
         bar = tqdm(range(self.start_step + 1, last + 1), initial=self.start_step, total=cfg.train.steps,
@@ -166,7 +166,7 @@ class Trainer:
             if self.metrics.rows and main:
                 plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
             self.tb.close()
-        if last == cfg.train.steps and main:
+        if last == cfg.train.steps:
             self.save_grid("samples_end.png")
         return self.metrics.rows
 
@@ -189,17 +189,21 @@ class Trainer:
             raise TrainingStopped(self.guard.message(step))
 
     def save(self, step: int, *, milestone: bool = False) -> None:
-        """Checkpoint the current state as that of finished `step` (never a non-finite one); rank 0 writes
-        it (LoRA weights and optimizer state are replicated, so any process count can resume it)."""
-        if not self.dist.is_main:
-            self.last_saved = step
-            return
+        """Checkpoint the current state as that of finished `step` (never a non-finite one). Every rank
+        gathers the whole state (a collective under FSDP2); rank 0 writes it, by parameter name, so any
+        process count can resume it."""
+        model_state = self.policy.trainable_state()
+        optimizer_state = self.policy.optimizer_state(self.optimizer)
         try:
-            save_checkpoint(self.run_dir, step=step, model_state=self.policy.trainable_state(),
-                            optimizer_state=self.optimizer.state_dict(), config=to_dict(self.cfg),
-                            rng=self.last_rng, extra={"guard": self.guard.state(),
-                                                      "bank": [b.cpu() for b in self.bank]},
-                            keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
+            if not self.dist.is_main:
+                bad = nonfinite_entries({"model": model_state, "optimizer": optimizer_state})
+                if bad:
+                    raise NonFiniteStateError(f"the state of step {step} holds NaN/Inf in {bad[0]}")
+            else:
+                save_checkpoint(self.run_dir, step=step, model_state=model_state, optimizer_state=optimizer_state,
+                                config=to_dict(self.cfg), rng=self.last_rng,
+                                extra={"guard": self.guard.state(), "bank": [b.cpu() for b in self.bank]},
+                                keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
         except NonFiniteStateError as err:
             raise TrainingStopped(f"{err}: the last checkpoint is still step {self.last_saved}") from None
         except OSError as err:
@@ -231,7 +235,7 @@ class Trainer:
 
         ckpt = load_checkpoint(self.run_dir, map_location=self.device, check=check, on_skip=skipped)
         self.policy.load_trainable_state(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.policy.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         self.guard.load_state(ckpt.get("extra", {}).get("guard", {}))
         self.bank = [b.to(self.device) for b in ckpt.get("extra", {}).get("bank", [])]
@@ -491,6 +495,26 @@ class Trainer:
                                    generator=torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=4)))
         return selection.rows(index)
 
+    def minibatches(self, step: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """This rank's micro-batches of each minibatch, and the minibatch's global sample indices.
+
+        Rollout chunks of all ranks are shuffled together (`pec.distributed.minibatch_plan`), which
+        reproduces the one-process minibatches. Under FSDP2 every rank must run the same number of
+        forwards, so each rank shuffles its own chunks with the same draw instead.
+        """
+        cfg = self.cfg
+        indices = [p.global_index for p in self.placements]
+
+        def generator() -> torch.Generator:
+            return torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2))
+
+        if not self.policy.sharded:
+            return minibatch_plan(indices, self.dist.rank, cfg.train.micro_batch, cfg.train.minibatches, generator())
+        per_rank = [minibatch_plan([idx], 0, cfg.train.micro_batch, cfg.train.minibatches, generator())
+                    for idx in indices]
+        return [(per_rank[self.dist.rank][m][0], torch.cat([plan[m][1] for plan in per_rank]))
+                for m in range(cfg.train.minibatches)]
+
     def update(self, step: int, rollout, trained: list[int], advantages: torch.Tensor, valid: torch.Tensor,
                valid_host: torch.Tensor, cov: CovSelection | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
         """`train.minibatches` optimizer updates on the rollout.
@@ -502,23 +526,27 @@ class Trainer:
         """
         cfg = self.cfg
         dim = latent_dim(self.model)
-        minibatches = minibatch_plan([p.global_index for p in self.placements], self.dist.rank,
-                                     cfg.train.micro_batch, cfg.train.minibatches,
-                                     torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2)))
+        minibatches = self.minibatches(step)
+        # FSDP2 averages gradients over ranks; every rank's loss is already a share of the global mean.
+        loss_scale = self.dist.world_size if self.policy.sharded else 1
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: zero)
         counts: dict[str, int] = defaultdict(int)
         first_ratio_dev, ratio_max, ratio_min = zero, zero - torch.inf, zero + torch.inf
         grad_norm_sum, updates, causes = zero, 0, []
         step_entropy: dict[int, torch.Tensor] = {}
-        params = self.policy.trainable_parameters()
+        # The optimizer's own parameter objects: FSDP2 swaps a module's parameters for unsharded views
+        # between forwards, and only its sharded ones receive the gradients.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.model.train()
         for mb_index, (chunks, mb) in enumerate(minibatches):
             self.optimizer.zero_grad(set_to_none=True)
             pieces = len(trained) * len(mb)  # the loss is a mean over the whole (global) minibatch
             mb_loss = zero
+            passes = len(trained) * len(chunks)
             for col, t_index in enumerate(trained):
-                for idx in chunks:
+                for chunk_index, idx in enumerate(chunks):
+                    self.policy.gradient_sync(col * len(chunks) + chunk_index == passes - 1)
                     idx_dev = idx.to(self.device)
                     v_ref = None
                     if cfg.train.kl_beta > 0:
@@ -548,7 +576,7 @@ class Trainer:
                         # constant to the loss and nothing to the gradient (the paper's diagnosis).
                         loss = loss - cfg.entropy_bonus.coef * entropy.mean().to(loss.dtype)
                     scaled = loss * len(idx) / pieces
-                    scaled.backward()
+                    (scaled * loss_scale).backward()
                     mb_loss = mb_loss + scaled.detach()
                     if mb_index == 0:
                         first_ratio_dev = torch.maximum(first_ratio_dev, torch.maximum(
@@ -564,8 +592,11 @@ class Trainer:
                         counts["kl"] += n
                     ratio_max = torch.maximum(ratio_max, stats.ratio_max.double())
                     ratio_min = torch.minimum(ratio_min, stats.ratio_min.double())
-            mb_loss = self.dist.reduce_gradients_(params, mb_loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            if self.policy.sharded:
+                mb_loss = self.dist.all_reduce_(mb_loss.clone())
+            else:
+                mb_loss = self.dist.reduce_gradients_(params, mb_loss)
+            grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
             if not bool(valid_host[mb].any()):
                 if not bool(valid_host.any()):
                     causes.append(f"minibatch {mb_index}: no valid sample group (every group kept fewer than "
@@ -604,7 +635,8 @@ class Trainer:
         with torch.no_grad():
             out = sample(self.model, self.prompts, group_size=n, num_steps=s.num_steps,
                          guidance_scale=s.guidance_scale, eta=s.eta, kind=s.kind, seed=step_seed(self.cfg.seed, 0, 3))
-        save_image_grid(out.images, self.run_dir / name, nrow=n)
+        if self.dist.is_main:  # every rank samples: under FSDP2 each forward is a collective
+            save_image_grid(out.images, self.run_dir / name, nrow=n)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,13 +2,14 @@
 rewards and advantages, the reduced gradient of every update, and the metric rows.
 
 Run in-process (`run_and_capture`) for the one-process reference, or under torchrun:
-    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS
+    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full]
 Not a test module (pytest collects only test_*.py).
 """
 import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -28,8 +29,9 @@ def dist_config(world: Path, run_dir: Path, placement: str, steps: int, **sectio
                        dist={"placement": placement, "timeout": 60}, **sections)
 
 
-def run_and_capture(world: Path, out: Path, placement: str, steps: int) -> dict:
-    """Train and return {"rows", "shaped", "advantages", "grads"} (this rank's view)."""
+def run_and_capture(world: Path, out: Path, placement: str, steps: int, tuning: str = "lora") -> dict:
+    """Train and return {"rows", "shaped", "advantages", "grads"} (this rank's view; gradients whole,
+    gathered from FSDP2 shards under full fine-tuning)."""
     captured = {"shaped": [], "advantages": [], "grads": []}
     original = train_module.group_advantages
 
@@ -41,11 +43,12 @@ def run_and_capture(world: Path, out: Path, placement: str, steps: int) -> dict:
 
     train_module.group_advantages = capture
     try:
-        trainer = Trainer(dist_config(world, out / "run", placement, steps))
+        trainer = Trainer(dist_config(world, out / "run", placement, steps, train={"lora": tuning == "lora"}))
         step_fn = trainer.optimizer.step
 
         def step(*args, **kwargs):
-            captured["grads"].append([p.grad.clone() for p in trainer.policy.trainable_parameters()])
+            captured["grads"].append([p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+                                      for group in trainer.optimizer.param_groups for p in group["params"]])
             return step_fn(*args, **kwargs)
 
         trainer.optimizer.step = step
@@ -59,5 +62,5 @@ def run_and_capture(world: Path, out: Path, placement: str, steps: int) -> dict:
 
 if __name__ == "__main__":
     world, out, placement, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    result = run_and_capture(world, out, placement, steps)
+    result = run_and_capture(world, out, placement, steps, *sys.argv[5:])
     torch.save(result, out / f"rank{result['rank']}.pt")
