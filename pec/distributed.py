@@ -92,9 +92,6 @@ class DistContext:
         if placement not in PLACEMENTS:
             raise ValueError(f"dist.placement must be one of {list(PLACEMENTS)}, got {placement!r}")
         w = self.world_size
-        if w > 1 and placement == "spread" and method == "pcgs" and pcgs_form == "guided":
-            raise ValueError("the PCGS guided form needs each group's latents on one rank: use --dist.placement "
-                             "contiguous")
         if (w > 1 and placement == "spread" and method == "pcgs" and pcgs_form == "reward"
                 and generation_density == "latent_group"):
             raise ValueError("--pcgs.generation_density latent_group fits each group's latents on one rank: use "
@@ -141,6 +138,17 @@ class DistContext:
         out = torch.empty_like(gathered)
         out[order] = gathered
         return out
+
+    def gather_group_samples(self, groups: torch.Tensor) -> torch.Tensor:
+        """Differentiable gather of spread groups: this rank's (G, n/W, D) -> every rank's (G, n, D), samples
+        in global order. Each rank then computes the same function of all of it; the backward sums its
+        W copies of the gradient onto each rank's own samples, so divide what is differentiated by W
+        where the scale matters (the guidance shift is normalised per sample: it does not)."""
+        if not self.active:
+            return groups
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(groups.contiguous()), dim=1)
 
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce of `t` ("sum", "max" or "min"); returns it."""

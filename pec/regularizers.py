@@ -133,8 +133,9 @@ def policy_entropy(std: torch.Tensor | float, dim: int) -> torch.Tensor:
 
 def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
                      encode: Callable[[torch.Tensor], torch.Tensor], group_size: int, *, estimator: str = "knn",
-                     k: int = 3, per_dim: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                                                   torch.Tensor]:
+                     k: int = 3, per_dim: bool = True,
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A guidance function g(latents, sigma, v) for the guided PCGS sampler (`pec.sampling.sample`).
 
     g is the gradient of the sum of the groups' perceptual entropies with respect to the current
@@ -149,8 +150,11 @@ def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
     Args:
         decode: latents -> images in [0, 1], differentiable (FlowModel.decode).
         encode: images -> (B, D) features, differentiable (a perceptual encoder).
-        group_size: samples per group.
+        group_size: samples per group (on this process).
         estimator, k, per_dim: as in `pec.entropy.group_entropy`.
+        gather: with groups spread over processes, maps this rank's (G, group_size, D) features to the
+            whole groups' (G, n, D), differentiably (`pec.distributed.DistContext.gather_group_samples`):
+            each group's entropy then covers all its samples and the gradient flows back to this rank's.
     """
     def guidance(latents: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -159,6 +163,8 @@ def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
             x0_hat = x - s * velocity.detach().float()
             feats = encode(decode(x0_hat))
             groups = feats.reshape(-1, group_size, feats.shape[-1])
+            if gather is not None:
+                groups = gather(groups)
             total = group_entropy(groups, estimator=estimator, k=k, per_dim=per_dim).entropy.sum()
             (grad,) = torch.autograd.grad(total, x)
         return grad.to(latents.dtype)

@@ -257,8 +257,10 @@ class Trainer:
         guidance_fn, guidance_weight = None, 0.0
         if cfg.method == "pcgs" and cfg.pcgs.form == "guided":
             p = cfg.perceptual
+            spread = cfg.dist.placement == "spread" and self.dist.active
             guidance_fn = entropy_guidance(self.model.decode, self.encoders[p.space], self.place.group_size,
-                                           estimator=p.estimator, k=p.k, per_dim=p.per_dim)
+                                           estimator=p.estimator, k=p.k, per_dim=p.per_dim,
+                                           gather=self.dist.gather_group_samples if spread else None)
             window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
             guidance_weight = cfg.pcgs.guidance_weight * sde_step_mask(s.num_steps, window).float()
         with torch.no_grad():

@@ -2,7 +2,7 @@
 rewards and advantages, the reduced gradient of every update, and the metric rows.
 
 Run in-process (`run_and_capture`) for the one-process reference, or under torchrun:
-    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full]
+    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full] [pec|guided]
 Not a test module (pytest collects only test_*.py).
 """
 import sys
@@ -22,14 +22,19 @@ from pec.train import Trainer  # noqa: E402
 SIZES = {"sampling": {"prompts_per_step": 2, "group_size": 4}, "train": {"micro_batch": 2}}
 
 
-def dist_config(world: Path, run_dir: Path, placement: str, steps: int, **sections):
-    """The tiny config the multi-process tests share."""
-    return tiny_config(world, run_dir, method="pec", sampling=SIZES["sampling"],
+METHODS = {"pec": {"method": "pec"}, "guided": {"method": "pcgs", "pcgs": {"form": "guided"}}}
+
+
+def dist_config(world: Path, run_dir: Path, placement: str, steps: int, method: str = "pec", **sections):
+    """The tiny config the multi-process tests share (`method`: a key of METHODS)."""
+    sections = {**METHODS[method], **sections}
+    return tiny_config(world, run_dir, sampling=SIZES["sampling"],
                        train={**SIZES["train"], "steps": steps, **sections.pop("train", {})},
                        dist={"placement": placement, "timeout": 60}, **sections)
 
 
-def run_and_capture(world: Path, out: Path, placement: str, steps: int, tuning: str = "lora") -> dict:
+def run_and_capture(world: Path, out: Path, placement: str, steps: int, tuning: str = "lora",
+                    method: str = "pec") -> dict:
     """Train and return {"rows", "shaped", "advantages", "grads"} (this rank's view; gradients whole,
     gathered from FSDP2 shards under full fine-tuning)."""
     captured = {"shaped": [], "advantages": [], "grads": []}
@@ -43,7 +48,8 @@ def run_and_capture(world: Path, out: Path, placement: str, steps: int, tuning: 
 
     train_module.group_advantages = capture
     try:
-        trainer = Trainer(dist_config(world, out / "run", placement, steps, train={"lora": tuning == "lora"}))
+        trainer = Trainer(dist_config(world, out / "run", placement, steps, method,
+                                      train={"lora": tuning == "lora"}))
         step_fn = trainer.optimizer.step
 
         def step(*args, **kwargs):

@@ -46,8 +46,8 @@ def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Comple
     return proc
 
 
-def _two_process_capture(world, out, placement, steps=2, tuning="lora"):
-    _torchrun(2, str(TESTS / "_dist_worker.py"), str(world), str(out), placement, str(steps), tuning)
+def _two_process_capture(world, out, placement, steps=2, tuning="lora", method="pec"):
+    _torchrun(2, str(TESTS / "_dist_worker.py"), str(world), str(out), placement, str(steps), tuning, method)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -77,9 +77,12 @@ ROLLOUT_KEYS = ("reward_mean", "reward_group_std", "shaped_reward_mean", "mask/i
                 "mask/masked_samples", "mask/masked_groups")
 
 
-@pytest.mark.parametrize("placement", ["contiguous", "spread"])
-def test_two_processes_match_one(world, single, tmp_path, placement):
-    ranks = _two_process_capture(world, tmp_path, placement)
+@pytest.mark.parametrize("placement, method", [("contiguous", "pec"), ("spread", "guided")])
+def test_two_processes_match_one(world, single, tmp_path, placement, method):
+    # Under spread, the PCGS guided form's entropy gradient flows through a differentiable gather.
+    if method != "pec":
+        single = run_and_capture(world, tmp_path / "single", placement, 2, "lora", method)
+    ranks = _two_process_capture(world, tmp_path / "two", placement, method=method)
     for rank in ranks:  # every rank holds the same global view
         # Step 1 is bit-identical; step 2 follows weights that went through an all-reduce.
         assert torch.equal(rank["shaped"][0], single["shaped"][0]), placement
