@@ -15,7 +15,6 @@ Guidance (DESIGN.md 2.5, `pec.sampling.guidance_shift`): per sample, the velocit
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from pec.config import Config, parse_config
 from pec.data import digit_prompt
+from pec.experiments import split_passthrough
 from pec.metrics import mean_pairwise_distance
 from pec.models.base import FlowModel
 from pec.perceptual import ENCODERS
@@ -84,11 +84,7 @@ def report(results: Mapping[float, Mapping[str, float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.experiments.guidance_sweep`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="python -m pec.experiments.guidance_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS),

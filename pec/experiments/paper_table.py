@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pec.checkpoint import has_checkpoint
 from pec.evaluate import PRETRAINED, evaluate
+from pec.experiments import split_passthrough
 from pec.logging_utils import read_metrics, plot_metrics
 
 # Row name -> training options. The paper's lambdas (PEC 0.05 / 0.10, PCGS 0.03 / 0.10) are relative
@@ -202,11 +203,7 @@ def mean_table(tables: Sequence, names: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.experiments.paper_table`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="python -m pec.experiments.paper_table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/paper_table", help="output folder (default: runs/paper_table)")
