@@ -1,11 +1,16 @@
-"""`python -m pec.train`: GRPO, the policy-entropy bonus, PEC and PCGS on a flow-matching model.
+"""`python -m pec.train`: GRPO, PEC, PCGS and the paper's baselines on a flow-matching model.
+
+Methods (`--method`): grpo (with --train.kl_beta: GRPO + KL; with --train.clip_range_high: Clip-Higher),
+entropy_bonus and entropy_sample (the policy-entropy bonus, analytic and per sample),
+perc_entropy_bonus, pec, pcgs (reward or guided form), clip_cov and kl_cov (native or perceptual).
 
 One training step:
 1. rollouts: `prompts_per_step` prompts, `group_size` samples each with distinct noise, through
    `pec.sampling.sample` (CFG, the chosen SDE kind and window; the PCGS guided form shifts the
    velocity to push each group apart along its perceptual-entropy gradient, `pec.sampling.guidance_shift`,
    and stores the shift with the rollout);
-2. the reward of every final image, and the perceptual features of every image in each space;
+2. the reward of every final image, and the perceptual features of every image in each space (scored
+   in the rollout's micro-batches);
 3. a (B, T) shaped-reward array (one column per trained step: R for GRPO, + lambda*omega_t*surprisal
    for PEC, - lambda*omega_t*(log p_perc - log p_theta_t) for PCGS's reward form), normalised per group
    and column into advantages;
@@ -13,9 +18,14 @@ One training step:
    `pec.sampling.step_log_prob` (exactly the rollout's code path and, with the rollout's forwards
    chunked by `train.micro_batch` too, the same batch shapes, so the first ratio is exactly 1),
    the clipped surrogate, the optional KL to the reference, gradients accumulated over the logical batch.
+
+Under `torchrun` each process runs this loop on its share of the batch (`pec.distributed`): masks,
+rewards and shaped rewards are gathered so that advantages and metrics cover the global batch, and
+gradients are summed over ranks (one all-reduce for adapters, FSDP2 for full fine-tuning).
 Every step appends a row to metrics.jsonl (and TensorBoard) and, by default, writes a checkpoint;
-`--resume` continues from the newest valid one. Rollout noise and minibatch order are seeded by (seed,
-step), so a resumed run reproduces the uninterrupted one.
+`--resume` continues from the newest valid one. Rollout noise is seeded by (seed, step, global sample
+index) and minibatch order by (seed, step), so a resumed run reproduces the uninterrupted one, with
+any number of processes.
 
 Run safety (`pec.run_safety`, `pec.checkpoint`): samples with a non-finite reward, image, feature or
 log-prob are masked out of their group (advantage 0); a non-finite loss or gradient skips the optimizer
