@@ -249,6 +249,13 @@ class EvalConfig:
     eta: float = option(0.0, "sampler noise level at evaluation (0 = ODE, as Flow-GRPO evaluates)")
     num_steps: int | None = option(None, "denoising steps at evaluation; empty = the run's sampling.num_steps")
     batch: int = option(64, "images per sampling call")
+    rewards: list[str] | None = option(None, "real models: rewards scored as quality columns beside the runs' "
+                                             "--reward terms (e.g. pickscore clipscore hpsv2 aesthetic), each with "
+                                             "its --paths.* weights")
+    spaces: list[str] | None = option(None, "real models: perceptual spaces (dino, clip, pickscore) of the "
+                                            "diversity columns; empty = the runs' real perceptual.spaces plus each "
+                                            "of them whose --paths.* weights are given")
+    max_prompts: int = option(0, "real models: evaluate the first this many held-out prompts (0 = all)")
 
 
 @dataclasses.dataclass

@@ -1,51 +1,85 @@
 """`python -m pec.evaluate RUN [RUN ...]`: quality and diversity of trained runs, and the paper's table.
 
 Each RUN is a run folder of `python -m pec.train`, or the word `pretrained` (the base model, before
-any RL). For every run: `eval.images_per_prompt` images for each of the ten digit prompts, on fixed
-held-out seeds (`eval.seed`, never used in training), with the ODE sampler by default (`eval.eta`).
+any RL). For every run: `eval.images_per_prompt` images per prompt, on fixed held-out seeds
+(`eval.seed`, never used in training), with the ODE sampler by default (`eval.eta`), in sampling calls
+of at most `eval.batch` images.
 
-Quality columns: the "digit" reward (the trained, preference-like one), the rule-based "contrast"
-reward, and precision (fidelity) against the real digits of the prompted class in the self-supervised
-space. Diversity columns: within-prompt mean pairwise distance and Vendi score in each perceptual
-space, and recall / coverage against the real digits. The table min-max normalises every column
-across the evaluated rows (notes/paper.md 6.2) and is written as table.md and table.csv, with the
-raw numbers in metrics.json and a plot in table.png.
+Embedded model (the ten digit prompts). Quality columns: the "digit" reward (the trained,
+preference-like one), the rule-based "contrast" reward, and precision (fidelity) against the real
+digits of the prompted class in the self-supervised space. Diversity columns: within-prompt mean
+pairwise distance and Vendi score in each perceptual space, and recall / coverage against the real
+digits. The table min-max normalises every column across the evaluated rows (notes/paper.md 6.2)
+and is written as table.md and table.csv, with the raw numbers in metrics.json and a plot in
+table.png.
+
+Real models (`--model.name flux` / `sd3`): the held-out prompts are the test split of `--data.prompts`
+(the first `eval.max_prompts` of them), each batch of images is scored as it is sampled, and the table
+has the same min-max Overall. Quality columns: every configured reward (the runs' `--reward` terms and
+`--eval.rewards`), scored separately. Diversity columns: within-prompt mean pairwise distance in the
+dino and clip spaces and the Vendi score in the dino, clip and pickscore spaces, for each configured
+space (`--eval.spaces`, or every one whose `--paths.*` weights are given). table.md and columns.json
+say which of the paper's columns (`PAPER_QUALITY`, `PAPER_DIVERSITY`) the table has, and why each
+other one is missing.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from pec.checkpoint import load_checkpoint
-from pec.config import Config, add_config_arguments, apply_dict, load_yaml, overrides_from_args
+from pec.config import Config, add_config_arguments, apply_dict, load_yaml, overrides_from_args, to_dict
 from pec.data import load_digits, prompt_digit, to_unit
+from pec.data.prompt_files import load_prompt_splits
 from pec.logging_utils import save_image_grid
 from pec.metrics import (NormalisedTable, mean_pairwise_distance, minmax_table, precision_recall_coverage, table_markdown,
                          table_rows, vendi_score)
-from pec.perceptual import ENCODERS
+from pec.models import check_model_config
+from pec.perceptual import ENCODERS, build_space, check_spaces
+from pec.perceptual.real import SPACES as REAL_SPACES
 from pec.policy import Policy, resolve_device
-from pec.rewards import REWARDS
+from pec.rewards import REWARDS, build_reward, check_reward_spec, parse_reward_spec
 from pec.sampling import sample
 from pec.train import default_prompts
 
 PRETRAINED = "pretrained"
+EMBEDDED = "embedded"
 QUALITY_REWARDS = ("digit", "contrast")
 FIDELITY_SPACE = "simclr"
 MANIFOLD_K = 5
+EMBEDDED_REWARDS = ("digit", "contrast", "smoothness")  # they score the embedded world's 8x8 digits only
+# The paper's table columns (notes/paper.md 6.1) and the column of ours that measures each: a reward name
+# (quality), `dist/<space>` (within-prompt mean pairwise distance) or `vendi/<space>`; None: no local one.
+PAPER_QUALITY = {"PickScore": "pickscore", "Aesthetic": "aesthetic", "ImageReward": "imagereward",
+                 "CLIP": "clipscore", "HPS": "hpsv2", "UnifiedReward": None}
+PAPER_DIVERSITY = {"DINO": "dist/dino", "CLIP": "dist/clip", "VS_CLIP": "vendi/clip", "VS_DINO": "vendi/dino",
+                   "VS_IR": "vendi/imagereward", "VS_PS": "vendi/pickscore"}
+NO_LOCAL = {"UnifiedReward": "a VLM judge with no local reward here: serve it and score it through the 'http' "
+                             "reward (its column is then 'http', not identified with UnifiedReward)"}
+COLUMN_NOTES = {"aesthetic": "LAION aesthetic v2 (CLIP-L/14 MLP), not the paper's Aesthetic Predictor v2.5",
+                "http": "the reward server at --paths.reward_url (not identified with a paper column)"}
+DISTANCE_SPACES = ("dino", "clip")  # the paper's within-prompt distance columns; Vendi is in every space
 
 
 def run_config(run: str, overrides: dict, base: Config | None = None) -> Config:
-    """The configuration a run was trained with (its config.yaml), with command-line `overrides`."""
+    """The configuration a run was trained with (its config.yaml), with command-line `overrides`.
+
+    `pretrained` takes `base`'s model (and, for a real model, all of `base`: resolution, sampler, paths,
+    prompts), so that it is sampled as the trained runs are.
+    """
     cfg = Config()
     if run == PRETRAINED:
         if base is not None:
-            apply_dict(cfg, {"model": {"path": base.model.path, "name": base.model.name}, "assets": base.assets})
+            apply_dict(cfg, to_dict(base) if base.model.name != EMBEDDED else
+                       {"model": {"path": base.model.path, "name": base.model.name}, "assets": base.assets})
     else:
         saved = Path(run) / "config.yaml"
         if not saved.exists():
@@ -56,7 +90,9 @@ def run_config(run: str, overrides: dict, base: Config | None = None) -> Config:
 
 
 def load_policy(run: str, cfg: Config, device: torch.device) -> Policy:
-    """The run's model with its trained weights (the base model for `pretrained`)."""
+    """The run's model with its trained weights (the base model for `pretrained`), without a KL reference."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.kl_beta = 0.0  # evaluation never needs the full fine-tuning's reference copy
     policy = Policy(cfg, device)
     if run != PRETRAINED:
         policy.load_trainable_state(load_checkpoint(run, map_location=device)["model"])
@@ -89,8 +125,7 @@ class Evaluator:
         groups = list(range(0, images.shape[0], per_prompt))
         for name, encoder in self.encoders.items():
             feats = encoder(images)
-            out[f"dist/{name}"] = sum(mean_pairwise_distance(feats[i:i + per_prompt]) for i in groups) / len(groups)
-            out[f"vendi/{name}"] = sum(vendi_score(feats[i:i + per_prompt]) for i in groups) / len(groups)
+            out[f"dist/{name}"], out[f"vendi/{name}"] = within_prompt_diversity(feats, per_prompt)
             if name == FIDELITY_SPACE:
                 scores = [precision_recall_coverage(self.real_features[self.real_labels == prompt_digit(prompts[i])],
                                                     feats[i:i + per_prompt], k=MANIFOLD_K) for i in groups]
@@ -106,18 +141,44 @@ def columns(spaces: Sequence[str]) -> tuple[list[str], list[str]]:
     return quality, diversity
 
 
+def within_prompt_diversity(features: torch.Tensor, per_prompt: int) -> tuple[float, float]:
+    """(mean pairwise distance, Vendi score) of `features` (N, D) within each consecutive run of `per_prompt`
+    rows (one prompt's images), averaged over the prompts."""
+    groups = list(range(0, features.shape[0], per_prompt))
+    dist = sum(mean_pairwise_distance(features[i:i + per_prompt]) for i in groups) / len(groups)
+    vendi = sum(vendi_score(features[i:i + per_prompt]) for i in groups) / len(groups)
+    return dist, vendi
+
+
+def sampling_calls(num_prompts: int, per_prompt: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """(first prompt, end prompt, images per prompt, seed offset) of each sampling call.
+
+    Whole groups of `per_prompt` images, as many prompts per call as `batch` images hold (at least one,
+    seed offset = the first prompt's index); a group larger than `batch` is split over calls of at most
+    `batch` images, piece j of prompt p drawing its noise from offset p + j * num_prompts. The calls, and
+    so every image's noise, depend only on these three numbers: every evaluated run gets the same noise.
+    """
+    if per_prompt <= batch:
+        step = batch // per_prompt
+        return [(start, min(start + step, num_prompts), per_prompt, start) for start in range(0, num_prompts, step)]
+    return [(p, p + 1, min(batch, per_prompt - first), p + piece * num_prompts)
+            for p in range(num_prompts) for piece, first in enumerate(range(0, per_prompt, batch))]
+
+
+def sample_chunks(policy: Policy, cfg: Config, prompts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(prompt of each image, images) of each sampling call (`sampling_calls`): `eval.images_per_prompt`
+    images per prompt, prompt by prompt, on the held-out seed `eval.seed`, with the model's own schedule."""
+    e, s = cfg.eval, cfg.sampling
+    for start, stop, group, offset in sampling_calls(len(prompts), e.images_per_prompt, e.batch):
+        chunk = list(prompts[start:stop])
+        out = sample(policy.model, chunk, group_size=group, num_steps=e.num_steps or s.num_steps,
+                     guidance_scale=s.guidance_scale, eta=e.eta, kind=s.kind, seed=e.seed + offset)
+        yield [p for p in chunk for _ in range(group)], out.images
+
+
 def generate(policy: Policy, cfg: Config, prompts: Sequence[str]) -> torch.Tensor:
     """`eval.images_per_prompt` images per prompt on the held-out seed, in chunks of `eval.batch` images."""
-    e, s = cfg.eval, cfg.sampling
-    per_prompt = e.images_per_prompt
-    prompts_per_call = max(1, e.batch // per_prompt)
-    images = []
-    for start in range(0, len(prompts), prompts_per_call):
-        chunk = list(prompts[start:start + prompts_per_call])
-        out = sample(policy.model, chunk, group_size=per_prompt, num_steps=e.num_steps or s.num_steps,
-                     guidance_scale=s.guidance_scale, eta=e.eta, kind=s.kind, seed=e.seed + start)
-        images.append(out.images)
-    return torch.cat(images)
+    return torch.cat([images for _, images in sample_chunks(policy, cfg, prompts)])
 
 
 def plot_table(table, path: Path) -> None:
@@ -142,10 +203,221 @@ def plot_table(table, path: Path) -> None:
     plt.close(fig)
 
 
+def save_samples(images: torch.Tensor, per_prompt: int, path: Path, max_rows: int | None = None,
+                 max_cols: int = 16) -> None:
+    """A PNG grid of `images` (B, C, H, W): one row per prompt (consecutive runs of `per_prompt` images)."""
+    grid = images.reshape(-1, per_prompt, *images.shape[1:])[:max_rows, :min(per_prompt, max_cols)]
+    save_image_grid(grid.flatten(0, 1), path, nrow=grid.shape[1])
+
+
+def write_table(results: dict[str, dict[str, float]], quality: Sequence[str], diversity: Sequence[str],
+                out_dir: Path, notes: str = "") -> NormalisedTable:
+    """The min-max table of `results` over the `quality` and `diversity` columns, written as table.md (with
+    `notes` below it), table.csv, metrics.json and table.png in `out_dir`."""
+    table = minmax_table(results, quality, diversity)
+    (out_dir / "table.md").write_text(table_markdown(table) + notes)
+    rows = table_rows(table)
+    with open(out_dir / "table.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    plot_table(table, out_dir / "table.png")
+    return table
+
+
+def evaluate_embedded(runs: Sequence[str], names: Sequence[str], base: Config, overrides: dict,
+                      device: torch.device, out_dir: Path) -> NormalisedTable:
+    """The embedded world's table (the module docstring) of `runs`, rows `names`, written into `out_dir`."""
+    evaluator = Evaluator(base, device)
+    prompts = default_prompts()
+    results: dict[str, dict[str, float]] = {}
+    for run, name in zip(runs, names):
+        cfg = run_config(run, overrides, base)
+        if cfg.eval.images_per_prompt <= MANIFOLD_K:
+            raise ValueError(f"eval.images_per_prompt must be > {MANIFOLD_K} (the k of recall / coverage), "
+                             f"got {cfg.eval.images_per_prompt}")
+        start = time.perf_counter()
+        policy = load_policy(run, cfg, device)
+        with torch.no_grad():
+            images = generate(policy, cfg, prompts)
+        per_prompt = cfg.eval.images_per_prompt
+        results[name] = evaluator.score(images, [p for p in prompts for _ in range(per_prompt)], per_prompt)
+        save_samples(images, per_prompt, out_dir / f"samples_{name.replace('/', '_')}.png")
+        print(f"evaluated {name} in {time.perf_counter() - start:.1f} s")
+    quality, diversity = columns(list(evaluator.encoders))
+    return write_table(results, quality, diversity, out_dir)
+
+
+class RealEvaluator:
+    """Scores a real model's images as they are sampled: each reward's per-image scores (quality) and each
+    perceptual space's within-prompt distance and Vendi score (diversity)."""
+
+    def __init__(self, cfg: Config, rewards: Sequence[str], spaces: Sequence[str], device: torch.device) -> None:
+        self.rewards = {name: build_reward(name, device=device, directory=cfg.assets, paths=cfg.paths)
+                        for name in rewards}
+        self.spaces = {name: build_space(name, device=device, directory=cfg.assets, paths=cfg.paths)
+                       for name in spaces}
+
+    @torch.no_grad()
+    def score(self, chunks: Iterable[tuple[list[str], torch.Tensor]], per_prompt: int) -> dict[str, float]:
+        """Metrics of the (prompts, images) `chunks` (`sample_chunks`), `per_prompt` consecutive images a prompt:
+        the mean of each reward, and `dist/<space>` and `vendi/<space>` (`within_prompt_diversity`)."""
+        scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.rewards}
+        features: dict[str, list[torch.Tensor]] = {name: [] for name in self.spaces}
+        for prompts, images in chunks:
+            for name, reward in self.rewards.items():
+                scores[name].append(reward(images, prompts).float().cpu())
+            for name, space in self.spaces.items():
+                features[name].append(space(images).float().cpu())
+        out = {name: torch.cat(values).mean().item() for name, values in scores.items()}
+        for name, values in features.items():
+            out[f"dist/{name}"], out[f"vendi/{name}"] = within_prompt_diversity(torch.cat(values), per_prompt)
+        return out
+
+
+def real_rewards(runs: Sequence[str], configs: Sequence[Config], base: Config, overrides: dict) -> list[str]:
+    """The rewards a real-model table scores: the trained runs' `--reward` terms (and a `--reward` given to
+    the evaluation), then `--eval.rewards`; their names and `base`'s local weights are checked (no weights
+    load)."""
+    extra = base.eval.rewards or []
+    unknown = [name for name in extra if name not in REWARDS.names()]
+    if unknown:
+        raise ValueError(f"--eval.rewards: unknown reward {unknown[0]!r}; choose from {REWARDS.names()}")
+    specs = [cfg.reward for run, cfg in zip(runs, configs) if run != PRETRAINED or "reward" in overrides]
+    names = list(dict.fromkeys([name for spec in specs for name, _ in parse_reward_spec(spec)] + list(extra)))
+    embedded = [name for name in names if name in EMBEDDED_REWARDS]
+    if embedded:
+        raise ValueError(f"--reward / --eval.rewards: {embedded[0]!r} scores the embedded world's 8x8 digits, not a "
+                         f"real model's images: give real rewards (e.g. --eval.rewards pickscore clipscore)")
+    if not names:
+        raise ValueError("no reward to score: give --eval.rewards NAME ... (e.g. pickscore clipscore hpsv2 "
+                         "aesthetic) or the --reward the runs were trained with")
+    check_reward_spec(",".join(names), base.paths)
+    return names
+
+
+def real_spaces(configs: Sequence[Config], base: Config) -> list[str]:
+    """The perceptual spaces of a real-model table: `--eval.spaces`, or the runs' real `perceptual.spaces`
+    plus every real space whose `--paths.*` weights (`base`'s) are given; their local weights are checked."""
+    paths = base.paths
+    if base.eval.spaces:
+        spaces = list(dict.fromkeys(base.eval.spaces))
+        wrong = [name for name in spaces if name not in REAL_SPACES]
+        if wrong:
+            raise ValueError(f"--eval.spaces: {wrong[0]!r} is not a perceptual space of real images; choose from "
+                             f"{list(REAL_SPACES)}")
+    else:
+        used = [name for cfg in configs for name in cfg.perceptual.spaces if name in REAL_SPACES]
+        spaces = list(dict.fromkeys(used + [name for name in REAL_SPACES if getattr(paths, name, None)]))
+    if not spaces:
+        raise ValueError(f"no perceptual space for the diversity columns: give the weights of one of "
+                         f"{list(REAL_SPACES)} (--paths.dino, --paths.clip, --paths.pickscore) or --eval.spaces")
+    check_spaces(spaces, paths)
+    return spaces
+
+
+def eval_prompts(cfg: Config) -> tuple[list[str], str]:
+    """(held-out prompts, where they come from) of a real-model evaluation: the test split of `--data.prompts`
+    (its train split if it has none; the digit prompts without it), the first `eval.max_prompts` of them."""
+    if cfg.eval.max_prompts < 0:
+        raise ValueError(f"eval.max_prompts must be >= 0 (0 = all), got {cfg.eval.max_prompts}")
+    if cfg.data.prompts:
+        splits = load_prompt_splits(cfg.data.prompts)
+        prompts, source = ((splits.test, f"the test split of {cfg.data.prompts}") if splits.test else
+                           (splits.train, f"the train split of {cfg.data.prompts} (it has no test split)"))
+    else:
+        prompts, source = default_prompts(), "the embedded world's digit prompts (no --data.prompts)"
+    return prompts[:cfg.eval.max_prompts or None], source
+
+
+def paper_coverage(quality: Sequence[str], diversity: Sequence[str]) -> dict[str, dict[str, dict[str, str]]]:
+    """Which of the paper's columns (`PAPER_QUALITY`, `PAPER_DIVERSITY`) a table with these columns has:
+    {"quality" / "diversity": {"present": {paper column: ours}, "missing": {paper column: why}}, "extra":
+    {our column that is no paper column: what it is}}."""
+    def missing_reason(paper: str, ours: str | None, kind: str) -> str:
+        if ours is None:
+            return NO_LOCAL[paper]
+        name = ours.split("/")[-1]
+        if kind == "quality":
+            if name not in REWARDS.names():
+                return f"no {name!r} reward is registered here: score it through the 'http' reward"
+            return f"reward {name!r} not configured: add --eval.rewards {name} with its --paths.* weights"
+        if name not in ENCODERS.names():
+            return f"no {name!r} perceptual space is registered here"
+        return f"space {name!r} not configured: give --paths.{name} (or list it in --eval.spaces)"
+
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for kind, paper_columns, ours in (("quality", PAPER_QUALITY, quality), ("diversity", PAPER_DIVERSITY, diversity)):
+        out[kind] = {"present": {p: c for p, c in paper_columns.items() if c in ours},
+                     "missing": {p: missing_reason(p, c, kind) for p, c in paper_columns.items() if c not in ours}}
+    mapped = set(PAPER_QUALITY.values()) | set(PAPER_DIVERSITY.values())
+    out["extra"] = {c: COLUMN_NOTES.get(c, "not a paper column") for c in [*quality, *diversity] if c not in mapped}
+    return out
+
+
+def coverage_markdown(coverage: dict[str, dict[str, dict[str, str]]], prompts: str) -> str:
+    """The notes under a real-model table: the paper's columns it has and lacks (and why), and its prompts."""
+    lines = ["", "Paper columns (notes/paper.md 6.1) in this table:"]
+    for kind in ("quality", "diversity"):
+        present = coverage[kind]["present"]
+        text = ", ".join(f"{p} = {c}" + (f" ({COLUMN_NOTES[c]})" if c in COLUMN_NOTES else "")
+                         for p, c in present.items())
+        lines.append(f"- {kind}: {text or 'none'}")
+    lines += ["", "Paper columns missing from this table (not in Q-norm / D-norm):"]
+    for kind in ("quality", "diversity"):
+        lines += [f"- {kind} {p}: {why}" for p, why in coverage[kind]["missing"].items()]
+    if coverage["extra"]:
+        lines += ["", "Other columns: " + "; ".join(f"{c} ({note})" for c, note in coverage["extra"].items())]
+    lines += ["", (f"dist/<space>: mean pairwise L2 distance of the space's features within a prompt's images; "
+                   f"vendi/<space>: their cosine-kernel Vendi score; both averaged over the prompts. {prompts}"), ""]
+    return "\n".join(lines)
+
+
+def evaluate_real(runs: Sequence[str], names: Sequence[str], base: Config, overrides: dict,
+                  device: torch.device, out_dir: Path) -> NormalisedTable:
+    """A real model's table (the module docstring) of `runs`, rows `names`, written into `out_dir` with
+    columns.json (`paper_coverage`). Every option is checked before any model loads."""
+    configs = [run_config(run, overrides, base) for run in runs]
+    if base.eval.images_per_prompt < 2:
+        raise ValueError(f"eval.images_per_prompt must be >= 2 (within-prompt diversity needs pairs), got "
+                         f"{base.eval.images_per_prompt}")
+    for cfg in configs:
+        check_model_config(cfg.model, cfg.sampling.guidance_scale)
+        cfg.eval = copy.deepcopy(base.eval)  # every row: the same prompts, images per prompt and noise
+    rewards, spaces = real_rewards(runs, configs, base, overrides), real_spaces(configs, base)
+    prompts, source = eval_prompts(base)
+    per_prompt = base.eval.images_per_prompt
+    evaluator = RealEvaluator(base, rewards, spaces, device)
+    results: dict[str, dict[str, float]] = {}
+    for run, name, cfg in zip(runs, names, configs):
+        start = time.perf_counter()
+        policy = load_policy(run, cfg, device)
+        with torch.no_grad():
+            chunks = sample_chunks(policy, cfg, prompts)
+            first = next(chunks)
+            save_samples(first[1], min(per_prompt, first[1].shape[0]),
+                         out_dir / f"samples_{name.replace('/', '_')}.png", max_rows=4, max_cols=8)
+            results[name] = evaluator.score(itertools.chain([first], chunks), per_prompt)
+        del policy, chunks, first
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"evaluated {name} in {time.perf_counter() - start:.1f} s")
+    quality = list(rewards)
+    diversity = [f"dist/{s}" for s in spaces if s in DISTANCE_SPACES] + [f"vendi/{s}" for s in spaces]
+    coverage = paper_coverage(quality, diversity)
+    (out_dir / "columns.json").write_text(json.dumps({"quality": quality, "diversity": diversity,
+                                                      "paper": coverage}, indent=2))
+    mode = "ODE" if base.eval.eta == 0 else f"SDE eta {base.eval.eta}"
+    text = (f"Prompts: {len(prompts)} from {source}, {per_prompt} images each ({mode}, eval.seed "
+            f"{base.eval.seed}).")
+    return write_table(results, quality, diversity, out_dir, coverage_markdown(coverage, text))
+
+
 def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = None,
              names: Sequence[str] | None = None) -> tuple[dict[str, dict[str, float]], NormalisedTable]:
-    """Evaluate `runs` (folders or "pretrained"), write the table into `out_dir`; return (raw metrics by
-    row name, the normalised table)."""
+    """Evaluate `runs` (folders or "pretrained") of the embedded model or a real one (by `--model.name`),
+    write the table into `out_dir`; return (raw metrics by row name, the normalised table)."""
     overrides = overrides or {}
     if not runs:
         raise ValueError("runs must name at least one run folder or 'pretrained'")
@@ -163,34 +435,9 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
         torch.set_num_threads(base.threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(base, device)
-    prompts = default_prompts()
-    results: dict[str, dict[str, float]] = {}
-    for run, name in zip(runs, names):
-        cfg = run_config(run, overrides, base)
-        if cfg.eval.images_per_prompt <= MANIFOLD_K:
-            raise ValueError(f"eval.images_per_prompt must be > {MANIFOLD_K} (the k of recall / coverage), "
-                             f"got {cfg.eval.images_per_prompt}")
-        start = time.perf_counter()
-        policy = load_policy(run, cfg, device)
-        with torch.no_grad():
-            images = generate(policy, cfg, prompts)
-        per_prompt = cfg.eval.images_per_prompt
-        results[name] = evaluator.score(images, [p for p in prompts for _ in range(per_prompt)], per_prompt)
-        grid = images.reshape(len(prompts), per_prompt, *images.shape[1:])[:, :min(per_prompt, 16)]
-        save_image_grid(grid.flatten(0, 1), out_dir / f"samples_{name.replace('/', '_')}.png", nrow=grid.shape[1])
-        print(f"evaluated {name} in {time.perf_counter() - start:.1f} s")
-    quality, diversity = columns(list(evaluator.encoders))
-    table = minmax_table(results, quality, diversity)
-    (out_dir / "table.md").write_text(table_markdown(table))
-    rows = table_rows(table)
-    with open(out_dir / "table.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    plot_table(table, out_dir / "table.png")
-    return results, table
+    build = evaluate_embedded if base.model.name == EMBEDDED else evaluate_real
+    table = build(runs, names, base, overrides, device, out_dir)
+    return table.raw, table
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -218,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"pec.evaluate: {err}") from None
     print((Path(out) / "table.md").read_text())
-    print(f"written to {out}/ (table.md, table.csv, metrics.json, table.png)")
+    print(f"written to {out}/ (table.md, table.csv, metrics.json, table.png; columns.json for a real model)")
 
 
 if __name__ == "__main__":
