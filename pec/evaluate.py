@@ -448,14 +448,19 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m pec.evaluate`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m pec.evaluate`: RUN ..., --out, and every config option."""
     parser = argparse.ArgumentParser(prog="python -m pec.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help=f"run folders, or {PRETRAINED!r} for the base model")
     parser.add_argument("--out", default=None, help="output folder (default: eval-<timestamp>)")
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `python -m pec.evaluate`."""
+    args = build_parser().parse_args(argv)
     overrides = overrides_from_args(args)
     if getattr(args, "config", None):
         overrides = _merge(load_yaml(args.config), overrides)

@@ -2,6 +2,9 @@
 with tiny reward and perceptual-space checkpoints in the real on-disk layouts (no downloads)."""
 import csv
 import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +14,9 @@ pytest.importorskip("open_clip")
 
 from _tiny_diffusers import tiny_clip_folder, tiny_dino_folder, tiny_flux_folder, tiny_open_clip_folder  # noqa: E402
 
-from pec.evaluate import PAPER_DIVERSITY, PAPER_QUALITY, main, sampling_calls  # noqa: E402
+import pec.evaluate  # noqa: E402
+from pec.config import overrides_from_args  # noqa: E402
+from pec.evaluate import PAPER_DIVERSITY, PAPER_QUALITY, build_parser, main, sampling_calls  # noqa: E402
 from pec.train import main as train_main  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a dog", "a cat", "a car", "a red cat", "a blue car",
@@ -104,7 +109,12 @@ def test_real_model_table_has_the_configured_columns_and_the_minmax_overall(worl
     ([], "no reward to score: give --eval.rewards"),
     (["--eval.rewards", "jpeg", "--eval.spaces", "simclr"], "--eval.spaces: 'simclr' is not a perceptual space"),
 ])
-def test_bad_real_options_fail_before_any_model_loads(world, tmp_path, extra, message):
+def test_bad_real_options_fail_before_any_model_loads(world, tmp_path, monkeypatch, extra, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or scorer was loaded before the options were checked")
+
+    monkeypatch.setattr(pec.evaluate, "load_policy", no_loading)
+    monkeypatch.setattr(pec.evaluate, "RealEvaluator", no_loading)
     with pytest.raises(SystemExit, match=message):
         main(["pretrained", *MODEL, "--model.path", str(world["flux"]), "--out", str(tmp_path / "e"), *extra])
     assert not list((tmp_path / "e").glob("*"))
@@ -122,3 +132,12 @@ def test_sampling_calls_cover_every_image_once_on_fixed_seeds():
         assert len({seed for *_, seed in calls}) == len(calls)
     # Groups that fit keep the embedded world's calls: as many prompts as fit, seed offset = first prompt.
     assert sampling_calls(10, 6, 30) == [(0, 5, 6, 0), (5, 10, 6, 5)]
+
+
+def test_readme_evaluate_command_parses():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"python -m pec\.evaluate (runs/flux[^`]*?)\n```", readme).group(1)
+    args = build_parser().parse_args(shlex.split(command.replace("\\\n", " ")))
+    overrides = overrides_from_args(args)
+    assert args.runs[-1] == "pretrained" and len(args.runs) == 5
+    assert overrides["eval"]["rewards"] == ["pickscore", "clipscore", "hpsv2", "aesthetic"]
