@@ -104,8 +104,11 @@ class TrainConfig:
                               "(the KL reference is then a frozen copy)")
     lora_rank: int = option(8, "LoRA rank")
     lora_alpha: float = option(16.0, "LoRA alpha")
-    micro_batch: int = option(16, "samples per forward/backward pass; gradients accumulate so the logical batch "
-                                  "(prompts_per_step x group_size) fits in memory")
+    micro_batch: int = option(32, "samples per forward/backward pass, in rollouts, scoring and training alike (the "
+                                  "same chunks keep the first ratio exactly 1); gradients accumulate so the "
+                                  "logical batch (prompts_per_step x group_size) fits in memory. The default holds "
+                                  "the embedded world's whole batch: fewer, larger forwards are faster on a CPU; "
+                                  "lower it for real models")
     minibatches: int = option(1, "optimizer updates per rollout batch; the batch is split into this many shuffled "
                                  "minibatches (the first update is exactly on-policy, later ones are clipped)")
     clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio")
