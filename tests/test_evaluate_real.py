@@ -12,7 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
 
-from _tiny_diffusers import tiny_clip_folder, tiny_dino_folder, tiny_flux_folder, tiny_open_clip_folder  # noqa: E402
+from _tiny_diffusers import (tiny_clip_folder, tiny_dino_folder, tiny_flux_folder, tiny_open_clip_folder,  # noqa: E402
+                             tiny_sd3_folder)
 
 import pec.evaluate  # noqa: E402
 from pec.config import overrides_from_args  # noqa: E402
@@ -99,6 +100,17 @@ def test_real_model_table_has_the_configured_columns_and_the_minmax_overall(worl
     solo = json.loads((alone / "metrics.json").read_text())["pretrained"]
     assert solo == pytest.approx({k: metrics["pretrained"][k] for k in ("jpeg", "dist/dino", "vendi/dino")})
     assert json.loads((alone / "columns.json").read_text())["paper"]["quality"]["present"] == {}
+
+
+def test_sd3_pretrained_with_cfg_on_the_first_digit_prompts(world, tmp_path):
+    out = tmp_path / "sd3"
+    main(["pretrained", "--model.name", "sd3", "--model.path", str(tiny_sd3_folder(tmp_path)), "--model.resolution",
+          "16", "--model.dtype", "float32", "--model.max_sequence_length", "8", "--device", "cpu",
+          "--sampling.guidance_scale", "2", "--sampling.num_steps", "2", "--eval.images_per_prompt", "2",
+          "--eval.max_prompts", "2", "--eval.rewards", "jpeg", "--paths.clip", str(world["clip"]), "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())["pretrained"]
+    assert set(metrics) == {"jpeg", "dist/clip", "vendi/clip"} and 1.0 <= metrics["vendi/clip"] <= 2.0 + 1e-6
+    assert "Prompts: 2 from the embedded world's digit prompts" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("extra,message", [
