@@ -14,8 +14,8 @@ from pec_kernels._checks import check_tensor
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False,
-                     eps: float = 1e-4, clip: float | None = None, valid: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     eps: float = 1e-4, clip: float | None = None, valid: torch.Tensor | None = None,
+                     num_groups: int | None = None) -> torch.Tensor:
     """Advantages A = (R - mean_group) / (std + eps), computed independently for every column.
 
     Args:
@@ -28,6 +28,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_s
         clip: clamp the advantages to [-clip, clip] when given.
         valid: (B,) bool mask of the samples to learn from (`pec.run_safety.sample_validity`). Invalid
             rows get advantage 0 and are left out of every mean and std; their rewards may be NaN.
+        num_groups: when the ids are known to be 0 .. num_groups - 1 (the trainer's), they index the
+            groups directly; otherwise `torch.unique` finds the groups, at a host synchronisation.
 
     Returns:
         float32 advantages with the shape of `rewards`. The std is the population std (ddof 0).
@@ -47,8 +49,11 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_s
     w = valid.to(r.dtype)[:, None]
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
     r = torch.where(valid[:, None], r, zero)
-    _, inverse, group_sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    n_groups = group_sizes.shape[0]
+    if num_groups is None:
+        unique, inverse = torch.unique(group_ids, return_inverse=True)
+        n_groups = unique.shape[0]
+    else:
+        inverse, n_groups = group_ids.long(), num_groups
     counts = torch.zeros(n_groups, 1, dtype=r.dtype, device=r.device).index_add_(0, inverse, w).clamp_min(1)
     mean = torch.zeros(n_groups, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, inverse, r) / counts
     centred = (r - mean[inverse]) * w

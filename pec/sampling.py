@@ -106,7 +106,8 @@ class Rollout:
     sigmas:    (T+1,) float32 schedule, 1 down to 0.
     images:    (B, C, H, W) decoded final latents, clamped to [0, 1].
     prompts:   the B prompts (expanded); group_ids: (B,) int64 index of each sample's prompt.
-    sde_steps: (T,) bool, which steps were stochastic (trainable).
+    sde_steps: (T,) bool on the CPU (metadata the host branches on: no device read), which steps were
+               stochastic (trainable).
     guidance:  (T, B, *sample_shape) the velocity shift added at each step (`guidance_shift` of what
                guidance_fn returned: already signed and scaled), or None without guidance_fn. It is
                part of the behaviour policy's mean, so re-evaluation adds it unchanged.
@@ -274,7 +275,7 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         latents=torch.stack(latents), log_probs=torch.stack(log_probs), sigmas=sigmas,
         images=model.decode(x).float().clamp(0, 1), prompts=expanded,
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-        sde_steps=sde_steps.to(device), guidance=torch.stack(guidance) if guidance_fn is not None else None,
+        sde_steps=sde_steps, guidance=torch.stack(guidance) if guidance_fn is not None else None,
         cond=cond, uncond=uncond, eta=float(eta), kind=kind, guidance_scale=float(guidance_scale),
         guidance_weight=weights.to(device), group_size=group_size, sigma_max=sigma_max)
 

@@ -51,8 +51,8 @@ from pec.config import Config, add_config_arguments, apply_dict, config_from_arg
 from pec.covariance import COV_METHODS, CovSelection, select_entries
 from pec.data import digit_prompt
 from pec.data.prompt_files import load_prompt_splits
+from pec.distributed import DistContext, minibatch_plan, plain_tensor, sample_noise
 from pec.entropy import group_entropy
-from pec_kernels import knn_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
 from pec.metrics import group_pairwise_distance
@@ -60,11 +60,12 @@ from pec.perceptual import build_space
 from pec.policy import Policy, latent_dim, resolve_device
 from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
                               policy_entropy)
-from pec.distributed import DistContext, minibatch_plan, plain_tensor, sample_noise
+from pec.rewards import build_reward
 from pec.run_safety import (BadStepGuard, Preempted, PreemptionHandler, TrainingStopped, finite_samples, group_validity,
                             zero_invalid)
-from pec.rewards import build_reward
 from pec.sampling import guided_velocity, sample, sde_step_mask, step_log_prob
+from pec.syncs import documented_sync
+from pec_kernels import knn_entropy
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_KEYS = ("reward_mean", "policy_entropy", "perc_knn", "diversity")
@@ -85,7 +86,8 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
 def read_scalars(scalars: dict[str, Any]) -> dict[str, float]:
     """Logged values as Python floats, reading every device tensor among them in one host sync."""
     keys = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
-    values = torch.stack([scalars[k].detach().double().reshape(()) for k in keys]).tolist() if keys else []
+    with documented_sync():
+        values = torch.stack([scalars[k].detach().double().reshape(()) for k in keys]).tolist() if keys else []
     out = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
     out.update(zip(keys, values))
     return {k: out[k] for k in scalars}
@@ -435,7 +437,8 @@ class Trainer:
             finite = self.dist.all_gather(finite_samples(rewards, rollout.images, old_log_probs, *feats.values()),
                                           index)
             valid = group_validity(finite, cfg.sampling.group_size, cfg.perceptual.k + 1)
-            valid_host = valid.cpu()
+            with documented_sync():
+                valid_host = valid.cpu()
             all_valid = bool(valid_host.all())
             local_valid = valid[index]
             if not all_valid:
@@ -455,7 +458,8 @@ class Trainer:
             rewards, shaped = both[:, 0], both[:, 1:]
             group_ids = torch.arange(shaped.shape[0], device=self.device) // cfg.sampling.group_size
             advantages = group_advantages(shaped, group_ids, global_std=cfg.train.global_std,
-                                          clip=cfg.train.adv_clip, valid=valid)
+                                          clip=cfg.train.adv_clip, valid=valid,
+                                          num_groups=shaped.shape[0] // cfg.sampling.group_size)
             cov = self.covariance_selection(step, old_log_probs, surprisal, advantages, valid)
             train_row, causes = self.update(step, rollout, trained, advantages[index], local_valid, valid_host,
                                             cov=cov)
@@ -615,7 +619,8 @@ class Trainer:
                                   f"perceptual.k + 1 = {cfg.perceptual.k + 1} samples with a finite reward, "
                                   f"image, features and log-probs)")
                 continue
-            loss_ok, grad_ok = torch.stack([mb_loss, grad_norm.double()]).isfinite().tolist()
+            with documented_sync():
+                loss_ok, grad_ok = torch.stack([mb_loss, grad_norm.double()]).isfinite().tolist()
             if not (loss_ok and grad_ok):
                 causes.append(f"minibatch {mb_index}: non-finite {'loss' if not loss_ok else 'gradient'}")
                 continue
