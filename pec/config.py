@@ -94,7 +94,7 @@ class SamplingConfig:
 class TrainConfig:
     """Optimisation: steps, LoRA or full fine-tuning, the clipped surrogate and KL."""
 
-    steps: int = option(100, "training steps (one rollout batch and its policy update per step); 100 take ~2 min "
+    steps: int = option(100, "training steps (one rollout batch and its policy update per step); 100 take ~1 min "
                               "on one CPU core with CFG 1 (40 only dented GRPO's diversity, ~11%)")
     lr: float = option(1e-3, "learning rate (AdamW); the embedded world's small LoRA needs more than Flow-GRPO's "
                              "3e-4 to move in 40-100 steps, and 3e-3 already destabilises it")
