@@ -475,9 +475,14 @@ def apply_dict(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(cfg, f.name, _coerce(prefix + key, value, hints[f.name]))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config file into a dict (an empty file is an empty dict); a file that is missing,
-    unreadable or not YAML raises a one-line ValueError naming it."""
+    unreadable or not YAML raises a one-line ValueError naming it.
+
+    A top-level `base: OTHER.yaml` (relative to this file) reads that file first and lays this one's
+    options over it, section by section, so a variant of a run is a few lines (pec/configs/*_dino.yaml).
+    """
+    path = Path(path)
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
@@ -487,7 +492,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
-    return data
+    if "base" not in data:
+        return data
+    base = path.parent / str(data.pop("base"))
+    if base.resolve() in _seen or base.resolve() == path.resolve():
+        raise ValueError(f"config file {path}: its base chain comes back to {base}")
+    return _merged(load_yaml(base, _seen + (path.resolve(),)), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid over `base`: nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:

@@ -74,3 +74,13 @@ def test_shipped_yaml_configs_load_and_validate():
         cfg = parse_config(["--config", str(path), "--model.path", "somewhere"])
         if cfg.model.name == "embedded":  # real-model configs: validated on tiny folders in test_flux_model.py
             cfg.validate()
+
+
+def test_a_config_file_can_lay_its_options_over_a_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: pec\nsampling:\n  group_size: 6\n  num_steps: 4\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\nsampling:\n  num_steps: 7\n")
+    cfg = parse_config(["--config", str(tmp_path / "variant.yaml")])
+    assert (cfg.method, cfg.sampling.group_size, cfg.sampling.num_steps) == ("pec", 6, 7)
+    (tmp_path / "base.yaml").write_text("base: variant.yaml\n")
+    with pytest.raises(ValueError, match="base chain comes back"):
+        load_yaml(tmp_path / "variant.yaml")

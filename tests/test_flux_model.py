@@ -133,16 +133,24 @@ def test_flux_refuses_cfg_and_a_wrong_reward_before_loading(world, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("name", ["flow_grpo_sd35", "flow_grpo_flux"])
-def test_shipped_real_model_configs_validate(world, name):
-    """The README's commands for the paper's runs, on tiny folders in place of the real weights."""
+PAPER_RUNS = {"": ("pec", "pickscore", 0.05), "_dino": ("pec", "dino", 0.10), "_pcgs": ("pcgs", "pickscore", 0.05)}
+
+
+@pytest.mark.parametrize("variant", list(PAPER_RUNS))
+@pytest.mark.parametrize("model", ["flow_grpo_sd35", "flow_grpo_flux"])
+def test_shipped_real_model_configs_validate(world, model, variant):
+    """The README's commands for the paper's runs, on tiny folders in place of the real weights; the
+    variants are a few lines over their base config."""
+    name = model + variant
     config = Path(pec.__file__).parent / "configs" / f"{name}.yaml"
     model_dir = world["flux" if "flux" in name else "sd3"]
     cfg = parse_config(["--config", str(config), "--model.path", str(model_dir),
                         "--paths.pickscore", str(world["pickscore"]), "--paths.dino", str(world["dino"]),
                         "--paths.clip", str(world["clip"])])
     cfg.validate()
-    assert cfg.reward == "pickscore" and cfg.perceptual.space == "pickscore" and cfg.pec.lambda_ == 0.05
+    method, space, lam = PAPER_RUNS[variant]
+    assert cfg.method == method and cfg.reward == "pickscore" and cfg.perceptual.space == space
+    assert (cfg.pec.lambda_ if method == "pec" else cfg.pcgs.lambda_) == lam
     assert cfg.model.resolution == 512 and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
 
 
