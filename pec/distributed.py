@@ -203,7 +203,7 @@ def sample_noise(global_index: torch.Tensor, shape: tuple[int, ...], num_steps: 
     for b, g in enumerate(global_index.tolist()):
         gen = torch.Generator().manual_seed((seed * 1_000_003 + g * 2_654_435_761) % (2**63 - 1))
         out[:, b] = torch.randn((num_steps + 1, *shape), generator=gen)
-    return out.to(device)
+    return out.to(device, non_blocking=True)  # no host sync (pageable memory is staged synchronously)
 
 
 def minibatch_plan(global_index: list[torch.Tensor], rank: int, micro_batch: int, minibatches: int,

@@ -79,7 +79,7 @@ def schedule_sigmas(num_steps: int, shift: float = EMBEDDED_SHIFT,
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     scheduler = make_scheduler(shift)
     scheduler.set_timesteps(num_steps, device="cpu")
-    return scheduler.sigmas.to(device=device, dtype=torch.float32)
+    return scheduler.sigmas.to(device=device, dtype=torch.float32, non_blocking=True)  # no host sync
 
 
 def sde_step_mask(num_steps: int, sde_window: tuple[int, int] | None) -> torch.Tensor:

@@ -107,6 +107,7 @@ class Trainer:
                            for r in range(self.dist.world_size)]
         self.place = self.placements[self.dist.rank]
         self.device = resolve_device(self.dist.device(cfg.device))
+        self.index = self.place.global_index.to(self.device)  # this rank's global sample indices
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir = Path(cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -290,9 +291,10 @@ class Trainer:
         Scored in the rollout's chunks of `train.micro_batch` images: bounded memory with real reward
         models, and the same batches whatever the number of processes (BLAS rounds a row by its batch).
         """
-        chunks = torch.arange(images.shape[0]).split(self.cfg.train.micro_batch)
+        step = self.cfg.train.micro_batch
+        chunks = [slice(start, start + step) for start in range(0, images.shape[0], step)]
         with torch.no_grad():
-            rewards = torch.cat([self.reward_fn(images[c], [prompts[i] for i in c.tolist()]).float() for c in chunks])
+            rewards = torch.cat([self.reward_fn(images[c], list(prompts[c])).float() for c in chunks])
             feats = {name: torch.cat([encoder(images[c]).float() for c in chunks])
                      for name, encoder in self.encoders.items()}
         return rewards, feats
@@ -309,14 +311,14 @@ class Trainer:
         surprisal = None
         for name, f in feats.items():
             groups = f.reshape(-1, n, f.shape[-1])
-            group_mask = None if all_valid else mask.to(f.device)
+            group_mask = None if all_valid else mask.to(f.device, non_blocking=True)
             knn = group_entropy(groups, estimator="knn", k=p.k, per_dim=p.per_dim, valid=group_mask,
                                 check_finite=False)
             gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask,
                                   check_finite=False)
             per_group[f"perc_knn/{name}"] = knn.entropy.double()
             per_group[f"perc_gauss/{name}"] = gauss.entropy.double()
-            per_group[f"diversity/{name}"] = group_pairwise_distance(groups, mask.to(f.device))
+            per_group[f"diversity/{name}"] = group_pairwise_distance(groups, mask.to(f.device, non_blocking=True))
             if name == p.space:
                 surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
         return per_group, surprisal
@@ -327,7 +329,7 @@ class Trainer:
         over valid groups (0-dim tensors, identical on every rank) and this rank's surprisal; with
         `perceptual.batch_metric`/`bank_steps`/`scope batch`, the kNN entropy of the whole batch too."""
         p = self.cfg.perceptual
-        index = self.place.global_index.to(self.device)
+        index = self.index
         spread = self.cfg.dist.placement == "spread" and self.dist.active
         gathered: dict[str, torch.Tensor] = {}
         if spread:
@@ -359,7 +361,7 @@ class Trainer:
         bank of earlier steps' features; returns the logged values and the per-sample batch surprisal
         (B,) (0 for invalid samples). This is the large-N case the fused kNN kernel exists for."""
         p = self.cfg.perceptual
-        rows = valid_host.nonzero().reshape(-1).to(feats.device)
+        rows = valid_host.nonzero().reshape(-1).to(feats.device, non_blocking=True)
         surprisal = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
         out: dict[str, torch.Tensor] = {}
         x = feats[rows]
@@ -432,7 +434,7 @@ class Trainer:
             t = time.perf_counter()
             trained = rollout.train_steps()
             old_log_probs = rollout.log_probs[trained].T.float()  # (B_local, T_trained)
-            index = self.place.global_index.to(self.device)
+            index = self.index
             # Masks over the step's global batch (identical on every rank); one host read of them.
             finite = self.dist.all_gather(finite_samples(rewards, rollout.images, old_log_probs, *feats.values()),
                                           index)
@@ -563,7 +565,7 @@ class Trainer:
             for col, t_index in enumerate(trained):
                 for chunk_index, idx in enumerate(chunks):
                     self.policy.gradient_sync(col * len(chunks) + chunk_index == passes - 1)
-                    idx_dev = idx.to(self.device)
+                    idx_dev = idx.to(self.device, non_blocking=True)
                     v_ref = None
                     if cfg.train.kl_beta > 0:
                         with torch.no_grad(), self.policy.reference() as ref_model:
@@ -630,8 +632,8 @@ class Trainer:
             updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(counts)
-        totals = self.dist.all_reduce_(torch.stack([sums[k] for k in keys] + [
-            torch.tensor(float(counts[k]), dtype=torch.float64, device=self.device) for k in keys]))
+        weights = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64).to(self.device, non_blocking=True)
+        totals = self.dist.all_reduce_(torch.cat([torch.stack([sums[k] for k in keys]), weights]))
         row = {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
         first_ratio_dev, ratio_max = self.dist.all_reduce_(torch.stack([first_ratio_dev, ratio_max]), "max")
         ratio_min = self.dist.all_reduce_(ratio_min.clone(), "min")

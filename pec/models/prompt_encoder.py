@@ -49,7 +49,8 @@ class PromptEncoder(nn.Module):
             if len(words) > self.max_tokens:
                 raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {self.max_tokens} fit")
             rows.append([self._ids[w] for w in words] + [self._ids[PAD]] * (self.max_tokens - len(words)))
-        return torch.tensor(rows, dtype=torch.int64, device=self.positions.device).reshape(-1, self.max_tokens)
+        ids = torch.tensor(rows, dtype=torch.int64).reshape(-1, self.max_tokens)
+        return ids.to(self.positions.device, non_blocking=True)  # no host sync in a training step
 
     def detokenize(self, ids: torch.Tensor) -> list[str]:
         """Inverse of `tokenize` (pads dropped, [null] back to "")."""
