@@ -2,7 +2,7 @@
 rewards and advantages, the reduced gradient of every update, and the metric rows.
 
 Run in-process (`run_and_capture`) for the one-process reference, or under torchrun:
-    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full] [pec|guided]
+    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full] [pec|guided] [PROMPTS]
 Not a test module (pytest collects only test_*.py).
 """
 import sys
@@ -25,16 +25,17 @@ SIZES = {"sampling": {"prompts_per_step": 2, "group_size": 4}, "train": {"micro_
 METHODS = {"pec": {"method": "pec"}, "guided": {"method": "pcgs", "pcgs": {"form": "guided"}}}
 
 
-def dist_config(world: Path, run_dir: Path, placement: str, steps: int, method: str = "pec", **sections):
-    """The tiny config the multi-process tests share (`method`: a key of METHODS)."""
+def dist_config(world: Path, run_dir: Path, placement: str, steps: int, method: str = "pec", prompts: int = 2,
+                **sections):
+    """The tiny config the multi-process tests share (`method`: a key of METHODS; `prompts` per step)."""
     sections = {**METHODS[method], **sections}
-    return tiny_config(world, run_dir, sampling=SIZES["sampling"],
+    return tiny_config(world, run_dir, sampling={**SIZES["sampling"], "prompts_per_step": prompts},
                        train={**SIZES["train"], "steps": steps, **sections.pop("train", {})},
                        dist={"placement": placement, "timeout": 60}, **sections)
 
 
 def run_and_capture(world: Path, out: Path, placement: str, steps: int, tuning: str = "lora",
-                    method: str = "pec") -> dict:
+                    method: str = "pec", prompts: int = 2) -> dict:
     """Train and return {"rows", "shaped", "advantages", "grads"} (this rank's view; gradients whole,
     gathered from FSDP2 shards under full fine-tuning)."""
     captured = {"shaped": [], "advantages": [], "grads": []}
@@ -48,7 +49,7 @@ def run_and_capture(world: Path, out: Path, placement: str, steps: int, tuning: 
 
     train_module.group_advantages = capture
     try:
-        trainer = Trainer(dist_config(world, out / "run", placement, steps, method,
+        trainer = Trainer(dist_config(world, out / "run", placement, steps, method, int(prompts),
                                       train={"lora": tuning == "lora"}))
         step_fn = trainer.optimizer.step
 

@@ -46,9 +46,10 @@ def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Comple
     return proc
 
 
-def _two_process_capture(world, out, placement, steps=2, tuning="lora", method="pec"):
-    _torchrun(2, str(TESTS / "_dist_worker.py"), str(world), str(out), placement, str(steps), tuning, method)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def _two_process_capture(world, out, placement, steps=2, tuning="lora", method="pec", nproc=2, prompts=2):
+    _torchrun(nproc, str(TESTS / "_dist_worker.py"), str(world), str(out), placement, str(steps), tuning, method,
+              str(prompts))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
 def _close(a, b, rel=REL):
@@ -95,6 +96,18 @@ def test_two_processes_match_one(world, single, tmp_path, placement, method):
     _assert_rows_close(ranks[0]["rows"][:1], single["rows"][:1], exact_keys=ROLLOUT_KEYS + perceptual)
     _assert_rows_close(ranks[0]["rows"], single["rows"][:2])
     _assert_rows_close(ranks[1]["rows"], ranks[0]["rows"])
+
+
+def test_four_processes_sample_what_one_does(world, tmp_path):
+    """4 prompts x 4 samples, micro-batches of 2: every rank's 4 samples split into the one-process
+    run's micro-batches, so the first step is bit-identical."""
+    single = run_and_capture(world, tmp_path / "single", "contiguous", 1, prompts=4)
+    ranks = _two_process_capture(world, tmp_path / "four", "contiguous", steps=1, nproc=4, prompts=4)
+    for rank in ranks:
+        assert torch.equal(rank["shaped"][0], single["shaped"][0])
+        assert torch.equal(rank["advantages"][0], single["advantages"][0])
+    perceptual = tuple(k for k in single["rows"][0] if k.startswith(("perc_", "diversity/")))
+    _assert_rows_close(ranks[0]["rows"], single["rows"], exact_keys=ROLLOUT_KEYS + perceptual)
 
 
 def test_fsdp2_full_fine_tuning_on_two_processes_matches_one(world, tmp_path):
