@@ -433,7 +433,9 @@ class Trainer:
 
             t = time.perf_counter()
             trained = rollout.train_steps()
-            old_log_probs = rollout.log_probs[trained].T.float()  # (B_local, T_trained)
+            # The SDE window is contiguous: a slice, not a host-built index (a blocking copy on a GPU).
+            trained_rows = slice(trained[0], trained[-1] + 1)
+            old_log_probs = rollout.log_probs[trained_rows].T.float()  # (B_local, T_trained)
             index = self.index
             # Masks over the step's global batch (identical on every rank); one host read of them.
             finite = self.dist.all_gather(finite_samples(rewards, rollout.images, old_log_probs, *feats.values()),
@@ -449,7 +451,7 @@ class Trainer:
                 rollout.log_probs = zero_invalid(rollout.log_probs, local_valid, dim=1)
                 if rollout.guidance is not None:
                     rollout.guidance = zero_invalid(rollout.guidance, local_valid, dim=1)
-                old_log_probs = rollout.log_probs[trained].T.float()
+                old_log_probs = rollout.log_probs[trained_rows].T.float()
             perc_row, surprisal = self.step_perceptual(feats, valid, valid_host, all_valid)
             times["perceptual"] = time.perf_counter() - t
 

@@ -34,7 +34,7 @@ class DigitReward(nn.Module):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_images(images)
         check_prompts(images, prompts)
-        digits = torch.tensor([prompt_digit(p) for p in prompts], device=images.device)
+        digits = torch.tensor([prompt_digit(p) for p in prompts]).to(images.device, non_blocking=True)
         probs = self.classifier(images.float()).float().softmax(-1)
         return probs.gather(1, digits[:, None]).squeeze(1)
 
