@@ -699,8 +699,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TrainingStopped as err:
         raise SystemExit(f"pec.train: {err} (run folder: {trainer.run_dir})") from None
     except Preempted as sig:
-        print(f"pec.train: {sig.signame}: abandoned the step in progress; step {trainer.last_complete} is "
-              f"checkpointed in {trainer.run_dir / 'checkpoints'}. Resume with: {resume}", file=sys.stderr)
+        if trainer.dist.is_main:
+            print(f"pec.train: {sig.signame}: abandoned the step in progress; step {trainer.last_complete} is "
+                  f"checkpointed in {trainer.run_dir / 'checkpoints'}. Resume with: {resume}", file=sys.stderr)
         raise SystemExit(128 + sig.signum) from None
     except RuntimeError as err:
         if not trainer.dist.active:
