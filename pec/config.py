@@ -288,6 +288,11 @@ class PathsConfig:
     aesthetic: str | None = option(None, "LAION aesthetic head (sac+logos+ava1-l14-linearMSE.pth)")
     aesthetic_clip: str | None = option(None, "transformers CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) "
                                               "the aesthetic head reads")
+    aesthetic_v25: str | None = option(None, "Aesthetic Predictor v2.5 head (aesthetic_predictor_v2_5.pth of "
+                                             "discus0434/aesthetic-predictor-v2-5), the reward 'aesthetic_v25'")
+    aesthetic_v25_siglip: str | None = option(None, "transformers SigLIP folder the v2.5 head reads "
+                                                    "(google/siglip-so400m-patch14-384, with its "
+                                                    "preprocessor_config.json)")
     dino: str | None = option(None, "DINOv2: a transformers Dinov2Model folder (space 'dino'), e.g. dinov2-base")
     reward_url: str | None = option(None, "URL of the reward server of the reward 'http' "
                                           "(`python -m pec.rewards.serve NAME --port PORT`)")

@@ -58,13 +58,16 @@ MANIFOLD_K = 5
 EMBEDDED_REWARDS = ("digit", "contrast", "smoothness")  # they score the embedded world's 8x8 digits only
 # The paper's table columns (notes/paper.md 6.1) and the column of ours that measures each: a reward name
 # (quality), `dist/<space>` (within-prompt mean pairwise distance) or `vendi/<space>`; None: no local one.
-PAPER_QUALITY = {"PickScore": "pickscore", "Aesthetic": "aesthetic", "ImageReward": "imagereward",
+# STAND_INS: a column of ours that fills a paper column when its own is not in the table (its note says so).
+PAPER_QUALITY = {"PickScore": "pickscore", "Aesthetic": "aesthetic_v25", "ImageReward": "imagereward",
                  "CLIP": "clipscore", "HPS": "hpsv2", "UnifiedReward": None}
 PAPER_DIVERSITY = {"DINO": "dist/dino", "CLIP": "dist/clip", "VS_CLIP": "vendi/clip", "VS_DINO": "vendi/dino",
                    "VS_IR": "vendi/imagereward", "VS_PS": "vendi/pickscore"}
+STAND_INS = {"Aesthetic": "aesthetic"}
 NO_LOCAL = {"UnifiedReward": "a VLM judge with no local reward here: serve it and score it through the 'http' "
                              "reward (its column is then 'http', not identified with UnifiedReward)"}
 COLUMN_NOTES = {"aesthetic": "LAION aesthetic v2 (CLIP-L/14 MLP), not the paper's Aesthetic Predictor v2.5",
+                "aesthetic_v25": "Aesthetic Predictor v2.5 (SigLIP so400m MLP), the paper's",
                 "http": "the reward server at --paths.reward_url (not identified with a paper column)"}
 DISTANCE_SPACES = ("dino", "clip")  # the paper's within-prompt distance columns; Vendi is in every space
 
@@ -342,16 +345,20 @@ def paper_coverage(quality: Sequence[str], diversity: Sequence[str]) -> dict[str
         if kind == "quality":
             if name not in REWARDS.names():
                 return f"no {name!r} reward is registered here: score it through the 'http' reward"
-            return f"reward {name!r} not configured: add --eval.rewards {name} with its --paths.* weights"
+            stand_in = (f" (or {STAND_INS[paper]}, {COLUMN_NOTES[STAND_INS[paper]]})" if paper in STAND_INS
+                        else "")
+            return f"reward {name!r} not configured: add --eval.rewards {name} with its --paths.* weights{stand_in}"
         if name not in ENCODERS.names():
             return f"no {name!r} perceptual space is registered here"
         return f"space {name!r} not configured: give --paths.{name} (or list it in --eval.spaces)"
 
     out: dict[str, dict[str, dict[str, str]]] = {}
     for kind, paper_columns, ours in (("quality", PAPER_QUALITY, quality), ("diversity", PAPER_DIVERSITY, diversity)):
-        out[kind] = {"present": {p: c for p, c in paper_columns.items() if c in ours},
-                     "missing": {p: missing_reason(p, c, kind) for p, c in paper_columns.items() if c not in ours}}
-    mapped = set(PAPER_QUALITY.values()) | set(PAPER_DIVERSITY.values())
+        filled = {p: c if c in ours else STAND_INS.get(p) for p, c in paper_columns.items()}
+        out[kind] = {"present": {p: c for p, c in filled.items() if c in ours},
+                     "missing": {p: missing_reason(p, c, kind) for p, c in paper_columns.items()
+                                 if filled[p] not in ours}}
+    mapped = set(PAPER_QUALITY.values()) | set(PAPER_DIVERSITY.values()) | set(out["quality"]["present"].values())
     out["extra"] = {c: COLUMN_NOTES.get(c, "not a paper column") for c in [*quality, *diversity] if c not in mapped}
     return out
 

@@ -152,4 +152,4 @@ def test_readme_evaluate_command_parses():
     args = build_parser().parse_args(shlex.split(command.replace("\\\n", " ")))
     overrides = overrides_from_args(args)
     assert args.runs[-1] == "pretrained" and len(args.runs) == 5
-    assert overrides["eval"]["rewards"] == ["pickscore", "clipscore", "hpsv2", "aesthetic"]
+    assert overrides["eval"]["rewards"] == ["pickscore", "clipscore", "hpsv2", "aesthetic_v25"]

@@ -2,7 +2,8 @@
 
 Registered names (`REWARDS`):
 - the embedded world's: "digit" (learned, preference-like; 8x8 digits), "contrast", "smoothness" (rules);
-- real images: "pickscore", "clipscore", "hpsv2", "aesthetic" (weights from local paths, `--paths.*`),
+- real images: "pickscore", "clipscore", "hpsv2", "aesthetic" (LAION v2), "aesthetic_v25" (Aesthetic Predictor
+  v2.5, the paper's) (weights from local paths, `--paths.*`),
   "jpeg" / "jpeg_incompressibility" (rules, any size), "http" (a reward server, `--paths.reward_url`).
 
 `build_reward("pickscore:1.0,jpeg:0.1", ...)` builds a weighted sum; `check_reward_spec` validates names,
@@ -19,6 +20,7 @@ from torch import nn
 from pec.perceptual.backbones import check_hf_clip, check_open_clip
 from pec.registry import Registry
 from pec.rewards.aesthetic import build_aesthetic_reward, check_aesthetic
+from pec.rewards.aesthetic_v25 import build_aesthetic_v25_reward, check_aesthetic_v25
 from pec.rewards.clip import build_clipscore_reward, build_hpsv2_reward
 from pec.rewards.digit import DigitReward, build_digit_reward
 from pec.rewards.http import build_http_reward, check_server
@@ -32,6 +34,7 @@ REWARDS.register("pickscore")(build_pickscore_reward)
 REWARDS.register("clipscore")(build_clipscore_reward)
 REWARDS.register("hpsv2")(build_hpsv2_reward)
 REWARDS.register("aesthetic")(build_aesthetic_reward)
+REWARDS.register("aesthetic_v25")(build_aesthetic_v25_reward)
 REWARDS.register("http")(build_http_reward)
 
 
@@ -74,6 +77,7 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "clipscore": lambda p: check_open_clip(_get(p, "clip"), "--paths.clip", _get(p, "clip_arch")),
     "hpsv2": lambda p: check_open_clip(_get(p, "hpsv2"), "--paths.hpsv2", _get(p, "hpsv2_arch")),
     "aesthetic": check_aesthetic,
+    "aesthetic_v25": check_aesthetic_v25,
     "http": lambda p: check_server(_get(p, "reward_url")),
 }
 
