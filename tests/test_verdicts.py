@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from pec.experiments.frontier import frontier_differences
-from pec.experiments.verdicts import (DOES_NOT_HOLD, HOLDS, PAPER_BASELINES, UNDECIDED, paired_verdict, paper_subset,
-                                      table_claim, table_claim_full_and_subset, verdict_from_differences)
+from pec.experiments.verdicts import (DOES_NOT_HOLD, HOLDS, PAPER_BASELINES, UNDECIDED, frontier_claim, paired_verdict,
+                                      paper_subset, table_claim, table_claim_full_and_subset,
+                                      verdict_from_differences)
 
 SEEDS = (0, 1, 2)
 
@@ -67,11 +67,14 @@ def test_bad_inputs_raise_naming_the_argument():
         verdict_from_differences({0: 1.0, 1: float("nan")})
 
 
-def test_frontier_differences_feed_the_verdict():
+def test_the_frontier_claim_judges_the_per_seed_differences():
     rewards = np.linspace(0.0, 1.0, 6)
     grpo = {s: [(r, 5.0 - 3.0 * r + 0.01 * s) for r in rewards] for s in SEEDS}
     pec = {s: [(r, 5.3 - 2.5 * r - 0.01 * s) for r in rewards[:-1] * 0.9] for s in SEEDS}
-    assert verdict_from_differences(frontier_differences(pec, grpo)).verdict == HOLDS
+    assert frontier_claim(pec, grpo).verdict == HOLDS
+    assert frontier_claim(grpo, pec).verdict == DOES_NOT_HOLD
+    tangled = {s: [(r, d + (0.6 if s == 1 else -0.3)) for r, d in grpo[s]] for s in SEEDS}  # 2 seeds below, 1 above
+    assert frontier_claim(tangled, grpo).verdict == UNDECIDED
 
 
 def _tables():

@@ -10,6 +10,8 @@ difference PEC - GRPO against 0); for a claim that something is lower, pass the 
                     analytic entropy bonus, which is GRPO by construction, does not beat GRPO;
 - "undecided":      otherwise, the interval straddles 0 (a difference within the seed noise);
 - one seed:         always "undecided", whatever d is, since one seed cannot estimate the seed noise.
+Differences are taken as given, with no tolerance: runs that differ only by floating-point noise are
+judged on that noise (a constant difference of 1e-12 in every seed "holds").
 Two standard errors is the issue's rule, not a 95% interval: with 3 seeds (2 degrees of freedom)
 m +- 2 se covers the true mean difference only ~82% of the time (the t quantile is 4.30), and with
 2 seeds ~70%. Many verdicts from 3 seeds will be "undecided"; they are reported as such.
@@ -24,6 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pec.experiments.frontier import N_LEVELS, Curve, frontier_differences
 from pec.metrics import minmax_table
 
 HOLDS, DOES_NOT_HOLD, UNDECIDED = "holds", "does not hold", "undecided"
@@ -71,6 +74,13 @@ def paired_verdict(a: Mapping[int, float], b: Mapping[int, float]) -> PairedVerd
     if set(a) != set(b):
         raise ValueError(f"a and b must have the same seeds, got {sorted(a)} and {sorted(b)}")
     return verdict_from_differences({seed: a[seed] - b[seed] for seed in a})
+
+
+def frontier_claim(curves_a: Mapping[int, Curve], curves_b: Mapping[int, Curve],
+                   n_levels: int = N_LEVELS) -> PairedVerdict:
+    """Judge "a keeps more diversity than b at equal reward" over seeds: the per-seed frontier
+    differences (`pec.experiments.frontier.frontier_differences`) against 0."""
+    return verdict_from_differences(frontier_differences(curves_a, curves_b, n_levels))
 
 
 def paper_subset(pec_row: str, pcgs_row: str, baselines: Sequence[str] = PAPER_BASELINES) -> list[str]:
