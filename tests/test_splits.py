@@ -24,7 +24,8 @@ def test_each_class_is_held_out_in_the_same_proportion(digits, heldout_fraction,
         n = int((digits.labels == cls).sum())
         assert int((digits.labels[idx.heldout] == cls).sum()) == round(heldout_fraction * n)
         assert int((digits.labels[idx.gold] == cls).sum()) == round(gold_fraction * n)
-        assert int((digits.labels[idx.train] == cls).sum()) == n - round(heldout_fraction * n) - round(gold_fraction * n)
+        expected_train = n - round(heldout_fraction * n) - round(gold_fraction * n)
+        assert int((digits.labels[idx.train] == cls).sum()) == expected_train
 
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another(digits):
