@@ -128,6 +128,17 @@ def milestone_files(run_dir: str | Path) -> list[Path]:
     return _sorted_files(Path(run_dir) / MILESTONE_DIR)[::-1]
 
 
+def checkpoint_at(run_dir: str | Path, step: int, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint of finished `step` (a kept one or a milestone), validated like `read_checkpoint`;
+    a ValueError lists the steps the run holds when there is none."""
+    files = [p for p in checkpoint_files(run_dir) if _step_of(p) == step]
+    if not files:
+        held = sorted({_step_of(p) for p in checkpoint_files(run_dir)})
+        raise ValueError(f"{run_dir} has no checkpoint of step {step}; it holds steps {held} (milestones are kept "
+                         f"with --logging.milestone_every)")
+    return read_checkpoint(files[0], map_location)
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether `run_dir` holds any checkpoint file (valid or not)."""
     return bool(checkpoint_files(run_dir))

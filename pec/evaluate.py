@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pec.checkpoint import load_checkpoint
+from pec.checkpoint import checkpoint_at, load_checkpoint
 from pec.config import Config, add_config_arguments, apply_dict, load_yaml, overrides_from_args, to_dict
 from pec.data import load_digits, prompt_digit, to_unit
 from pec.data.prompt_files import load_prompt_splits
@@ -72,6 +72,15 @@ COLUMN_NOTES = {"aesthetic": "LAION aesthetic v2 (CLIP-L/14 MLP), not the paper'
 DISTANCE_SPACES = ("dino", "clip")  # the paper's within-prompt distance columns; Vendi is in every space
 
 
+def split_run(run: str) -> tuple[str, int | None]:
+    """A RUN argument as (folder, step): `runs/pec@40` is runs/pec at its step-40 checkpoint (a milestone
+    or a kept checkpoint, for evaluation along training); a plain folder means its newest checkpoint."""
+    folder, at, step = run.rpartition("@")
+    if at and step.isdigit():
+        return folder, int(step)
+    return run, None
+
+
 def run_config(run: str, overrides: dict, base: Config | None = None) -> Config:
     """The configuration a run was trained with (its config.yaml), with command-line `overrides`.
 
@@ -84,7 +93,7 @@ def run_config(run: str, overrides: dict, base: Config | None = None) -> Config:
             apply_dict(cfg, to_dict(base) if base.model.name != EMBEDDED else
                        {"model": {"path": base.model.path, "name": base.model.name}, "assets": base.assets})
     else:
-        saved = Path(run) / "config.yaml"
+        saved = Path(split_run(run)[0]) / "config.yaml"
         if not saved.exists():
             raise ValueError(f"{run} is not a run folder (no config.yaml) and not the word {PRETRAINED!r}")
         apply_dict(cfg, load_yaml(saved))
@@ -98,7 +107,9 @@ def load_policy(run: str, cfg: Config, device: torch.device) -> Policy:
     cfg.train.kl_beta = 0.0  # evaluation never needs the full fine-tuning's reference copy
     policy = Policy(cfg, device)
     if run != PRETRAINED:
-        policy.load_trainable_state(load_checkpoint(run, map_location=device)["model"])
+        folder, step = split_run(run)
+        ckpt = load_checkpoint(folder, map_location=device) if step is None else checkpoint_at(folder, step, device)
+        policy.load_trainable_state(ckpt["model"])
     policy.model.eval()
     return policy
 
@@ -459,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m pec.evaluate`: RUN ..., --out, and every config option."""
     parser = argparse.ArgumentParser(prog="python -m pec.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help=f"run folders, or {PRETRAINED!r} for the base model")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help=f"run folders (RUN@STEP: the run at its step-STEP checkpoint or milestone), or "
+                             f"{PRETRAINED!r} for the base model")
     parser.add_argument("--out", default=None, help="output folder (default: eval-<timestamp>)")
     add_config_arguments(parser)
     return parser

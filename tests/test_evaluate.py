@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pec.evaluate import main
+from pec.evaluate import evaluate, main
 from pec.experiments.tiny_world import write_tiny_world
 from pec.train import Trainer
 
@@ -15,7 +15,7 @@ from _tiny_runs import tiny_config
 def tiny_run(tmp_path_factory):
     world = write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
     run = tmp_path_factory.mktemp("runs") / "pec-run"
-    Trainer(tiny_config(world, run, method="pec")).run()
+    Trainer(tiny_config(world, run, method="pec", train={"steps": 2}, logging={"milestone_every": 1})).run()
     return run
 
 
@@ -44,3 +44,14 @@ def test_evaluate_rejects_bad_input(tiny_run, tmp_path):
         main([str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
     with pytest.raises(SystemExit, match="images_per_prompt must be > 5"):
         main([str(tiny_run), "--out", str(tmp_path / "e"), "--eval.images_per_prompt", "4"])
+
+
+def test_evaluate_a_run_at_its_milestones(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    metrics, _ = evaluate([f"{tiny_run}@1", f"{tiny_run}@2", str(tiny_run)], out,
+                          {"eval": {"images_per_prompt": 6, "batch": 30}})
+    assert set(metrics) == {"pec-run@1", "pec-run@2", "pec-run"}
+    assert metrics["pec-run@2"] == metrics["pec-run"]  # the newest checkpoint is step 2's
+    assert metrics["pec-run@1"] != metrics["pec-run@2"]
+    with pytest.raises(ValueError, match=r"no checkpoint of step 7; it holds steps \[1, 2\]"):
+        evaluate([f"{tiny_run}@7"], tmp_path / "e2", {"eval": {"images_per_prompt": 6}})
