@@ -67,7 +67,7 @@ def upper_envelope(curve: Curve | np.ndarray, name: str = "curve") -> tuple[np.n
 
 
 def envelope_at(curve: Curve | np.ndarray, levels: Sequence[float] | np.ndarray, name: str = "curve") -> np.ndarray:
-    """The upper envelope read at reward `levels` (linear between milestones); every level must lie
+    """The upper envelope read at reward `levels` (linear between its knots); every level must lie
     inside the curve's reward range."""
     rewards, env = upper_envelope(curve, name)
     lv = np.asarray(levels, dtype=np.float64)
