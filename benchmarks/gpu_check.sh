@@ -55,6 +55,9 @@ run gpu_tests 240 python -m pytest -m gpu -q -p no:cacheprovider --continue-on-c
 run benchmarks 400 python -m pytest benchmarks/ --benchmark-only -q -s -p no:cacheprovider \
   --ignore=benchmarks/bench_knn_cpu_anchors.py --ignore=benchmarks/bench_iteration.py \
   --benchmark-json="$LOG_DIR/benchmarks.json"
+# Last, as the longest: the end-to-end iteration at SD3.5-M size (issue 11 item 7, GPU part; torch.compile of
+# a 2.2B transformer takes a minute or two). Its table lands next to the others.
+run iteration_gpu 300 python -m pytest benchmarks/bench_iteration.py --benchmark-only -q -s -p no:cacheprovider -m gpu
 
 echo
 echo "================ summary ($(elapsed)s; logs in $LOG_DIR)"

@@ -58,6 +58,8 @@ class ModelConfig:
     path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (sd3, flux); "
                                     "empty = the embedded weights shipped with the package")
     resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)")
+    compile: bool = option(False, "compile the transformer with torch.compile (on GPUs; the first steps pay the "
+                                  "compile time, and new batch shapes recompile)")
     dtype: str = option("bfloat16", "weights dtype of the sd3 / flux pipeline: bfloat16, float16 or float32")
     guidance: float = option(3.5, "flux: the distilled guidance scale fed to the transformer's guidance embedding "
                                   "(FLUX.1-dev has no CFG forward: keep sampling.guidance_scale 1)")

@@ -86,6 +86,9 @@ class Policy:
             for model in (self.model, self._reference):
                 if model is not None:
                     shard_transformer(model.to(device).transformer, torch.device(device))
+        if cfg.model.compile:
+            # In place (nn.Module.compile): the adapters' and diffusers' attributes stay reachable.
+            self.model.transformer.compile()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates."""

@@ -15,10 +15,14 @@ def check_model_config(cfg: object, guidance_scale: float = 1.0) -> None:
         cfg: a `pec.config.ModelConfig`.
         guidance_scale: the sampler's CFG scale (FLUX.1-dev is guidance-distilled: it must be 1).
     """
-    if cfg.name not in MODEL_NAMES:
-        raise ValueError(f"--model.name must be one of {list(MODEL_NAMES)}, got {cfg.name!r}")
     if cfg.name == "embedded":
         return
+    if cfg.name not in MODEL_NAMES:
+        from pec.policy import MODELS  # at call time: pec.policy imports pec.config, which imports this
+
+        if cfg.name in MODELS.names():
+            return  # a model plugged in by registering a loader in pec.policy.MODELS checks its own options
+        raise ValueError(f"--model.name must be one of {MODELS.names()}, got {cfg.name!r}")
     from pec.models.diffusers_model import TEXT_ENCODER_PLACEMENTS, resolve_dtype
 
     resolve_dtype(cfg.dtype)
