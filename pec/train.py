@@ -35,6 +35,7 @@ written; SIGTERM/SIGINT checkpoint the last complete step and exit with 128 + th
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections import defaultdict
@@ -141,6 +142,10 @@ class Trainer:
         self.tb = TensorBoardLog(self.run_dir / "tensorboard", cfg.logging.tensorboard and main,
                                  purge_step=self.start_step + 1 if cfg.resume else None)
         self.dist.barrier()  # nobody starts step 1 before every rank has checked the run folder
+        # What start-up built (models, encoders, optimizer) lives for the whole run: keep it out of the
+        # cyclic garbage collector's full passes, which would otherwise walk it every few steps.
+        gc.collect()
+        gc.freeze()
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
