@@ -14,9 +14,9 @@ single-device run: every helper here is then the identity.
   every perceptual space are all-gathered (B x D per space), so each group's entropy covers all of it.
 - Seeding: each sample's noise comes from its own generator, seeded by (run seed, step, global index),
   so the samples do not depend on the number of processes.
-- Gradients are averaged with one all-reduce per optimizer update over a flat buffer of the
-  trainable parameters (what DDP does for LoRA adapters, after micro-batch accumulation, in one bucket);
-  the finiteness decision is taken on the reduced gradient, so every rank takes the same one.
+- Gradients: DDP (torch's composable `replicate`) over the LoRA adapters, FSDP2 (`fully_shard`) for full
+  fine-tuning; both reduce during the backward of a minibatch's last micro-batch. The finiteness
+  decision is taken on the reduced gradient (and the all-reduced loss), so every rank takes the same one.
 """
 from __future__ import annotations
 
@@ -157,22 +157,6 @@ class DistContext:
                                    "min": dist.ReduceOp.MIN}[op])
         return t
 
-    def reduce_gradients_(self, params: list[torch.nn.Parameter], extra: torch.Tensor) -> torch.Tensor:
-        """Sum the gradients of `params` and the 0-dim `extra` (e.g. the minibatch loss) over ranks, in one
-        flat all-reduce (DDP's bucket, for adapters); returns the summed `extra`. A parameter without a
-        gradient on some rank (it had no micro-batch in this minibatch) contributes zeros."""
-        if not self.active:
-            return extra
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        flat = torch.cat(grads + [extra.reshape(1).float()])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
-            offset += n
-        return flat[-1].to(extra.dtype)
-
     def broadcast_object(self, obj: object) -> object:
         """Rank 0's `obj` on every rank."""
         if not self.active:
@@ -206,46 +190,35 @@ def sample_noise(global_index: torch.Tensor, shape: tuple[int, ...], num_steps: 
     return out.to(device, non_blocking=True)  # no host sync (pageable memory is staged synchronously)
 
 
-def minibatch_plan(global_index: list[torch.Tensor], rank: int, micro_batch: int, minibatches: int,
-                   generator: torch.Generator) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Shuffled minibatches of a step's global batch, and this rank's share of each.
+def minibatch_plan(global_index: torch.Tensor, micro_batch: int, minibatches: int, generator: torch.Generator
+                   ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """One rank's shuffled minibatches.
 
     Args:
-        global_index: for every rank, the global indices of its samples in its local order.
-        rank: this rank.
-        micro_batch: samples per forward pass; each rank's rollout ran its samples in consecutive
-            chunks of this size.
+        global_index: the global indices of the rank's samples, in its local order.
+        micro_batch: samples per forward pass; the rank's rollout ran its samples in consecutive chunks
+            of this size.
         minibatches: optimizer updates per step.
         generator: seeded by (seed, step), the same on every rank.
 
     Returns:
-        For each minibatch: (this rank's micro-batches as local index tensors, the global indices of
-        the whole minibatch). Where there are at least `minibatches` rollout chunks in all, whole chunks
-        are shuffled, so each micro-batch re-evaluates exactly the rows, in the order and batch shape,
-        that the rollout computed together (BLAS rounds a row differently elsewhere in a batch: only
-        this makes the first ratio exactly 1). Otherwise samples are shuffled one by one.
+        For each minibatch: (the rank's micro-batches as local index tensors, their global indices).
+        Where the rank holds at least `minibatches` rollout chunks, whole chunks are shuffled, so each
+        micro-batch re-evaluates exactly the rows, in the order and batch shape, that the rollout
+        computed together (BLAS rounds a row differently elsewhere in a batch: only this makes the
+        first ratio exactly 1); otherwise samples are shuffled one by one. Every rank draws the same
+        permutation of equally many chunks, so all run the same number of forward and backward passes,
+        which DDP and FSDP2 need; with one minibatch the union over ranks is the whole batch, as in a
+        one-process run.
     """
-    chunks = [(r, c) for r, idx in enumerate(global_index) for c in torch.arange(idx.shape[0]).split(micro_batch)]
+    chunks = list(torch.arange(global_index.shape[0]).split(micro_batch))
     if len(chunks) >= minibatches:
         perm = torch.randperm(len(chunks), generator=generator)
-        plan = []
-        for part in perm.tensor_split(minibatches):
-            picked = [chunks[i] for i in part.tolist()]
-            local = [c for r, c in picked if r == rank]
-            plan.append((local, torch.cat([global_index[r][c] for r, c in picked])))
-        return plan
-    owner = torch.cat([torch.full_like(idx, r) for r, idx in enumerate(global_index)])
-    position = torch.cat([torch.arange(idx.shape[0]) for idx in global_index])
-    flat = torch.cat(global_index)
-    order = flat[torch.randperm(flat.shape[0], generator=generator)]
-    lookup = torch.empty_like(order)
-    lookup[flat] = torch.arange(flat.shape[0])
-    plan = []
-    for mb in order.tensor_split(minibatches):
-        rows = lookup[mb]
-        mine = position[rows[owner[rows] == rank]]
-        plan.append((list(mine.split(micro_batch)) if mine.numel() else [], mb))
-    return plan
+        parts = [[chunks[i] for i in part.tolist()] for part in perm.tensor_split(minibatches)]
+    else:
+        order = torch.randperm(global_index.shape[0], generator=generator)
+        parts = [list(mb.split(micro_batch)) if mb.numel() else [] for mb in order.tensor_split(minibatches)]
+    return [(part, global_index[torch.cat(part)] if part else global_index[:0]) for part in parts]
 
 
 def plain_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -253,6 +226,16 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def replicate_transformer(transformer: torch.nn.Module) -> None:
+    """DDP for the trainable adapters (LoRA on several processes): torch's composable `replicate`, i.e.
+    DistributedDataParallel applied in place (no wrapper: the adapters' and diffusers' attributes stay
+    reachable). Gradients are averaged in its buckets during the backward of a minibatch's last pass;
+    buffers are constant and not broadcast."""
+    from torch.distributed._composable import replicate
+
+    replicate(transformer, broadcast_buffers=False)
 
 
 def shard_transformer(transformer: torch.nn.Module, device: torch.device) -> None:

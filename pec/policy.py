@@ -15,7 +15,7 @@ from torch import nn
 
 from pec.config import Config, ModelConfig
 from pec.distributed import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
-                             shard_transformer)
+                             replicate_transformer, shard_transformer)
 from pec.models.base import FlowModel
 from pec.registry import Registry
 
@@ -57,8 +57,9 @@ class Policy:
     """
 
     def __init__(self, cfg: Config, device: torch.device, shard: bool = False) -> None:
-        """Build the model named by `cfg.model`; `shard` (full fine-tuning on several processes) puts the
-        transformer, and the KL reference's, under FSDP2 (`pec.distributed.shard_transformer`)."""
+        """Build the model named by `cfg.model`; `shard` (several processes) puts the transformer under
+        DDP for LoRA (`pec.distributed.replicate_transformer`) or, for full fine-tuning, it and the KL
+        reference's under FSDP2 (`pec.distributed.shard_transformer`)."""
         self.model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
         self.model.requires_grad_(False)
         self.lora = cfg.train.lora
@@ -81,11 +82,14 @@ class Policy:
             if cfg.train.kl_beta > 0:
                 self._reference = copy.deepcopy(self.model).requires_grad_(False)
         self.model.to(device)
-        self.sharded = shard and not self.lora
+        self.sharded = shard and not self.lora  # FSDP2 (full fine-tuning on several processes)
+        self.replicated = shard and self.lora  # DDP over the adapters
         if self.sharded:
             for model in (self.model, self._reference):
                 if model is not None:
                     shard_transformer(model.to(device).transformer, torch.device(device))
+        elif self.replicated:
+            replicate_transformer(self.model.transformer)
         if cfg.model.compile:
             # In place (nn.Module.compile): the adapters' and diffusers' attributes stay reachable.
             self.model.transformer.compile()
@@ -108,9 +112,9 @@ class Policy:
         load_full_optimizer_state(self.model, optimizer, state)
 
     def gradient_sync(self, enabled: bool) -> None:
-        """Under FSDP2, whether the next backward reduce-scatters gradients (off while micro-batches
-        accumulate); a no-op otherwise (adapters are all-reduced once per update by the trainer)."""
-        if self.sharded:
+        """With several processes, whether the next backward reduces gradients over ranks (off while
+        micro-batches accumulate, on for a minibatch's last); a no-op with one process."""
+        if self.sharded or self.replicated:
             self.model.transformer.set_requires_gradient_sync(enabled)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -21,7 +21,7 @@ One training step:
 
 Under `torchrun` each process runs this loop on its share of the batch (`pec.distributed`): masks,
 rewards and shaped rewards are gathered so that advantages and metrics cover the global batch, and
-gradients are summed over ranks (one all-reduce for adapters, FSDP2 for full fine-tuning).
+gradients are averaged over ranks (DDP for adapters, FSDP2 for full fine-tuning).
 Every step appends a row to metrics.jsonl (and TensorBoard) and, by default, writes a checkpoint;
 `--resume` continues from the newest valid one. Rollout noise is seeded by (seed, step, global sample
 index) and minibatch order by (seed, step), so a resumed run reproduces the uninterrupted one, with
@@ -521,22 +521,12 @@ class Trainer:
         return selection.rows(index)
 
     def minibatches(self, step: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-        """This rank's micro-batches of each minibatch, and the minibatch's global sample indices.
-
-        Rollout chunks of all ranks are shuffled together (`pec.distributed.minibatch_plan`), which
-        reproduces the one-process minibatches. Under FSDP2 every rank must run the same number of
-        forwards, so each rank shuffles its own chunks with the same draw instead.
-        """
+        """This rank's micro-batches of each minibatch, and the minibatch's global sample indices (the
+        union of every rank's share: `pec.distributed.minibatch_plan`, one draw for all ranks)."""
         cfg = self.cfg
-        indices = [p.global_index for p in self.placements]
-
-        def generator() -> torch.Generator:
-            return torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2))
-
-        if not self.policy.sharded:
-            return minibatch_plan(indices, self.dist.rank, cfg.train.micro_batch, cfg.train.minibatches, generator())
-        per_rank = [minibatch_plan([idx], 0, cfg.train.micro_batch, cfg.train.minibatches, generator())
-                    for idx in indices]
+        per_rank = [minibatch_plan(p.global_index, cfg.train.micro_batch, cfg.train.minibatches,
+                                   torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=2)))
+                    for p in self.placements]
         return [(per_rank[self.dist.rank][m][0], torch.cat([plan[m][1] for plan in per_rank]))
                 for m in range(cfg.train.minibatches)]
 
@@ -552,8 +542,8 @@ class Trainer:
         cfg = self.cfg
         dim = latent_dim(self.model)
         minibatches = self.minibatches(step)
-        # FSDP2 averages gradients over ranks; every rank's loss is already a share of the global mean.
-        loss_scale = self.dist.world_size if self.policy.sharded else 1
+        # DDP and FSDP2 average gradients over ranks; every rank's loss is already a share of the global mean.
+        loss_scale = self.dist.world_size
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: zero)
         counts: dict[str, int] = defaultdict(int)
@@ -617,10 +607,7 @@ class Trainer:
                         counts["kl"] += n
                     ratio_max = torch.maximum(ratio_max, stats.ratio_max.double())
                     ratio_min = torch.minimum(ratio_min, stats.ratio_min.double())
-            if self.policy.sharded:
-                mb_loss = self.dist.all_reduce_(mb_loss.clone())
-            else:
-                mb_loss = self.dist.reduce_gradients_(params, mb_loss)
+            mb_loss = self.dist.all_reduce_(mb_loss.clone())
             grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
             if not bool(valid_host[mb].any()):
                 if not bool(valid_host.any()):
