@@ -504,14 +504,14 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = path.parent / str(data.pop("base"))
     if base.resolve() in _seen or base.resolve() == path.resolve():
         raise ValueError(f"config file {path}: its base chain comes back to {base}")
-    return _merged(load_yaml(base, _seen + (path.resolve(),)), data)
+    return merge_dicts(load_yaml(base, _seen + (path.resolve(),)), data)
 
 
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` laid over `base`: nested mappings merge, anything else replaces."""
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid over `base` (nested option dicts): nested mappings merge, anything else replaces."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

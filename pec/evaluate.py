@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from pec.checkpoint import checkpoint_at, load_checkpoint
-from pec.config import Config, add_config_arguments, apply_dict, load_yaml, overrides_from_args, to_dict
+from pec.config import (Config, add_config_arguments, apply_dict, load_yaml, merge_dicts, overrides_from_args,
+                        to_dict)
 from pec.data import load_digits, prompt_digit, to_unit
 from pec.data.prompt_files import load_prompt_splits
 from pec.logging_utils import save_image_grid
@@ -458,14 +459,6 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
     return table.raw, table
 
 
-def _merge(base: dict, top: dict) -> dict:
-    """Nested dict merge, `top` winning."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m pec.evaluate`: RUN ..., --out, and every config option."""
     parser = argparse.ArgumentParser(prog="python -m pec.evaluate", description=__doc__,
@@ -481,13 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.evaluate`."""
     args = build_parser().parse_args(argv)
-    overrides = overrides_from_args(args)
-    if getattr(args, "config", None):
-        overrides = _merge(load_yaml(args.config), overrides)
     out = args.out or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
+        overrides = overrides_from_args(args)
+        if getattr(args, "config", None):
+            overrides = merge_dicts(load_yaml(args.config), overrides)
         evaluate(args.runs, out, overrides)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # bad options, or a run folder without a checkpoint
         raise SystemExit(f"pec.evaluate: {err}") from None
     print((Path(out) / "table.md").read_text())
     print(f"written to {out}/ (table.md, table.csv, metrics.json, table.png; columns.json for a real model)")

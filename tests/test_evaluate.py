@@ -42,6 +42,13 @@ def test_evaluate_writes_the_table(tiny_run, tmp_path, capsys):
 def test_evaluate_rejects_bad_input(tiny_run, tmp_path):
     with pytest.raises(SystemExit, match="not a run folder"):
         main([str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="cannot read config file"):
+        main([str(tiny_run), "--config", str(tmp_path / "missing.yaml")])
+    no_checkpoint = tmp_path / "fresh"
+    no_checkpoint.mkdir()
+    (no_checkpoint / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    with pytest.raises(SystemExit, match="no valid checkpoint"):
+        main([str(no_checkpoint), "--out", str(tmp_path / "e"), "--eval.images_per_prompt", "6"])
     with pytest.raises(SystemExit, match="images_per_prompt must be > 5"):
         main([str(tiny_run), "--out", str(tmp_path / "e"), "--eval.images_per_prompt", "4"])
 
