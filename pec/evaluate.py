@@ -40,7 +40,7 @@ from pec.config import (Config, add_config_arguments, apply_dict, load_yaml, mer
                         to_dict)
 from pec.data import load_digits, prompt_digit, to_unit
 from pec.data.prompt_files import load_prompt_splits
-from pec.logging_utils import save_image_grid
+from pec.logging_utils import save_figure, save_image_grid
 from pec.metrics import (NormalisedTable, mean_pairwise_distance, minmax_table, precision_recall_coverage, table_markdown,
                          table_rows, vendi_score)
 from pec.models import check_model_config
@@ -213,9 +213,7 @@ def plot_table(table, path: Path) -> None:
         ax2.annotate(r, (table.quality_avg[r], table.diversity_avg[r]), fontsize=7)
     ax2.set_xlabel("quality (normalised average)")
     ax2.set_ylabel("diversity (normalised average)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_samples(images: torch.Tensor, per_prompt: int, path: Path, max_rows: int | None = None,

@@ -102,6 +102,11 @@ def plot_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str 
         ax.set_xlabel("step")
         if len(names) > 1:
             ax.legend(fontsize=7)
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str | Path, title: str | None = None) -> None:
+    """Lay out a matplotlib figure, give it a title, write it as a PNG and free it."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pec.logging_utils import plt
+from pec.logging_utils import plt, save_figure
 
 Curve = Sequence[tuple[float, float]]  # (reward, diversity) at each milestone, in any order
 N_LEVELS = 10
@@ -154,8 +154,4 @@ def plot_frontiers(panels: Mapping[str, Mapping[str, Mapping[int, Curve]]], path
         ax.set_xlabel(reward_label)
         ax.set_ylabel(diversity_label)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title)
