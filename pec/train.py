@@ -385,9 +385,10 @@ class Trainer:
         return out, surprisal
 
     def shaped_rewards(self, rewards: torch.Tensor, surprisal: torch.Tensor, old_log_probs: torch.Tensor,
-                       latents: torch.Tensor | None = None) -> torch.Tensor:
+                       latents: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The (B, T) reward array of the method; `old_log_probs` (B, T) are the trained steps' log-probs,
-        `latents` (B, ...) the final latents (needed by PCGS's `latent_group` generation density)."""
+        `latents` (B, ...) the final latents (needed by PCGS's `latent_group` generation density) and
+        `valid` their mask when some sample is masked (the groups' latent fits leave masked samples out)."""
         cfg = self.cfg
         num_trained = old_log_probs.shape[1]
         if cfg.method == "pec":
@@ -399,7 +400,8 @@ class Trainer:
             if cfg.pcgs.generation_density == "latent_group":
                 if latents is None:
                     raise ValueError("pcgs.generation_density latent_group needs the rollout's final latents")
-                density = latent_group_log_density(latents, cfg.sampling.group_size, per_dim=cfg.perceptual.per_dim)
+                density = latent_group_log_density(latents, cfg.sampling.group_size, per_dim=cfg.perceptual.per_dim,
+                                                   valid=valid)
                 log_p_gen = density[:, None].expand_as(old_log_probs)
             return pcgs_reward(rewards, -surprisal, log_p_gen, cfg.pcgs.lambda_, omega)
         if cfg.method == "entropy_sample":
@@ -461,7 +463,8 @@ class Trainer:
             times["perceptual"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1])
+            shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1],
+                                         valid=None if all_valid else local_valid)
             # Group statistics need every reward of a group: gather [R, R~] (B x (1 + T) floats).
             both = self.dist.all_gather(torch.cat([rewards[:, None], shaped], dim=1), index)
             rewards, shaped = both[:, 0], both[:, 1:]

@@ -22,6 +22,7 @@ from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import group_advantages
 from pec.logging_utils import read_metrics
 from pec.metrics import group_pairwise_distance, mean_pairwise_distance
+from pec.regularizers import latent_group_log_density
 from pec.run_safety import Preempted, PreemptionHandler, TrainingStopped, sample_validity
 from pec.train import Trainer, main
 
@@ -70,7 +71,13 @@ def test_masked_advantages_and_entropy_use_the_valid_samples_only():
     alone = group_entropy(groups[0, [0, 2, 3]][None], k=1)
     torch.testing.assert_close(out.entropy[0], alone.entropy[0])
     assert out.surprisal[0, 1] == 0 and torch.isfinite(out.surprisal).all()
-    # So is its within-group diversity.
+    # So are its within-group diversity and the PCGS latent_group density.
+    latents = torch.randn(8, 2, 3)
+    latents[1] = float("nan")
+    density = latent_group_log_density(latents, 4, valid=finite)
+    alone = latent_group_log_density(latents[[0, 2, 3]], 3)
+    torch.testing.assert_close(density[[0, 2, 3]], alone)
+    assert density[1] == 0
     spread = group_pairwise_distance(groups, mask)
     assert spread[0] == pytest.approx(mean_pairwise_distance(groups[0, [0, 2, 3]]))
     assert spread[1] == pytest.approx(mean_pairwise_distance(groups[1, [0, 2, 3]]))
