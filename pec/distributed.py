@@ -120,9 +120,10 @@ class DistContext:
         return Placement(list(range(prompts_per_step)), per, index)
 
     # -- collectives (identities with one process) ---------------------------------------------
-    def all_gather(self, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Concatenate every rank's `t` (same shape on all ranks) along dim 0. With `index` (this rank's
-        global row indices, as `Placement.global_index`), rows are put in global order instead."""
+    def all_gather(self, t: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate every rank's `t` (same shape on all ranks) along dim 0. With `order`, the global
+        index of each gathered row (every rank's `Placement.global_index`, rank after rank: fixed for a
+        run, so computed once, see `gather_order`), rows are put in global order instead."""
         if not self.active:
             return t
         t = t.contiguous()
@@ -132,9 +133,8 @@ class DistContext:
             gather(gathered.view(torch.uint8), t.view(torch.uint8))
         else:
             gather(gathered, t)
-        if index is None:
+        if order is None:
             return gathered
-        order = self.all_gather(index.to(t.device))
         out = torch.empty_like(gathered)
         out[order] = gathered
         return out
@@ -157,14 +157,6 @@ class DistContext:
                                    "min": dist.ReduceOp.MIN}[op])
         return t
 
-    def broadcast_object(self, obj: object) -> object:
-        """Rank 0's `obj` on every rank."""
-        if not self.active:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.active:
@@ -174,6 +166,15 @@ class DistContext:
         """Leave the process group."""
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def gather_order(placements: list[Placement], device: torch.device | str) -> torch.Tensor | None:
+    """The `order` argument of `DistContext.all_gather` for these placements (one per rank): None where
+    rank after rank already is the global order (contiguous placement, or one process)."""
+    order = torch.cat([p.global_index for p in placements])
+    if torch.equal(order, torch.arange(order.shape[0])):
+        return None
+    return order.to(device)
 
 
 def sample_noise(global_index: torch.Tensor, shape: tuple[int, ...], num_steps: int, seed: int,

@@ -52,7 +52,7 @@ from pec.config import Config, add_config_arguments, apply_dict, config_from_arg
 from pec.covariance import COV_METHODS, CovSelection, select_entries
 from pec.data import digit_prompt
 from pec.data.prompt_files import load_prompt_splits
-from pec.distributed import DistContext, minibatch_plan, plain_tensor, sample_noise
+from pec.distributed import DistContext, gather_order, minibatch_plan, plain_tensor, sample_noise
 from pec.entropy import group_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
@@ -109,6 +109,7 @@ class Trainer:
         self.place = self.placements[self.dist.rank]
         self.device = resolve_device(self.dist.device(cfg.device))
         self.index = self.place.global_index.to(self.device)  # this rank's global sample indices
+        self.order = gather_order(self.placements, self.device)  # gathered rows -> global order
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir = Path(cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -309,21 +310,22 @@ class Trainer:
         """Per-group perceptual entropies (kNN and Gaussian) and within-group diversity in each space over
         the valid samples, and the regulariser's per-sample surprisal in `perceptual.space` (0 for
         invalid samples). `feats` hold whole groups of `sampling.group_size` consecutive samples;
-        `valid` is their (B,) mask on the host. Returns ({key: (G,) tensor}, surprisal (B,))."""
+        `valid` is their (B,) mask on the device, `all_valid` whether it is all true (read on the host
+        already). Returns ({key: (G,) tensor}, surprisal (B,))."""
         p, n = self.cfg.perceptual, self.cfg.sampling.group_size
         mask = valid.reshape(-1, n)
+        group_mask = None if all_valid else mask
         per_group: dict[str, torch.Tensor] = {}
         surprisal = None
         for name, f in feats.items():
             groups = f.reshape(-1, n, f.shape[-1])
-            group_mask = None if all_valid else mask.to(f.device, non_blocking=True)
             knn = group_entropy(groups, estimator="knn", k=p.k, per_dim=p.per_dim, valid=group_mask,
                                 check_finite=False)
             gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask,
                                   check_finite=False)
             per_group[f"perc_knn/{name}"] = knn.entropy.double()
             per_group[f"perc_gauss/{name}"] = gauss.entropy.double()
-            per_group[f"diversity/{name}"] = group_pairwise_distance(groups, mask.to(f.device, non_blocking=True))
+            per_group[f"diversity/{name}"] = group_pairwise_distance(groups, group_mask)
             if name == p.space:
                 surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
         return per_group, surprisal
@@ -339,11 +341,11 @@ class Trainer:
         gathered: dict[str, torch.Tensor] = {}
         if spread:
             # A group lives on every rank: gather each space's features, and every rank computes all groups.
-            gathered = {name: self.dist.all_gather(f, index) for name, f in feats.items()}
-            per_group, surprisal = self.perceptual_stats(gathered, valid_host, all_valid)
+            gathered = {name: self.dist.all_gather(f, self.order) for name, f in feats.items()}
+            per_group, surprisal = self.perceptual_stats(gathered, valid, all_valid)
         else:
-            local = valid_host[self.place.global_index]
-            per_group, surprisal = self.perceptual_stats(feats, local, bool(local.all()))
+            local_all_valid = bool(valid_host[self.place.global_index].all())  # host data: no sync
+            per_group, surprisal = self.perceptual_stats(feats, valid[index], local_all_valid)
             keys = list(per_group)
             stacked = self.dist.all_gather(torch.stack([per_group[k] for k in keys], dim=1))
             per_group = {k: stacked[:, i] for i, k in enumerate(keys)}
@@ -353,23 +355,23 @@ class Trainer:
         if p.batch_metric or p.bank_steps or p.scope == "batch":
             whole = gathered.get(p.space)
             if whole is None:
-                whole = self.dist.all_gather(feats[p.space], index)
-            batch_row, batch_surprisal = self.batch_entropy(whole, valid_host)
+                whole = self.dist.all_gather(feats[p.space], self.order)
+            batch_row, batch_surprisal = self.batch_entropy(whole, valid_host, all_valid)
             row.update(batch_row)
             if p.scope == "batch":
                 return row, batch_surprisal[index]
         return row, surprisal[index] if spread else surprisal
 
-    def batch_entropy(self, feats: torch.Tensor, valid_host: torch.Tensor) -> tuple[dict[str, torch.Tensor],
-                                                                                      torch.Tensor]:
+    def batch_entropy(self, feats: torch.Tensor, valid_host: torch.Tensor, all_valid: bool
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The kNN entropy of the regulariser's space over the step's valid samples (B, D), and against the
         bank of earlier steps' features; returns the logged values and the per-sample batch surprisal
         (B,) (0 for invalid samples). This is the large-N case the fused kNN kernel exists for."""
         p = self.cfg.perceptual
-        rows = valid_host.nonzero().reshape(-1).to(feats.device, non_blocking=True)
+        rows = slice(None) if all_valid else valid_host.nonzero().reshape(-1).to(feats.device, non_blocking=True)
         surprisal = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
         out: dict[str, torch.Tensor] = {}
-        x = feats[rows]
+        x = feats[rows]  # a view when every sample is valid
         normalize = "per_dim" if p.per_dim else "none"
         if x.shape[0] > p.k:
             batch = knn_entropy(x, k=p.k, normalize=normalize, check_finite=False)
@@ -446,7 +448,7 @@ class Trainer:
             index = self.index
             # Masks over the step's global batch (identical on every rank); one host read of them.
             finite = self.dist.all_gather(finite_samples(rewards, rollout.images, old_log_probs, *feats.values()),
-                                          index)
+                                          self.order)
             valid = group_validity(finite, cfg.sampling.group_size, cfg.perceptual.k + 1)
             with documented_sync():
                 valid_host = valid.cpu()
@@ -466,7 +468,7 @@ class Trainer:
             shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1],
                                          valid=None if all_valid else local_valid)
             # Group statistics need every reward of a group: gather [R, R~] (B x (1 + T) floats).
-            both = self.dist.all_gather(torch.cat([rewards[:, None], shaped], dim=1), index)
+            both = self.dist.all_gather(torch.cat([rewards[:, None], shaped], dim=1), self.order)
             rewards, shaped = both[:, 0], both[:, 1:]
             group_ids = torch.arange(shaped.shape[0], device=self.device) // cfg.sampling.group_size
             advantages = group_advantages(shaped, group_ids, global_std=cfg.train.global_std,
@@ -490,7 +492,7 @@ class Trainer:
         scalars: dict[str, Any] = {
             "reward_mean": clean.sum() / n_valid,
             "reward_group_std": (group_var.sqrt() * group_ok).sum() / group_ok.sum().clamp_min(1),
-            "shaped_reward_mean": (zero_invalid(shaped, valid) * w[:, None]).sum() / (n_valid * shaped.shape[1]),
+            "shaped_reward_mean": zero_invalid(shaped, valid).sum() / (n_valid * shaped.shape[1]),
             "mask/invalid_samples": (~finite).sum(), "mask/masked_samples": (~valid).sum(),
             "mask/masked_groups": (group_ok == 0).sum()}
         scalars.update(perc_row)
@@ -515,13 +517,12 @@ class Trainer:
         cfg = self.cfg
         if cfg.method not in COV_METHODS:
             return None
-        index = self.place.global_index.to(self.device)
         density = old_log_probs if cfg.cov.variant == "native" else -surprisal
         fraction = cfg.cov.detach_fraction if cfg.method == "clip_cov" else cfg.cov.kl_fraction
-        selection = select_entries(cfg.method, self.dist.all_gather(density, index), advantages, valid,
+        selection = select_entries(cfg.method, self.dist.all_gather(density, self.order), advantages, valid,
                                    band=cfg.cov.band, fraction=fraction, kl_coef=cfg.cov.kl_coef,
                                    generator=torch.Generator().manual_seed(step_seed(cfg.seed, step, stream=4)))
-        return selection.rows(index)
+        return selection.rows(self.index)
 
     def minibatches(self, step: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """This rank's micro-batches of each minibatch, and the minibatch's global sample indices (the
@@ -562,10 +563,10 @@ class Trainer:
             pieces = len(trained) * len(mb)  # the loss is a mean over the whole (global) minibatch
             mb_loss = zero
             passes = len(trained) * len(chunks)
+            chunks_dev = [idx.to(self.device, non_blocking=True) for idx in chunks]  # once, not per trained step
             for col, t_index in enumerate(trained):
-                for chunk_index, idx in enumerate(chunks):
+                for chunk_index, (idx, idx_dev) in enumerate(zip(chunks, chunks_dev)):
                     self.policy.gradient_sync(col * len(chunks) + chunk_index == passes - 1)
-                    idx_dev = idx.to(self.device, non_blocking=True)
                     v_ref = None
                     if cfg.train.kl_beta > 0:
                         with torch.no_grad(), self.policy.reference() as ref_model:
