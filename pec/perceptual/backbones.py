@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +113,32 @@ def check_hf_clip(path: str | Path | None, option: str, what: str = "a transform
     return folder
 
 
-class HFClip(nn.Module):
+class FrozenBackbone(nn.Module):
+    """A frozen pretrained image model with its preprocessing in torch, `dim` features per image; it stays
+    in eval mode. The CLIP, DINOv2 and SigLIP wrappers below (and the rewards built on them) share it."""
+
+    def __init__(self, model: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor], dim: int) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.dim = dim
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Stays in eval mode: the backbone is frozen."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+        return next(self.model.parameters()).device
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` (B, 3, H, W) in [0, 1], preprocessed, on the model's device and in its dtype."""
+        p = next(self.model.parameters())
+        return self.preprocess(images).to(p.device, p.dtype)
+
+
+class HFClip(FrozenBackbone):
     """A frozen transformers CLIPModel with torch preprocessing and its tokenizer.
 
     `image_features(images)` / `text_features(prompts)` return projected, L2-normalised float32 features;
@@ -121,24 +146,12 @@ class HFClip(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer, preprocess: Preprocess) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model, preprocess, model.config.projection_dim)
         self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.dim = model.config.projection_dim
-
-    def train(self, mode: bool = True) -> HFClip:
-        """Stays in eval mode: the backbone is frozen."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, dim) normalised image embeddings, differentiable in `images`."""
-        pixels = self.preprocess(images).to(self.device, self.model.dtype)
-        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        pooled = self.model.vision_model(pixel_values=self.pixels(images)).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -213,28 +226,16 @@ def check_open_clip(path: str | Path | None, option: str, arch: str | None = Non
     return _open_clip_arch_config(arch, option)
 
 
-class OpenClip(nn.Module):
+class OpenClip(FrozenBackbone):
     """A frozen open_clip model with torch preprocessing and its tokenizer (same interface as `HFClip`)."""
 
     def __init__(self, model: nn.Module, tokenizer, preprocess: Preprocess, dim: int) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model, preprocess, dim)
         self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.dim = dim
-
-    def train(self, mode: bool = True) -> OpenClip:
-        """Stays in eval mode: the backbone is frozen."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, dim) normalised image embeddings, differentiable in `images`."""
-        dtype = next(self.model.parameters()).dtype
-        return F.normalize(self.model.encode_image(self.preprocess(images).to(self.device, dtype)).float(), dim=-1)
+        return F.normalize(self.model.encode_image(self.pixels(images)).float(), dim=-1)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, dim) normalised text embeddings."""
@@ -294,23 +295,15 @@ def check_dino(path: str | Path | None, option: str = "--paths.dino") -> Path:
     return folder
 
 
-class Dino(nn.Module):
+class Dino(FrozenBackbone):
     """A frozen DINOv2 backbone: images -> the final-layer-normalised CLS token (B, hidden) float32."""
 
     def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.preprocess = preprocess
-        self.dim = model.config.hidden_size
-
-    def train(self, mode: bool = True) -> Dino:
-        """Stays in eval mode: the backbone is frozen."""
-        return super().train(False)
+        super().__init__(model, preprocess, model.config.hidden_size)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, hidden) CLS features, differentiable in `images`."""
-        p = next(self.model.parameters())
-        return self.model(pixel_values=self.preprocess(images).to(p.device, p.dtype)).pooler_output.float()
+        return self.model(pixel_values=self.pixels(images)).pooler_output.float()
 
 
 def load_dino(path: str | Path, option: str = "--paths.dino", device: str | torch.device = "cpu",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pec.perceptual.backbones import _config, _folder, backbone_dtype, check_real_images
+from pec.perceptual.backbones import FrozenBackbone, _config, _folder, backbone_dtype, check_real_images
 from pec.rewards.aesthetic import AestheticReward, check_aesthetic_head, head_state, load_head, scoring_mlp
 
 V25_DROPOUT = (0.5, 0.5, 0.5, 0.2)
@@ -98,24 +98,16 @@ def check_siglip(path: str | Path | None, option: str = SIGLIP_OPTION) -> Siglip
                         SiglipPreprocess(int(size["height"]), int(size["width"]), tuple(mean), tuple(std)))
 
 
-class SiglipEncoder(nn.Module):
+class SiglipEncoder(FrozenBackbone):
     """A frozen transformers SiglipVisionModel with torch preprocessing: images -> its L2-normalised pooled
     output (B, hidden) float32."""
 
     def __init__(self, model: nn.Module, preprocess: SiglipPreprocess) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.preprocess = preprocess
-        self.dim = model.config.hidden_size
-
-    def train(self, mode: bool = True) -> SiglipEncoder:
-        """Stays in eval mode: the backbone is frozen."""
-        return super().train(False)
+        super().__init__(model, preprocess, model.config.hidden_size)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, hidden) normalised pooled features, differentiable in `images`."""
-        p = next(self.model.parameters())
-        pooled = self.model(pixel_values=self.preprocess(images).to(p.device, p.dtype)).pooler_output
+        pooled = self.model(pixel_values=self.pixels(images)).pooler_output
         return F.normalize(pooled.float(), dim=-1)
 
 
