@@ -277,7 +277,7 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
         sde_steps=sde_steps, guidance=torch.stack(guidance) if guidance_fn is not None else None,
         cond=cond, uncond=uncond, eta=float(eta), kind=kind, guidance_scale=float(guidance_scale),
-        guidance_weight=weights.to(device), group_size=group_size, sigma_max=sigma_max)
+        guidance_weight=weights.to(device, non_blocking=True), group_size=group_size, sigma_max=sigma_max)
 
 
 def _step_weights(weight: float | Sequence[float] | torch.Tensor, num_steps: int) -> torch.Tensor:
