@@ -1,12 +1,17 @@
 // Exact kNN inside small groups (n <= 256 points per group, self mode), forward and backward.
 //
 // Ops (torch.ops.pec.*), on x of shape (G, n, D), contiguous, fp32 / fp16 / bf16:
-//   knn_grouped_select(x, k) -> (idx (G, n, k) int64, dist (G, n, k) fp32)
+//   knn_grouped_select(x, k, valid=None, scale=None) -> (idx (G, n, k) int64, dist (G, n, k) fp32)
 //       the k nearest j != i (self excluded by index, duplicates at distance 0 are valid),
 //       ascending by distance, ties by smaller index; dist = ||x_i - x_j|| in fp32.
-//   knn_grouped_pair_distances(x, idx) -> (G, n, k) fp32: ||x_i - x_idx[i,s]|| in fp32.
-//   knn_grouped_pair_grad(x, idx, coef) -> grad (G, n, D) fp32:
+//       valid (G, n) bool: masked j rank after every valid one, at distance +inf (a row with fewer
+//       than k valid candidates gets some of them; knn_entropy discards such rows).
+//   knn_grouped_pair_distances(x, idx, scale=None) -> (G, n, k) fp32: ||x_i - x_idx[i,s]|| in fp32.
+//   knn_grouped_pair_grad(x, idx, coef, scale=None) -> grad (G, n, D) fp32:
 //       grad_i += sum_s coef[i,s] (x_i - x_j),  grad_j -= coef[i,s] (x_i - x_j),  j = idx[i,s].
+//   scale (G, n) fp32, optional everywhere (the cosine metric's inverse norms): every row x_i is read
+//   as scale[i] * x_i, as it is staged, so the normalised rows never exist in global memory; the
+//   gradient is then in the scaled rows.
 //
 // Strategy. A group's features are streamed through shared memory in chunks of DC dimensions
 // (all n rows at once, converted to fp32; the next chunk is prefetched into registers while the
@@ -113,7 +118,9 @@ struct ChunkStager {
 
   float v[PER_THREAD][VEC];
 
-  __device__ __forceinline__ void load(const T* __restrict__ xg, int n, int D, int d0) {
+  // scale_g: the group's row multipliers, or nullptr (rows as they are).
+  __device__ __forceinline__ void load(const T* __restrict__ xg, const float* __restrict__ scale_g, int n, int D,
+                                       int d0) {
 #pragma unroll
     for (int p = 0; p < PER_THREAD; ++p) {
       const int e = threadIdx.x + p * kThreads;
@@ -124,12 +131,18 @@ struct ChunkStager {
         // D % VEC == 0 here, so a vector is entirely inside or entirely outside [0, D).
         if (row < n && d < D) {
           Unpack16<T>::run(*reinterpret_cast<const uint4*>(src), v[p]);
+          if (scale_g != nullptr) {
+            const float s = scale_g[row];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) v[p][c] *= s;
+          }
         } else {
 #pragma unroll
           for (int c = 0; c < VEC; ++c) v[p][c] = 0.f;
         }
       } else {
         v[p][0] = (row < n && d < D) ? to_float(*src) : 0.f;
+        if (scale_g != nullptr && row < n) v[p][0] *= scale_g[row];
       }
     }
   }
@@ -176,8 +189,8 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
 // Forward: distances + top-k selection. grid = (G, ceil(n / 32)), block = 256.
 template <typename T, int NC, int VEC>
 __global__ void __launch_bounds__(kThreads)
-knn_grouped_select_kernel(const T* __restrict__ x, int n, int D, int k,
-                          int64_t* __restrict__ idx_out, float* __restrict__ dist_out) {
+knn_grouped_select_kernel(const T* __restrict__ x, const bool* __restrict__ valid, const float* __restrict__ scale,
+                          int n, int D, int k, int64_t* __restrict__ idx_out, float* __restrict__ dist_out) {
   using Shape = ChunkShape<NC>;
   constexpr int TN = NC / 32;  // candidates per lane
   __shared__ __align__(16) float xs[Shape::FLOATS];
@@ -187,6 +200,8 @@ knn_grouped_select_kernel(const T* __restrict__ x, int n, int D, int k,
   const int lane = threadIdx.x % 32;
   const int row0 = blockIdx.y * kRowsPerBlock + warp;  // rows row0 + 8a, a < kRowsPerWarp
   const T* xg = x + static_cast<int64_t>(g) * n * D;
+  const float* scale_g = scale == nullptr ? nullptr : scale + static_cast<int64_t>(g) * n;
+  const bool* valid_g = valid == nullptr ? nullptr : valid + static_cast<int64_t>(g) * n;
 
   float acc[kRowsPerWarp][TN];
 #pragma unroll
@@ -195,12 +210,12 @@ knn_grouped_select_kernel(const T* __restrict__ x, int n, int D, int k,
     for (int b = 0; b < TN; ++b) acc[a][b] = 0.f;
 
   ChunkStager<T, NC, VEC> stager;
-  stager.load(xg, n, D, 0);
+  stager.load(xg, scale_g, n, D, 0);
   for (int d0 = 0; d0 < D; d0 += Shape::DC) {
     __syncthreads();  // everyone is done reading the previous chunk
     stager.store(xs);
     __syncthreads();
-    if (d0 + Shape::DC < D) stager.load(xg, n, D, d0 + Shape::DC);  // in flight during the FMAs
+    if (d0 + Shape::DC < D) stager.load(xg, scale_g, n, D, d0 + Shape::DC);  // in flight during the FMAs
     const int dlen = min(Shape::DC, (D - d0 + 3) & ~3);  // the padding beyond D is zero
 #pragma unroll 2
     for (int d = 0; d < dlen; d += 4) {
@@ -223,13 +238,15 @@ knn_grouped_select_kernel(const T* __restrict__ x, int n, int D, int k,
   for (int a = 0; a < kRowsPerWarp; ++a) {
     const int i = row0 + kWarps * a;
     if (i >= n) continue;  // warp-uniform
-    // Key = (bits of d^2) << 32 | j: d^2 >= 0, so its bits order like the value.
+    // Key = (bits of d^2) << 32 | j: d^2 >= 0, so its bits order like the value. A masked j gets the
+    // bits of +inf: after every valid candidate, yet still a row number (never ~0).
     unsigned long long key[TN];
 #pragma unroll
     for (int b = 0; b < TN; ++b) {
       const int j = lane + 32 * b;
+      const float d2 = (valid_g == nullptr || (j < n && valid_g[j])) ? acc[a][b] : __int_as_float(0x7f800000);
       key[b] = (j < n && j != i)
-                   ? (static_cast<unsigned long long>(__float_as_uint(acc[a][b])) << 32) | static_cast<unsigned>(j)
+                   ? (static_cast<unsigned long long>(__float_as_uint(d2)) << 32) | static_cast<unsigned>(j)
                    : ~0ull;
     }
     // Selected pair s is kept by lane s % 32 in slot s / 32 (k <= 64), then written coalesced.
@@ -290,8 +307,8 @@ __device__ __forceinline__ void stage_indices(const int64_t* __restrict__ idx_g,
 
 template <typename T, int NC, int VEC>
 __global__ void __launch_bounds__(kThreads)
-knn_grouped_pair_distances_kernel(const T* __restrict__ x, const int64_t* __restrict__ idx, int n, int D, int k,
-                                  float* __restrict__ dist_out) {
+knn_grouped_pair_distances_kernel(const T* __restrict__ x, const int64_t* __restrict__ idx,
+                                  const float* __restrict__ scale, int n, int D, int k, float* __restrict__ dist_out) {
   using Shape = ChunkShape<NC>;
   using Layout = PairLayout<NC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -304,17 +321,18 @@ knn_grouped_pair_distances_kernel(const T* __restrict__ x, const int64_t* __rest
   const int team = threadIdx.x / Layout::TEAM;
   const int tl = threadIdx.x % Layout::TEAM;
   const T* xg = x + static_cast<int64_t>(g) * n * D;
+  const float* scale_g = scale == nullptr ? nullptr : scale + static_cast<int64_t>(g) * n;
 
   stage_indices(idx + static_cast<int64_t>(g) * nk, n, nk, nbr);
   for (int e = threadIdx.x; e < nk; e += kThreads) acc[e] = 0.f;
 
   ChunkStager<T, NC, VEC> stager;
-  stager.load(xg, n, D, 0);
+  stager.load(xg, scale_g, n, D, 0);
   for (int d0 = 0; d0 < D; d0 += Shape::DC) {
     __syncthreads();
     stager.store(xs);
     __syncthreads();
-    if (d0 + Shape::DC < D) stager.load(xg, n, D, d0 + Shape::DC);
+    if (d0 + Shape::DC < D) stager.load(xg, scale_g, n, D, d0 + Shape::DC);
     // The loop bounds are the same for every team, so the whole warp reaches each shuffle.
     for (int base = 0; base < n; base += Layout::TEAMS) {
       const int i = base + team;
@@ -354,7 +372,8 @@ struct GradSmem {
 template <typename T, int NC, int VEC>
 __global__ void __launch_bounds__(kThreads)
 knn_grouped_pair_grad_kernel(const T* __restrict__ x, const int64_t* __restrict__ idx,
-                             const float* __restrict__ coef, int n, int D, int k, float* __restrict__ grad) {
+                             const float* __restrict__ coef, const float* __restrict__ scale, int n, int D, int k,
+                             float* __restrict__ grad) {
   using Shape = ChunkShape<NC>;
   using Layout = PairLayout<NC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -374,9 +393,10 @@ knn_grouped_pair_grad_kernel(const T* __restrict__ x, const int64_t* __restrict_
   const int64_t* idx_g = idx + static_cast<int64_t>(g) * nk;
   const float* coef_g = coef + static_cast<int64_t>(g) * nk;
   const T* xg = x + static_cast<int64_t>(g) * n * D;
+  const float* scale_g = scale == nullptr ? nullptr : scale + static_cast<int64_t>(g) * n;
 
   ChunkStager<T, NC, VEC> stager;
-  stager.load(xg, n, D, 0);  // in flight while the pair lists are built
+  stager.load(xg, scale_g, n, D, 0);  // in flight while the pair lists are built
 
   for (int i = threadIdx.x; i < n; i += kThreads) cursor[i] = 0;
   for (int e = threadIdx.x; e < nk; e += kThreads) {
@@ -444,7 +464,7 @@ knn_grouped_pair_grad_kernel(const T* __restrict__ x, const int64_t* __restrict_
     __syncthreads();  // pair lists ready / previous chunk consumed
     stager.store(xs);
     __syncthreads();
-    if (d0 + Shape::DC < D) stager.load(xg, n, D, d0 + Shape::DC);
+    if (d0 + Shape::DC < D) stager.load(xg, scale_g, n, D, d0 + Shape::DC);
     const int d = d0 + 4 * tl;
     if (d >= D) continue;  // no barrier below, so idle lanes may skip the chunk
     for (int i = team; i < n; i += Layout::TEAMS) {
@@ -530,6 +550,20 @@ void check_features(const at::Tensor& x) {
   TORCH_CHECK(x.size(0) <= INT32_MAX && x.size(2) <= INT32_MAX, "x is too large: ", x.sizes());
 }
 
+// An optional per-row tensor (valid, scale): shape (G, n) like x's rows, the given dtype, on x's
+// device, contiguous. Returns its data pointer, or nullptr when absent.
+template <typename P>
+const P* row_tensor(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType dtype, const char* name) {
+  if (!t.has_value()) return nullptr;
+  const at::Tensor& r = *t;
+  TORCH_CHECK(r.scalar_type() == dtype, name, " must be ", dtype, ", got ", r.scalar_type());
+  TORCH_CHECK(r.device() == x.device(), name, " must be on the device of x");
+  TORCH_CHECK(r.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(r.dim() == 2 && r.size(0) == x.size(0) && r.size(1) == x.size(1), name,
+              " must have shape (G, n) matching x ", x.sizes(), ", got ", r.sizes());
+  return r.data_ptr<P>();
+}
+
 void check_pairs(const at::Tensor& x, const at::Tensor& idx) {
   check_features(x);
   PEC_CHECK_CUDA(idx);
@@ -541,8 +575,12 @@ void check_pairs(const at::Tensor& x, const at::Tensor& idx) {
   TORCH_CHECK(idx.size(2) >= 1 && idx.size(2) <= kMaxK, "idx: k must be in [1, ", kMaxK, "], got ", idx.size(2));
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_grouped_select(const at::Tensor& x, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> knn_grouped_select(const at::Tensor& x, int64_t k,
+                                                      const c10::optional<at::Tensor>& valid,
+                                                      const c10::optional<at::Tensor>& scale) {
   check_features(x);
+  const bool* valid_ptr = row_tensor<bool>(valid, x, at::kBool, "valid");
+  const float* scale_ptr = row_tensor<float>(scale, x, at::kFloat, "scale");
   const int64_t G = x.size(0), n = x.size(1), D = x.size(2);
   TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(kMaxK, n - 1), "k must be in [1, min(", kMaxK, ", n - 1)], got ", k);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -555,8 +593,8 @@ std::tuple<at::Tensor, at::Tensor> knn_grouped_select(const at::Tensor& x, int64
     dispatch_group_size(n, [&](auto nc) {
       dispatch_vector_width<T>(x, [&](auto vec) {
         knn_grouped_select_kernel<T, decltype(nc)::value, decltype(vec)::value><<<grid, kThreads, 0, stream>>>(
-            static_cast<const T*>(x.data_ptr()), static_cast<int>(n), static_cast<int>(D), static_cast<int>(k),
-            idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+            static_cast<const T*>(x.data_ptr()), valid_ptr, scale_ptr, static_cast<int>(n), static_cast<int>(D),
+            static_cast<int>(k), idx.data_ptr<int64_t>(), dist.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -564,8 +602,10 @@ std::tuple<at::Tensor, at::Tensor> knn_grouped_select(const at::Tensor& x, int64
   return {idx, dist};
 }
 
-at::Tensor knn_grouped_pair_distances(const at::Tensor& x, const at::Tensor& idx) {
+at::Tensor knn_grouped_pair_distances(const at::Tensor& x, const at::Tensor& idx,
+                                      const c10::optional<at::Tensor>& scale) {
   check_pairs(x, idx);
+  const float* scale_ptr = row_tensor<float>(scale, x, at::kFloat, "scale");
   const int64_t G = x.size(0), n = x.size(1), D = x.size(2), k = idx.size(2);
   const c10::cuda::CUDAGuard guard(x.device());
   auto dist = at::empty({G, n, k}, x.options().dtype(at::kFloat));
@@ -579,8 +619,8 @@ at::Tensor knn_grouped_pair_distances(const at::Tensor& x, const at::Tensor& idx
         const size_t smem = pair_distances_smem(ChunkShape<NC>::FLOATS, static_cast<int>(n), static_cast<int>(k));
         allow_dynamic_smem(kernel, smem, x);
         kernel<<<static_cast<unsigned>(G), kThreads, smem, stream>>>(
-            static_cast<const T*>(x.data_ptr()), idx.data_ptr<int64_t>(), static_cast<int>(n), static_cast<int>(D),
-            static_cast<int>(k), dist.data_ptr<float>());
+            static_cast<const T*>(x.data_ptr()), idx.data_ptr<int64_t>(), scale_ptr, static_cast<int>(n),
+            static_cast<int>(D), static_cast<int>(k), dist.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -588,8 +628,10 @@ at::Tensor knn_grouped_pair_distances(const at::Tensor& x, const at::Tensor& idx
   return dist;
 }
 
-at::Tensor knn_grouped_pair_grad(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& coef) {
+at::Tensor knn_grouped_pair_grad(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& coef,
+                                 const c10::optional<at::Tensor>& scale) {
   check_pairs(x, idx);
+  const float* scale_ptr = row_tensor<float>(scale, x, at::kFloat, "scale");
   PEC_CHECK_CUDA(coef);
   PEC_CHECK_CONTIGUOUS(coef);
   TORCH_CHECK(coef.scalar_type() == at::kFloat, "coef must be float32, got ", coef.scalar_type());
@@ -608,7 +650,7 @@ at::Tensor knn_grouped_pair_grad(const at::Tensor& x, const at::Tensor& idx, con
         const size_t smem = GradSmem(ChunkShape<NC>::FLOATS, static_cast<int>(n), static_cast<int>(k)).total;
         allow_dynamic_smem(kernel, smem, x);
         kernel<<<static_cast<unsigned>(G), kThreads, smem, stream>>>(
-            static_cast<const T*>(x.data_ptr()), idx.data_ptr<int64_t>(), coef.data_ptr<float>(),
+            static_cast<const T*>(x.data_ptr()), idx.data_ptr<int64_t>(), coef.data_ptr<float>(), scale_ptr,
             static_cast<int>(n), static_cast<int>(D), static_cast<int>(k), grad.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -621,9 +663,9 @@ at::Tensor knn_grouped_pair_grad(const at::Tensor& x, const at::Tensor& idx, con
 }  // namespace pec
 
 TORCH_LIBRARY_FRAGMENT(pec, m) {
-  m.def("knn_grouped_select(Tensor x, int k) -> (Tensor, Tensor)");
-  m.def("knn_grouped_pair_distances(Tensor x, Tensor idx) -> Tensor");
-  m.def("knn_grouped_pair_grad(Tensor x, Tensor idx, Tensor coef) -> Tensor");
+  m.def("knn_grouped_select(Tensor x, int k, Tensor? valid=None, Tensor? scale=None) -> (Tensor, Tensor)");
+  m.def("knn_grouped_pair_distances(Tensor x, Tensor idx, Tensor? scale=None) -> Tensor");
+  m.def("knn_grouped_pair_grad(Tensor x, Tensor idx, Tensor coef, Tensor? scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pec, CUDA, m) {

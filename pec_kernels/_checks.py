@@ -26,6 +26,17 @@ def check_tensor(name: str, value: object, *, ndims: Iterable[int] | None = None
     return value
 
 
+def check_mask(name: str, mask: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Check that `mask` is a bool tensor shaped like `like` without its last dimension (one entry per
+    row of `like`), on its device."""
+    check_tensor(name, mask, dtypes=(torch.bool,))
+    if mask.shape != like.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(like.shape[:-1])} (one entry per row of {like_name}, "
+                         f"whose shape is {tuple(like.shape)}), got {tuple(mask.shape)}")
+    check_same_device(**{like_name: like, name: mask})
+    return mask
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
     """Raise a ValueError when `value` holds NaN or Inf. Costs one host synchronisation, so the public
     ops take check_finite=False for callers that check once per step themselves. Under torch.compile

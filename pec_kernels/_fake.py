@@ -22,18 +22,20 @@ def _latent(x: torch.Tensor, written: bool) -> torch.Tensor:
     return torch.empty_like(x) if written else x.new_empty((0,))
 
 
-def knn_grouped_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_grouped_select(x: torch.Tensor, k: int, valid: torch.Tensor | None = None,
+                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx (G, n, k) int64, dist (G, n, k) float32)."""
     shape = (*x.shape[:2], k)
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.float32)
 
 
-def knn_grouped_pair_distances(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def knn_grouped_pair_distances(x: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """(G, n, k) float32."""
     return x.new_empty(idx.shape, dtype=torch.float32)
 
 
-def knn_grouped_pair_grad(x: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def knn_grouped_pair_grad(x: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor,
+                          scale: torch.Tensor | None = None) -> torch.Tensor:
     """(G, n, D) float32."""
     return x.new_empty(x.shape, dtype=torch.float32)
 

@@ -234,9 +234,9 @@ def test_exact_select_distances_are_used_as_given(monkeypatch):
 
     pair_distances = torch_backend.pair_distances
 
-    def select_with_distances(x_rank, ref_rank, k):
-        index = torch_backend.select(x_rank, ref_rank, k)
-        return index, pair_distances(x_rank, ref_rank, index)
+    def select_with_distances(x_rank, ref_rank, k, *, valid=None, scale=None):
+        index = torch_backend.select(x_rank, ref_rank, k, valid=valid, scale=scale)
+        return index, pair_distances(x_rank, ref_rank, index, scale=scale)
 
     def no_second_pass(*args):
         raise AssertionError("pair_distances recomputed distances that select already gave")

@@ -1,20 +1,26 @@
 """Which kNN backend runs a call: a small dispatch table over modules with one shared contract.
 
 Every backend module (torch_backend, triton_backend, cuda) provides, on x (G, n, D) and reference
-(G, M, D), (1, M, D) (a bank shared by all groups) or None (self mode), contiguous, already
-L2-normalised for the cosine metric:
-  select(x, reference, k, shift=None) -> (G, n, k) int64, candidates ascending by distance (may rank in
-      low precision); shift (G|1, 1, D), for float32/64 inputs: subtracted from x and the candidates before
-      ranking (the Triton kernels do it as they load, allocating nothing of size N·D);
-  pair_distances(x, reference, index, *, check_index=True) -> (G, n, k) float32 exact ‖x_i − c_j‖ (float64
-      for float64 inputs);
-  pair_grad(x, reference, index, coef, *, check_index=True) -> (grad_x (G, n, D), grad_reference (G|1, M, D)
-      or None), float32, with grad_x_i += Σ_j coef_ij (x_i − c_j) and grad_c_j −= coef_ij (x_i − c_j);
+(G, M, D), (1, M, D) (a bank shared by all groups) or None (self mode), contiguous, with knn_entropy's
+masked rows already zeroed; `scale` is a RowScale (the cosine metric: every row is read as
+row · its inverse norm, which the Triton and CUDA kernels do as they load it, with no normalised copy)
+or None:
+  select(x, reference, k, shift=None, *, valid=None, scale=None) -> (G, n, k) int64, candidates ascending
+      by distance (may rank in low precision); shift (G|1, 1, D), for float32/64 inputs: subtracted from
+      the (scaled) x and candidates before ranking (the Triton kernels do it as they load, allocating
+      nothing of size N·D); valid (G|1, m) bool: only these candidates are chosen ahead of others, a row
+      with fewer than k of them gets in-range indices of masked ones (knn_entropy discards such rows);
+  pair_distances(x, reference, index, *, check_index=True, scale=None) -> (G, n, k) float32 exact
+      ‖x_i − c_j‖ (float64 for float64 inputs);
+  pair_grad(x, reference, index, coef, *, check_index=True, scale=None) -> (grad_x (G, n, D),
+      grad_reference (G|1, M, D) or None), float32, with grad_x_i += Σ_j coef_ij (x_i − c_j) and
+      grad_c_j −= coef_ij (x_i − c_j) (in the scaled rows when scale is given);
       check_index=True checks that index holds candidate numbers (one host synchronisation); knn_entropy
       passes False, since its indices come from the backend's own select;
   supports(x, reference, k) -> bool, and why_unsupported(x, reference, k) -> str | None (the reason);
-  EXACT_SELECT: bool; when True the module also has select_with_distances(x, reference, k) -> (index,
-      distance) ranking by the exact fp32 distances it returns (no centring, no second distance pass).
+  EXACT_SELECT: bool; when True the module also has select_with_distances(x, reference, k, *, valid=None,
+      scale=None) -> (index, distance) ranking by the exact fp32 distances it returns (no centring, no
+      second distance pass).
 Modules are imported lazily, so a missing Triton, CUDA extension or cuda.py never breaks an import.
 """
 from __future__ import annotations

@@ -5,14 +5,16 @@ x (G, n, D) CUDA tensors with 2 ≤ n ≤ 256 points per group, 1 ≤ k ≤ min(
 or bfloat16. One thread block per group (or per 32 query rows) computes the exact fp32 distances
 Σ_d (x_i − x_j)² and selects the k nearest in registers; the backward gathers each row's pairs in
 shared memory and writes its gradient once. The ops are torch.ops.pec.knn_grouped_{select,
-pair_distances, pair_grad}, registered by pec_kernels._C.
+pair_distances, pair_grad}, registered by pec_kernels._C. knn_entropy's `valid` mask and the cosine
+metric's row multipliers go to the kernels (no masked or normalised copy is made here).
 """
 from __future__ import annotations
 
 import torch
 
-from pec_kernels._checks import check_index_range, check_same_device, check_tensor
+from pec_kernels._checks import check_index_range, check_mask, check_same_device, check_tensor
 from pec_kernels._extension import cuda_ops_available, require_cuda_ops
+from pec_kernels.knn.estimator import RowScale
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP = 256
@@ -47,43 +49,55 @@ def supports(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> bool:
     return why_unsupported(x, reference, k) is None
 
 
-def select(x: torch.Tensor, reference: torch.Tensor | None, k: int) -> torch.Tensor:
+def select(x: torch.Tensor, reference: torch.Tensor | None, k: int, *, valid: torch.Tensor | None = None,
+           scale: RowScale | None = None) -> torch.Tensor:
     """Indices (G, n, k) int64 of each point's k nearest other points of its group.
 
     Self is excluded by index (a duplicate is a neighbour at distance 0); ascending by the exact fp32
-    distance, equal distances by smaller index.
+    distance, equal distances by smaller index. valid, scale: see select_with_distances.
     """
-    return select_with_distances(x, reference, k)[0]
+    return select_with_distances(x, reference, k, valid=valid, scale=scale)[0]
 
 
-def select_with_distances(x: torch.Tensor, reference: torch.Tensor | None,
-                          k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_with_distances(x: torch.Tensor, reference: torch.Tensor | None, k: int, *,
+                          valid: torch.Tensor | None = None,
+                          scale: RowScale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """select() and the distances of the selected pairs, (G, n, k) int64 and (G, n, k) float32, in one
-    kernel: the distances are the exact fp32 ‖x_i − x_j‖ that pair_distances() would recompute."""
+    kernel: the distances are the exact fp32 ‖x_i − x_j‖ that pair_distances() would recompute.
+
+    valid: (G, n) bool, the points that may be neighbours; a masked one ranks after every valid one,
+    at distance +inf (a row with fewer than k valid candidates gets some: the caller discards it).
+    scale: the rows' multipliers (cosine), applied as the kernel stages the rows.
+    """
     x = _checked_features(x, reference)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, x.shape[1] - 1):
         raise ValueError(f"k must be an int with 1 <= k <= min({MAX_K}, n - 1) = {min(MAX_K, x.shape[1] - 1)}, "
                          f"got {k!r}")
+    if valid is not None:
+        check_mask("valid", valid, x, "x")
     _check_cuda("x", x)
-    index, distance = _op("knn_grouped_select")(x, k)
+    index, distance = _op("knn_grouped_select")(x, k, None if valid is None else valid.contiguous(),
+                                                 _checked_scale(scale, x))
     return index, distance
 
 
 def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor, *,
-                   check_index: bool = True) -> torch.Tensor:
+                   check_index: bool = True, scale: RowScale | None = None) -> torch.Tensor:
     """Exact ‖x_i − x_idx[i,s]‖ (G, n, k) in float32 for the pairs named by idx (G, n, k) int64.
-    check_index=False skips the range check of idx (and its host synchronisation)."""
+    check_index=False skips the range check of idx (and its host synchronisation). scale: the rows'
+    multipliers (cosine), applied as the kernel stages the rows."""
     x = _checked_features(x, reference)
     idx = _checked_index(idx, x, check_index)
     _check_cuda("x", x)
-    return _op("knn_grouped_pair_distances")(x, idx)
+    return _op("knn_grouped_pair_distances")(x, idx, _checked_scale(scale, x))
 
 
-def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor,
-              coef: torch.Tensor, *, check_index: bool = True) -> tuple[torch.Tensor, None]:
+def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor, coef: torch.Tensor, *,
+              check_index: bool = True, scale: RowScale | None = None) -> tuple[torch.Tensor, None]:
     """(grad_x (G, n, D) float32, None): grad_x_i += Σ_s coef[i,s]·(x_i − x_j) and
     grad_x_j −= coef[i,s]·(x_i − x_j) with j = idx[i,s]; deterministic, no atomics on global memory.
-    check_index=False skips the range check of idx (and its host synchronisation)."""
+    check_index=False skips the range check of idx (and its host synchronisation). scale: the rows'
+    multipliers (cosine), applied as the kernel stages the rows: the gradient is in the scaled rows."""
     x = _checked_features(x, reference)
     idx = _checked_index(idx, x, check_index)
     check_tensor("coef", coef, ndims=(3,), dtypes=(torch.float32,))
@@ -91,7 +105,7 @@ def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, idx: torch.Tensor
         raise ValueError(f"coef must have the shape of idx {tuple(idx.shape)}, got {tuple(coef.shape)}")
     check_same_device(x=x, coef=coef)
     _check_cuda("x", x)
-    return _op("knn_grouped_pair_grad")(x, idx, coef.contiguous()), None
+    return _op("knn_grouped_pair_grad")(x, idx, coef.contiguous(), _checked_scale(scale, x)), None
 
 
 def _checked_features(x: object, reference: object) -> torch.Tensor:
@@ -103,6 +117,16 @@ def _checked_features(x: object, reference: object) -> torch.Tensor:
         raise ValueError(f"x must have 2 to {MAX_GROUP} points per group (shape (G, n, D)), "
                          f"got shape {tuple(x.shape)}")
     return x.contiguous()
+
+
+def _checked_scale(scale: RowScale | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The kernels' `scale` argument: scale.x as a contiguous (G, n) float32 tensor, or None."""
+    if scale is None:
+        return None
+    check_tensor("scale", scale.x, ndims=(2,), dtypes=(torch.float32,))
+    if scale.x.shape != x.shape[:2]:
+        raise ValueError(f"scale must have shape (G, n) = {tuple(x.shape[:2])}, got {tuple(scale.x.shape)}")
+    return scale.x.contiguous()
 
 
 def _checked_index(idx: object, x: torch.Tensor, check_range: bool) -> torch.Tensor:

@@ -7,8 +7,28 @@ space (V_D underflows float64 for D ≳ 400); the backends only find neighbours 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+
+#: F.normalize's eps: the cosine metric divides rows shorter than this by it instead of their norm.
+NORM_EPS = 1e-12
+
+
+class RowScale(NamedTuple):
+    """The cosine metric's row multipliers 1 / max(‖row‖, NORM_EPS), which the backends apply to the rows
+    as they read them (pec_kernels.knn.backends): x (G, n) and reference (G|1, M) or None (self mode),
+    float32 (float64 for float64 inputs)."""
+
+    x: torch.Tensor
+    reference: torch.Tensor | None
+
+
+def inverse_norms(t: torch.Tensor) -> torch.Tensor:
+    """(G, rows) 1 / max(‖t_r‖, NORM_EPS) of t (G, rows, D), detached, reduced in float32 (float64 for
+    float64 inputs). One reduction, no copy of the rows: on CUDA a 16-bit input is upcast as it is read."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(t.detach(), dim=-1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
 
 def digamma(x: float) -> float:
     """ψ(x) for x > 0 in float64: recurrence up to x ≥ 10, then the asymptotic series (error < 1e-13)."""
@@ -34,13 +54,24 @@ def surprisal_offset(num_candidates: int, k: int, dim: int) -> float:
 
 
 def surprisal_from_distance(kth_distance: torch.Tensor, num_candidates: int, k: int, dim: int,
-                            per_dim: bool) -> torch.Tensor:
-    """Per-sample surprisal from the (already clamped) k-th-neighbour distance ρ.
+                            per_dim: bool, candidate_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample surprisal from the (already clamped) k-th-neighbour distance ρ (G, n).
 
-    With `per_dim` both terms are divided by D, so the result is offset/D + log ρ.
+    With `per_dim` both terms are divided by D, so the result is offset/D + log ρ. candidate_counts:
+    (G,) int64, each group's own number m_g of candidates (masked samples left out) in place of
+    `num_candidates`, its upper bound; counted on the device, so no host read. Its offset is the
+    Python float64 one plus ψ(m_g + 1) − ψ(m + 1) on the device, which is exactly 0 where m_g = m: an
+    all-valid mask gives bit for bit the unmasked surprisal. Counts below k (groups whose rows the
+    caller discards) are raised to k, so that every value stays finite.
     """
     scale = 1.0 / dim if per_dim else 1.0
-    return surprisal_offset(num_candidates, k, dim) * scale + (dim * scale) * torch.log(kth_distance)
+    offset = surprisal_offset(num_candidates, k, dim)
+    if candidate_counts is None:
+        return offset * scale + (dim * scale) * torch.log(kth_distance)
+    full = torch.full((), num_candidates + 1.0, dtype=torch.float64, device=kth_distance.device)  # no copy
+    own = candidate_counts.clamp_min(k).to(torch.float64) + 1.0
+    group_offset = ((offset + (torch.digamma(own) - torch.digamma(full))) * scale).to(kth_distance.dtype)
+    return group_offset[:, None] + (dim * scale) * torch.log(kth_distance)
 
 
 def sort_pairs(distance: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from pec_kernels._checks import check_index_range
+from pec_kernels.knn.estimator import RowScale
 
 #: Upper bound on the elements of any intermediate (distance chunks, gathered rows). Tests lower it.
 CHUNK_ELEMENTS = 1 << 26
@@ -39,6 +40,17 @@ def _candidates(x: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor
     return x if reference is None else reference
 
 
+def _scaled(x: torch.Tensor, reference: torch.Tensor | None,
+            scale: RowScale | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x and reference with their rows multiplied by `scale` (the cosine metric's normalised copies, in
+    the working precision: the reference backend may copy), or both unchanged."""
+    if scale is None:
+        return x, reference
+    dtype = _work_dtype(x)
+    x = x.to(dtype) * scale.x[..., None]
+    return x, None if reference is None else reference.to(dtype) * scale.reference[..., None]
+
+
 def _group_of_reference(reference: torch.Tensor, groups: slice) -> torch.Tensor:
     """The reference rows of a slice of groups; a shared (1, M, D) bank serves every group."""
     return reference if reference.shape[0] == 1 else reference[groups]
@@ -53,16 +65,20 @@ def _chunks(num_groups: int, num_rows: int, per_row: int) -> Iterator[tuple[slic
             yield slice(g0, g0 + groups), slice(r0, r0 + rows)
 
 
-def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
-           shift: torch.Tensor | None = None) -> torch.Tensor:
+def select(x: torch.Tensor, reference: torch.Tensor | None, k: int, shift: torch.Tensor | None = None, *,
+           valid: torch.Tensor | None = None, scale: RowScale | None = None) -> torch.Tensor:
     """Indices (G, n, k) int64 of each row's k nearest candidates, nearest first.
 
     Ranks with the expanded form ‖x‖² + ‖c‖² − 2x·c per chunk (in float32, or float64 for float64
     inputs); the caller recomputes the exact distances of the selected pairs and re-sorts them, which
     also orders exact ties by index (torch.topk does not). Self is excluded by index. shift: (G|1, 1, D)
     subtracted from x and the candidates first (distances do not change; precision improves).
+    valid: (G|1, m) bool, the candidates that may be chosen (the others rank last, at +inf; a row with
+    fewer than k of them gets in-range indices of masked ones, which the caller discards). scale: the
+    rows' multipliers (cosine), applied first.
     """
     dtype = _work_dtype(x)
+    x, reference = _scaled(x, reference, scale)
     if shift is not None:
         x = (x - shift).contiguous()
         reference = None if reference is None else (reference - shift).contiguous()
@@ -81,15 +97,20 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
         if reference is None:
             own = torch.arange(rows.start, rows.start + xc.shape[1], device=x.device)
             sq[:, torch.arange(xc.shape[1], device=x.device), own] = float("inf")
+        if valid is not None:
+            ok = valid[groups] if reference is None else _group_of_reference(valid, groups)
+            sq = sq.masked_fill(~ok[:, None, :], float("inf"))
         index[groups, rows] = torch.topk(sq, k, dim=-1, largest=False, sorted=True).indices
     return index
 
 
 def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, *,
-                   check_index: bool = True) -> torch.Tensor:
+                   check_index: bool = True, scale: RowScale | None = None) -> torch.Tensor:
     """Exact ‖x_i − c_j‖ (G, n, k) of the selected pairs, by direct differences (float32 or float64).
-    check_index: check that index holds candidate numbers (one host synchronisation)."""
+    check_index: check that index holds candidate numbers (one host synchronisation). scale: the rows'
+    multipliers (cosine), applied first."""
     dtype = _work_dtype(x)
+    x, reference = _scaled(x, reference, scale)
     cand = _candidates(x, reference)
     if check_index:
         check_index_range("index", index, cand.shape[1], "m")
@@ -102,15 +123,17 @@ def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch
     return out
 
 
-def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
-              coef: torch.Tensor, *, check_index: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, coef: torch.Tensor, *,
+              check_index: bool = True, scale: RowScale | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scatter the selected pairs' gradients: grad_x_i += Σ_j coef_ij (x_i − c_j), grad_c_j −= the same.
 
     In self mode both go to grad_x. Returns (grad_x, grad_reference or None) in float32 (float64 for
     float64 inputs); a shared bank gets one (1, M, D) gradient summed over all groups.
-    check_index: check that index holds candidate numbers (one host synchronisation).
+    check_index: check that index holds candidate numbers (one host synchronisation). scale: the rows'
+    multipliers (cosine), applied first: the gradients are then in the scaled rows.
     """
     dtype = _work_dtype(x)
+    x, reference = _scaled(x, reference, scale)
     cand = _candidates(x, reference)
     if check_index:
         check_index_range("index", index, cand.shape[1], "m")

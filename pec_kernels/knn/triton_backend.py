@@ -15,6 +15,7 @@ import triton
 from pec_kernels._checks import check_index_range
 from pec_kernels._triton_utils import interpreting, triton_usable_on
 from pec_kernels.knn import triton_kernels as kernels
+from pec_kernels.knn.estimator import RowScale
 
 #: tl.dot precision for ranking float32 inputs on GPU: "tf32" (fast), "tf32x3" or "ieee" (slower, fewer
 #: near-tie swaps). Exact distances are recomputed in float32 either way. The interpreter uses "ieee".
@@ -53,6 +54,16 @@ def _candidates(x: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.
     """The candidate tensor and its group stride (0 for a bank shared by all groups)."""
     cand = x if reference is None else reference
     return cand, (cand.stride(0) if cand.shape[0] > 1 else 0)
+
+
+def _row_scales(x: torch.Tensor, reference: torch.Tensor | None, scale: RowScale | None, placeholder: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' (x, candidate) row-multiplier arguments, contiguous float32: scale's, or `placeholder`
+    twice without one (HAS_SCALE=False: never read)."""
+    if scale is None:
+        return placeholder, placeholder
+    x_scale = scale.x.to(torch.float32).contiguous()
+    return x_scale, x_scale if reference is None else scale.reference.to(torch.float32).contiguous()
 
 
 def _slots(k: int) -> int:
@@ -100,14 +111,16 @@ def _pair_grad_blocks() -> tuple[int, int]:
     return (32, 16) if interpreting() else (32, 128)
 
 
-def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
-           shift: torch.Tensor | None = None) -> torch.Tensor:
+def select(x: torch.Tensor, reference: torch.Tensor | None, k: int, shift: torch.Tensor | None = None, *,
+           valid: torch.Tensor | None = None, scale: RowScale | None = None) -> torch.Tensor:
     """Indices (G, n, k) int64 of each row's k nearest candidates (ascending, ties to smaller index),
     ranked with tl.dot in the input precision (TF32 for float32 on GPU); self excluded by index.
 
     shift (float32 inputs): (G|1, 1, D), subtracted from x and the candidates inside the kernels. The
     squared norms are computed by a Triton kernel too, so the only allocations are O(G·n + G·m) norms
-    and the (G, n, k) keys: no O(N·D) temporary.
+    and the (G, n, k) keys: no O(N·D) temporary. valid: (G|1, m) bool, the candidates that may be
+    chosen (a row with fewer than k of them gets in-range indices of others, which the caller
+    discards). scale: the rows' multipliers (cosine), applied as the kernels load the rows.
     """
     cand, stride_cg = _candidates(x, reference)
     num_groups, n, dim = x.shape
@@ -115,61 +128,70 @@ def select(x: torch.Tensor, reference: torch.Tensor | None, k: int,
     if shift is not None:
         shift = shift.to(torch.float32).contiguous()
     stride_shift_g = 0 if shift is None or shift.shape[0] == 1 else shift.stride(0)
-    x_sq = _row_sq_norms(x, shift, stride_shift_g)
-    c_sq = x_sq if reference is None else _row_sq_norms(cand, shift, stride_shift_g)
+    x_scale, c_scale = _row_scales(x, reference, scale, placeholder=x.new_empty((1,), dtype=torch.float32))
+    x_sq = _row_sq_norms(x, shift, stride_shift_g, None if scale is None else x_scale)
+    c_sq = x_sq if reference is None else _row_sq_norms(cand, shift, stride_shift_g,
+                                                         None if scale is None else c_scale)
     keys = torch.empty((num_groups, n, k), dtype=torch.int64, device=x.device)
     kp = _slots(k)
     config = _select_config(x.dtype, kp, dim, shift is not None)
     grid = (num_groups * triton.cdiv(n, config["BLOCK_M"]),)
     with _on_device(x):
         kernels.knn_select_kernel[grid](
-            x, cand, x_sq, c_sq, x_sq if shift is None else shift, keys, n, m, dim,
+            x, cand, x_sq, c_sq, x_sq if shift is None else shift, x_scale, c_scale,
+            x_sq if valid is None else valid.contiguous(), keys, n, m, dim,
             x.stride(0), x.stride(1), stride_cg, cand.stride(1), x_sq.stride(0),
             c_sq.stride(0) if stride_cg else 0, stride_shift_g,
-            K=k, KP=kp, SELF=reference is None, HAS_SHIFT=shift is not None, **config)
+            K=k, KP=kp, SELF=reference is None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
+            HAS_VALID=valid is not None, **config)
     # Keys are (d² bits << 32 | column): sorting them orders by distance, ties by smaller column.
     return torch.sort(keys, dim=-1).values & 0x7FFFFFFF
 
 
-def _row_sq_norms(t: torch.Tensor, shift: torch.Tensor | None, stride_shift_g: int) -> torch.Tensor:
-    """(G, rows) float32 ‖t_r − shift‖² of a contiguous (G, rows, D) tensor, computed in a kernel."""
+def _row_sq_norms(t: torch.Tensor, shift: torch.Tensor | None, stride_shift_g: int,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(G, rows) float32 ‖s_r·t_r − shift‖² of a contiguous (G, rows, D) tensor (s = scale, or 1),
+    computed in a kernel."""
     num_groups, rows, dim = t.shape
     out = torch.empty((num_groups, rows), dtype=torch.float32, device=t.device)
     block_r, block_d = _row_norm_blocks()
     with _on_device(t):
         kernels.row_sq_norm_kernel[(triton.cdiv(out.numel(), block_r),)](
-            t, out if shift is None else shift, out, out.numel(), rows, dim, stride_shift_g,
-            HAS_SHIFT=shift is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+            t, out if shift is None else shift, out if scale is None else scale, out, out.numel(), rows, dim,
+            stride_shift_g, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, BLOCK_R=block_r,
+            BLOCK_D=block_d)
     return out
 
 
 def pair_distances(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, *,
-                   check_index: bool = True) -> torch.Tensor:
+                   check_index: bool = True, scale: RowScale | None = None) -> torch.Tensor:
     """Exact ‖x_i − c_j‖ (G, n, k) float32 of the selected pairs, reduced in float32.
     check_index: check that index holds candidate numbers (one host synchronisation; the kernel does
-    not bounds-check them)."""
+    not bounds-check them). scale: the rows' multipliers (cosine), applied as they are loaded."""
     cand, stride_cg = _candidates(x, reference)
     if check_index:
         check_index_range("index", index, cand.shape[1], "m")
     num_groups, n, k = index.shape
     out = torch.empty((num_groups, n, k), dtype=torch.float32, device=x.device)
+    x_scale, c_scale = _row_scales(x, reference, scale, placeholder=out)
     block_p, block_d = _pair_distance_blocks()
     grid = (triton.cdiv(out.numel(), block_p),)
     with _on_device(x):
         kernels.pair_distance_kernel[grid](
-            x, cand, index, out, n, x.shape[-1], out.numel(),
-            x.stride(0), x.stride(1), stride_cg, cand.stride(1),
-            K=k, BLOCK_P=block_p, BLOCK_D=block_d)
+            x, cand, index, x_scale, c_scale, out, n, x.shape[-1], out.numel(),
+            x.stride(0), x.stride(1), stride_cg, cand.stride(1), cand.shape[1] if stride_cg else 0,
+            K=k, HAS_SCALE=scale is not None, BLOCK_P=block_p, BLOCK_D=block_d)
     return out
 
 
-def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor,
-              coef: torch.Tensor, *, check_index: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tensor, coef: torch.Tensor, *,
+              check_index: bool = True, scale: RowScale | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """grad_x_i += Σ_j coef_ij (x_i − c_j), grad_c_j −= coef_ij (x_i − c_j), in float32.
 
     Returns (grad_x (G, n, D), grad_reference (G|1, M, D) or None in self mode, where both sides land in
     grad_x). Candidate-side sums use float32 atomics, so the last bits vary from run to run.
-    check_index: check that index holds candidate numbers (one host synchronisation).
+    check_index: check that index holds candidate numbers (one host synchronisation). scale: the rows'
+    multipliers (cosine), applied as they are loaded: the gradients are in the scaled rows.
     """
     cand, stride_cg = _candidates(x, reference)
     if check_index:
@@ -181,11 +203,14 @@ def pair_grad(x: torch.Tensor, reference: torch.Tensor | None, index: torch.Tens
     else:
         grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         grad_c = torch.zeros(cand.shape, dtype=torch.float32, device=x.device)
+    x_scale, c_scale = _row_scales(x, reference, scale, placeholder=grad_x)
     block_r, block_d = _pair_grad_blocks()
     grid = (num_groups * triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
     with _on_device(x):
         kernels.pair_grad_kernel[grid](
-            x, cand, index, coef.to(torch.float32).contiguous(), grad_x, grad_c, n, dim,
+            x, cand, index, coef.to(torch.float32).contiguous(), x_scale, c_scale, grad_x, grad_c, n, dim,
             x.stride(0), x.stride(1), stride_cg, cand.stride(1), grad_c.stride(0) if stride_cg else 0,
-            K=index.shape[-1], SELF=reference is None, BLOCK_R=block_r, BLOCK_D=block_d)
+            cand.shape[1] if stride_cg else 0,
+            K=index.shape[-1], SELF=reference is None, HAS_SCALE=scale is not None, BLOCK_R=block_r,
+            BLOCK_D=block_d)
     return grad_x, (None if reference is None else grad_c)
