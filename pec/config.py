@@ -261,6 +261,8 @@ class EvalConfig:
                                             "diversity columns; empty = the runs' real perceptual.spaces plus each "
                                             "of them whose --paths.* weights are given")
     max_prompts: int = option(0, "real models: evaluate the first this many held-out prompts (0 = all)")
+    guidance: bool = option(False, "sample a PCGS guided run with its guidance on (pcgs.guidance_weight in "
+                                   "perceptual.space): the 'policy plus guidance' reading; false = the policy alone")
 
 
 @dataclasses.dataclass
@@ -382,6 +384,9 @@ class Config:
         if self.perceptual.space not in self.perceptual.spaces:
             raise ValueError(f"perceptual.space {self.perceptual.space!r} must be one of perceptual.spaces "
                              f"{self.perceptual.spaces}")
+        if self.perceptual.space == "simclr_eval":  # pec.perceptual.EVAL_ONLY_SPACES (not imported: no cycle)
+            raise ValueError("perceptual.space 'simclr_eval' is the evaluation-only space (the paper table judges "
+                             "claims there because no regulariser uses it): choose simclr, classifier or autoencoder")
         if s.sde_window is not None:
             if len(s.sde_window) != 2 or not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
                 raise ValueError(f"sampling.sde_window must be two integers start < end within [0, num_steps="

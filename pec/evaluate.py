@@ -6,12 +6,17 @@ any RL). For every run: `eval.images_per_prompt` images per prompt, on fixed hel
 of at most `eval.batch` images.
 
 Embedded model (the ten digit prompts). Quality columns: the "digit" reward (the trained,
-preference-like one), the rule-based "contrast" reward, and precision (fidelity) against the real
-digits of the prompted class in the self-supervised space. Diversity columns: within-prompt mean
-pairwise distance and Vendi score in each perceptual space, and recall / coverage against the real
-digits. The table min-max normalises every column across the evaluated rows (notes/paper.md 6.2)
-and is written as table.md and table.csv, with the raw numbers in metrics.json and a plot in
-table.png.
+preference-like one), the "gold" reward (the evaluation-only gold classifier's probability of the
+prompted digit: another architecture, trained on digits the reward classifier never saw, so reward
+hacking shows as digit rising while gold does not), the rule-based "contrast" reward, and precision
+(fidelity) against the held-out digits of the prompted class (`pec.data.splits`: digits no model
+trained on) in the evaluation-only space `simclr_eval`. Diversity columns: within-prompt mean
+pairwise distance and Vendi score in each perceptual space (the runs' `perceptual.spaces` and
+`simclr_eval`), and recall / coverage against the held-out digits in `simclr_eval`. metrics.json
+also has precision/recall/coverage in every space (`precision/<space>` ...). The table min-max
+normalises every column across the evaluated rows (notes/paper.md 6.2) and is written as table.md
+and table.csv, with the raw numbers in metrics.json and a plot in table.png. `--eval.guidance true`
+samples a PCGS-guided run with its guidance on (its "policy plus guidance" reading).
 
 Real models (`--model.name flux` / `sd3`): the held-out prompts are the test split of `--data.prompts`
 (the first `eval.max_prompts` of them), each batch of images is scored as it is sampled, and the table
@@ -30,7 +35,7 @@ import csv
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -38,23 +43,30 @@ import torch
 from pec.checkpoint import checkpoint_at, load_checkpoint
 from pec.config import (Config, add_config_arguments, apply_dict, load_yaml, merge_dicts, overrides_from_args,
                         to_dict)
-from pec.data import load_digits, prompt_digit, to_unit
+from pec.assets import ASSETS_DIR
+from pec.data import Digits, load_digits, prompt_digit, to_unit
+from pec.data.splits import GOLD_FRACTION, HELDOUT_FRACTION, heldout_splits
 from pec.data.prompt_files import load_prompt_splits
 from pec.logging_utils import save_figure, save_image_grid
 from pec.metrics import (NormalisedTable, mean_pairwise_distance, minmax_table, precision_recall_coverage, table_markdown,
                          table_rows, vendi_score)
 from pec.models import check_model_config
-from pec.perceptual import ENCODERS, build_space, check_spaces
+from pec.perceptual import ENCODERS, EVAL_ONLY_SPACES, build_space, check_spaces
+from pec.perceptual.networks import load_network
 from pec.perceptual.real import SPACES as REAL_SPACES
 from pec.policy import Policy, resolve_device
+from pec.regularizers import entropy_guidance
 from pec.rewards import REWARDS, build_reward, check_reward_spec, parse_reward_spec
-from pec.sampling import sample
+from pec.rewards.digit import DigitReward
+from pec.sampling import GuidanceFn, sample, sde_step_mask
 from pec.train import default_prompts
 
 PRETRAINED = "pretrained"
 EMBEDDED = "embedded"
 QUALITY_REWARDS = ("digit", "contrast")
-FIDELITY_SPACE = "simclr"
+GOLD = "gold"  # the evaluation-only gold classifier's reward column
+FIDELITY_SPACE = EVAL_ONLY_SPACES[0]  # the unqualified precision / recall / coverage columns are measured here
+FIDELITY = ("precision", "recall", "coverage")
 MANIFOLD_K = 5
 EMBEDDED_REWARDS = ("digit", "contrast", "smoothness")  # they score the embedded world's 8x8 digits only
 # The paper's table columns (notes/paper.md 6.1) and the column of ours that measures each: a reward name
@@ -115,21 +127,30 @@ def load_policy(run: str, cfg: Config, device: torch.device) -> Policy:
     return policy
 
 
+def heldout_digits(assets: str | Path | None = None) -> Digits:
+    """The held-out digits no model of the assets in `assets` trained on: the `heldout` split with the seed
+    and fractions of their pretrain_config.json (the defaults, seed 0, where it has none, e.g. a tiny world)."""
+    config_path = Path(assets or ASSETS_DIR) / "pretrain_config.json"
+    saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return heldout_splits(load_digits(), saved.get("seed", 0), saved.get("heldout_fraction", HELDOUT_FRACTION),
+                          saved.get("gold_fraction", GOLD_FRACTION)).heldout
+
+
 class Evaluator:
-    """Scores images with the rewards and the perceptual spaces, against the real digits."""
+    """Scores images with the rewards (the gold one included) and the perceptual spaces, against the
+    held-out digits."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
         self.rewards = {name: REWARDS.build(name, device=device, directory=cfg.assets) for name in QUALITY_REWARDS}
-        self.encoders = {name: ENCODERS.build(name, device=device, directory=cfg.assets)
-                         for name in cfg.perceptual.spaces}
-        if FIDELITY_SPACE not in self.encoders:
-            self.encoders[FIDELITY_SPACE] = ENCODERS.build(FIDELITY_SPACE, device=device, directory=cfg.assets)
-        digits = load_digits()
-        self.real_images = to_unit(digits.images).to(device)
+        self.rewards[GOLD] = DigitReward(load_network(GOLD, device, cfg.assets))
+        spaces = list(dict.fromkeys([*cfg.perceptual.spaces, *EVAL_ONLY_SPACES]))
+        self.encoders = {name: ENCODERS.build(name, device=device, directory=cfg.assets) for name in spaces}
+        digits = heldout_digits(cfg.assets)
+        real_images = to_unit(digits.images).to(device)
         self.real_labels = digits.labels.to(device)
         with torch.no_grad():
-            self.real_features = self.encoders[FIDELITY_SPACE](self.real_images)
+            self.real_features = {name: encoder(real_images) for name, encoder in self.encoders.items()}
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str], per_prompt: int) -> dict[str, float]:
@@ -141,17 +162,19 @@ class Evaluator:
         for name, encoder in self.encoders.items():
             feats = encoder(images)
             out[f"dist/{name}"], out[f"vendi/{name}"] = within_prompt_diversity(feats, per_prompt)
-            if name == FIDELITY_SPACE:
-                scores = [precision_recall_coverage(self.real_features[self.real_labels == prompt_digit(prompts[i])],
-                                                    feats[i:i + per_prompt], k=MANIFOLD_K) for i in groups]
-                for field in ("precision", "recall", "coverage"):
-                    out[field] = sum(getattr(s, field) for s in scores) / len(scores)
+            real = self.real_features[name]
+            scores = [precision_recall_coverage(real[self.real_labels == prompt_digit(prompts[i])],
+                                                feats[i:i + per_prompt], k=MANIFOLD_K) for i in groups]
+            for field in FIDELITY:
+                out[f"{field}/{name}"] = sum(getattr(s, field) for s in scores) / len(scores)
+                if name == FIDELITY_SPACE:
+                    out[field] = out[f"{field}/{name}"]
         return out
 
 
 def columns(spaces: Sequence[str]) -> tuple[list[str], list[str]]:
     """(quality columns, diversity columns) of the table."""
-    quality = [*QUALITY_REWARDS, "precision"]
+    quality = [QUALITY_REWARDS[0], GOLD, *QUALITY_REWARDS[1:], "precision"]
     diversity = [f"dist/{s}" for s in spaces] + [f"vendi/{s}" for s in spaces] + ["recall", "coverage"]
     return quality, diversity
 
@@ -180,14 +203,47 @@ def sampling_calls(num_prompts: int, per_prompt: int, batch: int) -> list[tuple[
             for p in range(num_prompts) for piece, first in enumerate(range(0, per_prompt, batch))]
 
 
+def sampling_guidance(policy: Policy, cfg: Config) -> Callable[[int], tuple[GuidanceFn | None, torch.Tensor | float]]:
+    """group -> (guidance_fn, per-step weights) of a sampling call of `group` images per prompt: with
+    `eval.guidance` (a PCGS guided run), the trainer's guidance (`pcgs.guidance_weight` in `perceptual.space`,
+    `pcgs.guidance_window`) over groups of the run's `sampling.group_size` consecutive images of a prompt (the
+    whole `group` when that does not divide it); otherwise (None, 0)."""
+    if not cfg.eval.guidance:
+        return lambda group: (None, 0.0)
+    if cfg.method != "pcgs" or cfg.pcgs.form != "guided":
+        raise ValueError(f"eval.guidance needs a PCGS guided run (method pcgs, pcgs.form guided), got method "
+                         f"{cfg.method!r}" + (f" form {cfg.pcgs.form!r}" if cfg.method == "pcgs" else ""))
+    p, train_group = cfg.perceptual, cfg.sampling.group_size
+    encoder = ENCODERS.build(p.space, device=next(policy.model.parameters()).device, directory=cfg.assets)
+    window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
+    weight = cfg.pcgs.guidance_weight * sde_step_mask(eval_steps(cfg), window).float()
+
+    def for_group(group: int) -> tuple[GuidanceFn, torch.Tensor]:
+        size = train_group if group % train_group == 0 else group
+        return entropy_guidance(policy.model.decode, encoder, size, estimator=p.estimator, k=p.k,
+                                per_dim=p.per_dim), weight
+
+    return for_group
+
+
+def eval_steps(cfg: Config) -> int:
+    """Denoising steps at evaluation: `eval.num_steps`, or the run's `sampling.num_steps`."""
+    return cfg.eval.num_steps or cfg.sampling.num_steps
+
+
 def sample_chunks(policy: Policy, cfg: Config, prompts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(prompt of each image, images) of each sampling call (`sampling_calls`): `eval.images_per_prompt`
-    images per prompt, prompt by prompt, on the held-out seed `eval.seed`, with the model's own schedule."""
+    images per prompt, prompt by prompt, on the held-out seed `eval.seed`, with the model's own schedule
+    (and the run's guidance with `eval.guidance`, `sampling_guidance`)."""
     e, s = cfg.eval, cfg.sampling
+    guidance = sampling_guidance(policy, cfg)
     for start, stop, group, offset in sampling_calls(len(prompts), e.images_per_prompt, e.batch):
         chunk = list(prompts[start:stop])
-        out = sample(policy.model, chunk, group_size=group, num_steps=e.num_steps or s.num_steps,
-                     guidance_scale=s.guidance_scale, eta=e.eta, kind=s.kind, seed=e.seed + offset)
+        guide, weight = guidance(group)
+        with torch.no_grad():
+            out = sample(policy.model, chunk, group_size=group, num_steps=eval_steps(cfg),
+                         guidance_scale=s.guidance_scale, eta=e.eta, kind=s.kind, seed=e.seed + offset,
+                         guidance_fn=guide, guidance_weight=weight)
         yield [p for p in chunk for _ in range(group)], out.images
 
 

@@ -1,17 +1,24 @@
 """Train the embedded world that ships in pec/assets: `python -m pec.pretrain [--out DIR] [--only NAME]`.
 
-Components, trained on scikit-learn's digits in this order (each seeded, with a progress bar):
+scikit-learn's digits are cut per class into `train` (60%), `gold` (20%) and `heldout` (20%)
+(`pec.data.splits`, seeded). No component trains on `heldout`: the paper table measures fidelity
+(precision, recall, coverage) against it, and every component reports its validation on it.
+Components, in this order (each seeded, with a progress bar):
   classifier   the digit classifier behind the "digit" reward and the "classifier" perceptual space
-  simclr       the self-supervised (SimCLR) encoder of the "simclr" perceptual space
-  autoencoder  the denoising autoencoder of the "autoencoder" perceptual space
-  model        the tiny SD3 flow model (rectified flow, prompt dropout for CFG, EMA weights)
+               (conv net, `train` split)
+  gold         the evaluation-only "gold" classifier: an MLP, another seed, trained on the `gold` split
+               alone, which the reward classifier never saw; never used in training
+  simclr       the self-supervised (SimCLR) encoder of the "simclr" perceptual space (`train`)
+  simclr_eval  a second SimCLR encoder (another seed, `train`): the evaluation-only space
+  autoencoder  the denoising autoencoder of the "autoencoder" perceptual space (`train`)
+  model        the tiny SD3 flow model (rectified flow, prompt dropout for CFG, EMA weights) on
+               `train` and `gold`, i.e. everything but `heldout`
   eval         samples the model with the default sampler and measures recognisability (share of
                samples the classifier reads as the prompted digit) and diversity (mean within-digit
-               pairwise distance of samples vs of real digits, in each perceptual space)
+               pairwise distance of samples vs of the held-out digits, in each perceptual space)
 The run's settings go to pretrain_config.json, its progress and metrics to pretrain_log.txt and
-pretrain_metrics.json, all in --out (default pec/assets). The full run took 10 min 19 s with
---threads 1 on a shared 2-core machine; with a fixed --threads it is deterministic (the shipped
-model's weights were reproduced bit for bit).
+pretrain_metrics.json, all in --out (default pec/assets). With a fixed --threads it is deterministic;
+components may run in separate processes at once (`--only`), each merging its metrics into the file.
 """
 from __future__ import annotations
 
@@ -33,12 +40,13 @@ from tqdm import tqdm
 from pec.assets import ASSETS_DIR
 from pec.data import Digits, augment, digit_prompt, load_digits, random_prompt, to_unit
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
-from pec.perceptual import ENCODERS
-from pec.perceptual.networks import Autoencoder, DigitClassifier, SimCLREncoder, save_network
+from pec.perceptual import EMBEDDED_SPACES, ENCODERS
+from pec.data.splits import heldout_splits
+from pec.perceptual.networks import NETWORKS, Autoencoder, SimCLREncoder, save_network
 from pec.rewards import REWARDS
 from pec.sampling import cfg_velocities, sample
 
-COMPONENTS = ("classifier", "simclr", "autoencoder", "model", "eval")
+COMPONENTS = ("classifier", "gold", "simclr", "simclr_eval", "autoencoder", "model", "eval")
 
 
 @dataclass
@@ -46,8 +54,10 @@ class PretrainConfig:
     """Settings of one pretraining run (written to pretrain_config.json)."""
 
     seed: int = 0
-    val_fraction: float = 0.15
+    heldout_fraction: float = 0.2
+    gold_fraction: float = 0.2
     classifier_steps: int = 2000
+    gold_steps: int = 2000
     simclr_steps: int = 1500
     simclr_temperature: float = 0.2
     autoencoder_steps: int = 2000
@@ -107,24 +117,28 @@ def _optimise(name: str, steps: int, params, loss_fn: Callable[[int], torch.Tens
     return statistics.fmean(recent)
 
 
-def train_classifier(train: Digits, val: Digits, cfg: PretrainConfig, out: Path, log: RunLog) -> dict:
-    """Digit classifier on augmented digits (so that it also reads imperfect generated ones)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the network's initialisation
-    net = DigitClassifier()
+def train_classifier(train: Digits, val: Digits, cfg: PretrainConfig, out: Path, log: RunLog,
+                     name: str = "classifier") -> dict:
+    """Digit classifier `name` ("classifier": the reward's conv net; "gold": the evaluation-only MLP, another
+    seed) on augmented digits (so that it also reads imperfect generated ones)."""
+    seed = cfg.seed + (0 if name == "classifier" else 5)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the network's initialisation
+    net = NETWORKS[name]()
     images, batches = to_unit(train.images), _batches(len(train), 128, g)
 
     def loss_fn(_: int) -> torch.Tensor:
         idx = next(batches)
         return F.cross_entropy(net(augment(images[idx], g)), train.labels[idx], label_smoothing=0.05)
 
-    _optimise("classifier", cfg.classifier_steps, net.parameters(), loss_fn, log)
+    steps = cfg.classifier_steps if name == "classifier" else cfg.gold_steps
+    _optimise(name, steps, net.parameters(), loss_fn, log)
     net.eval()
     with torch.no_grad():
         acc = (net(to_unit(val.images)).argmax(1) == val.labels).float().mean().item()
-    save_network(net, out / "classifier.safetensors")
-    log(f"classifier validation accuracy {acc:.4f} on {len(val)} held-out digits")
-    return {"classifier_val_accuracy": acc}
+    save_network(net, out / f"{name}.safetensors")
+    log(f"{name} validation accuracy {acc:.4f} on {len(val)} held-out digits (trained on {len(train)})")
+    return {f"{name}_val_accuracy": acc}
 
 
 def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -145,10 +159,13 @@ def _nearest_neighbour_accuracy(encoder: Callable[[torch.Tensor], torch.Tensor],
     return (train.labels[nearest] == val.labels).float().mean().item()
 
 
-def train_simclr(train: Digits, val: Digits, cfg: PretrainConfig, out: Path, log: RunLog) -> dict:
-    """SimCLR on digit augmentations; labels are used only for the 1-NN probe reported at the end."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    torch.manual_seed(cfg.seed + 1)  # the network's initialisation
+def train_simclr(train: Digits, val: Digits, cfg: PretrainConfig, out: Path, log: RunLog,
+                 name: str = "simclr") -> dict:
+    """SimCLR encoder `name` ("simclr", or "simclr_eval": the evaluation-only one, another seed) on digit
+    augmentations; labels are used only for the 1-NN probe reported at the end."""
+    seed = cfg.seed + (1 if name == "simclr" else 4)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the network's initialisation
     net = SimCLREncoder()
     images, batches = to_unit(train.images), _batches(len(train), 256, g)
 
@@ -160,12 +177,12 @@ def train_simclr(train: Digits, val: Digits, cfg: PretrainConfig, out: Path, log
         x = images[next(batches)]
         return _nt_xent(net(view(x)), net(view(x)), cfg.simclr_temperature)
 
-    _optimise("simclr", cfg.simclr_steps, net.parameters(), loss_fn, log)
+    _optimise(name, cfg.simclr_steps, net.parameters(), loss_fn, log)
     net.eval()
     acc = _nearest_neighbour_accuracy(net.features, train, val)
-    save_network(net, out / "simclr.safetensors")
-    log(f"simclr 1-NN probe accuracy {acc:.4f} (labels unused in training)")
-    return {"simclr_1nn_accuracy": acc}
+    save_network(net, out / f"{name}.safetensors")
+    log(f"{name} 1-NN probe accuracy {acc:.4f} (labels unused in training)")
+    return {f"{name}_1nn_accuracy": acc}
 
 
 def train_autoencoder(train: Digits, val: Digits, cfg: PretrainConfig, out: Path, log: RunLog) -> dict:
@@ -202,7 +219,8 @@ def rectified_flow_loss(model: EmbeddedFlowModel, x0: torch.Tensor, prompts: lis
 
 
 def train_model(train: Digits, cfg: PretrainConfig, out: Path, log: RunLog) -> dict:
-    """The tiny SD3 flow model on all digits, with prompt paraphrases and 10% null prompts."""
+    """The tiny SD3 flow model on the digits `train` (everything but the held-out split, from `main`), with
+    prompt paraphrases and 10% null prompts."""
     torch.manual_seed(cfg.seed + 3)
     g, rng = torch.Generator().manual_seed(cfg.seed + 3), random.Random(cfg.seed + 3)
     model = EmbeddedFlowModel(EmbeddedConfig())
@@ -274,8 +292,8 @@ def evaluate_model(model: EmbeddedFlowModel, samples_per_digit: int, *, num_step
     """Recognisability and diversity of `model`'s samples (see the module docstring).
 
     Returns recognised (share classified as the prompted digit), digit_reward (mean probability),
-    and per perceptual space (`spaces`, default all): diversity_<space> (samples) and
-    real_diversity_<space> (`real` digits, default all 1,797).
+    and per perceptual space (`spaces`, default the digits world's): diversity_<space> (samples) and
+    real_diversity_<space> (`real` digits, default all 1,797; `pec.pretrain` passes the held-out split).
     """
     prompts = [digit_prompt(d) for d in range(10)]
     rollout = sample(model, prompts, group_size=samples_per_digit, num_steps=num_steps,
@@ -287,22 +305,23 @@ def evaluate_model(model: EmbeddedFlowModel, samples_per_digit: int, *, num_step
         "digit_reward": REWARDS.build("digit", directory=assets)(rollout.images, rollout.prompts).mean().item(),
     }
     real = real or load_digits()
-    for space in spaces or ENCODERS.names():
+    for space in spaces or EMBEDDED_SPACES:
         encoder = ENCODERS.build(space, directory=assets)
         metrics[f"diversity_{space}"] = mean_pairwise_distance(encoder(rollout.images), labels)
         metrics[f"real_diversity_{space}"] = mean_pairwise_distance(encoder(to_unit(real.images)), real.labels)
     return metrics
 
 
-def run_eval(cfg: PretrainConfig, out: Path, log: RunLog) -> dict:
-    """Evaluate the saved model with the default SDE sampler, the ODE (eta = 0) and other CFG scales; time it."""
+def run_eval(cfg: PretrainConfig, heldout: Digits, out: Path, log: RunLog) -> dict:
+    """Evaluate the saved model with the default SDE sampler, the ODE (eta = 0) and other CFG scales against the
+    `heldout` digits; time it."""
     model = EmbeddedFlowModel.from_pretrained(out / "embedded")
     settings = [("sde", cfg.eval_eta, cfg.eval_guidance_scale), ("ode", 0.0, cfg.eval_guidance_scale)]
     settings += [(f"sde_cfg{scale:g}", cfg.eval_eta, scale) for scale in cfg.eval_extra_guidance_scales]
     results = {}
     for name, eta, scale in settings:
         metrics = evaluate_model(model, cfg.eval_samples_per_digit, num_steps=cfg.eval_num_steps,
-                                 guidance_scale=scale, eta=eta, seed=cfg.seed, assets=out)
+                                 guidance_scale=scale, eta=eta, seed=cfg.seed, real=heldout, assets=out)
         log(f"eval {name} sampler ({cfg.eval_num_steps} steps, CFG {scale}, eta {eta}, "
             f"{cfg.eval_samples_per_digit} samples per digit): "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -332,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = PretrainConfig(seed=args.seed, model_steps=args.model_steps)
     if args.quick:
-        cfg = PretrainConfig(seed=args.seed, classifier_steps=20, simclr_steps=20, autoencoder_steps=20,
+        cfg = PretrainConfig(seed=args.seed, classifier_steps=20, gold_steps=20, simclr_steps=20, autoencoder_steps=20,
                              model_steps=20, eval_samples_per_digit=4, eval_num_steps=4,
                              eval_extra_guidance_scales=())
     out = Path(args.out)
@@ -341,22 +360,28 @@ def main(argv: list[str] | None = None) -> dict:
     components = [c for c in COMPONENTS if c in (args.only or COMPONENTS)]
     log(f"pretrain {components} with {asdict(cfg)}")
     (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    train, val = load_digits().split(cfg.val_fraction, cfg.seed)
+    splits = heldout_splits(load_digits(), cfg.seed, cfg.heldout_fraction, cfg.gold_fraction)
+    train, heldout = splits.train, splits.heldout
     steps = {
-        "classifier": lambda: train_classifier(train, val, cfg, out, log),
-        "simclr": lambda: train_simclr(train, val, cfg, out, log),
-        "autoencoder": lambda: train_autoencoder(train, val, cfg, out, log),
-        "model": lambda: train_model(load_digits(), cfg, out, log),
-        "eval": lambda: run_eval(cfg, out, log),
+        "classifier": lambda: train_classifier(train, heldout, cfg, out, log),
+        "gold": lambda: train_classifier(splits.gold, heldout, cfg, out, log, name="gold"),
+        "simclr": lambda: train_simclr(train, heldout, cfg, out, log),
+        "simclr_eval": lambda: train_simclr(train, heldout, cfg, out, log, name="simclr_eval"),
+        "autoencoder": lambda: train_autoencoder(train, heldout, cfg, out, log),
+        "model": lambda: train_model(splits.pretraining(), cfg, out, log),
+        "eval": lambda: run_eval(cfg, heldout, out, log),
     }
     metrics_path = out / "pretrain_metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics: dict = {}
     for name in components:
         start = time.perf_counter()
-        metrics.update(steps[name]())
-        metrics[f"{name}_seconds"] = time.perf_counter() - start
-        log(f"{name} done in {metrics[f'{name}_seconds']:.1f} s")
-        metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        result = steps[name]()
+        result[f"{name}_seconds"] = time.perf_counter() - start
+        log(f"{name} done in {result[f'{name}_seconds']:.1f} s")
+        # Re-read before writing: other components may run in other processes at the same time.
+        merged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        metrics.update(result)
+        metrics_path.write_text(json.dumps(merged | result, indent=2, sort_keys=True) + "\n")
     return metrics
 
 

@@ -1,53 +1,101 @@
-"""`python -m pec.experiments.paper_table`: the paper's comparison on the embedded world, in one command.
+"""`python -m pec.experiments.paper_table [--quick | --full]`: the paper's comparison on the embedded world,
+decided claim by claim.
 
-Trains GRPO, GRPO + KL, the policy-entropy bonus, PEC at two lambdas and PCGS (reward form) at two
-lambdas from the same pretrained model with the same seeds and budget, evaluates them next to the
-pretrained model with `pec.evaluate`, and writes into --out:
-  seed<s>/<row>/  each training run, once per --seeds (metrics.jsonl, curves.png, sample grids, checkpoint,
-                  train.log)
-  seed<s>/eval/   that seed's table.md, table.csv, table.png, metrics.json, sample grids per row
-  table.md        the tables averaged over seeds (Q-norm, D-norm and Overall as mean ± sd)
-  claims.md       the paper's three claims checked against the numbers, each PASS or FAIL with the values
-                  (claim 1 in every seed, claims 2 and 3 on the means, with the per-seed values)
-Runs go `--jobs` at a time (each on one CPU thread): with the defaults (100 steps, seeds 0 and 1,
-14 runs) the whole experiment took 15.8 min on 2 CPU cores (15.3 training, 0.6 evaluation).
-Rerunning the command skips finished runs and resumes interrupted ones. Options after `--` go to
-every training run (e.g. `-- --train.steps 20`); a run folder is reused whatever its options, so
-use a fresh --out after changing them.
+Every row of `ROWS` is trained from the same pretrained model on the same seeds (`--seeds`), with
+milestone checkpoints every 20% of the run; every milestone is evaluated with `pec.evaluate` (gold
+reward, held-out fidelity, diversity in every space, the evaluation-only `simclr_eval` included), and
+`pec.experiments.paper_report` turns the evaluations into the table, the frontier plot, the sample
+grids and the paired verdicts. Modes:
+  --quick (default)  2 seeds, 100 steps: every row, ~25 min on 2 cores (budget 45 min)
+  --full             3 seeds, 300 steps, long enough for GRPO's collapse: ~75 min (budget 100 min)
+Rows (run folders out/seed<s>/<row>; options in `ROWS`, plus `COMMON` for every row):
+  grpo, grpo_kl (Flow-GRPO's beta 0.04 in its units), entropy_sample (per-sample -log pi bonus),
+  pec at two lambdas, pcgs_policy (reward form, the `policy` reading of its generation density) and
+  pcgs_latent (the theta-dependent `latent_group` reading), pcgs_guided at two weights (each evaluated
+  twice: the policy alone, and `<row>+guidance`, sampled with its guidance on), clip_higher, clip_cov
+  and kl_cov (perceptual: the paper's rows) and their `_native` variants. The analytic policy-entropy
+  bonus is GRPO by construction (the entropy of each Gaussian step is fixed by the schedule, so the bonus
+  is a constant with no gradient): its row `entropy_bonus` is the GRPO run, not a run of its own.
+Every row trains with two minibatches per rollout batch (`COMMON`), since Clip-Higher and KL-Cov act
+only off-policy; the same for all rows keeps the comparison paired.
+Output (--out, default runs/paper_table/<mode>): per seed and row the run (metrics.jsonl, checkpoints,
+milestones, train.log) and its milestone evaluations (eval/, eval_guided/); pretrained/ (the base
+model's evaluation); table.md (final milestone, mean ± sd over seeds), tables per seed, claims.md (the
+verdicts), frontier.png, grids.png, timing.json. Rerunning the command skips finished work and resumes
+interrupted runs; options after `--` go to every training run and evaluation (e.g. `-- --model.path
+tiny/embedded --assets tiny`); a run folder is reused whatever its options, so use a fresh --out after
+changing them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pec.checkpoint import has_checkpoint
-from pec.evaluate import PRETRAINED, evaluate
+from pec.evaluate import PRETRAINED
 from pec.experiments import split_passthrough
-from pec.logging_utils import read_metrics, plot_metrics
 
-# Row name -> training options. The paper's lambdas (PEC 0.05 / 0.10, PCGS 0.03 / 0.10) are relative
-# to PickScore/26, whose within-group std is ~0.02. Here the digit reward's global std is ~0.24 and
-# the per-dimension kNN surprisal's within-group std ~0.16, so the lambdas keep the paper's ratios
-# with the larger one at 0.5 (bonus spread ~1/3 of the reward's). At lambda = 1.0 (equal spreads)
-# PEC and PCGS kept all the diversity but gave up the whole reward gain (see the project notes).
-# GRPO + KL quotes Flow-GRPO's beta 0.04, so its KL is in Flow-GRPO's units (|dt| x the exact KL per step,
-# pec.sampling.kl_in_units); the measured table in the README predates that and used exact units.
+# Row -> training options. Lambdas: the paper's (PEC 0.05 / 0.10, PCGS 0.03 / 0.10) are relative to
+# PickScore/26, whose within-group std is ~0.02. Here the digit reward's within-group std is ~0.2 and
+# the per-dimension kNN surprisal's ~0.16, so the lambdas keep the paper's ratios with the larger one
+# at 0.5 (bonus spread ~1/3 of the reward's). GRPO + KL quotes Flow-GRPO's beta 0.04 in its units
+# (|dt| x the exact KL per step, pec.sampling.kl_in_units). Clip-Higher: DAPO's 1.4 x clip_range.
 ROWS: dict[str, list[str]] = {
     "grpo": ["--method", "grpo"],
     "grpo_kl": ["--method", "grpo", "--train.kl_beta", "0.04", "--train.kl_units", "flow_grpo"],
-    "entropy_bonus": ["--method", "entropy_bonus"],
+    "entropy_sample": ["--method", "entropy_sample"],
     "pec_lambda0.25": ["--method", "pec", "--pec.lambda", "0.25"],
     "pec_lambda0.5": ["--method", "pec", "--pec.lambda", "0.5"],
-    "pcgs_lambda0.15": ["--method", "pcgs", "--pcgs.lambda", "0.15"],
-    "pcgs_lambda0.5": ["--method", "pcgs", "--pcgs.lambda", "0.5"],
+    "pcgs_policy": ["--method", "pcgs", "--pcgs.lambda", "0.5"],
+    "pcgs_latent": ["--method", "pcgs", "--pcgs.lambda", "0.5", "--pcgs.generation_density", "latent_group"],
+    "pcgs_guided_w0.05": ["--method", "pcgs", "--pcgs.form", "guided", "--pcgs.guidance_weight", "0.05"],
+    "pcgs_guided_w0.1": ["--method", "pcgs", "--pcgs.form", "guided", "--pcgs.guidance_weight", "0.1"],
+    "clip_higher": ["--method", "grpo", "--train.clip_range_high", "1.4e-3"],
+    "clip_cov": ["--method", "clip_cov", "--cov.variant", "perceptual"],
+    "clip_cov_native": ["--method", "clip_cov", "--cov.variant", "native"],
+    "kl_cov": ["--method", "kl_cov", "--cov.variant", "perceptual"],
+    "kl_cov_native": ["--method", "kl_cov", "--cov.variant", "native"],
 }
-DIVERSITY_KEY = "dist/simclr"
-# Two seeds: differences of a few hundredths in Overall between one-seed runs were within the noise.
-SEEDS = (0, 1)
+COMMON = ["--train.minibatches", "2"]
+ALIASES = {"entropy_bonus": "grpo"}  # table row -> the run it is by construction
+GUIDANCE_SUFFIX = "+guidance"
+MILESTONES = 5  # evaluated checkpoints per run: every 20% of it
+
+
+def guided(row: str) -> bool:
+    """Whether `row` is a PCGS guided run (evaluated twice: alone and with its guidance)."""
+    return "--pcgs.form" in ROWS[row] and ROWS[row][ROWS[row].index("--pcgs.form") + 1] == "guided"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one mode trains: seeds, steps per run, rows, and its time budget on 2 CPU cores."""
+
+    seeds: tuple[int, ...]
+    steps: int
+    rows: tuple[str, ...]
+    budget_min: float
+
+
+MODES = {"quick": Mode(seeds=(0, 1), steps=100, rows=tuple(ROWS), budget_min=45),
+         "full": Mode(seeds=(0, 1, 2), steps=300, rows=tuple(ROWS), budget_min=100)}
+
+
+def milestone_steps(steps: int) -> list[int]:
+    """The evaluated steps of a run of `steps`: every `steps // MILESTONES` (at least 1) and the last."""
+    every = max(1, steps // MILESTONES)
+    return sorted(set(range(every, steps + 1, every)) | {steps})
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    """The folder of one seed's runs."""
+    return out / f"seed{seed}"
 
 
 def run_status(run_dir: Path) -> str:
@@ -57,189 +105,132 @@ def run_status(run_dir: Path) -> str:
     return "partial" if has_checkpoint(run_dir) else "new"
 
 
-def seed_dir(out: Path, seed: int) -> Path:
-    """The folder of one seed's runs and evaluation."""
-    return out / f"seed{seed}"
+@dataclass
+class Job:
+    """One subprocess of the experiment: `cmd` (logged to `log`), finished when `done` exists; starts after
+    the job `after` (its key) has finished."""
+
+    key: str
+    cmd: list[str]
+    log: Path
+    done: Path
+    after: str | None = None
+    resume_flag: list[str] = field(default_factory=list)  # appended when the job's run is partial
 
 
-def train_all(out: Path, jobs: int, extra: Sequence[str], seeds: Sequence[int] = (0,)) -> None:
-    """Train every row for every seed (into out/seed<s>/<row>), `jobs` subprocesses at a time; raise if
-    one fails (its log is train.log)."""
-    pending = [(seed, name) for seed in seeds for name in ROWS if run_status(seed_dir(out, seed) / name) != "done"]
-    running: dict[tuple[int, str], subprocess.Popen] = {}
-    logs = {}
+def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
+    """Run the unfinished `jobs`, `parallel` at a time, each after its `after` job; raise (stopping the others)
+    when one fails, naming its log. Returns the seconds each job ran."""
+    pending = [job for job in jobs if not job.done.exists()]
+    finished = {job.key for job in jobs if job.done.exists()}
+    running: dict[str, tuple[Job, subprocess.Popen, float, object]] = {}
+    seconds: dict[str, float] = {}
     while pending or running:
-        while pending and len(running) < jobs:
-            key = pending.pop(0)
-            seed, name = key
-            run_dir = seed_dir(out, seed) / name
-            cmd = [sys.executable, "-m", "pec.train", "--run-dir", str(run_dir), "--logging.progress", "false",
-                   "--seed", str(seed), *ROWS[name], *extra]
-            if run_status(run_dir) == "partial":
-                cmd.append("--resume")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            logs[key] = open(run_dir / "train.log", "a")
-            print(f"[paper_table] training seed {seed} {name}: {' '.join(cmd[2:])}", flush=True)
-            running[key] = subprocess.Popen(cmd, stdout=logs[key], stderr=subprocess.STDOUT)
-        time.sleep(1.0)
-        for key, proc in list(running.items()):
+        for job in list(pending):
+            if len(running) >= parallel:
+                break
+            if job.after is not None and job.after not in finished:
+                continue
+            pending.remove(job)
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = job.cmd + (job.resume_flag if job.resume_flag and has_checkpoint(job.log.parent) else [])
+            log = open(job.log, "a")
+            print(f"[paper_table] {job.key}", flush=True)
+            running[job.key] = (job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(),
+                                log)
+        time.sleep(0.5)
+        for key, (job, proc, start, log) in list(running.items()):
             if proc.poll() is None:
                 continue
-            logs[key].close()
+            log.close()
             del running[key]
-            run_dir = seed_dir(out, key[0]) / key[1]
-            if proc.returncode != 0:
-                for other in running.values():
+            if proc.returncode != 0 or not job.done.exists():
+                for _, other, _, other_log in running.values():
                     other.terminate()
-                raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
-            print(f"[paper_table] finished seed {key[0]} {key[1]}", flush=True)
+                    other_log.close()
+                raise RuntimeError(f"{key} failed (exit {proc.returncode}); see {job.log}")
+            seconds[key] = time.perf_counter() - start
+            finished.add(key)
+    return seconds
 
 
-def _mean(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
-def _stats(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
-def _fmt(values: Sequence[float], digits: int) -> str:
-    """'mean ± sd (v1 / v2 ...)' over seeds, or the single value."""
-    m, sd = _stats(values)
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {sd:.{digits}f} (" + " / ".join(f"{v:.{digits}f}" for v in values) + ")"
-
-
-def check_claims(out: Path | Sequence[Path], results: dict | Sequence[dict], overall: dict | Sequence[dict]) -> str:
-    """The paper's three claims, checked against this experiment's numbers (markdown).
-
-    `out`: the folder holding the runs (grpo/metrics.jsonl), or one such folder per seed, with one
-    `results` (name -> evaluation metrics) and one `overall` (name -> Overall) per seed. Claim 1
-    must hold in every seed; claims 2 and 3 are judged on the means over seeds, and the per-seed
-    values and the spread (sample sd) are shown so differences within the noise are visible.
-    """
-    if isinstance(out, (str, Path)):
-        out, results, overall = [Path(out)], [results], [overall]
-    out, results, overall = [Path(o) for o in out], list(results), list(overall)
-    n = len(out)
-    lines = ["# Claims checked on the embedded world", "",
-             f"{n} seed{'s' if n > 1 else ''}; values are " + ("mean ± sd (per seed)" if n > 1 else "one run"), ""]
-    names = list(results[0])
-    div = {name: [r[name][DIVERSITY_KEY] for r in results] for name in names}
-    reward = {name: [r[name]["digit"] for r in results] for name in names}
-    mdiv = {name: _stats(v)[0] for name, v in div.items()}
-    mreward = {name: _stats(v)[0] for name, v in reward.items()}
-    claim1, details1 = [], []
-    for seed_out, res in zip(out, results):
-        grpo_rows = read_metrics(seed_out / "grpo" / "metrics.jsonl")
-        window = max(1, len(grpo_rows) // 5)
-        first, last = grpo_rows[:window], grpo_rows[-window:]
-        entropies = [r["policy_entropy"] for r in grpo_rows]
-        spread = max(entropies) - min(entropies)
-        rises = _mean(last, "reward_mean") > _mean(first, "reward_mean")
-        constant = spread <= 1e-6 * max(1.0, abs(entropies[0]))
-        falls = res["grpo"][DIVERSITY_KEY] < res[PRETRAINED][DIVERSITY_KEY]
-        claim1.append(rises and constant and falls)
-        tag = f"{seed_out.name}: " if n > 1 else ""
-        details1 += [f"   - {tag}training reward, first / last {window} steps: {_mean(first, 'reward_mean'):.4f} -> "
-                     f"{_mean(last, 'reward_mean'):.4f} ({'rises' if rises else 'does not rise'}); policy entropy "
-                     f"over {len(entropies)} steps: {entropies[0]:.6f}, max - min = {spread:.3g}; eval diversity "
-                     f"({DIVERSITY_KEY}): pretrained {res[PRETRAINED][DIVERSITY_KEY]:.4f}, GRPO "
-                     f"{res['grpo'][DIVERSITY_KEY]:.4f} ({'falls' if falls else 'does not fall'})"]
-    lines += [f"1. Under GRPO the reward rises, the policy entropy is constant, perceptual diversity falls: "
-              f"**{'PASS' if all(claim1) else 'FAIL'}** ({sum(claim1)}/{n} seeds)", *details1,
-              f"   - eval diversity loss of GRPO: {_fmt([p - g for p, g in zip(div[PRETRAINED], div['grpo'])], 4)} "
-              f"of pretrained {_fmt(div[PRETRAINED], 4)}", ""]
-    gap_grpo = mdiv[PRETRAINED] - mdiv["grpo"]
-    details, verdicts = [], []
-    for name in (x for x in names if x.startswith(("pec", "pcgs"))):
-        kept = gap_grpo > 0 and mdiv[PRETRAINED] - mdiv[name] < 0.5 * gap_grpo
-        similar = mreward[name] >= mreward[PRETRAINED] + 0.5 * (mreward["grpo"] - mreward[PRETRAINED])
-        verdicts.append(kept and similar)
-        details.append(f"   - {name}: diversity {_fmt(div[name], 4)} (loses {'less' if kept else 'more'} than half "
-                       f"of what GRPO loses), reward {_fmt(reward[name], 4)} vs GRPO {_fmt(reward['grpo'], 4)} and "
-                       f"pretrained {mreward[PRETRAINED]:.4f} ({'similar' if similar else 'lower'})")
-    lines += [f"2. PEC and PCGS keep diversity much closer to the pretrained model at a similar reward "
-              f"(diversity loss < half of GRPO's, at least half of GRPO's reward gain): "
-              f"**{'PASS' if verdicts and all(verdicts) else 'FAIL'}** ({sum(verdicts)}/{len(verdicts)} rows)",
-              f"   - GRPO: diversity {_fmt(div['grpo'], 4)}, pretrained {_fmt(div[PRETRAINED], 4)}",
-              *details]
-    ov = {name: [o[name] for o in overall] for name in names}
-    mov = {name: _stats(v)[0] for name, v in ov.items()}
-    pec_rows = [x for x in names if x.startswith("pec")]
-    best = max(pec_rows, key=lambda x: mov[x])
-    per_seed = [all(o[x] > o["grpo"] for x in pec_rows) for o in overall]
-    lines += ["", f"3. Overall is higher for PEC than for GRPO: "
-              f"**{'PASS' if all(mov[x] > mov['grpo'] for x in pec_rows) else 'FAIL'}** "
-              f"(" + ", ".join(f"{x} {_fmt(ov[x], 3)}" for x in pec_rows) + f", GRPO {_fmt(ov['grpo'], 3)}; "
-              f"best {best})" + (f"; every PEC row above GRPO in {sum(per_seed)}/{n} seeds" if n > 1 else ""), ""]
-    return "\n".join(lines)
-
-
-def mean_table(tables: Sequence, names: Sequence[str]) -> str:
-    """Markdown of the per-seed min-max tables averaged over seeds: raw columns as means, Q-norm,
-    D-norm and Overall as mean ± sd (each seed normalised over its own rows)."""
-    t0 = tables[0]
-    header = ["run", *t0.quality, "Q-norm", *t0.diversity, "D-norm", "Overall"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def pm(values: list[float]) -> str:
-        m, sd = _stats(values)
-        return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ± {sd:.3f}"
-
-    for name in names:
-        raw = lambda c: f"{_stats([t.raw[name][c] for t in tables])[0]:.4g}"  # noqa: E731
-        cells = [name, *(raw(c) for c in t0.quality), pm([t.quality_avg[name] for t in tables]),
-                 *(raw(c) for c in t0.diversity), pm([t.diversity_avg[name] for t in tables]),
-                 pm([t.overall[name] for t in tables])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def plan(out: Path, mode: Mode, images: int, extra: Sequence[str]) -> list[Job]:
+    """The jobs of an experiment: the pretrained model's evaluation, and per seed and row its training run,
+    then the evaluation of its milestones (twice for a guided row)."""
+    py = [sys.executable, "-m"]
+    evaluate = ["--eval.images_per_prompt", str(images), *extra]
+    jobs = [Job("evaluate pretrained", [*py, "pec.evaluate", PRETRAINED, "--out", str(out / PRETRAINED), *evaluate],
+                out / PRETRAINED / "evaluate.log", out / PRETRAINED / "metrics.json")]
+    steps = milestone_steps(mode.steps)
+    for seed in mode.seeds:
+        for row in mode.rows:
+            run = seed_dir(out, seed) / row
+            train_key = f"train seed {seed} {row}"
+            jobs.append(Job(train_key, [*py, "pec.train", "--run-dir", str(run), "--logging.progress", "false",
+                                        "--seed", str(seed), "--train.steps", str(mode.steps),
+                                        "--logging.milestone_every", str(max(1, mode.steps // MILESTONES)),
+                                        *COMMON, *ROWS[row], *extra],
+                            run / "train.log", run / "samples_end.png", resume_flag=["--resume"]))
+            readings = [("eval", [])] + ([("eval_guided", ["--eval.guidance", "true"])] if guided(row) else [])
+            for folder, options in readings:
+                jobs.append(Job(f"evaluate seed {seed} {row} ({folder})",
+                                [*py, "pec.evaluate", *(f"{run}@{s}" for s in steps), "--out", str(run / folder),
+                                 *options, *evaluate],
+                                run / folder / "evaluate.log", run / folder / "metrics.json", after=train_key))
+    return jobs
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.experiments.paper_table`."""
+    from pec.experiments.paper_report import write_report
+
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="python -m pec.experiments.paper_table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/paper_table", help="output folder (default: runs/paper_table)")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs at a time (default: 2, one per core)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
-                        help="training seeds; every row is trained once per seed "
-                             f"(default: {' '.join(map(str, SEEDS))})")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the quick mode (default)")
+    which.add_argument("--full", dest="mode", action="store_const", const="full", help="the full mode (the README's)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/paper_table/<mode>)")
+    parser.add_argument("--jobs", type=int, default=2, help="subprocesses at a time (default: 2, one per core)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the mode's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the mode's)")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
+                        help="train only these rows (default: every row); grpo is always trained")
     parser.add_argument("--eval.images_per_prompt", dest="images", type=int, default=32,
                         help="images per prompt at evaluation (default: 32)")
     args = parser.parse_args(argv)
+    base = MODES[args.mode or "quick"]
+    rows = tuple(dict.fromkeys(["grpo", *(args.rows or base.rows)]))
+    mode = Mode(seeds=tuple(args.seeds or base.seeds), steps=args.steps or base.steps, rows=rows,
+                budget_min=base.budget_min)
     if args.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit("--seeds must be distinct")
-    out = Path(args.out)
+    if len(set(mode.seeds)) != len(mode.seeds):
+        raise SystemExit(f"--seeds must be distinct, got {list(mode.seeds)}")
+    if mode.steps < 2:
+        raise SystemExit(f"--steps must be >= 2 (a curve needs two milestones), got {mode.steps}")
+    out = Path(args.out or f"runs/paper_table/{args.mode or 'quick'}")
     out.mkdir(parents=True, exist_ok=True)
+    print(f"[paper_table] {args.mode or 'quick'} mode: seeds {list(mode.seeds)}, {mode.steps} steps, rows "
+          f"{list(mode.rows)}, {args.jobs} jobs, into {out}", flush=True)
     start = time.perf_counter()
-    train_all(out, args.jobs, extra, args.seeds)
-    trained = time.perf_counter()
-    dirs = [seed_dir(out, seed) for seed in args.seeds]
-    results, tables = [], []
-    for d in dirs:
-        res, table = evaluate([PRETRAINED, *(str(d / n) for n in ROWS)], d / "eval",
-                              {"eval": {"images_per_prompt": args.images}}, names=[PRETRAINED, *ROWS])
-        results.append(res)
-        tables.append(table)
-    claims = check_claims(dirs, results, [t.overall for t in tables])
-    (out / "table.md").write_text(mean_table(tables, [PRETRAINED, *ROWS]))
-    plot_metrics(read_metrics(dirs[0] / "grpo" / "metrics.jsonl"), ("reward_mean", "policy_entropy", "diversity"),
-                 out / "grpo_curves.png", "GRPO")
+    seconds = run_jobs(plan(out, mode, args.images, extra), args.jobs)
+    jobs_done = time.perf_counter()
+    report = write_report(out, mode)
     wall = time.perf_counter() - start
-    summary = (f"{claims}\nWall time: {wall / 60:.1f} min (training {(trained - start) / 60:.1f} min, "
-               f"evaluation {(wall - (trained - start)) / 60:.1f} min), {args.jobs} jobs, seeds "
-               f"{' '.join(map(str, args.seeds))}.\n")
-    (out / "claims.md").write_text(summary)
+    timing = {"mode": args.mode or "quick", "wall_min": wall / 60, "jobs_min": (jobs_done - start) / 60,
+              "report_min": (wall - (jobs_done - start)) / 60, "budget_min": mode.budget_min, "jobs": args.jobs,
+              "train_min": sum(v for k, v in seconds.items() if k.startswith("train")) / 60,
+              "evaluate_min": sum(v for k, v in seconds.items() if k.startswith("evaluate")) / 60,
+              "seconds_per_job": seconds}
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    summary = (f"Wall time {wall / 60:.1f} min (budget {mode.budget_min:g} min; subprocesses "
+               f"{(jobs_done - start) / 60:.1f} min: training {timing['train_min']:.1f} and evaluation "
+               f"{timing['evaluate_min']:.1f} process-min on {args.jobs} at a time; report "
+               f"{timing['report_min']:.1f} min). Work finished by an earlier invocation is not counted.")
+    (out / "claims.md").write_text(report + "\n" + summary + "\n")
     print((out / "table.md").read_text())
+    print(report)
     print(summary)
 
 

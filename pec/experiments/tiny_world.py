@@ -16,7 +16,8 @@ from pec.perceptual.networks import NETWORKS, save_network
 
 TINY_MODEL = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
 TINY_NETWORKS = {"classifier": {"width": 4, "feature_dim": 8}, "simclr": {"width": 4, "feature_dim": 8},
-                 "autoencoder": {"width": 4, "latent_dim": 6}}
+                 "autoencoder": {"width": 4, "latent_dim": 6}, "gold": {"hidden": 8},
+                 "simclr_eval": {"width": 4, "feature_dim": 8}}
 
 
 def write_tiny_world(folder: str | Path, seed: int = 0) -> Path:

@@ -1,4 +1,5 @@
-"""The small convolutional networks of the digits world: reward classifier, SimCLR encoder, autoencoder.
+"""The small networks of the digits world: reward classifier, SimCLR encoder, autoencoder, and the
+evaluation-only gold classifier (an MLP) and second SimCLR encoder.
 
 All take images (B, 1, 8, 8) in [0, 1]. They are trained by `pec.pretrain` and stored as
 safetensors files whose metadata holds the constructor arguments, so `load_network` rebuilds them.
@@ -80,8 +81,32 @@ class Autoencoder(nn.Module):
         return self.decoder(self.features(images)).reshape(-1, 1, 8, 8)
 
 
+class GoldClassifier(nn.Module):
+    """The "gold" digit classifier: an MLP on the pixels (another architecture than the reward classifier's
+    conv net), trained by `pec.pretrain` on digits the reward classifier never saw. Evaluation only: reward
+    hacking of the trained classifier shows as a gap between its reward and this one's (Gao et al. 2023)."""
+
+    def __init__(self, hidden: int = 256, num_classes: int = 10) -> None:
+        super().__init__()
+        self.config = {"hidden": hidden, "num_classes": num_classes}
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.SiLU(), nn.Dropout(0.2),
+                                   nn.Linear(hidden, hidden // 2), nn.SiLU())
+        self.head = nn.Linear(hidden // 2, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, hidden // 2) penultimate features of images in [0, 1]."""
+        return self.trunk(images * 2 - 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) logits."""
+        return self.head(self.features(images))
+
+
+# File name (without .safetensors) -> class. "simclr_eval" is a second SimCLR encoder (another seed), the
+# evaluation-only perceptual space; "gold" the evaluation-only classifier.
 NETWORKS: dict[str, type[nn.Module]] = {"classifier": DigitClassifier, "simclr": SimCLREncoder,
-                                        "autoencoder": Autoencoder}
+                                        "autoencoder": Autoencoder, "gold": GoldClassifier,
+                                        "simclr_eval": SimCLREncoder}
 
 
 def save_network(network: nn.Module, path: str | Path) -> None:
