@@ -36,7 +36,8 @@ def group_entropy(features: torch.Tensor, *, estimator: str = "knn", k: int = 3,
         valid: optional (G, n) bool mask of the samples to use (`pec.run_safety`). Each group's entropy
             is then estimated from its valid samples alone (their features may be NaN elsewhere); a
             group with too few valid samples (k + 1 for kNN, 2 for the Gaussian fit) and every invalid
-            sample get 0. Reading the mask costs one host sync; all-valid masks take the batched path.
+            sample get 0. The estimators take the mask on the device: no host synchronisation, and an
+            all-valid mask gives the unmasked result.
         check_finite: check the (used) features for NaN/Inf, at one host sync; the trainer, which has
             already masked every non-finite sample, passes False.
     """
@@ -46,31 +47,11 @@ def group_entropy(features: torch.Tensor, *, estimator: str = "knn", k: int = 3,
         check_tensor("valid", valid, ndims=(2,), dtypes=(torch.bool,))
         if valid.shape != features.shape[:2]:
             raise ValueError(f"valid must have shape (G, n) = {tuple(features.shape[:2])}, got {tuple(valid.shape)}")
-        if not bool(valid.all()):
-            return _masked_group_entropy(features, valid, estimator=estimator, k=k, per_dim=per_dim,
-                                         check_finite=check_finite)
     normalize = "per_dim" if per_dim else "none"
     if estimator == "gaussian":
-        out = gaussian_entropy(features.float(), normalize=normalize, check_finite=check_finite)
+        out = gaussian_entropy(features.float(), valid=valid, normalize=normalize, check_finite=check_finite)
     else:
         if not 1 <= k < features.shape[1]:
             raise ValueError(f"k must be in [1, n - 1] for groups of n = {features.shape[1]} samples, got {k}")
-        out = knn_entropy(features.float(), k=k, normalize=normalize, check_finite=check_finite)
+        out = knn_entropy(features.float(), k=k, valid=valid, normalize=normalize, check_finite=check_finite)
     return GroupEntropy(out.entropy, out.surprisal)
-
-
-def _masked_group_entropy(features: torch.Tensor, valid: torch.Tensor, *, estimator: str, k: int,
-                          per_dim: bool, check_finite: bool) -> GroupEntropy:
-    """`group_entropy` group by group on the valid rows (the rare path: some sample was masked)."""
-    entropy = torch.zeros(features.shape[0], dtype=torch.float32, device=features.device)
-    surprisal = torch.zeros(features.shape[:2], dtype=torch.float32, device=features.device)
-    needed = k + 1 if estimator == "knn" else 2
-    for g, keep in enumerate(valid.cpu()):
-        rows = keep.nonzero().reshape(-1).to(features.device)
-        if rows.numel() < needed:
-            continue
-        out = group_entropy(features[g, rows][None], estimator=estimator, k=k, per_dim=per_dim,
-                            check_finite=check_finite)
-        entropy[g] = out.entropy[0]
-        surprisal[g, rows] = out.surprisal[0]
-    return GroupEntropy(entropy, surprisal)

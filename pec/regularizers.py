@@ -98,7 +98,7 @@ def pcgs_reward(rewards: torch.Tensor, log_p_perc: torch.Tensor, log_p_theta: to
 
 
 def latent_group_log_density(latents: torch.Tensor, group_size: int, *, per_dim: bool = True,
-                             valid: torch.Tensor | None = None) -> torch.Tensor:
+                             valid: torch.Tensor | None = None, check_finite: bool = True) -> torch.Tensor:
     """The "latent_group" reading of log p_gen in the PCGS reward form: (B,) log-density of each
     generated latent under a diagonal Gaussian fitted to its group (the estimator of DESIGN.md 2.2,
     applied in the space the model generates in instead of a perceptual space).
@@ -113,7 +113,9 @@ def latent_group_log_density(latents: torch.Tensor, group_size: int, *, per_dim:
         per_dim: divide by the number of latent elements, like the perceptual surprisal with
             `perceptual.per_dim` and the mean-reduced policy log-prob.
         valid: optional (B,) bool mask (`pec.run_safety`): each group is fitted on its valid samples only,
-            and masked samples get 0.
+            and masked samples get 0 (the mask stays on the device).
+        check_finite: check the used latents for NaN/Inf (one host sync); the trainer, which has zeroed
+            every non-finite value of the rollout, passes False.
     """
     check_tensor("latents", latents)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
@@ -123,7 +125,8 @@ def latent_group_log_density(latents: torch.Tensor, group_size: int, *, per_dim:
                          f"got shape {tuple(latents.shape)}")
     flat = latents.detach().float().reshape(-1, group_size, latents[0].numel())
     mask = None if valid is None else valid.reshape(-1, group_size)
-    return -group_entropy(flat, estimator="gaussian", per_dim=per_dim, valid=mask).surprisal.reshape(-1)
+    return -group_entropy(flat, estimator="gaussian", per_dim=per_dim, valid=mask,
+                          check_finite=check_finite).surprisal.reshape(-1)
 
 
 def policy_entropy(std: torch.Tensor | float, dim: int) -> torch.Tensor:

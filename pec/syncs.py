@@ -1,12 +1,13 @@
 """The trainer's host synchronisations, named in one place.
 
-A training step reads device values on the host at exactly these points, each wrapped in
+A training step reads device values on the host at exactly these two points, each wrapped in
 `documented_sync`, and nowhere else (a GPU test runs a step under
 `torch.cuda.set_sync_debug_mode("error")`, which these contexts lift):
-- the validity mask of the step (`pec.run_safety`), once per step: which samples and groups count
-  decides the shape of the masked entropy computations;
-- the finiteness decision of each optimizer update (loss and gradient norm), once per update;
+- the decision of each optimizer update, once per update, in one read: whether its loss and gradient
+  norm are finite and whether its minibatch (and the step) holds a valid sample;
 - the logged scalars, once per step, in one read.
+The step's validity mask (`pec.run_safety`) is never read on the host: the entropy estimators, the
+diversity metric, the advantages and the losses take it on the device as a mask of fixed shape.
 """
 from __future__ import annotations
 

@@ -131,7 +131,10 @@ class Trainer:
         self.start_step = 0
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
         self.preemption = PreemptionHandler()  # installed for the duration of `run`
-        self.bank: list[torch.Tensor] = []  # the regulariser space's features of the last bank_steps steps
+        # The regulariser space's features of the last bank_steps steps (whole batches, masked rows zeroed)
+        # and their validity masks.
+        self.bank: list[torch.Tensor] = []
+        self.bank_valid: list[torch.Tensor] = []
         if cfg.resume:
             self.resume()
         self.last_complete, self.last_saved, self.last_rng = self.start_step, self.start_step, rng_state()
@@ -221,7 +224,8 @@ class Trainer:
             else:
                 save_checkpoint(self.run_dir, step=step, model_state=model_state, optimizer_state=optimizer_state,
                                 config=to_dict(self.cfg), rng=self.last_rng,
-                                extra={"guard": self.guard.state(), "bank": [b.cpu() for b in self.bank]},
+                                extra={"guard": self.guard.state(), "bank": [b.cpu() for b in self.bank],
+                                       "bank_valid": [v.cpu() for v in self.bank_valid]},
                                 keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
         except NonFiniteStateError as err:
             raise TrainingStopped(f"{err}: the last checkpoint is still step {self.last_saved}") from None
@@ -257,7 +261,11 @@ class Trainer:
         self.policy.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         self.guard.load_state(ckpt.get("extra", {}).get("guard", {}))
-        self.bank = [b.to(self.device) for b in ckpt.get("extra", {}).get("bank", [])]
+        extra = ckpt.get("extra", {})
+        self.bank = [b.to(self.device) for b in extra.get("bank", [])]
+        # Checkpoints from before the masks held only valid rows.
+        self.bank_valid = [v.to(self.device) for v in extra.get(
+            "bank_valid", [torch.ones(b.shape[0], dtype=torch.bool) for b in self.bank])]
         self.start_step = ckpt["step"]
         if self.dist.is_main:
             print(f"pec.train: resuming from {ckpt['path']} (step {self.start_step})", file=sys.stderr)
@@ -305,16 +313,15 @@ class Trainer:
                      for name, encoder in self.encoders.items()}
         return rewards, feats
 
-    def perceptual_stats(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, all_valid: bool
+    def perceptual_stats(self, feats: dict[str, torch.Tensor], valid: torch.Tensor
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-group perceptual entropies (kNN and Gaussian) and within-group diversity in each space over
         the valid samples, and the regulariser's per-sample surprisal in `perceptual.space` (0 for
         invalid samples). `feats` hold whole groups of `sampling.group_size` consecutive samples;
-        `valid` is their (B,) mask on the device, `all_valid` whether it is all true (read on the host
-        already). Returns ({key: (G,) tensor}, surprisal (B,))."""
+        `valid` is their (B,) mask on the device, which the estimators take as it is (no host read).
+        Returns ({key: (G,) tensor}, surprisal (B,))."""
         p, n = self.cfg.perceptual, self.cfg.sampling.group_size
-        mask = valid.reshape(-1, n)
-        group_mask = None if all_valid else mask
+        group_mask = valid.reshape(-1, n)
         per_group: dict[str, torch.Tensor] = {}
         surprisal = None
         for name, f in feats.items():
@@ -330,8 +337,8 @@ class Trainer:
                 surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
         return per_group, surprisal
 
-    def step_perceptual(self, feats: dict[str, torch.Tensor], valid: torch.Tensor, valid_host: torch.Tensor,
-                        all_valid: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def step_perceptual(self, feats: dict[str, torch.Tensor], valid: torch.Tensor
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """`perceptual_stats` over the step's global batch, laid out by `dist.placement`: the logged means
         over valid groups (0-dim tensors, identical on every rank) and this rank's surprisal; with
         `perceptual.batch_metric`/`bank_steps`/`scope batch`, the kNN entropy of the whole batch too."""
@@ -342,10 +349,9 @@ class Trainer:
         if spread:
             # A group lives on every rank: gather each space's features, and every rank computes all groups.
             gathered = {name: self.dist.all_gather(f, self.order) for name, f in feats.items()}
-            per_group, surprisal = self.perceptual_stats(gathered, valid, all_valid)
+            per_group, surprisal = self.perceptual_stats(gathered, valid)
         else:
-            local_all_valid = bool(valid_host[self.place.global_index].all())  # host data: no sync
-            per_group, surprisal = self.perceptual_stats(feats, valid[index], local_all_valid)
+            per_group, surprisal = self.perceptual_stats(feats, valid[index])
             keys = list(per_group)
             stacked = self.dist.all_gather(torch.stack([per_group[k] for k in keys], dim=1))
             per_group = {k: stacked[:, i] for i, k in enumerate(keys)}
@@ -356,41 +362,45 @@ class Trainer:
             whole = gathered.get(p.space)
             if whole is None:
                 whole = self.dist.all_gather(feats[p.space], self.order)
-            batch_row, batch_surprisal = self.batch_entropy(whole, valid_host, all_valid)
+            batch_row, batch_surprisal = self.batch_entropy(whole, valid)
             row.update(batch_row)
             if p.scope == "batch":
                 return row, batch_surprisal[index]
         return row, surprisal[index] if spread else surprisal
 
-    def batch_entropy(self, feats: torch.Tensor, valid_host: torch.Tensor, all_valid: bool
-                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The kNN entropy of the regulariser's space over the step's valid samples (B, D), and against the
-        bank of earlier steps' features; returns the logged values and the per-sample batch surprisal
-        (B,) (0 for invalid samples). This is the large-N case the fused kNN kernel exists for."""
+    def batch_entropy(self, feats: torch.Tensor, valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The kNN entropy of the regulariser's space over the step's valid samples (B, D) (`valid` (B,) on
+        the device), as one masked group, and against the bank of earlier steps' features; returns the
+        logged values and the per-sample batch surprisal (B,) (0 for invalid samples). This is the
+        large-N case the fused kNN kernel exists for. No host read: with fewer than k + 1 valid samples
+        (every group masked) the batch entropy is 0, and so is the bank entropy with fewer than k valid
+        bank rows."""
         p = self.cfg.perceptual
-        rows = slice(None) if all_valid else valid_host.nonzero().reshape(-1).to(feats.device, non_blocking=True)
-        surprisal = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
         out: dict[str, torch.Tensor] = {}
-        x = feats[rows]  # a view when every sample is valid
         normalize = "per_dim" if p.per_dim else "none"
-        if x.shape[0] > p.k:
-            batch = knn_entropy(x, k=p.k, normalize=normalize, check_finite=False)
-            surprisal[rows] = batch.surprisal
+        surprisal = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
+        if feats.shape[0] > p.k:
+            batch = knn_entropy(feats, k=p.k, valid=valid, normalize=normalize, check_finite=False)
+            surprisal = batch.surprisal
             out[f"perc_knn_batch/{p.space}"] = batch.entropy
         if p.bank_steps:
-            if self.bank and x.shape[0]:
+            if self.bank:
                 bank = torch.cat(self.bank)
                 if bank.shape[0] >= p.k:
-                    against = knn_entropy(x, k=p.k, reference=bank, normalize=normalize, check_finite=False)
+                    against = knn_entropy(feats, k=p.k, reference=bank, valid=valid,
+                                          reference_valid=torch.cat(self.bank_valid), normalize=normalize,
+                                          check_finite=False)
                     out[f"perc_knn_bank/{p.space}"] = against.entropy
-            self.bank = (self.bank + [x.detach()])[-p.bank_steps:]
+            # Masked rows are zeroed: the bank is checkpointed, and NaN must not reach a later step.
+            self.bank = (self.bank + [zero_invalid(feats.detach(), valid)])[-p.bank_steps:]
+            self.bank_valid = (self.bank_valid + [valid])[-p.bank_steps:]
         return out, surprisal
 
     def shaped_rewards(self, rewards: torch.Tensor, surprisal: torch.Tensor, old_log_probs: torch.Tensor,
                        latents: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The (B, T) reward array of the method; `old_log_probs` (B, T) are the trained steps' log-probs,
-        `latents` (B, ...) the final latents (needed by PCGS's `latent_group` generation density) and
-        `valid` their mask when some sample is masked (the groups' latent fits leave masked samples out)."""
+        `latents` (B, ...) the final latents (needed by PCGS's `latent_group` generation density, zeroed where
+        not finite) and `valid` their mask (the groups' latent fits leave masked samples out)."""
         cfg = self.cfg
         num_trained = old_log_probs.shape[1]
         if cfg.method == "pec":
@@ -403,7 +413,7 @@ class Trainer:
                 if latents is None:
                     raise ValueError("pcgs.generation_density latent_group needs the rollout's final latents")
                 density = latent_group_log_density(latents, cfg.sampling.group_size, per_dim=cfg.perceptual.per_dim,
-                                                   valid=valid)
+                                                   valid=valid, check_finite=False)
                 log_p_gen = density[:, None].expand_as(old_log_probs)
             return pcgs_reward(rewards, -surprisal, log_p_gen, cfg.pcgs.lambda_, omega)
         if cfg.method == "entropy_sample":
@@ -425,8 +435,8 @@ class Trainer:
         entry lists the updates that were skipped and why).
 
         Until its first optimizer update the step may be abandoned by a SIGTERM/SIGINT (`Preempted`).
-        Host syncs: one read of the validity mask, one finiteness decision per optimizer update and
-        one read of the logged scalars at the end.
+        Host syncs (`pec.syncs`): one decision per optimizer update (finiteness, and whether it has a valid
+        sample) and one read of the logged scalars at the end; the validity mask stays on the device.
         """
         cfg = self.cfg
         times: dict[str, float] = {}
@@ -446,27 +456,24 @@ class Trainer:
             trained_rows = slice(trained[0], trained[-1] + 1)
             old_log_probs = rollout.log_probs[trained_rows].T.float()  # (B_local, T_trained)
             index = self.index
-            # Masks over the step's global batch (identical on every rank); one host read of them.
+            # Masks over the step's global batch (identical on every rank), kept on the device: every use
+            # below is a masked computation of fixed shape, so no host read of them.
             finite = self.dist.all_gather(finite_samples(rewards, rollout.images, old_log_probs, *feats.values()),
                                           self.order)
             valid = group_validity(finite, cfg.sampling.group_size, cfg.perceptual.k + 1)
-            with documented_sync():
-                valid_host = valid.cpu()
-            all_valid = bool(valid_host.all())
             local_valid = valid[index]
-            if not all_valid:
-                # No NaN of a masked sample may reach a forward or backward pass of the update.
-                rollout.latents = zero_invalid(rollout.latents, local_valid, dim=1)
-                rollout.log_probs = zero_invalid(rollout.log_probs, local_valid, dim=1)
-                if rollout.guidance is not None:
-                    rollout.guidance = zero_invalid(rollout.guidance, local_valid, dim=1)
-                old_log_probs = rollout.log_probs[trained_rows].T.float()
-            perc_row, surprisal = self.step_perceptual(feats, valid, valid_host, all_valid)
+            # No NaN of a masked sample may reach a forward or backward pass of the update (a copy where
+            # every sample is valid, with the same values).
+            rollout.latents = zero_invalid(rollout.latents, local_valid, dim=1)
+            rollout.log_probs = zero_invalid(rollout.log_probs, local_valid, dim=1)
+            if rollout.guidance is not None:
+                rollout.guidance = zero_invalid(rollout.guidance, local_valid, dim=1)
+            old_log_probs = rollout.log_probs[trained_rows].T.float()
+            perc_row, surprisal = self.step_perceptual(feats, valid)
             times["perceptual"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1],
-                                         valid=None if all_valid else local_valid)
+            shaped = self.shaped_rewards(rewards, surprisal, old_log_probs, rollout.latents[-1], valid=local_valid)
             # Group statistics need every reward of a group: gather [R, R~] (B x (1 + T) floats).
             both = self.dist.all_gather(torch.cat([rewards[:, None], shaped], dim=1), self.order)
             rewards, shaped = both[:, 0], both[:, 1:]
@@ -475,8 +482,7 @@ class Trainer:
                                           clip=cfg.train.adv_clip, valid=valid,
                                           num_groups=shaped.shape[0] // cfg.sampling.group_size)
             cov = self.covariance_selection(step, old_log_probs, surprisal, advantages, valid)
-            train_row, causes = self.update(step, rollout, trained, advantages[index], local_valid, valid_host,
-                                            cov=cov)
+            train_row, causes = self.update(step, rollout, trained, advantages[index], local_valid, valid, cov=cov)
             times["train"] = time.perf_counter() - t
             times["step"] = time.perf_counter() - t0
 
@@ -535,12 +541,15 @@ class Trainer:
                 for m in range(cfg.train.minibatches)]
 
     def update(self, step: int, rollout, trained: list[int], advantages: torch.Tensor, valid: torch.Tensor,
-               valid_host: torch.Tensor, cov: CovSelection | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+               global_valid: torch.Tensor, cov: CovSelection | None = None
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """`train.minibatches` optimizer updates on the rollout.
 
-        Masked samples (`valid` False) add nothing to the loss. An update whose loss or gradient is not
-        finite is skipped (weights and optimizer moments untouched), and so is every update of a step
-        without a valid sample. `cov` (Clip-Cov / KL-Cov) detaches or penalises its selected entries.
+        Masked samples (`valid` False: this rank's rows; `global_valid`: the step's whole batch, both on
+        the device) add nothing to the loss. An update whose loss or gradient is not finite is skipped
+        (weights and optimizer moments untouched), and so is an update whose minibatch has no valid
+        sample (with a cause when the whole step has none). Each update decides with one host read.
+        `cov` (Clip-Cov / KL-Cov) detaches or penalises its selected entries.
         Returns the averaged diagnostics (0-dim device tensors) and the causes of the skipped updates.
         """
         cfg = self.cfg
@@ -613,14 +622,18 @@ class Trainer:
                     ratio_min = torch.minimum(ratio_min, stats.ratio_min.double())
             mb_loss = self.dist.all_reduce_(mb_loss.clone())
             grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            if not bool(valid_host[mb].any()):
-                if not bool(valid_host.any()):
+            # The update's one host read: finiteness of loss and gradient, and whether the minibatch and
+            # the step hold a valid sample.
+            mb_valid = global_valid[mb.to(self.device, non_blocking=True)].any()
+            decision = torch.stack([mb_loss.isfinite(), grad_norm.isfinite(), mb_valid, global_valid.any()])
+            with documented_sync():
+                loss_ok, grad_ok, mb_has_valid, step_has_valid = decision.tolist()
+            if not mb_has_valid:
+                if not step_has_valid:
                     causes.append(f"minibatch {mb_index}: no valid sample group (every group kept fewer than "
                                   f"perceptual.k + 1 = {cfg.perceptual.k + 1} samples with a finite reward, "
                                   f"image, features and log-probs)")
                 continue
-            with documented_sync():
-                loss_ok, grad_ok = torch.stack([mb_loss, grad_norm.double()]).isfinite().tolist()
             if not (loss_ok and grad_ok):
                 causes.append(f"minibatch {mb_index}: non-finite {'loss' if not loss_ok else 'gradient'}")
                 continue
