@@ -100,6 +100,13 @@ def test_fake_implementations_on_meta_tensors(dtype):
     assert ops.knn_grouped_pair_distances(x, idx).shape == (4, 10, 3)
     grad = ops.knn_grouped_pair_grad(x, idx, dist)
     assert (grad.shape, grad.dtype) == ((4, 10, 6), torch.float32)
+    # The optional per-row inputs: knn_entropy's mask and the cosine metric's inverse norms.
+    valid = torch.empty(4, 10, device="meta", dtype=torch.bool)
+    scale = torch.empty(4, 10, device="meta")
+    masked_idx, masked_dist = ops.knn_grouped_select(x, 3, valid, scale)
+    assert (masked_idx.shape, masked_dist.dtype) == ((4, 10, 3), torch.float32)
+    assert ops.knn_grouped_pair_distances(x, idx, scale).shape == (4, 10, 3)
+    assert ops.knn_grouped_pair_grad(x, idx, dist, scale).shape == (4, 10, 6)
 
     lat = torch.empty(5, 24, device="meta", dtype=dtype)
     for rollout, need_mean, with_ref in ((True, False, True), (False, True, False)):
@@ -121,8 +128,12 @@ def test_opcheck_on_gpu():
     ops = torch.ops.pec
     x = torch.randn(3, 12, 8, device="cuda")
     idx, dist = ops.knn_grouped_select(x, 3)
+    valid = torch.rand(3, 12, device="cuda") < 0.7
+    scale = torch.rand(3, 12, device="cuda") + 0.5
     for op, args in ((ops.knn_grouped_select, (x, 3)), (ops.knn_grouped_pair_distances, (x, idx)),
-                     (ops.knn_grouped_pair_grad, (x, idx, torch.rand_like(dist)))):
+                     (ops.knn_grouped_pair_grad, (x, idx, torch.rand_like(dist))),
+                     (ops.knn_grouped_select, (x, 3, valid, scale)), (ops.knn_grouped_pair_distances, (x, idx, scale)),
+                     (ops.knn_grouped_pair_grad, (x, idx, torch.rand_like(dist), scale))):
         torch.library.opcheck(op, args)
     lat = torch.randn(4, 40, device="cuda", dtype=torch.bfloat16)
     vels = [torch.randn_like(lat), torch.randn_like(lat)]
@@ -142,8 +153,12 @@ def test_compiled_step_calls_the_cuda_ops_without_graph_breaks():
     compiled with Inductor and fullgraph=True, matches eager."""
     torch._dynamo.reset()
 
+    valid = torch.rand(8, 24, device="cuda") < 0.8
+
     def step(features, x, v, prev, sigma):
         entropy = knn_entropy(features, 3, backend="cuda", check_finite=False).entropy
+        entropy = entropy + knn_entropy(features, 3, valid=valid, metric="cosine", backend="cuda",
+                                        check_finite=False).entropy
         out = sde_step_logprob(x, v, sigma, sigma * 0.5, prev_sample=prev, backend="cuda")
         return out.log_prob.sum() + entropy.sum()
 

@@ -55,6 +55,23 @@ def test_knn_entropy_syncs_only_for_the_finiteness_check(backend, with_reference
     assert _reads(run(False)) == 0  # no index-range check on the indices select produced, forward or backward
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_masked_knn_and_gaussian_entropy_never_read_the_mask(backend):
+    """The mask's counts and the per-group constants stay on the device (issue 11, item 4)."""
+    x = torch.randn(3, 10, 4, requires_grad=True)
+    valid = torch.rand(3, 10) < 0.6
+    bank, bank_valid = torch.randn(12, 4), torch.rand(12) < 0.5
+
+    def fn():
+        out = knn_entropy(x, 3, valid=valid, metric="cosine", backend=backend, check_finite=False)
+        against = knn_entropy(x, 2, reference=bank, valid=valid, reference_valid=bank_valid, backend=backend,
+                              check_finite=False)
+        gauss = gaussian_entropy(x, valid=valid, check_finite=False)
+        (out.entropy.sum() + against.surprisal.sum() + gauss.entropy.sum()).backward()
+
+    assert _reads(fn) == 0
+
+
 def test_pair_functions_check_indices_given_from_outside():
     x = torch.randn(1, 6, 3)
     bad = torch.tensor([[[0], [2], [1], [6], [0], [1]]])

@@ -161,3 +161,47 @@ def test_16bit_gradients_on_gpu(dtype):
         grads.append(leaf.grad.float())
     cosine = torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
     assert cosine.item() > 0.99
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_masked_and_cosine_paths_match_float64_torch(backend, dtype, metric):
+    """knn_entropy's `valid` mask (NaN in masked rows, groups with too few valid rows) and the cosine metric
+    normalised in the kernels, forward and backward, against the torch backend in float64."""
+    backend = _backend_or_skip(backend)
+    g, n, dim, k = 32, 120, 64, 4
+    x = torch.randn(g, n, dim, device=DEVICE) + 0.3
+    valid = torch.rand(g, n, device=DEVICE) < 0.8
+    valid[1] = False
+    valid[1, :k] = True  # k valid rows: too few, entropy 0
+    valid[2] = False
+    x = torch.where(valid[..., None], x, torch.full_like(x, float("nan"))).to(dtype)
+    leaf = x.clone().requires_grad_()
+    out = knn_entropy(leaf, k, valid=valid, metric=metric, normalize="per_dim", backend=backend)
+    weights = torch.randn(g, n, device=DEVICE)
+    (grad,) = torch.autograd.grad((out.surprisal * weights).sum(), leaf)
+    ref_leaf = x.double().requires_grad_()
+    ref = knn_entropy(ref_leaf, k, valid=valid, metric=metric, normalize="per_dim", backend="torch")
+    (ref_grad,) = torch.autograd.grad((ref.surprisal * weights.double()).sum(), ref_leaf)
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.entropy.double(), ref.entropy, rtol=0, atol=tol)
+    torch.testing.assert_close(out.surprisal.double(), ref.surprisal, rtol=0, atol=10 * tol)
+    assert (out.entropy[1:3] == 0).all() and (out.index[~valid] == -1).all()
+    assert torch.isfinite(grad).all() and (grad[~valid] == 0).all()
+    scale = ref_grad.abs().max()
+    assert ((grad.double() - ref_grad).abs().mean() / scale) < tol
+
+
+def test_triton_cosine_extra_memory_has_no_normalised_copy():
+    """metric="cosine" scales rows by their inverse norms inside the kernels: the forward's extra memory
+    stays O(N·k) (the fp32 normalised copy alone would be N·D·4 bytes)."""
+    n, dim, k = 65536, 512, 5
+    x = torch.randn(n, dim, device=DEVICE, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    knn_entropy(x, k, metric="cosine", backend="triton", check_finite=False)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 64 * n * k + (8 << 20), extra

@@ -133,8 +133,7 @@ class _Masks(NamedTuple):
     scored: torch.Tensor
 
 
-def _masks(x_groups: torch.Tensor, ref_groups: torch.Tensor | None, valid: torch.Tensor,
-           ref_valid: torch.Tensor | None, k: int) -> _Masks:
+def _masks(ref_groups: torch.Tensor | None, valid: torch.Tensor, ref_valid: torch.Tensor | None, k: int) -> _Masks:
     """_Masks of grouped inputs: valid (G, n); ref_valid (G|1, M) or None (every bank row counts)."""
     if ref_groups is None:
         counts = valid.sum(-1) - 1  # the other valid rows of the group
@@ -221,7 +220,7 @@ def _validated(x: object, k: object, reference: object, valid: object, reference
         valid if valid.dim() == 2 else valid.unsqueeze(0))
     ref_valid_groups = None if reference_valid is None else (
         reference_valid if reference_valid.dim() == 2 else reference_valid.unsqueeze(0))
-    return x_groups, ref_groups, _masks(x_groups, ref_groups, valid_groups, ref_valid_groups, k)
+    return x_groups, ref_groups, _masks(ref_groups, valid_groups, ref_valid_groups, k)
 
 
 def _zero_masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
