@@ -40,25 +40,39 @@ from pathlib import Path
 
 import torch
 
-from pec.checkpoint import checkpoint_at, load_checkpoint
-from pec.config import (Config, add_config_arguments, apply_dict, load_yaml, merge_dicts, overrides_from_args,
-                        to_dict)
 from pec.assets import ASSETS_DIR
+from pec.checkpoint import checkpoint_at, load_checkpoint
+from pec.config import (
+    Config,
+    add_config_arguments,
+    apply_dict,
+    load_yaml,
+    merge_dicts,
+    overrides_from_args,
+    to_dict,
+)
 from pec.data import Digits, load_digits, prompt_digit, to_unit
-from pec.data.splits import GOLD_FRACTION, HELDOUT_FRACTION, heldout_splits
 from pec.data.prompt_files import load_prompt_splits
+from pec.data.splits import GOLD_FRACTION, HELDOUT_FRACTION, heldout_splits
 from pec.logging_utils import save_figure, save_image_grid
-from pec.metrics import (NormalisedTable, mean_pairwise_distance, minmax_table, precision_recall_coverage, table_markdown,
-                         table_rows, vendi_score)
+from pec.metrics import (
+    NormalisedTable,
+    mean_pairwise_distance,
+    minmax_table,
+    precision_recall_coverage,
+    table_markdown,
+    table_rows,
+    vendi_score,
+)
 from pec.models import check_model_config
 from pec.perceptual import ENCODERS, EVAL_ONLY_SPACES, build_space, check_spaces
 from pec.perceptual.networks import load_network
 from pec.perceptual.real import SPACES as REAL_SPACES
 from pec.policy import Policy, resolve_device
-from pec.regularizers import entropy_guidance
+from pec.regularizers import pcgs_guidance
 from pec.rewards import REWARDS, build_reward, check_reward_spec, parse_reward_spec
 from pec.rewards.digit import DigitReward
-from pec.sampling import GuidanceFn, sample, sde_step_mask
+from pec.sampling import GuidanceFn, sample
 from pec.train import default_prompts
 
 PRETRAINED = "pretrained"
@@ -213,15 +227,13 @@ def sampling_guidance(policy: Policy, cfg: Config) -> Callable[[int], tuple[Guid
     if cfg.method != "pcgs" or cfg.pcgs.form != "guided":
         raise ValueError(f"eval.guidance needs a PCGS guided run (method pcgs, pcgs.form guided), got method "
                          f"{cfg.method!r}" + (f" form {cfg.pcgs.form!r}" if cfg.method == "pcgs" else ""))
-    p, train_group = cfg.perceptual, cfg.sampling.group_size
-    encoder = ENCODERS.build(p.space, device=next(policy.model.parameters()).device, directory=cfg.assets)
-    window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
-    weight = cfg.pcgs.guidance_weight * sde_step_mask(eval_steps(cfg), window).float()
+    train_group = cfg.sampling.group_size
+    encoder = ENCODERS.build(cfg.perceptual.space, device=next(policy.model.parameters()).device,
+                             directory=cfg.assets)
 
     def for_group(group: int) -> tuple[GuidanceFn, torch.Tensor]:
         size = train_group if group % train_group == 0 else group
-        return entropy_guidance(policy.model.decode, encoder, size, estimator=p.estimator, k=p.k,
-                                per_dim=p.per_dim), weight
+        return pcgs_guidance(cfg, policy.model.decode, encoder, size, eval_steps(cfg))
 
     return for_group
 

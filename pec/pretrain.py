@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from pec.assets import ASSETS_DIR
 from pec.data import Digits, augment, digit_prompt, load_digits, random_prompt, to_unit
+from pec.data.splits import heldout_splits
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.perceptual import EMBEDDED_SPACES, ENCODERS
-from pec.data.splits import heldout_splits
 from pec.perceptual.networks import NETWORKS, Autoencoder, SimCLREncoder, save_network
 from pec.rewards import REWARDS
 from pec.sampling import cfg_velocities, sample

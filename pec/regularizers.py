@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from pec.entropy import group_entropy
+from pec.sampling import sde_step_mask
 from pec_kernels._checks import check_choice, check_tensor
+
+if TYPE_CHECKING:
+    from pec.config import Config
 
 OMEGAS = ("uniform", "late", "early")
 # Readings of log p_gen in the PCGS reward form (`pcgs_reward`, `latent_group_log_density`).
@@ -141,7 +146,7 @@ def policy_entropy(std: torch.Tensor | float, dim: int) -> torch.Tensor:
 def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
                      encode: Callable[[torch.Tensor], torch.Tensor], group_size: int, *, estimator: str = "knn",
                      k: int = 3, per_dim: bool = True,
-                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None, check_finite: bool = True
                      ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A guidance function g(latents, sigma, v) for the guided PCGS sampler (`pec.sampling.sample`).
 
@@ -162,6 +167,7 @@ def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
         gather: with groups spread over processes, maps this rank's (G, group_size, D) features to the
             whole groups' (G, n, D), differentiably (`pec.distributed.DistContext.gather_group_samples`):
             each group's entropy then covers all its samples and the gradient flows back to this rank's.
+        check_finite: check the features for NaN/Inf at every guided step (one host sync each).
     """
     def guidance(latents: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -172,11 +178,29 @@ def entropy_guidance(decode: Callable[[torch.Tensor], torch.Tensor],
             groups = feats.reshape(-1, group_size, feats.shape[-1])
             if gather is not None:
                 groups = gather(groups)
-            total = group_entropy(groups, estimator=estimator, k=k, per_dim=per_dim).entropy.sum()
+            total = group_entropy(groups, estimator=estimator, k=k, per_dim=per_dim,
+                                  check_finite=check_finite).entropy.sum()
             (grad,) = torch.autograd.grad(total, x)
         return grad.to(latents.dtype)
 
     return guidance
+
+
+def pcgs_guidance(cfg: Config, decode: Callable[[torch.Tensor], torch.Tensor],
+                  encode: Callable[[torch.Tensor], torch.Tensor], group_size: int, num_steps: int,
+                  gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The guided PCGS form's sampler arguments (guidance_fn, per-step weights (num_steps,)) from `cfg`: the
+    entropy gradient in `perceptual.space` (`cfg.perceptual`'s estimator, k, per_dim) over groups of
+    `group_size` consecutive samples, weighted `pcgs.guidance_weight` on the steps of `pcgs.guidance_window`
+    (all steps when unset). One builder for the trainer's rollouts and `pec.evaluate --eval.guidance`.
+    It does not check the features for NaN/Inf (no host sync per guided step): a non-finite feature makes
+    the sample non-finite, and the run-safety mask drops it after the rollout."""
+    p = cfg.perceptual
+    guide = entropy_guidance(decode, encode, group_size, estimator=p.estimator, k=p.k, per_dim=p.per_dim,
+                             gather=gather, check_finite=False)
+    window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
+    return guide, cfg.pcgs.guidance_weight * sde_step_mask(num_steps, window).float()
 
 
 def _check_rows(**tensors: torch.Tensor) -> None:

@@ -46,25 +46,60 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pec.checkpoint import (NonFiniteStateError, config_mismatch, has_checkpoint, load_checkpoint, nonfinite_entries,
-                            rng_state, save_checkpoint, set_rng_state)
-from pec.config import Config, add_config_arguments, apply_dict, config_from_args, load_yaml, save_yaml, to_dict
+from pec.checkpoint import (
+    NonFiniteStateError,
+    config_mismatch,
+    has_checkpoint,
+    load_checkpoint,
+    nonfinite_entries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pec.config import (
+    Config,
+    add_config_arguments,
+    apply_dict,
+    config_from_args,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from pec.covariance import COV_METHODS, CovSelection, select_entries
 from pec.data import digit_prompt
 from pec.data.prompt_files import load_prompt_splits
-from pec.distributed import DistContext, gather_order, minibatch_plan, plain_tensor, sample_noise
+from pec.distributed import (
+    DistContext,
+    gather_order,
+    minibatch_plan,
+    plain_tensor,
+    sample_noise,
+)
 from pec.entropy import group_entropy
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
 from pec.metrics import group_pairwise_distance
 from pec.perceptual import build_space
 from pec.policy import Policy, latent_dim, resolve_device
-from pec.regularizers import (entropy_guidance, latent_group_log_density, omega_weights, pcgs_reward, pec_reward,
-                              policy_entropy)
+from pec.regularizers import (
+    latent_group_log_density,
+    omega_weights,
+    pcgs_guidance,
+    pcgs_reward,
+    pec_reward,
+    policy_entropy,
+)
 from pec.rewards import build_reward
-from pec.run_safety import (BadStepGuard, Preempted, PreemptionHandler, TrainingStopped, finite_samples, group_validity,
-                            zero_invalid)
-from pec.sampling import guided_velocity, sample, sde_step_mask, step_log_prob
+from pec.run_safety import (
+    BadStepGuard,
+    Preempted,
+    PreemptionHandler,
+    TrainingStopped,
+    finite_samples,
+    group_validity,
+    zero_invalid,
+)
+from pec.sampling import guided_velocity, sample, step_log_prob
 from pec.syncs import documented_sync
 from pec_kernels import knn_entropy
 
@@ -283,13 +318,10 @@ class Trainer:
         prompts = [self.prompts[chosen[i]] for i in self.place.prompt_slots]
         guidance_fn, guidance_weight = None, 0.0
         if cfg.method == "pcgs" and cfg.pcgs.form == "guided":
-            p = cfg.perceptual
             spread = cfg.dist.placement == "spread" and self.dist.active
-            guidance_fn = entropy_guidance(self.model.decode, self.encoders[p.space], self.place.group_size,
-                                           estimator=p.estimator, k=p.k, per_dim=p.per_dim,
-                                           gather=self.dist.gather_group_samples if spread else None)
-            window = tuple(cfg.pcgs.guidance_window) if cfg.pcgs.guidance_window else None
-            guidance_weight = cfg.pcgs.guidance_weight * sde_step_mask(s.num_steps, window).float()
+            guidance_fn, guidance_weight = pcgs_guidance(
+                cfg, self.model.decode, self.encoders[cfg.perceptual.space], self.place.group_size, s.num_steps,
+                gather=self.dist.gather_group_samples if spread else None)
         with torch.no_grad():
             noise = sample_noise(self.place.global_index, tuple(self.model.sample_shape), s.num_steps,
                                  step_seed(cfg.seed, step, stream=1), self.device)

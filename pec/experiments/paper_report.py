@@ -27,9 +27,22 @@ from pathlib import Path
 
 from pec.evaluate import PRETRAINED
 from pec.experiments.frontier import Curve, plot_frontiers
-from pec.experiments.paper_table import ALIASES, GUIDANCE_SUFFIX, Mode, guided, milestone_steps, seed_dir
-from pec.experiments.verdicts import (HOLDS, PairedVerdict, frontier_claim, paired_verdict, paper_subset,
-                                      table_claim_full_and_subset)
+from pec.experiments.paper_table import (
+    ALIASES,
+    GUIDANCE_SUFFIX,
+    Mode,
+    guided,
+    milestone_steps,
+    seed_dir,
+)
+from pec.experiments.verdicts import (
+    HOLDS,
+    PairedVerdict,
+    frontier_claim,
+    paired_verdict,
+    paper_subset,
+    table_claim_full_and_subset,
+)
 from pec.logging_utils import plt, read_metrics, save_figure
 from pec.metrics import NormalisedTable, minmax_table, table_markdown
 
@@ -109,12 +122,12 @@ def mean_table(tables: Sequence[NormalisedTable], names: Sequence[str]) -> str:
         m, sd = _stats(values)
         return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ± {sd:.3f}"
 
-    for name in names:
-        def raw(c: str) -> str:
-            return f"{_stats([t.raw[name][c] for t in tables])[0]:.4g}"
+    def raw(name: str, c: str) -> str:
+        return f"{_stats([t.raw[name][c] for t in tables])[0]:.4g}"
 
-        cells = [name, *(raw(c) for c in t0.quality), pm([t.quality_avg[name] for t in tables]),
-                 *(raw(c) for c in t0.diversity), pm([t.diversity_avg[name] for t in tables]),
+    for name in names:
+        cells = [name, *(raw(name, c) for c in t0.quality), pm([t.quality_avg[name] for t in tables]),
+                 *(raw(name, c) for c in t0.diversity), pm([t.diversity_avg[name] for t in tables]),
                  pm([t.overall[name] for t in tables])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
