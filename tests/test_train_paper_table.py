@@ -75,8 +75,8 @@ def test_rows_and_modes():
     assert ROWS["grpo_kl"][-2:] == ["--train.kl_units", "flow_grpo"]
     assert [r for r in ROWS if guided(r)] == ["pcgs_guided_w0.05", "pcgs_guided_w0.1"]
     assert ALIASES == {"entropy_bonus": "grpo"} and "entropy_bonus" not in ROWS  # GRPO by construction
-    assert MODES["full"].seeds == (0, 1, 2) and MODES["full"].steps == 300 and MODES["quick"].budget_min == 45
-    assert milestone_steps(300) == [60, 120, 180, 240, 300]
+    assert MODES["full"].seeds == (0, 1, 2) and MODES["full"].steps == 250 and MODES["quick"].budget_min == 45
+    assert milestone_steps(250) == [50, 100, 150, 200, 250]
     assert milestone_steps(2) == [1, 2] and milestone_steps(7) == [1, 2, 3, 4, 5, 6, 7]
 
 
