@@ -83,7 +83,7 @@ def load_points(out: Path, mode: Mode) -> tuple[dict[str, float], Points]:
             runs[row] = _read_evaluation(run / "eval")
             if guided(row):
                 runs[row + GUIDANCE_SUFFIX] = _read_evaluation(run / "eval_guided")
-        runs.update({alias: runs[target] for alias, target in ALIASES.items() if target in runs})
+            runs.update({alias: runs[row] for alias, target in ALIASES.items() if target == row})  # next to it
         points[seed] = runs
     return pretrained, points
 
