@@ -245,8 +245,12 @@ def plot_grids(out: Path, seed: int, last: int, path: Path) -> None:
     files = {row: (out / PRETRAINED / f"samples_{PRETRAINED}.png" if row == PRETRAINED else
                    seed_dir(out, seed) / row / "eval" / f"samples_{row}@{last}.png") for row in GRID_ROWS}
     files = {row: f for row, f in files.items() if f.exists()}
-    fig, axes = plt.subplots(1, len(files), figsize=(4.2 * len(files), 4.6), squeeze=False)
-    for ax, (row, f) in zip(axes[0], files.items()):
+    cols = 2 if len(files) > 2 else len(files)  # 2 x 2: large enough to tell the digits apart
+    rows = -(-len(files) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.0 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[len(files):]:
+        ax.axis("off")
+    for ax, (row, f) in zip(axes.flat, files.items()):
         ax.imshow(plt.imread(f), cmap="gray")
         ax.set_title(row if row == PRETRAINED else f"{row} (step {last})", fontsize=10)
         ax.axis("off")
