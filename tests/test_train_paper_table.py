@@ -1,6 +1,8 @@
 """The paper-table experiment: its claims on synthetic evaluations (paired verdicts over seeds, frontier
 comparisons, the table over the judged columns), and a tiny end-to-end run of the whole command."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -8,6 +10,7 @@ from pec.evaluate import PRETRAINED
 from pec.experiments import paper_report as report
 from pec.experiments.paper_table import (
     ALIASES,
+    COMMON,
     MODES,
     ROWS,
     Mode,
@@ -89,9 +92,14 @@ def test_end_to_end_tiny(tmp_path, tiny_world):
     """The whole command at 2 steps on a tiny random world: every output written, the guided row read twice,
     the alias row present, one seed's verdicts undecided."""
     out = tmp_path / "table"
+    world = ["--model.path", str(tiny_world / "embedded"), "--assets", str(tiny_world), "--sampling.num_steps", "2"]
+    # An interrupted GRPO run (1 of 2 steps, checkpointed): the command resumes it.
+    subprocess.run([sys.executable, "-m", "pec.train", "--run-dir", str(out / "seed0" / "grpo"), "--seed", "0",
+                    "--logging.progress", "false", "--train.steps", "2", "--train.stop_after", "1",
+                    "--logging.milestone_every", "1", *COMMON, *ROWS["grpo"], *world], check=True)
     main(["--out", str(out), "--steps", "2", "--seeds", "0", "--rows", "pcgs_guided_w0.05",
-          "--eval.images_per_prompt", "6", "--", "--model.path", str(tiny_world / "embedded"),
-          "--assets", str(tiny_world), "--sampling.num_steps", "2"])
+          "--eval.images_per_prompt", "6", "--", *world])
+    assert "resuming from" in (out / "seed0" / "grpo" / "train.log").read_text()
     for name in ("table.md", "table_seed0.md", "claims.md", "frontier.png", "grids.png", "timing.json"):
         assert (out / name).stat().st_size > 0, name
     table = (out / "table.md").read_text()

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pec.checkpoint import has_checkpoint
@@ -100,24 +100,18 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed{seed}"
 
 
-def run_status(run_dir: Path) -> str:
-    """'new', 'partial' (has a checkpoint, not finished) or 'done' (has its final sample grid)."""
-    if (run_dir / "samples_end.png").exists():
-        return "done"
-    return "partial" if has_checkpoint(run_dir) else "new"
-
-
 @dataclass
 class Job:
     """One subprocess of the experiment: `cmd` (logged to `log`), finished when `done` exists; starts after
-    the job `after` (its key) has finished."""
+    the job `after` (its key) has finished. A training job names its `run_dir`: when that holds a checkpoint
+    (an interrupted run), `--resume` is added."""
 
     key: str
     cmd: list[str]
     log: Path
     done: Path
     after: str | None = None
-    resume_flag: list[str] = field(default_factory=list)  # appended when the job's run is partial
+    run_dir: Path | None = None
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
@@ -135,7 +129,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
                 continue
             pending.remove(job)
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = job.cmd + (job.resume_flag if job.resume_flag and has_checkpoint(job.log.parent) else [])
+            cmd = job.cmd + (["--resume"] if job.run_dir is not None and has_checkpoint(job.run_dir) else [])
             log = open(job.log, "a")
             print(f"[paper_table] {job.key}", flush=True)
             running[job.key] = (job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(),
@@ -172,7 +166,7 @@ def plan(out: Path, mode: Mode, images: int, extra: Sequence[str]) -> list[Job]:
                                         "--seed", str(seed), "--train.steps", str(mode.steps),
                                         "--logging.milestone_every", str(max(1, mode.steps // MILESTONES)),
                                         *COMMON, *ROWS[row], *extra],
-                            run / "train.log", run / "samples_end.png", resume_flag=["--resume"]))
+                            run / "train.log", run / "samples_end.png", run_dir=run))
             readings = [("eval", [])] + ([("eval_guided", ["--eval.guidance", "true"])] if guided(row) else [])
             for folder, options in readings:
                 jobs.append(Job(f"evaluate seed {seed} {row} ({folder})",
