@@ -384,9 +384,6 @@ class Config:
         if self.perceptual.space not in self.perceptual.spaces:
             raise ValueError(f"perceptual.space {self.perceptual.space!r} must be one of perceptual.spaces "
                              f"{self.perceptual.spaces}")
-        if self.perceptual.space == "simclr_eval":  # pec.perceptual.EVAL_ONLY_SPACES (not imported: no cycle)
-            raise ValueError("perceptual.space 'simclr_eval' is the evaluation-only space (the paper table judges "
-                             "claims there because no regulariser uses it): choose simclr, classifier or autoencoder")
         if s.sde_window is not None:
             if len(s.sde_window) != 2 or not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
                 raise ValueError(f"sampling.sde_window must be two integers start < end within [0, num_steps="
@@ -442,12 +439,16 @@ def _check_local_weights(cfg: Config) -> None:
     and prompt files only, so a wrong path fails before any model loads."""
     from pec.data.prompt_files import load_prompt_splits
     from pec.models import check_model_config
-    from pec.perceptual import check_spaces
+    from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
     from pec.rewards import check_reward_spec
 
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths)
     check_spaces(cfg.perceptual.spaces, cfg.paths)
+    if cfg.perceptual.space in EVAL_ONLY_SPACES:
+        raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "
+                         f"judges claims there because no regulariser uses it): choose another of "
+                         f"perceptual.spaces")
     if cfg.data.prompts:
         load_prompt_splits(cfg.data.prompts)
 

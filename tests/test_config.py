@@ -45,6 +45,7 @@ def test_help_documents_every_option():
     (["--sampling.sde_window", "3", "2"], "sde_window"),
     (["--pec.lambda", "-1"], "pec.lambda must be >= 0"),
     (["--perceptual.space", "nope"], "perceptual.space"),
+    (["--perceptual.spaces", "simclr", "simclr_eval", "--perceptual.space", "simclr_eval"], "evaluation-only space"),
     (["--resume"], "--resume needs --run-dir"),
 ])
 def test_bad_configs_fail_with_a_message_saying_what_to_change(argv, match):

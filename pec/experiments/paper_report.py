@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pec.config import PerceptualConfig
 from pec.evaluate import PRETRAINED
 from pec.experiments.frontier import Curve, plot_frontiers
 from pec.experiments.paper_table import (
@@ -45,9 +46,11 @@ from pec.experiments.verdicts import (
 )
 from pec.logging_utils import plt, read_metrics, save_figure
 from pec.metrics import NormalisedTable, minmax_table, table_markdown
+from pec.perceptual import EVAL_ONLY_SPACES
 
-REGULARISED_SPACE = "simclr"  # perceptual.space of every regularised row (the default)
-JUDGE_SPACES = ("simclr_eval", "classifier", "autoencoder")
+REGULARISED_SPACE = PerceptualConfig().space  # every row trains with the default regulariser space
+# Evaluation-only space first (the held-out diversity), then the other default spaces no regulariser used.
+JUDGE_SPACES = (*EVAL_ONLY_SPACES, *(s for s in PerceptualConfig().spaces if s != REGULARISED_SPACE))
 HELDOUT_DIVERSITY = f"dist/{JUDGE_SPACES[0]}"
 QUALITY = ("digit", "gold", "contrast", "precision")
 DIVERSITY = (*(f"dist/{s}" for s in JUDGE_SPACES), *(f"vendi/{s}" for s in JUDGE_SPACES), "recall", "coverage")
