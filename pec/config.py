@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from pec.atomic import atomic_write_text
 from pec.covariance import COV_VARIANTS
 from pec.distributed import PLACEMENTS
 from pec.entropy import ESTIMATORS
@@ -522,9 +523,9 @@ def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    """Write `cfg` as YAML (the run folder's config.yaml)."""
-    with open(path, "w") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    """Write `cfg` as YAML (the run folder's config.yaml), atomically: a resume rewrites it, and a write cut
+    short (a full disk) must leave the old file whole, not one that silently lacks keys."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

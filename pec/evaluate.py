@@ -41,7 +41,9 @@ from pathlib import Path
 import torch
 
 from pec.assets import ASSETS_DIR
+from pec.atomic import atomic_write, atomic_write_text
 from pec.checkpoint import checkpoint_at, load_checkpoint
+from pec.cli import EXIT_CODES_HELP, expected_errors
 from pec.config import (
     Config,
     add_config_arguments,
@@ -75,6 +77,7 @@ from pec.rewards.digit import DigitReward
 from pec.sampling import GuidanceFn, sample
 from pec.train import default_prompts
 
+PROG = "pec.evaluate"
 PRETRAINED = "pretrained"
 EMBEDDED = "embedded"
 QUALITY_REWARDS = ("digit", "contrast")
@@ -296,13 +299,16 @@ def write_table(results: dict[str, dict[str, float]], quality: Sequence[str], di
     """The min-max table of `results` over the `quality` and `diversity` columns, written as table.md (with
     `notes` below it), table.csv, metrics.json and table.png in `out_dir`."""
     table = minmax_table(results, quality, diversity)
-    (out_dir / "table.md").write_text(table_markdown(table) + notes)
+    atomic_write_text(out_dir / "table.md", table_markdown(table) + notes)
     rows = table_rows(table)
-    with open(out_dir / "table.csv", "w", newline="") as fh:
+
+    def write_csv(fh) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+
+    atomic_write(out_dir / "table.csv", write_csv)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2))
     plot_table(table, out_dir / "table.png")
     return table
 
@@ -491,8 +497,8 @@ def evaluate_real(runs: Sequence[str], names: Sequence[str], base: Config, overr
     quality = list(rewards)
     diversity = [f"dist/{s}" for s in spaces if s in DISTANCE_SPACES] + [f"vendi/{s}" for s in spaces]
     coverage = paper_coverage(quality, diversity)
-    (out_dir / "columns.json").write_text(json.dumps({"quality": quality, "diversity": diversity,
-                                                      "paper": coverage}, indent=2))
+    atomic_write_text(out_dir / "columns.json", json.dumps({"quality": quality, "diversity": diversity,
+                                                            "paper": coverage}, indent=2))
     mode = "ODE" if base.eval.eta == 0 else f"SDE eta {base.eval.eta}"
     text = (f"Prompts: {len(prompts)} from {source}, {per_prompt} images each ({mode}, eval.seed "
             f"{base.eval.seed}).")
@@ -527,7 +533,7 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m pec.evaluate`: RUN ..., --out, and every config option."""
-    parser = argparse.ArgumentParser(prog="python -m pec.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pec.evaluate", description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help=f"run folders (RUN@STEP: the run at its step-STEP checkpoint or milestone), or "
@@ -538,16 +544,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m pec.evaluate`."""
+    """Entry point of `python -m pec.evaluate`, with the exit codes of `pec.cli`: 2 with one line for input
+    refused (an option, a --config file, a RUN that is not a run folder or has no usable checkpoint), 1 with
+    one line for a failure of the machine (a full disk, a reward server gone)."""
     args = build_parser().parse_args(argv)
     out = args.out or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
+    # `evaluate` checks each RUN as it reaches it and writes the table only at the end, so a ValueError or a
+    # missing file anywhere in it is input refused, never a partial table.
+    with expected_errors(PROG, before_work=True):
         overrides = overrides_from_args(args)
         if getattr(args, "config", None):
             overrides = merge_dicts(load_yaml(args.config), overrides)
         evaluate(args.runs, out, overrides)
-    except (ValueError, FileNotFoundError) as err:  # bad options, or a run folder without a checkpoint
-        raise SystemExit(f"pec.evaluate: {err}") from None
     print((Path(out) / "table.md").read_text())
     print(f"written to {out}/ (table.md, table.csv, metrics.json, table.png; columns.json for a real model)")
 

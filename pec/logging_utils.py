@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: per-step metrics (JSONL + TensorBoard), plots and sample grids.
+"""What a run writes besides checkpoints: per-step metrics (JSONL + TensorBoard), plots and sample grids
+(written atomically, `pec.atomic`).
 
 Resuming is exact: `MetricsLog.open(path, keep_through=step)` drops rows of steps after the last
 checkpoint (they were computed but their checkpoint never landed, so they will be redone), and
@@ -20,6 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pec.atomic import atomic_write, atomic_write_text  # noqa: E402
+from pec.cli import warn  # noqa: E402
+
 
 class MetricsLog:
     """Append-only JSONL file of per-step metric rows, each with a "step" key."""
@@ -30,23 +34,32 @@ class MetricsLog:
 
     @classmethod
     def open(cls, path: str | Path, keep_through: int = 0) -> MetricsLog:
-        """Open (or create) the log, keeping only rows with step <= keep_through and rewriting the file.
+        """Open (or create) the log, keeping only rows with step <= keep_through and rewriting the file
+        (atomically).
 
-        A torn last line (the process died mid-write) is dropped as well.
+        A line that is not a JSON row, such as a torn last line (the process died mid-write), is dropped
+        with one warning that names it.
         """
         path = Path(path)
         rows: list[dict[str, Any]] = []
+        torn: list[int] = []
         if path.exists():
-            for line in path.read_text().splitlines():
+            lines = path.read_text(errors="replace").splitlines()
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
-                if row.get("step", math.inf) <= keep_through:
+                    row = None
+                if not isinstance(row, dict):
+                    torn.append(number)
+                elif row.get("step", math.inf) <= keep_through:
                     rows.append(row)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
+            if torn:
+                which = "its last line" if torn == [len(lines)] else f"line(s) {', '.join(map(str, torn))}"
+                warn(f"{path}: dropped {which}, not a complete JSON row (a write cut short)")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return cls(path, rows)
 
     def append(self, row: dict[str, Any]) -> None:
@@ -106,16 +119,19 @@ def plot_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str 
 
 
 def save_figure(fig, path: str | Path, title: str | None = None) -> None:
-    """Lay out a matplotlib figure, give it a title, write it as a PNG and free it."""
+    """Lay out a matplotlib figure, give it a title, write it as a PNG (atomically) and free it."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4) -> None:
-    """Save images (N, C, H, W) in [0, 1] as one PNG grid of `nrow` images per row (nearest upscaling)."""
+    """Save images (N, C, H, W) in [0, 1] as one PNG grid of `nrow` images per row (nearest upscaling),
+    atomically."""
     from PIL import Image
 
     if images.dim() != 4 or images.shape[1] not in (1, 3):
@@ -129,7 +145,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: in
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     arr = np.kron(arr, np.ones((scale, scale, 1), dtype=np.uint8))
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    image = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    atomic_write(path, lambda fh: image.save(fh, format="PNG"), binary=True)
 
 
 def _plain(value: Any) -> Any:

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pec.assets import ASSETS_DIR
+from pec.atomic import atomic_write_text
+from pec.cli import EXIT_CODES_HELP, expected_errors
 from pec.data import Digits, augment, digit_prompt, load_digits, random_prompt, to_unit
 from pec.data.splits import heldout_splits
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
@@ -47,6 +49,7 @@ from pec.rewards import REWARDS
 from pec.sampling import cfg_velocities, sample
 
 COMPONENTS = ("classifier", "gold", "simclr", "simclr_eval", "autoencoder", "model", "eval")
+PROG = "pec.pretrain"
 
 
 @dataclass
@@ -333,7 +336,7 @@ def run_eval(cfg: PretrainConfig, heldout: Digits, out: Path, log: RunLog) -> di
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pec.pretrain", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output directory (default: pec/assets)")
     parser.add_argument("--only", action="append", choices=COMPONENTS,
                         help="redo only this component (repeatable); default: all, in order")
@@ -346,20 +349,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the selected components; returns the metrics they reported."""
+    """Run the selected components; returns the metrics they reported. Exit codes are those of `pec.cli`
+    (2: an option refused before any work, 1: a failure while training, e.g. a full disk)."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(seed=args.seed, model_steps=args.model_steps)
-    if args.quick:
-        cfg = PretrainConfig(seed=args.seed, classifier_steps=20, gold_steps=20, simclr_steps=20, autoencoder_steps=20,
-                             model_steps=20, eval_samples_per_digit=4, eval_num_steps=4,
-                             eval_extra_guidance_scales=())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with expected_errors(PROG, before_work=True):
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        cfg = PretrainConfig(seed=args.seed, model_steps=args.model_steps)
+        if args.quick:
+            cfg = PretrainConfig(seed=args.seed, classifier_steps=20, gold_steps=20, simclr_steps=20,
+                                 autoencoder_steps=20, model_steps=20, eval_samples_per_digit=4, eval_num_steps=4,
+                                 eval_extra_guidance_scales=())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    with expected_errors(PROG):
+        return run_components(cfg, out, [c for c in COMPONENTS if c in (args.only or COMPONENTS)])
+
+
+def run_components(cfg: PretrainConfig, out: Path, components: Sequence[str]) -> dict:
+    """Train `components` (in `COMPONENTS` order) with `cfg` into `out`; returns the metrics they reported,
+    each merged into pretrain_metrics.json as it finishes."""
     log = RunLog(out / "pretrain_log.txt")
-    components = [c for c in COMPONENTS if c in (args.only or COMPONENTS)]
-    log(f"pretrain {components} with {asdict(cfg)}")
-    (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    log(f"pretrain {list(components)} with {asdict(cfg)}")
+    atomic_write_text(out / "pretrain_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     splits = heldout_splits(load_digits(), cfg.seed, cfg.heldout_fraction, cfg.gold_fraction)
     train, heldout = splits.train, splits.heldout
     steps = {
@@ -381,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Re-read before writing: other components may run in other processes at the same time.
         merged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         metrics.update(result)
-        metrics_path.write_text(json.dumps(merged | result, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(metrics_path, json.dumps(merged | result, indent=2, sort_keys=True) + "\n")
     return metrics
 
 

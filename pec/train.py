@@ -46,8 +46,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pec.atomic import write_error
 from pec.checkpoint import (
     NonFiniteStateError,
+    checkpoint_files,
+    checkpoint_name,
     config_mismatch,
     has_checkpoint,
     load_checkpoint,
@@ -55,6 +58,16 @@ from pec.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+)
+from pec.cli import (
+    EXIT_CODES_HELP,
+    EXPECTED,
+    CommandError,
+    best_effort,
+    expected_errors,
+    fail,
+    one_line,
+    signal_exit_code,
 )
 from pec.config import (
     Config,
@@ -107,6 +120,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_KEYS = ("reward_mean", "policy_entropy", "perc_knn", "diversity")
 # Config fields a checkpoint must share with the run that resumes it (they fix the trainable state).
 STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
+PROG = "pec.train"
 
 
 def default_prompts(source: str | None = None) -> list[str]:
@@ -219,10 +233,13 @@ class Trainer:
                     self.checkpoint_last_complete()
                     raise Preempted(self.preemption.signum) from err
         finally:
+            # Cleanup never replaces the error that ends the run (a full disk fails this plot too).
             bar.close()
             if self.metrics.rows and main:
-                plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
-            self.tb.close()
+                with best_effort(f"writing {self.run_dir / 'curves.png'}"):
+                    plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
+            with best_effort("closing the TensorBoard log"):
+                self.tb.close()
         if last == cfg.train.steps:
             self.save_grid("samples_end.png")
         return self.metrics.rows
@@ -263,11 +280,26 @@ class Trainer:
                                        "bank_valid": [v.cpu() for v in self.bank_valid]},
                                 keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
         except NonFiniteStateError as err:
-            raise TrainingStopped(f"{err}: the last checkpoint is still step {self.last_saved}") from None
-        except OSError as err:
-            raise OSError(f"could not write the checkpoint of step {step} into {self.run_dir} ({err}); the "
-                          f"checkpoint of step {self.last_saved} is intact: free space and --resume") from err
+            raise TrainingStopped(str(err)) from None
+        except (OSError, RuntimeError) as err:
+            cause = write_error(err)  # torch.save reports a full disk as a RuntimeError
+            if cause is None:
+                raise
+            # Says nothing of older checkpoints: `recovery` does (a caller such as `main` adds it).
+            raise OSError(f"could not write the checkpoint of step {step} into {self.run_dir} "
+                          f"({cause.strerror or cause})") from err
         self.last_saved = step
+
+    def recovery(self) -> str:
+        """How to go on after a failure, for messages: the checkpoint of the last step this run saved or
+        resumed from and the command that resumes it, or that the run has none (a message never names a
+        checkpoint that is not on disk)."""
+        launcher = "torchrun ... -m pec.train" if self.dist.active else "python -m pec.train"
+        held = [p for p in checkpoint_files(self.run_dir) if p.name == checkpoint_name(self.last_saved)]
+        if self.last_saved > 0 and held:
+            return (f"the last checkpoint is step {self.last_saved} ({held[0]}); resume with: "
+                    f"{launcher} --run-dir {self.run_dir} --resume")
+        return f"{self.run_dir} holds no checkpoint of this run, so there is nothing to resume: run it again"
 
     def checkpoint_last_complete(self) -> None:
         """After a stop, make sure the last complete step is on disk (the in-memory state is its state:
@@ -703,7 +735,7 @@ class Trainer:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m pec.train` argument parser (one option per config field)."""
-    parser = argparse.ArgumentParser(prog="python -m pec.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pec.train", description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     return parser
@@ -724,35 +756,42 @@ def config_from_argv(argv: Sequence[str] | None = None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m pec.train`.
+    """Entry point of `python -m pec.train`, with the exit codes of `pec.cli`.
 
-    Exits 1 with a one-line message for a bad configuration or a run that cannot go on, and with
-    128 + the signal number after SIGTERM/SIGINT, once the last complete step is checkpointed.
+    Exits 2 with one line for a configuration or run folder refused at start-up; 1 with one line for a
+    run that cannot go on (a full disk, a peer gone, too many skipped updates), naming the checkpoint to
+    resume from, if any; 128 + the signal number after SIGTERM/SIGINT, once the last complete step is
+    checkpointed.
     """
-    try:
+    with expected_errors(PROG, before_work=True):
         cfg = config_from_argv(argv)
-        trainer = Trainer(cfg)
-    except ValueError as err:
-        raise SystemExit(f"pec.train: {err}") from None
-    resume = f"python -m pec.train --run-dir {trainer.run_dir} --resume"
+        try:
+            trainer = Trainer(cfg)
+        except torch.distributed.DistError as err:
+            raise CommandError(f"could not set up the process group ({one_line(err)}): a process died or did "
+                               f"not join within --dist.timeout {cfg.dist.timeout:g} s") from err
     try:
-        trainer.run()
-    except TrainingStopped as err:
-        raise SystemExit(f"pec.train: {err} (run folder: {trainer.run_dir})") from None
-    except Preempted as sig:
-        if trainer.dist.is_main:
-            print(f"pec.train: {sig.signame}: abandoned the step in progress; step {trainer.last_complete} is "
-                  f"checkpointed in {trainer.run_dir / 'checkpoints'}. Resume with: {resume}", file=sys.stderr)
-        raise SystemExit(128 + sig.signum) from None
-    except RuntimeError as err:
-        if not trainer.dist.active:
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"pec.train: rank {trainer.dist.rank}: a collective failed ({first}): another process "
-                         f"died or did not answer within --dist.timeout {trainer.cfg.dist.timeout:g} s. The last "
-                         f"checkpoint is step {trainer.last_saved}; resume with torchrun ... {resume}") from None
+        with expected_errors(PROG):
+            try:
+                trainer.run()
+            except Preempted as sig:
+                code = signal_exit_code(sig.signum)
+                if trainer.dist.is_main:
+                    fail(PROG, f"{sig.signame}: stopped after step {trainer.last_complete}; {trainer.recovery()}",
+                         code)
+                raise SystemExit(code) from None
+            except (TrainingStopped, *EXPECTED) as err:
+                raise CommandError(f"{one_line(err)}; {trainer.recovery()}") from err
+            except RuntimeError as err:
+                if not trainer.dist.active:
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise CommandError(f"rank {trainer.dist.rank}: a collective failed ({first}): another process "
+                                   f"died or did not answer within --dist.timeout {trainer.cfg.dist.timeout:g} s; "
+                                   f"{trainer.recovery()}") from err
     finally:
-        trainer.dist.close()
+        with best_effort("leaving the process group"):
+            trainer.dist.close()
     if trainer.dist.is_main:
         print(f"run folder: {trainer.run_dir}")
 

@@ -169,8 +169,8 @@ def test_a_killed_rank_is_an_error_not_a_hang(world, tmp_path):
     started = time.monotonic()
     _, err = procs[0].communicate(timeout=120)
     procs[1].wait()
-    assert procs[0].returncode == 1, err[-2000:]
-    assert "rank 0: a collective failed" in err and "--resume" in err, err[-2000:]
+    assert procs[0].returncode == 1, err[-2000:]  # a failure during the run (README, "Exit codes")
+    assert "rank 0: a collective failed" in err and "--resume" in err and "Traceback" not in err, err[-2000:]
     assert time.monotonic() - started < 60
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
 

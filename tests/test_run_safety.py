@@ -249,3 +249,4 @@ def test_a_missing_or_broken_config_file_is_one_line_naming_it(tmp_path, content
         main(["--config", str(path)])
     message = str(exc.value)
     assert message.startswith("pec.train: ") and str(path) in message and "\n" not in message
+    assert exc.value.code == 2

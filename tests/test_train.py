@@ -122,8 +122,10 @@ def test_resume_loses_and_duplicates_no_step(world, tmp_path):
     (["--resume", "--run-dir", "nowhere"], "config.yaml does not exist"),
 ])
 def test_bad_configs_fail_at_start_up(argv, message, capsys):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=message) as exc:
         main(argv)
+    assert exc.value.code == 2  # input refused before any work (README, "Exit codes")
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_existing_run_needs_resume(world, tmp_path):

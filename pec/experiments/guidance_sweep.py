@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from pec.cli import EXIT_CODES_HELP, expected_errors
 from pec.config import Config, parse_config
 from pec.data import digit_prompt
 from pec.experiments import split_passthrough
@@ -33,6 +34,7 @@ from pec.sampling import sample, sde_step_mask
 
 DEFAULT_WEIGHTS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 DEFAULT_SEEDS = (0, 1, 2)
+PROG = "pec.experiments.guidance_sweep"
 
 
 def group_diversity(features: torch.Tensor, group_size: int) -> float:
@@ -83,10 +85,11 @@ def report(results: Mapping[float, Mapping[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m pec.experiments.guidance_sweep`."""
+    """Entry point of `python -m pec.experiments.guidance_sweep`, with the exit codes of `pec.cli` (2: an option,
+    the config or a model refused before sampling; 1: a failure while sampling)."""
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="python -m pec.experiments.guidance_sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS),
                         help=f"guidance weights gamma (0 is added as the baseline) (default: {DEFAULT_WEIGHTS})")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
@@ -94,23 +97,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--window", type=int, nargs=2, metavar=("START", "END"), default=None,
                         help="guide only steps [START, END) (default: every step)")
     args = parser.parse_args(argv)
-    try:
+    with expected_errors(PROG, before_work=True):
         cfg = parse_config(extra).validate()
-    except ValueError as err:
-        raise SystemExit(f"guidance_sweep: {err}") from None
-    if any(w < 0 for w in args.weights):
-        raise SystemExit("--weights must be >= 0 (a negative gamma pulls groups together)")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
-    encoders = {name: ENCODERS.build(name, device=device, directory=cfg.assets) for name in cfg.perceptual.spaces}
-    reward_fn = REWARDS.build(cfg.reward, device=device, directory=cfg.assets)
+        if any(w < 0 for w in args.weights):
+            raise ValueError("--weights must be >= 0 (a negative gamma pulls groups together)")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
+        encoders = {name: ENCODERS.build(name, device=device, directory=cfg.assets) for name in cfg.perceptual.spaces}
+        reward_fn = REWARDS.build(cfg.reward, device=device, directory=cfg.assets)
     prompts = [digit_prompt(d) for d in range(10)]
     weights = sorted({0.0, *args.weights})
     start = time.perf_counter()
-    results = measure(model, encoders, reward_fn, cfg, prompts, weights, args.seeds,
-                      tuple(args.window) if args.window else None)
+    with expected_errors(PROG):
+        results = measure(model, encoders, reward_fn, cfg, prompts, weights, args.seeds,
+                          tuple(args.window) if args.window else None)
     s = cfg.sampling
     print(f"PCGS guided form on the {cfg.model.name} model: {len(prompts)} prompts x {s.group_size} samples x "
           f"{len(args.seeds)} seeds, {s.num_steps} steps ({s.kind}, eta {s.eta}, CFG {s.guidance_scale}), guidance "

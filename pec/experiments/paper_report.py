@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pec.atomic import atomic_write_text
 from pec.config import PerceptualConfig
 from pec.evaluate import PRETRAINED
 from pec.experiments.frontier import Curve, plot_frontiers
@@ -268,9 +269,10 @@ def write_report(out: Path, mode: Mode) -> str:
     names = list(next(iter(tables.values())))
     normalised = [minmax_table(t, QUALITY, DIVERSITY) for t in tables.values()]
     for seed, table in zip(tables, normalised):
-        (out / f"table_seed{seed}.md").write_text(table_markdown(table))
+        atomic_write_text(out / f"table_seed{seed}.md", table_markdown(table))
     n = len(tables)
-    (out / "table.md").write_text(
+    atomic_write_text(
+        out / "table.md",
         f"Last milestone (step {last}), {n} seed{'s' * (n != 1)} ({', '.join(map(str, tables))}); raw columns are means, "
         f"Q-norm / D-norm / Overall mean ± sd of each seed's min-max over these rows. Diversity and fidelity in the "
         f"spaces no regulariser used ({', '.join(JUDGE_SPACES)}; recall / coverage / precision in {JUDGE_SPACES[0]}, "

@@ -39,7 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pec.atomic import atomic_write_text
 from pec.checkpoint import has_checkpoint
+from pec.cli import EXIT_CODES_HELP, CommandError, expected_errors
 from pec.evaluate import PRETRAINED
 from pec.experiments import split_passthrough
 
@@ -68,6 +70,7 @@ COMMON = ["--train.minibatches", "2"]
 ALIASES = {"entropy_bonus": "grpo"}  # table row -> the run it is by construction
 GUIDANCE_SUFFIX = "+guidance"
 MILESTONES = 5  # evaluated checkpoints per run: every 20% of it
+PROG = "pec.experiments.paper_table"
 
 
 def guided(row: str) -> bool:
@@ -115,8 +118,8 @@ class Job:
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
-    """Run the unfinished `jobs`, `parallel` at a time, each after its `after` job; raise (stopping the others)
-    when one fails, naming its log. Returns the seconds each job ran."""
+    """Run the unfinished `jobs`, `parallel` at a time, each after its `after` job; raise a CommandError
+    (stopping the others) when one fails, naming its log. Returns the seconds each job ran."""
     pending = [job for job in jobs if not job.done.exists()]
     finished = {job.key for job in jobs if job.done.exists()}
     running: dict[str, tuple[Job, subprocess.Popen, float, object]] = {}
@@ -144,7 +147,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
                 for _, other, _, other_log in running.values():
                     other.terminate()
                     other_log.close()
-                raise RuntimeError(f"{key} failed (exit {proc.returncode}); see {job.log}")
+                raise CommandError(f"{key} failed (exit {proc.returncode}); see {job.log}")
             seconds[key] = time.perf_counter() - start
             finished.add(key)
     return seconds
@@ -177,12 +180,13 @@ def plan(out: Path, mode: Mode, images: int, extra: Sequence[str]) -> list[Job]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m pec.experiments.paper_table`."""
+    """Entry point of `python -m pec.experiments.paper_table`, with the exit codes of `pec.cli` (2: an option
+    refused before any job starts; 1: a job or the report failed, in one line naming the job's log)."""
     from pec.experiments.paper_report import write_report
 
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="python -m pec.experiments.paper_table", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the quick mode (default)")
     which.add_argument("--full", dest="mode", action="store_const", const="full", help="the full mode (the README's)")
@@ -199,32 +203,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = tuple(dict.fromkeys(["grpo", *(args.rows or base.rows)]))
     mode = Mode(seeds=tuple(args.seeds or base.seeds), steps=args.steps or base.steps, rows=rows,
                 budget_min=base.budget_min)
-    if args.jobs < 1:
-        raise SystemExit("--jobs must be >= 1")
-    if len(set(mode.seeds)) != len(mode.seeds):
-        raise SystemExit(f"--seeds must be distinct, got {list(mode.seeds)}")
-    if mode.steps < 2:
-        raise SystemExit(f"--steps must be >= 2 (a curve needs two milestones), got {mode.steps}")
     out = Path(args.out or f"runs/paper_table/{args.mode or 'quick'}")
-    out.mkdir(parents=True, exist_ok=True)
+    with expected_errors(PROG, before_work=True):
+        if args.jobs < 1:
+            raise ValueError("--jobs must be >= 1")
+        if len(set(mode.seeds)) != len(mode.seeds):
+            raise ValueError(f"--seeds must be distinct, got {list(mode.seeds)}")
+        if mode.steps < 2:
+            raise ValueError(f"--steps must be >= 2 (a curve needs two milestones), got {mode.steps}")
+        out.mkdir(parents=True, exist_ok=True)
     print(f"[paper_table] {args.mode or 'quick'} mode: seeds {list(mode.seeds)}, {mode.steps} steps, rows "
           f"{list(mode.rows)}, {args.jobs} jobs, into {out}", flush=True)
-    start = time.perf_counter()
-    seconds = run_jobs(plan(out, mode, args.images, extra), args.jobs)
-    jobs_done = time.perf_counter()
-    report = write_report(out, mode)
-    wall = time.perf_counter() - start
-    timing = {"mode": args.mode or "quick", "wall_min": wall / 60, "jobs_min": (jobs_done - start) / 60,
-              "report_min": (wall - (jobs_done - start)) / 60, "budget_min": mode.budget_min, "jobs": args.jobs,
-              "train_min": sum(v for k, v in seconds.items() if k.startswith("train")) / 60,
-              "evaluate_min": sum(v for k, v in seconds.items() if k.startswith("evaluate")) / 60,
-              "seconds_per_job": seconds}
-    (out / "timing.json").write_text(json.dumps(timing, indent=2))
-    summary = (f"Wall time {wall / 60:.1f} min (budget {mode.budget_min:g} min; subprocesses "
-               f"{(jobs_done - start) / 60:.1f} min: training {timing['train_min']:.1f} and evaluation "
-               f"{timing['evaluate_min']:.1f} process-min on {args.jobs} at a time; report "
-               f"{timing['report_min']:.1f} min). Work finished by an earlier invocation is not counted.")
-    (out / "claims.md").write_text(report + "\n" + summary + "\n")
+    with expected_errors(PROG):
+        start = time.perf_counter()
+        seconds = run_jobs(plan(out, mode, args.images, extra), args.jobs)
+        jobs_done = time.perf_counter()
+        report = write_report(out, mode)
+        wall = time.perf_counter() - start
+        timing = {"mode": args.mode or "quick", "wall_min": wall / 60, "jobs_min": (jobs_done - start) / 60,
+                  "report_min": (wall - (jobs_done - start)) / 60, "budget_min": mode.budget_min, "jobs": args.jobs,
+                  "train_min": sum(v for k, v in seconds.items() if k.startswith("train")) / 60,
+                  "evaluate_min": sum(v for k, v in seconds.items() if k.startswith("evaluate")) / 60,
+                  "seconds_per_job": seconds}
+        atomic_write_text(out / "timing.json", json.dumps(timing, indent=2))
+        summary = (f"Wall time {wall / 60:.1f} min (budget {mode.budget_min:g} min; subprocesses "
+                   f"{(jobs_done - start) / 60:.1f} min: training {timing['train_min']:.1f} and evaluation "
+                   f"{timing['evaluate_min']:.1f} process-min on {args.jobs} at a time; report "
+                   f"{timing['report_min']:.1f} min). Work finished by an earlier invocation is not counted.")
+        atomic_write_text(out / "claims.md", report + "\n" + summary + "\n")
     print((out / "table.md").read_text())
     print(report)
     print(summary)
