@@ -24,8 +24,8 @@ from typing import NoReturn
 
 EXIT_FAILURE = 1
 EXIT_REFUSED = 2  # argparse's own code for a bad option
-EXIT_CODES_HELP = ("exit codes: 0 success, 1 failure during the run, 2 input refused before any work, "
-                   "128+N stopped by signal N")
+EXIT_CODES_HELP = ("exit codes: 0 success; 1 a failure during the run; 2 input refused before any work; "
+                   "128+N stopped by signal N (README: Exit codes)")
 
 # Expected failures: one line, no traceback. A ValueError is how this package refuses a value; an OSError
 # is the outside world (files, disks, sockets; ConnectionError and FileNotFoundError are OSErrors).
