@@ -54,8 +54,8 @@ _KEYS = {"step", "model", "optimizer", "rng", "config"}
 _PLAIN = (str, int, float, bool, type(None))
 _CONTAINERS = (dict, OrderedDict, list, tuple)
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
-UNTRUSTED = (f"is a full pickle, which only an unpickler that can run code would load (pec wrote its checkpoints "
-             f"so before format {FORMAT}; a crafted file looks the same): not loaded")
+UNTRUSTED = (f"is a full pickle, which only an unpickler that can run code would load (a checkpoint pec wrote "
+             f"before format {FORMAT}, or a crafted file): not loaded")
 
 
 class NonFiniteStateError(ValueError):
@@ -383,7 +383,8 @@ def convert(target: str | Path, report: Callable[[str], None] = print) -> int:
                 report(f"{path}: converted (linked to {same.name})")
                 continue
             outcome = convert_file(path)
-            done[(st.st_dev, st.st_ino)] = path
+            if outcome.startswith("converted"):
+                done[(st.st_dev, st.st_ino)] = path
             report(f"{path}: {outcome}")
         except (ValueError, OSError) as err:
             failed += 1

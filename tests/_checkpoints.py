@@ -1,12 +1,16 @@
 """Shared helpers for the checkpoint tests (test_checkpoint.py and bad_input/test_bad_checkpoints.py):
 files as pec wrote them before checkpoint format 3, and crafted pickles. Not a test module."""
+import contextlib
 import io
 import os
 import pickle
 import random
+import shlex
+import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pec.checkpoint import set_rng_state
@@ -19,7 +23,7 @@ class RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
 def write_crafted(path: Path, marker: Path, *, zip_format: bool = True) -> Path:
@@ -51,3 +55,19 @@ def rewrite_as_format2(path: Path) -> dict:
     payload.update(format=2, rng=rng)
     torch.save(payload, path)
     return payload
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail (instead of hanging the suite) if the block blocks for longer than `seconds`: pytest.fail
+    raises a BaseException, which no `except OSError` / `except Exception` in the code under test hides,
+    and the timer repeats in case something catches it anyway."""
+    def expired(signum, frame):
+        pytest.fail(f"blocked for more than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

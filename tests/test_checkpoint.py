@@ -1,16 +1,14 @@
 """pec.checkpoint on its own (issue 17): weights-only files whose RNG states restore exactly, nothing but
 tensors and plain values written, rotation that never deletes the new checkpoint, entries that are not
 regular files skipped without blocking, and the converter of format-2 (full pickle) checkpoints."""
-import contextlib
 import os
 import random
-import signal
 
 import numpy as np
 import pytest
 import torch
 
-from _checkpoints import rewrite_as_format2
+from _checkpoints import deadline, rewrite_as_format2
 from pec.checkpoint import (FORMAT, CHECKPOINT_DIR, MILESTONE_DIR, NoCheckpointError, checkpoint_at,
                             load_checkpoint, main, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
@@ -22,22 +20,6 @@ def _save(run, step, **kwargs):
 
 def _draws():
     return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2).tolist()
-
-
-@contextlib.contextmanager
-def deadline(seconds):
-    """Fail (instead of hanging the suite) if the block blocks for longer than `seconds`: pytest.fail
-    raises a BaseException, which no `except OSError` / `except Exception` in the code under test hides,
-    and the timer repeats in case something catches it anyway."""
-    def expired(signum, frame):
-        pytest.fail(f"blocked for more than {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
@@ -93,8 +75,8 @@ def test_the_converter_rewrites_a_trusted_format2_run_and_keeps_milestones_linke
     _save(tmp_path, 1)
     _save(tmp_path, 2, milestone=True)
     rotation, milestone = tmp_path / CHECKPOINT_DIR / "step-00000002.pt", tmp_path / MILESTONE_DIR / "step-00000002.pt"
-    legacy = {p: rewrite_as_format2(p) for p in (tmp_path / CHECKPOINT_DIR).iterdir()}
-    os.link(rotation, milestone.with_name("new")), os.replace(milestone.with_name("new"), milestone)
+    legacy = {p: rewrite_as_format2(p) for p in (tmp_path / CHECKPOINT_DIR).iterdir()}  # in place: the
+    assert os.path.samefile(rotation, milestone)  # milestone, a hard link, is format 2 too
     with pytest.raises(NoCheckpointError, match=r"If you trust these files, convert them with: python -m "
                                                 rf"pec\.checkpoint convert {tmp_path} --trusted$"):
         load_checkpoint(tmp_path)
@@ -111,5 +93,6 @@ def test_the_converter_rewrites_a_trusted_format2_run_and_keeps_milestones_linke
         random.setstate(old["rng"]["python"]), np.random.set_state(old["rng"]["numpy"])
         torch.set_rng_state(old["rng"]["torch"])
         assert _draws() == after_new
-    main(["convert", str(rotation), "--trusted"])
-    assert capsys.readouterr().out == f"{rotation}: already format {FORMAT}\n"
+    main(["convert", str(tmp_path), "--trusted"])  # a second pass leaves every file as it is
+    assert capsys.readouterr().out.count(f": already format {FORMAT}\n") == 3
+    assert os.path.samefile(rotation, milestone)
