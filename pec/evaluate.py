@@ -34,6 +34,7 @@ import copy
 import csv
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -138,7 +139,15 @@ def load_policy(run: str, cfg: Config, device: torch.device) -> Policy:
     policy = Policy(cfg, device)
     if run != PRETRAINED:
         folder, step = split_run(run)
-        ckpt = load_checkpoint(folder, map_location=device) if step is None else checkpoint_at(folder, step, device)
+
+        def check(payload: dict) -> None:  # as --resume checks it: the run's model and LoRA config
+            policy.check_checkpoint(payload, cfg)
+
+        def skipped(path: Path, reason: str) -> None:
+            print(f"pec.evaluate: skipping checkpoint {path}: {reason}", file=sys.stderr)
+
+        ckpt = (load_checkpoint(folder, map_location=device, check=check, on_skip=skipped) if step is None
+                else checkpoint_at(folder, step, device, check=check))
         policy.load_trainable_state(ckpt["model"])
     policy.model.eval()
     return policy

@@ -9,17 +9,21 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from pec.config import Config, ModelConfig
+from pec.checkpoint import config_mismatch
+from pec.config import Config, ModelConfig, to_dict
 from pec.distributed import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
                              replicate_transformer, shard_transformer)
 from pec.models.base import FlowModel
 from pec.registry import Registry
 
 MODELS: Registry[FlowModel] = Registry("model")
+# Config fields a checkpoint must share with the run that loads it (they fix the trainable state).
+STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
 
 
 @MODELS.register("embedded")
@@ -116,6 +120,17 @@ class Policy:
         micro-batches accumulate, on for a minibatch's last); a no-op with one process."""
         if self.sharded or self.replicated:
             self.model.transformer.set_requires_gradient_sync(enabled)
+
+    def check_checkpoint(self, payload: dict[str, Any], cfg: Config) -> None:
+        """Raise ValueError unless the checkpoint `payload` fits this policy built from `cfg`: the same
+        `STATE_KEYS` in its config, and the same trainable parameters with the same shapes. `--resume`
+        and `pec.evaluate` both skip a checkpoint that fails it (e.g. one of another LoRA rank)."""
+        mismatch = config_mismatch(payload["config"], to_dict(cfg), STATE_KEYS)
+        if mismatch:
+            raise ValueError(f"does not match this run's config: {mismatch}")
+        expected = {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        if {n: tuple(t.shape) for n, t in payload["model"].items()} != expected:
+            raise ValueError("its trainable parameters do not match this model's")
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a `trainable_state`; every trainable parameter must be present."""

@@ -51,7 +51,6 @@ from pec.checkpoint import (
     NonFiniteStateError,
     checkpoint_files,
     checkpoint_name,
-    config_mismatch,
     has_checkpoint,
     load_checkpoint,
     nonfinite_entries,
@@ -118,8 +117,6 @@ from pec_kernels import knn_entropy
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_KEYS = ("reward_mean", "policy_entropy", "perc_knn", "diversity")
-# Config fields a checkpoint must share with the run that resumes it (they fix the trainable state).
-STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
 PROG = "pec.train"
 
 
@@ -308,22 +305,15 @@ class Trainer:
             self.save(self.last_complete)
 
     def resume(self) -> None:
-        """Load the newest valid checkpoint of the run folder and say which one it took."""
-        expected = {n: tuple(p.shape) for n, p in self.policy.model.named_parameters() if p.requires_grad}
-
-        def check(payload: dict[str, Any]) -> None:
-            mismatch = config_mismatch(payload["config"], to_dict(self.cfg), STATE_KEYS)
-            if mismatch:
-                raise ValueError(f"does not match this run's config: {mismatch}")
-            shapes = {n: tuple(t.shape) for n, t in payload["model"].items()}
-            if shapes != expected:
-                raise ValueError("its trainable parameters do not match this model's")
+        """Load the newest valid checkpoint of the run folder and say which one it took (and which newer
+        ones it skipped: torn, a full pickle, not a regular file, or not this run's model config)."""
 
         def skipped(path: Path, reason: str) -> None:
             if self.dist.is_main:
                 print(f"pec.train: skipping checkpoint {path}: {reason}", file=sys.stderr)
 
-        ckpt = load_checkpoint(self.run_dir, map_location=self.device, check=check, on_skip=skipped)
+        ckpt = load_checkpoint(self.run_dir, map_location=self.device, on_skip=skipped,
+                               check=lambda payload: self.policy.check_checkpoint(payload, self.cfg))
         self.policy.load_trainable_state(ckpt["model"])
         self.policy.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
