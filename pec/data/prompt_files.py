@@ -91,22 +91,27 @@ def _lines(text: str) -> list[str]:
 
 
 def _read_csv_prompts(file: Path, text: str) -> list[str]:
-    """The 'prompt' column of a CSV file's text; ValueError naming the file and the line of a malformed row."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    """The 'prompt' column of a CSV file's text; ValueError naming the file and the line where a malformed
+    record starts (strict quoting: a stray quote would otherwise swallow the rest of the file as one prompt)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, start = [], 1
     # csv's default field limit (131,072 characters) is below what a prompt may be: lift it to the text's
     # length (no field is longer; csv stores the limit in a C long), for this read only. The limit is
     # process-global; prompt files are read at start-up, in one thread, so restoring it cannot race a reader.
     limit = csv.field_size_limit()
     csv.field_size_limit(min(max(limit, len(text)), _C_LONG_MAX))
     try:
-        rows = list(reader)
+        for record in reader:
+            records.append(record)
+            start = reader.line_num + 1
     except csv.Error as err:
-        raise ValueError(f"--data.prompts: {file} line {reader.line_num} is not valid CSV ({err})") from None
+        raise ValueError(f"--data.prompts: {file} line {start} is not valid CSV ({err})") from None
     finally:
         csv.field_size_limit(limit)
-    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+    if not records or "prompt" not in records[0]:
         raise ValueError(f"--data.prompts: {file} has no 'prompt' column")
-    return [(row["prompt"] or "").strip() for row in rows]
+    column = records[0].index("prompt")
+    return [record[column].strip() for record in records[1:] if len(record) > column]
 
 
 def load_prompt_splits(path: str | Path) -> PromptSplits:
