@@ -439,13 +439,16 @@ def _check_local_weights(cfg: Config) -> None:
 
 def check_options(cfg: Config) -> None:
     """Check every leaf option of `cfg` on its own: its type (as `apply_dict` converts it; a float must be
-    finite) and the range in its field's metadata (`option(..., min=, max=, positive=)`). ValueError naming
-    the option. Cross-option rules are `Config.validate`'s."""
+    finite) and the range in its field's metadata (`option(..., min=, max=, positive=)`); ValueError naming
+    the option. A value set in code is stored converted (`"0.1"` -> 0.1, as from YAML). Cross-option rules
+    are `Config.validate`'s."""
     for dotted, f, tp in _walk(type(cfg)):
         section = cfg
         for part in dotted.split(".")[:-1]:
             section = getattr(section, part)
-        _check_range(dotted, _coerce(dotted, getattr(section, f.name), tp), f.metadata)
+        value = _coerce(dotted, getattr(section, f.name), tp)
+        _check_range(dotted, value, f.metadata)
+        setattr(section, f.name, value)
 
 
 def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
