@@ -269,7 +269,7 @@ class EvalConfig:
     """Evaluation: images per prompt on fixed held-out seeds."""
 
     images_per_prompt: int = option(32, "images generated per prompt", min=1)
-    seed: int = option(12345, "seed of the held-out evaluation noise (never used in training)", min=0, max=2**63 - 1)
+    seed: int = option(12345, "seed of the held-out evaluation noise (never used in training)", min=0)
     eta: float = option(0.0, "sampler noise level at evaluation (0 = ODE, as Flow-GRPO evaluates)", min=0)
     num_steps: int | None = option(None, "denoising steps at evaluation (>= 1); empty = the run's "
                                          "sampling.num_steps", min=1, note="empty = the run's sampling.num_steps")
@@ -336,7 +336,7 @@ class Config:
                                   "'pickscore:1.0,jpeg:0.1'")
     assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "
                                       "shipped with the package")
-    seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling", min=0, max=2**63 - 1)
+    seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling", min=0)
     device: str = option("auto", "torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = option(1, "torch CPU threads; the embedded model's tiny matrix products run fastest on "
                                     "one (several threads mostly wait on each other); 0 or empty = torch's default "
