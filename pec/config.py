@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -35,7 +38,13 @@ SCOPES = ("group", "batch")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help string (shown by `--help` and used as documentation)."""
+    """A dataclass field with a help string (shown by `--help` and used as documentation).
+
+    Further keyword arguments go into the field's metadata. A number option states its range there, and
+    `Config.validate` checks every field against it (`check_options`): `min=` (value >= min), `max=`
+    (value <= max), `positive=True` (value > 0); `note=` is added to the error message (e.g. what an
+    empty value means). Every float option must be finite (`_coerce`).
+    """
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
@@ -58,35 +67,39 @@ class ModelConfig:
                                    "folder (--model.path)")
     path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (sd3, flux); "
                                     "empty = the embedded weights shipped with the package")
-    resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)")
+    resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)", min=16)
     compile: bool = option(False, "compile the transformer with torch.compile (on GPUs; the first steps pay the "
                                   "compile time, and new batch shapes recompile)")
     dtype: str = option("bfloat16", "weights dtype of the sd3 / flux pipeline: bfloat16, float16 or float32")
     guidance: float = option(3.5, "flux: the distilled guidance scale fed to the transformer's guidance embedding "
-                                  "(FLUX.1-dev has no CFG forward: keep sampling.guidance_scale 1)")
+                                  "(FLUX.1-dev has no CFG forward: keep sampling.guidance_scale 1)", min=0)
     t5: bool = option(True, "sd3: use the T5-XXL text encoder (false = CLIP-L and CLIP-G only, as SD3 allows)")
-    max_sequence_length: int = option(256, "sd3 / flux: T5 tokens per prompt")
+    max_sequence_length: int = option(256, "sd3 / flux: T5 tokens per prompt", min=1)
     gradient_checkpointing: bool = option(True, "sd3 / flux: recompute the transformer's blocks in the backward "
                                                 "pass (less memory, ~30% more time)")
-    vae_batch: int = option(8, "sd3 / flux: images per VAE decode call (0 = the whole batch at once)")
+    vae_batch: int = option(8, "sd3 / flux: images per VAE decode call (0 = the whole batch at once)",
+                            min=0)
     text_encoders: str = option("offload", "sd3 / flux: 'offload' keeps the text encoders on the CPU and moves "
                                            "them to the GPU only to encode prompts not yet cached; 'gpu' keeps them "
                                            "there")
     prompt_cache: int = option(0, "sd3 / flux: most prompts kept encoded in host memory (each prompt is encoded "
-                                  "once; 0 = no limit)")
+                                  "once; 0 = no limit)", min=0)
 
 
 @dataclasses.dataclass
 class SamplingConfig:
     """Rollouts: groups of samples per prompt, CFG and the SDE sampler."""
 
-    prompts_per_step: int = option(4, "prompts (groups) per training step")
-    group_size: int = option(8, "samples per prompt (K); each gets its own initial noise")
-    num_steps: int = option(10, "denoising steps per rollout")
+    prompts_per_step: int = option(4, "prompts (groups) per training step", min=1)
+    group_size: int = option(8, "samples per prompt (K); each gets its own initial noise", min=2,
+                             note="group-normalised advantages and per-group perceptual entropy need several "
+                                  "samples per prompt: set --sampling.group_size 2 or more")
+    num_steps: int = option(10, "denoising steps per rollout", min=1)
     guidance_scale: float = option(1.0, "classifier-free guidance scale (1 = no CFG: RL then distils guidance into "
                                         "the policy, as Flow-GRPO's no-CFG configs; with CFG 2 the embedded model's "
-                                        "reward starts saturated at 0.98 and GRPO barely moves)")
-    eta: float = option(0.7, "SDE noise level (eta in DESIGN.md 2.1); 0 = deterministic ODE")
+                                        "reward starts saturated at 0.98 and GRPO barely moves)", min=0)
+    eta: float = option(0.7, "SDE noise level (eta in DESIGN.md 2.1); 0 = deterministic ODE", positive=True,
+                         note="eta = 0 is a deterministic ODE with no policy to optimise")
     kind: str = option("flow", f"SDE kind, one of {SDE_KINDS} (Flow-GRPO, DanceGRPO, coefficient-preserving)")
     sde_window: list[int] | None = option(
         None, "train only steps [start, end) (two integers); other steps are deterministic ODE steps. "
@@ -98,40 +111,42 @@ class TrainConfig:
     """Optimisation: steps, LoRA or full fine-tuning, the clipped surrogate and KL."""
 
     steps: int = option(100, "training steps (one rollout batch and its policy update per step); 100 take ~1 min "
-                              "on one CPU core with CFG 1 (40 only dented GRPO's diversity, ~11%)")
+                              "on one CPU core with CFG 1 (40 only dented GRPO's diversity, ~11%)", min=1)
     lr: float = option(1e-3, "learning rate (AdamW); the embedded world's small LoRA needs more than Flow-GRPO's "
-                             "3e-4 to move in 40-100 steps, and 3e-3 already destabilises it")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient-norm clipping")
+                             "3e-4 to move in 40-100 steps, and 3e-3 already destabilises it", positive=True)
+    weight_decay: float = option(1e-4, "AdamW weight decay", min=0)
+    max_grad_norm: float = option(1.0, "gradient-norm clipping", positive=True)
     lora: bool = option(True, "train LoRA adapters (peft) on model.transformer; false = full fine-tuning "
                               "(the KL reference is then a frozen copy)")
-    lora_rank: int = option(8, "LoRA rank")
-    lora_alpha: float = option(16.0, "LoRA alpha")
+    lora_rank: int = option(8, "LoRA rank", min=1)
+    lora_alpha: float = option(16.0, "LoRA alpha", positive=True)
     micro_batch: int = option(32, "samples per forward/backward pass, in rollouts, scoring and training alike (the "
                                   "same chunks keep the first ratio exactly 1); gradients accumulate so the "
                                   "logical batch (prompts_per_step x group_size) fits in memory. The default holds "
                                   "the embedded world's whole batch: fewer, larger forwards are faster on a CPU; "
-                                  "lower it for real models")
+                                  "lower it for real models", min=1)
     minibatches: int = option(1, "optimizer updates per rollout batch; the batch is split into this many shuffled "
-                                 "minibatches (the first update is exactly on-policy, later ones are clipped)")
-    clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio")
+                                 "minibatches (the first update is exactly on-policy, later ones are clipped)", min=1)
+    clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio", positive=True)
     clip_range_high: float | None = option(None, "Clip-Higher (DAPO): the upper clip range eps_high, ratio clipped "
                                                  "to [1 - clip_range, 1 + clip_range_high]; must be >= clip_range "
                                                  "(DAPO: 0.28 against 0.2, i.e. 1.4 x clip_range). Clipping acts "
-                                                 "only off-policy (train.minibatches >= 2). Empty = clip_range")
-    adv_clip: float = option(5.0, "clamp advantages to [-adv_clip, adv_clip]")
+                                                 "only off-policy (train.minibatches >= 2). Empty = clip_range",
+                                           positive=True)
+    adv_clip: float = option(5.0, "clamp advantages to [-adv_clip, adv_clip]", positive=True)
     global_std: bool = option(True, "normalise advantages by the batch-global std instead of the per-group std "
                                     "(Flow-GRPO's configs do; per-group std turns saturated groups' noise into "
                                     "unit advantages)")
-    kl_beta: float = option(0.0, "weight of the KL to the reference policy (adapter-off / frozen copy); 0 = off")
+    kl_beta: float = option(0.0, "weight of the KL to the reference policy (adapter-off / frozen copy); 0 = off", min=0)
     kl_units: str = option("exact", f"units of the KL that kl_beta weighs, one of {KL_UNITS}: 'exact' = the "
                                     "Gaussian KL |dmu|^2/(2 s^2) of each step; 'flow_grpo' = Flow-GRPO's, which "
                                     "for kind flow is |dt| times the exact one (~10x weaker at 10 steps), equal "
                                     "for cps, undefined for dance. Use flow_grpo with a beta quoted from Flow-GRPO")
-    stop_after: int | None = option(None, "stop after this many finished steps in this invocation, as if "
-                                          "interrupted (for resume tests); empty = run to `steps`")
+    stop_after: int | None = option(None, "stop after this many finished steps (>= 1) in this invocation, as if "
+                                          "interrupted (for resume tests); empty = run to `steps`", min=1,
+                                    note="empty = run to train.steps")
     max_bad_steps: int = option(3, "stop the run after this many consecutive steps whose optimizer update was "
-                                   "skipped (non-finite loss or gradient, or no valid sample group)")
+                                   "skipped (non-finite loss or gradient, or no valid sample group)", min=1)
 
 
 @dataclasses.dataclass
@@ -142,7 +157,7 @@ class PerceptualConfig:
                                "encoders (pec.perceptual.ENCODERS) whose perceptual entropy is logged and evaluated")
     space: str = option("simclr", "encoder used by the PEC / PCGS regulariser")
     estimator: str = option("knn", f"entropy estimator for the regulariser, one of {ESTIMATORS}")
-    k: int = option(2, "k of the kNN estimator (must be < group_size)")
+    k: int = option(2, "k of the kNN estimator (must be < group_size)", min=1)
     per_dim: bool = option(True, "divide surprisals by the feature dimension, so they are commensurate with the "
                                  "mean-reduced policy log-prob")
     scope: str = option("group", "what the regulariser's surprisal is measured against: 'group' (the other samples "
@@ -151,7 +166,8 @@ class PerceptualConfig:
     batch_metric: bool = option(True, "log the kNN entropy of the regulariser's space over the step's whole batch "
                                       "(perc_knn_batch/<space>; with several processes it all-gathers B x D features)")
     bank_steps: int = option(0, "also log the step's surprisal against a bank of the last N steps' features "
-                                "(perc_knn_bank/<space>, knn_entropy's reference mode); 0 = no bank")
+                                "(perc_knn_bank/<space>, knn_entropy's reference mode); 0 = no bank", min=0,
+                             note="0 = no bank")
 
 
 @dataclasses.dataclass
@@ -160,7 +176,7 @@ class PecConfig:
 
     lambda_: float = option(0.5, "weight of the perceptual surprisal bonus. Scale it to the reward: the paper's "
                                  "0.05-0.10 suit PickScore/26 (group std ~0.02); the embedded digit reward's "
-                                 "spread is ~10x larger")
+                                 "spread is ~10x larger", min=0)
     omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
 
 
@@ -170,13 +186,13 @@ class PcgsConfig:
 
     form: str = option("reward", f"one of {PCGS_FORMS}")
     lambda_: float = option(0.3, "weight of the one-sample KL term (reward form); scaled to the reward like "
-                                 "pec.lambda (the paper's 0.03-0.10 suit PickScore/26)")
+                                 "pec.lambda (the paper's 0.03-0.10 suit PickScore/26)", min=0)
     omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
     guidance_weight: float = option(0.05, "gamma (guided form): the velocity shift that pushes each group apart "
                                           "in perceptual space has gamma times the velocity's norm, per sample "
                                           "(scale-free: one value serves every model); > 0 raises diversity "
                                           "(0.05: +14% within-group SimCLR distance on the embedded model, "
-                                          "reward -4%; see pec.experiments.guidance_sweep)")
+                                          "reward -4%; see pec.experiments.guidance_sweep)", min=0)
     guidance_window: list[int] | None = option(
         None, "guided form: guide only steps [start, end) (two integers), e.g. `0 5` for the high-noise half "
               "where structure forms (as CADS / Particle Guidance); empty = every step")
@@ -194,10 +210,11 @@ class EntropyBonusConfig:
 
     coef: float = option(0.01, "weight of the analytic entropy bonus: the policy entropy in the loss "
                                "(entropy_bonus) or the batch's perceptual entropy in the reward "
-                               "(perc_entropy_bonus); neither depends on the sample, so neither changes the gradient")
+                               "(perc_entropy_bonus); neither depends on the sample, so neither changes the gradient",
+                       min=0)
     sample_coef: float = option(0.5, "entropy_sample: weight of the per-sample bonus -log pi(x'|x) added to each "
                                      "trained step's reward (0.5 = pec.lambda's default: the mean-reduced log-prob "
-                                     "and the per-dim surprisal are commensurate)")
+                                     "and the per-dim surprisal are commensurate)", min=0)
 
 
 @dataclasses.dataclass
@@ -208,14 +225,16 @@ class CovConfig:
                                     "uses the policy log-prob (native) or the sample's perceptual log-density "
                                     "-surprisal in perceptual.space (perceptual, the paper's PickScore rows)")
     band: float = option(0.2, "clip_cov: the band is this top fraction of the step's entries by covariance (batch "
-                              "quantiles: the LLM paper's absolute band [1, 5] selects nothing on images)")
+                              "quantiles: the LLM paper's absolute band [1, 5] selects nothing on images)",
+                        min=0, max=1)
     detach_fraction: float = option(0.1, "clip_cov: fraction r of the band whose gradient is detached (random, "
                                          "seeded by seed and step; at least 1 entry when > 0). Default: 6 of 320 "
-                                         "entries on the embedded world")
+                                         "entries on the embedded world", min=0, max=1)
     kl_fraction: float = option(0.02, "kl_cov: top fraction of the step's entries by covariance that get the "
-                                      "penalty (at least 1 when > 0). Default: 6 of 320 entries on the embedded world")
+                                      "penalty (at least 1 when > 0). Default: 6 of 320 entries on the embedded world",
+                                min=0, max=1)
     kl_coef: float = option(1.0, "kl_cov: beta of the penalty beta*|log pi_old - log pi|; its gradient is 0 "
-                                 "on-policy, so it acts from the second minibatch on (train.minibatches >= 2)")
+                                 "on-policy, so it acts from the second minibatch on (train.minibatches >= 2)", min=0)
 
 
 @dataclasses.dataclass
@@ -224,12 +243,12 @@ class LoggingConfig:
 
     tensorboard: bool = option(True, "write TensorBoard event files next to metrics.jsonl")
     checkpoint_every: int = option(1, "write a checkpoint every this many steps (and always at the end, and on "
-                                      "SIGTERM/SIGINT)")
+                                      "SIGTERM/SIGINT)", min=1)
     keep_checkpoints: int = option(2, "keep the newest this many checkpoints in RUN/checkpoints (older ones are "
-                                      "deleted once a newer one is on disk)")
+                                      "deleted once a newer one is on disk)", min=1)
     milestone_every: int = option(0, "also keep a snapshot every this many steps in RUN/milestones, never deleted "
-                                     "(for evaluation along training); 0 = none")
-    grid_samples: int = option(8, "samples per prompt in the start / end PNG sample grids")
+                                     "(for evaluation along training); 0 = none", min=0, note="0 = no milestones")
+    grid_samples: int = option(8, "samples per prompt in the start / end PNG sample grids", min=1)
     progress: bool = option(True, "show a tqdm progress bar")
 
 
@@ -241,27 +260,28 @@ class DistConfig:
                                           "rank: only rewards travel) or 'spread' (every group over all ranks, as "
                                           "Flow-GRPO's sampler: rewards, masks and features are all-gathered)")
     timeout: float = option(600.0, "seconds a collective waits for the other ranks before the run fails with an "
-                                   "error (a rank that died or hangs)")
+                                   "error (a rank that died or hangs)", positive=True)
     processes: int = option(1, "number of processes of the run; set from torchrun's WORLD_SIZE and recorded in "
-                               "config.yaml (not an input)")
+                               "config.yaml (not an input)", min=1)
 
 
 @dataclasses.dataclass
 class EvalConfig:
     """Evaluation: images per prompt on fixed held-out seeds."""
 
-    images_per_prompt: int = option(32, "images generated per prompt")
-    seed: int = option(12345, "seed of the held-out evaluation noise (never used in training)")
-    eta: float = option(0.0, "sampler noise level at evaluation (0 = ODE, as Flow-GRPO evaluates)")
-    num_steps: int | None = option(None, "denoising steps at evaluation; empty = the run's sampling.num_steps")
-    batch: int = option(64, "images per sampling call")
+    images_per_prompt: int = option(32, "images generated per prompt", min=1)
+    seed: int = option(12345, "seed of the held-out evaluation noise (never used in training)", min=0)
+    eta: float = option(0.0, "sampler noise level at evaluation (0 = ODE, as Flow-GRPO evaluates)", min=0)
+    num_steps: int | None = option(None, "denoising steps at evaluation (>= 1); empty = the run's "
+                                         "sampling.num_steps", min=1, note="empty = the run's sampling.num_steps")
+    batch: int = option(64, "images per sampling call", min=1)
     rewards: list[str] | None = option(None, "real models: rewards scored as quality columns beside the runs' "
                                              "--reward terms (e.g. pickscore clipscore hpsv2 aesthetic), each with "
                                              "its --paths.* weights")
     spaces: list[str] | None = option(None, "real models: perceptual spaces (dino, clip, pickscore) of the "
                                             "diversity columns; empty = the runs' real perceptual.spaces plus each "
                                             "of them whose --paths.* weights are given")
-    max_prompts: int = option(0, "real models: evaluate the first this many held-out prompts (0 = all)")
+    max_prompts: int = option(0, "real models: evaluate the first this many held-out prompts (0 = all)", min=0)
     guidance: bool = option(False, "sample a PCGS guided run with its guidance on (pcgs.guidance_weight in "
                                    "perceptual.space): the 'policy plus guidance' reading; false = the policy alone")
 
@@ -317,10 +337,11 @@ class Config:
                                   "'pickscore:1.0,jpeg:0.1'")
     assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "
                                       "shipped with the package")
-    seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling")
+    seed: int = option(0, "seed of model init, rollout noise and minibatch shuffling", min=0)
     device: str = option("auto", "torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = option(1, "torch CPU threads; the embedded model's tiny matrix products run fastest on "
-                                    "one (several threads mostly wait on each other); empty = torch's default")
+                                    "one (several threads mostly wait on each other); 0 or empty = torch's default "
+                                    "(one per core)", min=0)
     run_dir: str | None = option(None, "run folder; empty = runs/<method>-<timestamp>")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     model: ModelConfig = option(ModelConfig(), "")
@@ -339,6 +360,7 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ValueError, saying what to change, for a configuration that cannot run; return self."""
+        check_options(self)
         _choice("method", self.method, METHODS)
         _choice("sampling.kind", self.sampling.kind, SDE_KINDS)
         _choice("perceptual.estimator", self.perceptual.estimator, ESTIMATORS)
@@ -347,37 +369,16 @@ class Config:
         _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
         _choice("dist.placement", self.dist.placement, PLACEMENTS)
         _choice("perceptual.scope", self.perceptual.scope, SCOPES)
-        if self.perceptual.bank_steps < 0:
-            raise ValueError(f"perceptual.bank_steps must be >= 0 (0 = no bank), got {self.perceptual.bank_steps}")
         if self.perceptual.scope == "batch" and self.perceptual.estimator != "knn":
             raise ValueError("perceptual.scope batch uses the kNN estimator over the whole step: set "
                              "--perceptual.estimator knn")
-        if self.dist.timeout <= 0:
-            raise ValueError(f"dist.timeout must be > 0 seconds, got {self.dist.timeout}")
         _choice("pcgs.generation_density", self.pcgs.generation_density, GENERATION_DENSITIES)
         _choice("train.kl_units", self.train.kl_units, KL_UNITS)
         _choice("cov.variant", self.cov.variant, COV_VARIANTS)
-        for name, value in (("cov.band", self.cov.band), ("cov.detach_fraction", self.cov.detach_fraction),
-                            ("cov.kl_fraction", self.cov.kl_fraction)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
         if self.train.kl_units == "flow_grpo" and self.sampling.kind == "dance":
             raise ValueError("train.kl_units flow_grpo is defined for sampling.kind flow and cps only (Flow-GRPO has "
                              "no KL for DanceGRPO's SDE): use --train.kl_units exact with --sampling.kind dance")
         s, t = self.sampling, self.train
-        for name, value in (("sampling.prompts_per_step", s.prompts_per_step), ("sampling.num_steps", s.num_steps),
-                            ("train.steps", t.steps), ("train.micro_batch", t.micro_batch),
-                            ("train.minibatches", t.minibatches), ("logging.checkpoint_every",
-                                                                   self.logging.checkpoint_every),
-                            ("train.max_bad_steps", t.max_bad_steps),
-                            ("logging.keep_checkpoints", self.logging.keep_checkpoints),
-                            ("eval.images_per_prompt", self.eval.images_per_prompt), ("perceptual.k", self.perceptual.k)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if s.group_size < 2:
-            raise ValueError(f"sampling.group_size must be >= 2 for method {self.method!r} (group-normalised "
-                             f"advantages and per-group perceptual entropy need several samples per prompt), "
-                             f"got {s.group_size}: set --sampling.group_size 2 or more")
         if self.perceptual.estimator == "knn" and self.perceptual.k >= s.group_size:
             raise ValueError(f"perceptual.k ({self.perceptual.k}) must be smaller than sampling.group_size "
                              f"({s.group_size}): the kNN estimator needs k neighbours among the other "
@@ -393,20 +394,6 @@ class Config:
         if w is not None and (len(w) != 2 or not 0 <= w[0] < w[1] <= s.num_steps):
             raise ValueError(f"pcgs.guidance_window must be two integers start < end within [0, num_steps="
                              f"{s.num_steps}], got {w}")
-        if s.eta <= 0:
-            raise ValueError(f"sampling.eta must be > 0 for training (eta = 0 is a deterministic ODE with no "
-                             f"policy to optimise), got {s.eta}")
-        for name, value in (("train.lr", t.lr), ("train.clip_range", t.clip_range), ("train.adv_clip", t.adv_clip),
-                            ("train.max_grad_norm", t.max_grad_norm)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        for name, value in (("train.kl_beta", t.kl_beta), ("pec.lambda", self.pec.lambda_),
-                            ("pcgs.lambda", self.pcgs.lambda_), ("pcgs.guidance_weight", self.pcgs.guidance_weight),
-                            ("entropy_bonus.coef", self.entropy_bonus.coef), ("train.weight_decay", t.weight_decay),
-                            ("entropy_bonus.sample_coef", self.entropy_bonus.sample_coef),
-                            ("cov.kl_coef", self.cov.kl_coef)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
         if t.clip_range_high is not None and t.clip_range_high < t.clip_range:
             raise ValueError(f"train.clip_range_high ({t.clip_range_high}) must be >= train.clip_range "
                              f"({t.clip_range}): Clip-Higher widens the upper clip only")
@@ -418,9 +405,6 @@ class Config:
         if t.minibatches == 1 and self.method == "kl_cov" and self.cov.kl_fraction > 0 and self.cov.kl_coef > 0:
             raise ValueError("kl_cov's penalty |log pi_old - log pi| has zero gradient on-policy, and with "
                              "train.minibatches 1 every update is on-policy: set --train.minibatches 2 or more")
-        if self.logging.milestone_every < 0:
-            raise ValueError(f"logging.milestone_every must be >= 0 (0 = no milestones), got "
-                             f"{self.logging.milestone_every}")
         if t.minibatches > s.prompts_per_step * s.group_size:
             raise ValueError(f"train.minibatches ({t.minibatches}) cannot exceed the batch size "
                              f"prompts_per_step x group_size = {s.prompts_per_step * s.group_size}")
@@ -452,6 +436,39 @@ def _check_local_weights(cfg: Config) -> None:
                          f"perceptual.spaces")
     if cfg.data.prompts:
         load_prompt_splits(cfg.data.prompts)
+
+
+def check_options(cfg: Config) -> None:
+    """Check every leaf option of `cfg` on its own: its type (as `apply_dict` converts it; a float must be
+    finite) and the range in its field's metadata (`option(..., min=, max=, positive=)`); ValueError naming
+    the option. A value set in code is stored converted (`"0.1"` -> 0.1, as from YAML). Cross-option rules
+    are `Config.validate`'s."""
+    for dotted, f, tp in _walk(type(cfg)):
+        section = cfg
+        for part in dotted.split(".")[:-1]:
+            section = getattr(section, part)
+        value = _coerce(dotted, getattr(section, f.name), tp)
+        _check_range(dotted, value, f.metadata)
+        setattr(section, f.name, value)
+
+
+def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    """ValueError unless the number `value` lies in the range its field's metadata states (None passes)."""
+    if value is None or isinstance(value, (bool, str, list)):
+        return
+    low, high = meta.get("min"), meta.get("max")
+    if meta.get("positive") and not value > 0:
+        bound = "> 0"
+    elif low is not None and high is not None and not low <= value <= high:
+        bound = "a fraction in [0, 1]" if (low, high) == (0, 1) else f"in [{low}, {high}]"
+    elif low is not None and high is None and not value >= low:
+        bound = f">= {low}"
+    elif high is not None and low is None and not value <= high:
+        bound = f"<= {high}"
+    else:
+        return
+    note = f" ({meta['note']})" if meta.get("note") else ""
+    raise ValueError(f"{name} must be {bound}{note}, got {value!r}")
 
 
 def _choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -502,7 +519,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
             data = yaml.safe_load(fh) or {}
     except OSError as err:
         raise ValueError(f"cannot read config file {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. an int of over 4300 digits
         raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
@@ -537,7 +554,12 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert a YAML or command-line value to the field's type, with a clear error."""
+    """Convert a YAML or command-line value to the field's type, with a clear error.
+
+    Strings (the command line's values) are parsed; from YAML a number is only accepted for a number
+    option, never a bool (`steps: true` is not 1), an int only from an integral number within 64 bits,
+    and a float only when finite (NaN passes every `<` check, so it would slip through the ranges).
+    """
     base, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
         if optional:
@@ -559,12 +581,28 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"{name} must be true or false, got {value!r}")
+    if base is str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return os.fspath(value)
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}")
     try:
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return base(value)
+        number = int(value) if base is int and isinstance(value, (str, numbers.Integral)) else float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}") from None
+    except OverflowError:  # float() of an int beyond the float range
+        raise ValueError(f"{name} must be a finite number, got an integer of {int(value).bit_length()} bits") from None
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if base is float:
+            return number
+        if not number.is_integer():
+            raise ValueError(f"{name} must be of type int, got {value!r}")
+    if not -2**63 <= number < 2**63:  # seeds and counts go to torch as C int64 (and such ints have no repr)
+        raise ValueError(f"{name} must be an integer within 64 bits, got one of {int(number).bit_length()} bits")
+    return int(number)
 
 
 # ----------------------------------------------------------------------------------------------

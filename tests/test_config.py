@@ -1,5 +1,7 @@
 """Config: YAML + command-line overrides, generated --help, and start-up validation with actionable messages."""
 import argparse
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -65,8 +67,6 @@ def test_unknown_and_mistyped_options_are_rejected(tmp_path):
 
 
 def test_shipped_yaml_configs_load_and_validate():
-    from pathlib import Path
-
     import pec
 
     configs = sorted((Path(pec.__file__).parent / "configs").glob("*.yaml"))
@@ -85,3 +85,31 @@ def test_a_config_file_can_lay_its_options_over_a_base(tmp_path):
     (tmp_path / "base.yaml").write_text("base: variant.yaml\n")
     with pytest.raises(ValueError, match="base chain comes back"):
         load_yaml(tmp_path / "variant.yaml")
+
+
+@pytest.mark.parametrize("saved", sorted((Path(__file__).parent / "old_configs").glob("config-*.yaml")),
+                         ids=lambda p: p.stem)
+def test_config_yaml_of_older_runs_still_resumes(tmp_path, saved):
+    """config.yaml files as earlier versions wrote them (fewer keys, `stop_after: null`, `threads: 1`) resume."""
+    from pec.train import config_from_argv
+
+    shutil.copy(saved, tmp_path / "config.yaml")
+    cfg = config_from_argv(["--run-dir", str(tmp_path), "--resume"])
+    assert cfg.train.stop_after is None and cfg.threads == 1 and cfg.eval.num_steps is None
+    assert cfg.train.steps == load_yaml(saved)["train"]["steps"]  # the saved values, not today's defaults
+
+
+def test_values_that_used_to_mean_not_set(tmp_path):
+    """stop_after <= 0 and eval.num_steps 0 were silently read as empty: now refused; threads 0 means torch's
+    default, as its help says."""
+    for argv, match in [(["--train.stop_after", "0"], r"train\.stop_after must be >= 1 \(empty = run to"),
+                        (["--train.stop_after=-2"], r"train\.stop_after must be >= 1"),
+                        (["--eval.num_steps", "0"], r"eval\.num_steps must be >= 1 \(empty = the run's"),
+                        (["--threads=-1"], r"threads must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            parse_config(argv).validate()
+    assert parse_config(["--threads", "0"]).validate().threads == 0
+    assert parse_config(["--train.stop_after", "none", "--eval.num_steps", ""]).validate().train.stop_after is None
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert "0 or empty = torch's default" in " ".join(parser.format_help().split())

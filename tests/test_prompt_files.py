@@ -52,3 +52,11 @@ def test_bad_sources_name_the_option(tmp_path):
             load_prompt_splits(tmp_path / name)
     with pytest.raises(ValueError, match="--data.prompts"):
         parse_config(["--data.prompts", str(tmp_path / "missing.txt")]).validate()
+
+
+def test_lines_break_only_at_newlines(tmp_path):
+    """A JSON string may hold U+2028 or a form feed raw; str.splitlines would cut the record there."""
+    prompt = "a poster\u2028with two lines\x0cand a page break"
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\r\n"
+                                      + json.dumps({"prompt": "a cat"}) + "\r\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "p.jsonl") == [prompt, "a cat"]

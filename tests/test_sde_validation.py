@@ -82,3 +82,34 @@ def test_valid_tensor_schedule_passes_the_debug_check():
     sigma, sigma_next = torch.tensor([1.0, 0.6, 0.1]), torch.tensor([0.9, 0.3, 0.0])
     out = _step(sigma, sigma_next, check_schedule=True, sigma_max=0.95)
     assert torch.isfinite(out.log_prob).all()
+
+
+def _guided_scales(guidance_scale, guidance_weight, **kw):
+    t = _inputs()
+    return guided_sde_step(t["x"], t["v"], t["v"], guidance_scale, 0.5, 0.4, guidance=t["v"],
+                           guidance_weight=guidance_weight, noise=t["noise"], backend="torch", **kw)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["guidance_scale", "guidance_weight"])
+def test_non_finite_guidance_floats_name_the_argument(monkeypatch, name, bad):
+    """A NaN or infinite guidance float makes every sample NaN; it is refused like sigma and eta, always."""
+    monkeypatch.delenv("PEC_DEBUG", raising=False)
+    scales = {"guidance_scale": 4.5, "guidance_weight": 0.05, name: bad}
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number, got {bad!r}$"):
+        _guided_scales(**scales)
+
+
+@pytest.mark.parametrize("name", ["guidance_scale", "guidance_weight"])
+def test_guidance_tensors_are_checked_only_on_request(monkeypatch, name):
+    monkeypatch.delenv("PEC_DEBUG", raising=False)
+    scales = {"guidance_scale": torch.full((3,), 4.5), "guidance_weight": torch.full((3,), 0.05)}
+    out = _guided_scales(**scales, check_schedule=True)  # finite tensors pass the debug check
+    assert torch.isfinite(out.log_prob).all()
+    scales[name] = torch.tensor([0.1, float("inf"), 0.2])
+    _guided_scales(**scales)  # default: never read on the host, so never rejected
+    with pytest.raises(ValueError, match=f"^{name} must be finite; check_schedule found values in"):
+        _guided_scales(**scales, check_schedule=True)
+    monkeypatch.setenv("PEC_DEBUG", "1")
+    with pytest.raises(ValueError, match=f"^{name} must be finite"):
+        _guided_scales(**scales)

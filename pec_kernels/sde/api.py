@@ -96,12 +96,13 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
     sig_next = check_param("sigma_next", sigma_next, batch, device, cd)
     if debug_schedule is None:
         debug_schedule = os.environ.get("PEC_DEBUG") == "1"
-    check_schedule_values(kind, sig, sig_next, float(eta), debug=debug_schedule)
+    scales = (("guidance_scale", check_param("guidance_scale", vscale[0], batch, device, cd)),
+              ("guidance_weight", check_param("guidance_weight", vscale[1], batch, device, cd))) if vscale else ()
+    check_schedule_values(kind, sig, sig_next, float(eta), debug=debug_schedule, finite=scales)
     params = StepParams(
         kind=kind, sigma=sig, sigma_next=sig_next,
         sigma_max=sig_next if sigma_max is None else check_param("sigma_max", sigma_max, batch, device, cd),
-        eta=float(eta), guidance_scale=check_param("guidance_scale", vscale[0], batch, device, cd) if vscale else 0.0,
-        guidance_weight=check_param("guidance_weight", vscale[1], batch, device, cd) if vscale else 0.0,
+        eta=float(eta), guidance_scale=scales[0][1] if scales else 0.0, guidance_weight=scales[1][1] if scales else 0.0,
         batch=batch, device=device, dtype=cd)
     rollout = noise is not None
     norm = math.prod(x.shape[1:]) if reduce == "mean" else 1
@@ -156,9 +157,11 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
     """Classifier-free guidance and an SDE step with its log-prob, in one pass.
 
     v = v_uncond + guidance_scale·(v_cond − v_uncond) + guidance_weight·guidance, then exactly
-    `sde_step_logprob(x, v, ...)`. guidance_scale and guidance_weight: floats or (B,) tensors (not
-    differentiable); guidance: optional latent-shaped shift (PCGS, DESIGN.md §2.5). v_ref is the
-    reference velocity already combined by the caller (CFG and guidance applied as for v).
+    `sde_step_logprob(x, v, ...)`. guidance_scale and guidance_weight: finite floats or (B,) tensors
+    (not differentiable; a non-finite float raises a ValueError naming it, and tensors are checked as
+    the schedule's are, on request: check_schedule); guidance: optional latent-shaped shift (PCGS,
+    DESIGN.md §2.5). v_ref is the reference velocity already combined by the caller (CFG and guidance
+    applied as for v).
     Differentiable in x, v_uncond, v_cond and guidance.
     """
     vels = (v_uncond, v_cond) if guidance is None else (v_uncond, v_cond, guidance)

@@ -102,14 +102,16 @@ def check_param(name: str, value: float | torch.Tensor, batch: int, device: torc
     return value.to(dtype)
 
 
-def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float, *, debug: bool = False) -> None:
+def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float, *, debug: bool = False,
+                          finite: tuple[tuple[str, Param], ...] = ()) -> None:
     """Check the schedule's values: η ≥ 0; σ in (0, 1] for kind "flow" (σ = 0 divides by zero there)
-    and in [0, 1] otherwise; σ' in [0, σ). ValueError naming the argument.
+    and in [0, 1] otherwise; σ' in [0, σ); each (name, value) of `finite` (e.g. the guidance scales)
+    finite. ValueError naming the argument.
 
     Python floats are checked always (free: no device work). Tensor values are checked only with
-    `debug` (one host synchronisation, so never by default: the ops stay sync-free and capturable);
-    under torch.compile the debug check becomes device-side asserts (torch._assert_async), which do
-    not break the graph but fail without naming the argument.
+    `debug` (one host synchronisation for all of them, so never by default: the ops stay sync-free and
+    capturable); under torch.compile the debug check becomes device-side asserts
+    (torch._assert_async), which do not break the graph but fail without naming the argument.
     """
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
@@ -124,21 +126,26 @@ def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float
             bound = f"sigma = {sigma!r}" if not isinstance(sigma, torch.Tensor) else "sigma <= 1"
             raise ValueError(f"sigma_next must be in [0, sigma) (a step goes down the schedule; "
                              f"{bound}), got {sigma_next!r}")
-    if not debug or not (isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor)):
+    for name, value in finite:
+        if not isinstance(value, torch.Tensor) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    tensors = [t for t in (sigma, sigma_next, *(v for _, v in finite)) if isinstance(t, torch.Tensor)]
+    if not debug or not tensors:
         return
-    device = (sigma if isinstance(sigma, torch.Tensor) else sigma_next).device
-    s, sn = (torch.as_tensor(t, dtype=torch.float64, device=device) for t in (sigma, sigma_next))
+    s, sn = (torch.as_tensor(t, dtype=torch.float64, device=tensors[0].device) for t in (sigma, sigma_next))
     sigma_ok = ((s > 0) if low_open else (s >= 0)) & (s <= 1)
     next_ok = (sn >= 0) & (sn < s)
-    failures = [(f"sigma must be in {sigma_range} for kind={kind!r}{why}", sigma_ok.all()),
-                ("sigma_next must be in [0, sigma) (a step goes down the schedule)", next_ok.all())]
+    checks = [(f"sigma must be in {sigma_range} for kind={kind!r}{why}", s, sigma_ok.all()),
+              ("sigma_next must be in [0, sigma) (a step goes down the schedule)", sn, next_ok.all())]
+    checks += [(f"{name} must be finite", v, torch.isfinite(v).all()) for name, v in finite
+               if isinstance(v, torch.Tensor)]
     if torch.compiler.is_compiling():
-        for message, ok in failures:
+        for message, _, ok in checks:
             torch._assert_async(ok, message)
         return
-    if bool(torch.stack([ok for _, ok in failures]).all()):  # the one host synchronisation
+    if bool(torch.stack([ok for _, _, ok in checks]).all()):  # the one host synchronisation
         return
-    for (message, ok), bad in zip(failures, (s, sn)):
+    for message, bad, ok in checks:
         if not bool(ok):
             raise ValueError(f"{message}; check_schedule found values in [{bad.min().item()}, "
                              f"{bad.max().item()}]")
