@@ -71,7 +71,7 @@ class SD3FlowModel(DiffusersFlowModel):
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
         """SD3's transformer takes timesteps in [0, 1000]: sigma * num_train_timesteps in float32, exactly the
         scheduler's timesteps StableDiffusion3Pipeline passes (never rounded to the weights' dtype: bf16
-        would move them by up to 2.65/1000). Float32 out."""
+        moves them by up to 2.65 of the 1000 timesteps at 10 steps). Float32 out."""
         dtype = self.transformer.dtype
         timestep = sigma.float() * self.scheduler_config["num_train_timesteps"]
         return self.transformer(hidden_states=latents.to(dtype), timestep=timestep,
