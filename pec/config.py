@@ -29,7 +29,7 @@ from pec.covariance import COV_VARIANTS
 from pec.distributed import PLACEMENTS
 from pec.entropy import ESTIMATORS
 from pec.regularizers import GENERATION_DENSITIES, OMEGAS
-from pec.sampling import KL_UNITS
+from pec.sampling import KL_UNITS, check_timestep_fraction
 from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
 
 METHODS = ("grpo", "entropy_bonus", "entropy_sample", "perc_entropy_bonus", "pec", "pcgs", "clip_cov", "kl_cov")
@@ -102,8 +102,9 @@ class SamplingConfig:
                          note="eta = 0 is a deterministic ODE with no policy to optimise")
     kind: str = option("flow", f"SDE kind, one of {SDE_KINDS} (Flow-GRPO, DanceGRPO, coefficient-preserving)")
     sde_window: list[int] | None = option(
-        None, "train only steps [start, end) (two integers); other steps are deterministic ODE steps. "
-              "Empty = every step is an SDE step and is trained")
+        None, "SDE steps [start, end) (two integers): sampled with noise and trained (train.timestep_fraction "
+              "may leave the last ones untrained); other steps are deterministic ODE steps. Empty = every step. "
+              "A step whose noise std is 0 (the last cps step, sigma_next = 0) is an ODE step whatever the window")
 
 
 @dataclasses.dataclass
@@ -127,6 +128,12 @@ class TrainConfig:
                                   "lower it for real models", min=1)
     minibatches: int = option(1, "optimizer updates per rollout batch; the batch is split into this many shuffled "
                                  "minibatches (the first update is exactly on-policy, later ones are clipped)", min=1)
+    timestep_fraction: float = option(1.0, "Flow-GRPO's train.timestep_fraction: train the SDE steps among the first "
+                                           "int(num_steps x fraction) steps in denoising order (over the whole "
+                                           "trajectory, not the SDE window); the later steps are still sampled "
+                                           "with noise but not trained. 1.0 = every SDE step; Flow-GRPO's 0.99 "
+                                           "trains 9 of 10 steps (5 of 6). A step whose noise std is 0 (the last "
+                                           "cps step) is never trained", positive=True, max=1)
     clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio", positive=True)
     clip_range_high: float | None = option(None, "Clip-Higher (DAPO): the upper clip range eps_high, ratio clipped "
                                                  "to [1 - clip_range, 1 + clip_range_high]; must be >= clip_range "
@@ -390,6 +397,7 @@ class Config:
             if len(s.sde_window) != 2 or not 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps:
                 raise ValueError(f"sampling.sde_window must be two integers start < end within [0, num_steps="
                                  f"{s.num_steps}], got {s.sde_window}")
+        _check_trained_steps(s, t)
         w = self.pcgs.guidance_window
         if w is not None and (len(w) != 2 or not 0 <= w[0] < w[1] <= s.num_steps):
             raise ValueError(f"pcgs.guidance_window must be two integers start < end within [0, num_steps="
@@ -469,6 +477,19 @@ def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         return
     note = f" ({meta['note']})" if meta.get("note") else ""
     raise ValueError(f"{name} must be {bound}{note}, got {value!r}")
+
+
+def _check_trained_steps(s: SamplingConfig, t: TrainConfig) -> None:
+    """ValueError unless train.timestep_fraction is in (0, 1] and leaves a step to train: an SDE step of
+    sampling.sde_window among the first int(num_steps x fraction), not the last step with kind cps (noise std 0)."""
+    n = check_timestep_fraction(t.timestep_fraction, s.num_steps)
+    start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
+    last = s.num_steps - 1 if s.kind == "cps" else s.num_steps  # cps: sigma_next = 0 there, so its std is 0
+    if start >= min(end, n, last):
+        raise ValueError(f"no step would train: sampling.sde_window {[start, end]} (kind {s.kind}"
+                         f"{', whose last step has noise std 0' if s.kind == 'cps' else ''}) and "
+                         f"train.timestep_fraction {t.timestep_fraction} (the first {n} of {s.num_steps} steps) "
+                         f"share no step; widen the window or raise the fraction")
 
 
 def _choice(name: str, value: object, choices: Sequence[object]) -> None:

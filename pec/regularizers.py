@@ -137,9 +137,18 @@ def latent_group_log_density(latents: torch.Tensor, group_size: int, *, per_dim:
 def policy_entropy(std: torch.Tensor | float, dim: int) -> torch.Tensor:
     """Analytic entropy (D/2) log(2 pi e s^2) of one SDE step's Gaussian policy N(mu_theta, s^2 I).
 
-    It depends only on s, which the noise schedule fixes: never on theta.
+    It depends only on s, which the noise schedule fixes: never on theta. Pass host values (a float, or
+    a CPU tensor such as `Rollout.step_std` of the trained steps): they are checked, and an s that is
+    not a positive finite number raises ValueError, since an ODE step (s = 0) has no Gaussian policy
+    and its entropy would be -inf.
     """
     s = torch.as_tensor(std, dtype=torch.float64)
+    if s.device.type != "cpu":
+        raise ValueError(f"std must be a float or a CPU tensor (the schedule's host values, e.g. Rollout.step_std), "
+                         f"got a tensor on {s.device}")
+    if not all(v > 0 and math.isfinite(v) for v in s.flatten().tolist()):  # host values: no device read
+        raise ValueError(f"std must be > 0 and finite (a step with noise std 0 is an ODE step: it has no policy "
+                         f"entropy and is never trained), got {std!r:.120}")
     return 0.5 * dim * torch.log(2 * math.pi * math.e * s.square())
 
 

@@ -9,8 +9,16 @@ Conventions: flow time sigma from 1 (noise) down to 0, `FlowModel.velocity` pred
 is one batched forward of [uncond; cond]. At guidance_scale 1 (no CFG, the training default) the
 unconditional forward is skipped, in sampling and re-evaluation alike: v_uncond is v_cond, so the
 combined velocity v_cond + 1·(v_cond − v_cond) is exactly v_cond, at half the model cost.
-Steps outside the SDE window are deterministic (eta = 0) ODE steps: their log_prob is 0 and they
-are not trained on.
+Which steps are SDE steps, and which train (DESIGN.md 2.1, 2.3), decided on the host from the
+schedule before sampling (no read of device data):
+- SDE steps (`Rollout.sde_steps`): the steps inside `sde_window` (all without one) whose noise std s
+  is not 0 for the kind and eta (`step_noise_std`). They are sampled with noise and have a
+  log-probability. Every other step is a deterministic ODE step (eta = 0): log_prob 0, never trained.
+  s is exactly 0 at eta = 0, and at the last `cps` step (s = sigma_next * sin(eta*pi/2), sigma_next = 0):
+  that step is an ODE step whatever the window says.
+- Trained steps (`Rollout.train_steps(timestep_fraction)`): Flow-GRPO's rule, the SDE steps among the
+  first int(T * timestep_fraction) steps in denoising order (T = all steps of the trajectory, not
+  those of the window). With Flow-GRPO's 0.99 the last step is still sampled with noise but not trained.
 
 Guided sampling (the PCGS guided form, DESIGN.md 2.5): `guidance_shift` is the one place that
 decides the sign and the scale of the guidance (see there); the shift is stored in the rollout and
@@ -27,6 +35,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from pec.models.base import FlowModel, PromptBatch
 from pec_kernels.sde import SdeStep, guided_sde_step, step_sigmas
+from pec_kernels.sde.coefficients import step_coefficients
 
 # The embedded 8x8 model needs no resolution shift (SD3 uses 3.0 at 1024 px).
 EMBEDDED_SHIFT = 1.0
@@ -97,6 +106,38 @@ def sde_step_mask(num_steps: int, sde_window: tuple[int, int] | None) -> torch.T
     return mask
 
 
+def step_noise_std(sigmas: torch.Tensor, kind: str, eta: float, sde_window: tuple[int, int] | None = None
+                   ) -> torch.Tensor:
+    """(T,) float32 noise std s of each step of the CPU schedule `sigmas` (T + 1,), as the sampler takes them.
+
+    s comes from the same formulas as the SDE kernels (`pec_kernels.sde.coefficients.step_coefficients`,
+    in float32): 0 wherever the step is deterministic, i.e. outside `sde_window` (sampled with eta = 0)
+    and wherever s^2 is not a positive normal float (eta = 0, or the last `cps` step, sigma_next = 0).
+    Computed on the host: the schedule is known there before sampling, so no device value is read.
+    """
+    if sigmas.device.type != "cpu":
+        raise ValueError(f"sigmas must be on the CPU (the host decides which steps are SDE steps), got {sigmas.device}")
+    sig = sigmas.to(torch.float32)
+    t = sig.shape[0] - 1
+    # Flow-GRPO's stand-in for sigma in 1 - sigma at sigma = 1, as `step_sigmas` computes it.
+    below_one = torch.where(sig < 1, sig, torch.full_like(sig, float("-inf"))).max()
+    coefficients = step_coefficients(kind, sig[:-1], sig[1:], torch.full((t,), float(eta)), below_one.expand(t))
+    return torch.where(sde_step_mask(t, sde_window), coefficients.s, torch.zeros(t))
+
+
+def check_timestep_fraction(timestep_fraction: float, num_steps: int) -> int:
+    """int(num_steps * timestep_fraction), the steps Flow-GRPO trains; ValueError unless the fraction is in
+    (0, 1] and leaves at least one step."""
+    if (isinstance(timestep_fraction, bool) or not isinstance(timestep_fraction, (int, float))
+            or not 0 < timestep_fraction <= 1):
+        raise ValueError(f"train.timestep_fraction must be a fraction in (0, 1], got {timestep_fraction!r}")
+    n = int(num_steps * timestep_fraction)
+    if n < 1:
+        raise ValueError(f"train.timestep_fraction {timestep_fraction} trains int({num_steps} x {timestep_fraction}) "
+                         f"= 0 of the {num_steps} steps: raise it to at least {1 / num_steps:.4g}")
+    return n
+
+
 @dataclass
 class Rollout:
     """A batch of sampled trajectories, B = len(prompts) * group_size, each group contiguous.
@@ -107,7 +148,10 @@ class Rollout:
     images:    (B, C, H, W) decoded final latents, clamped to [0, 1].
     prompts:   the B prompts (expanded); group_ids: (B,) int64 index of each sample's prompt.
     sde_steps: (T,) bool on the CPU (metadata the host branches on: no device read), which steps were
-               stochastic (trainable).
+               sampled with noise and have a log-probability: inside the SDE window with a noise std
+               that is not 0 (the module docstring). Which of them train: `train_steps`.
+    step_std:  (T,) float32 on the CPU, each step's noise std s from the schedule (`step_noise_std`; 0 at
+               ODE steps), what the policy entropy is computed from without a device read.
     guidance:  (T, B, *sample_shape) the velocity shift added at each step (`guidance_shift` of what
                guidance_fn returned: already signed and scaled), or None without guidance_fn. It is
                part of the behaviour policy's mean, so re-evaluation adds it unchanged.
@@ -123,6 +167,7 @@ class Rollout:
     prompts: list[str]
     group_ids: torch.Tensor
     sde_steps: torch.Tensor
+    step_std: torch.Tensor
     guidance: torch.Tensor | None
     cond: PromptBatch
     uncond: PromptBatch
@@ -141,9 +186,12 @@ class Rollout:
     def batch_size(self) -> int:
         return self.log_probs.shape[1]
 
-    def train_steps(self) -> list[int]:
-        """Indices of the SDE (trainable) steps."""
-        return torch.nonzero(self.sde_steps).flatten().tolist()
+    def train_steps(self, timestep_fraction: float = 1.0) -> list[int]:
+        """Indices of the trained steps: Flow-GRPO's rule, the SDE steps among the first
+        int(T * timestep_fraction) steps in denoising order (T: all the trajectory's steps). 1.0 trains
+        every SDE step; Flow-GRPO's 0.99 leaves the last step sampled with noise but untrained."""
+        n = check_timestep_fraction(timestep_fraction, self.num_steps)
+        return torch.nonzero(self.sde_steps[:n]).flatten().tolist()
 
 
 def cfg_velocities(model: FlowModel, latents: torch.Tensor, sigma: torch.Tensor, cond: PromptBatch,
@@ -221,11 +269,13 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     """
     _check_sample_args(prompts, group_size, guidance_scale, eta, batch_size)
     device = next(model.parameters()).device
-    if sigmas is None:
-        sigmas = model.schedule(num_steps, device) if shift is None else schedule_sigmas(num_steps, shift, device)
-    sigmas = sigmas.to(device=device, dtype=torch.float32)
+    if sigmas is None:  # built on the host, where the SDE steps are decided
+        sigmas = model.schedule(num_steps) if shift is None else schedule_sigmas(num_steps, shift)
+    # A schedule given on the device is read once here (callers of the trainer's path pass none).
+    step_std = step_noise_std(sigmas.detach().to("cpu", torch.float32), kind, eta, sde_window)
+    sde_steps = step_std > 0
+    sigmas = sigmas.to(device=device, dtype=torch.float32, non_blocking=True)
     num_steps = sigmas.shape[0] - 1
-    sde_steps = sde_step_mask(num_steps, sde_window)
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
 
@@ -275,7 +325,7 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         latents=torch.stack(latents), log_probs=torch.stack(log_probs), sigmas=sigmas,
         images=model.decode(x).float().clamp(0, 1), prompts=expanded,
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-        sde_steps=sde_steps, guidance=torch.stack(guidance) if guidance_fn is not None else None,
+        sde_steps=sde_steps, step_std=step_std, guidance=torch.stack(guidance) if guidance_fn is not None else None,
         cond=cond, uncond=uncond, eta=float(eta), kind=kind, guidance_scale=float(guidance_scale),
         guidance_weight=weights.to(device, non_blocking=True), group_size=group_size, sigma_max=sigma_max)
 
@@ -297,8 +347,8 @@ def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: to
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < rollout.num_steps:
         raise ValueError(f"step must be an int in [0, {rollout.num_steps}), got {step!r}")
     if not bool(rollout.sde_steps[step]):
-        raise ValueError(f"step {step} is a deterministic (ODE) step outside the SDE window; "
-                         f"trainable steps are {rollout.train_steps()}")
+        raise ValueError(f"step {step} is a deterministic (ODE) step (outside the SDE window, or its noise std "
+                         f"is 0); the SDE steps are {torch.nonzero(rollout.sde_steps).flatten().tolist()}")
     if sample_idx is None:
         sample_idx = slice(None)
     elif not isinstance(sample_idx, (slice, torch.Tensor)) or (
@@ -364,7 +414,7 @@ def step_log_prob(model: FlowModel, rollout: Rollout, step: int, sample_idx: tor
     `guided_sde_step` call as `sample`, so for unchanged weights log_prob equals the rollout's.
     v_ref: the reference model's combined velocity (see `guided_velocity`) for the fused KL, returned
     in `kl_units` ("exact" or "flow_grpo", see `kl_in_units`).
-    Raises ValueError for a step outside the SDE window, or kl_units "flow_grpo" with kind "dance".
+    Raises ValueError for an ODE step (not in `rollout.sde_steps`), or kl_units "flow_grpo" with kind "dance".
     """
     scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
     kind = rollout.kind if kind is None else kind

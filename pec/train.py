@@ -505,8 +505,12 @@ class Trainer:
             times["reward"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            trained = rollout.train_steps()
-            # The SDE window is contiguous: a slice, not a host-built index (a blocking copy on a GPU).
+            # Flow-GRPO's rule (pec.sampling): the SDE steps among the first int(T * timestep_fraction).
+            trained = rollout.train_steps(cfg.train.timestep_fraction)
+            if not trained or trained[-1] - trained[0] + 1 != len(trained):
+                raise ValueError(f"the trained steps must be a non-empty run of consecutive steps, got {trained} "
+                                 f"(check sampling.sde_window, sampling.kind and train.timestep_fraction)")
+            # Contiguous: a slice, not a host-built index (a blocking copy on a GPU).
             trained_rows = slice(trained[0], trained[-1] + 1)
             old_log_probs = rollout.log_probs[trained_rows].T.float()  # (B_local, T_trained)
             index = self.index
@@ -616,7 +620,10 @@ class Trainer:
         counts: dict[str, int] = defaultdict(int)
         first_ratio_dev, ratio_max, ratio_min = zero, zero - torch.inf, zero + torch.inf
         grad_norm_sum, updates, causes = zero, 0, []
-        step_entropy: dict[int, torch.Tensor] = {}
+        # The analytic policy entropy of each trained step, from the schedule's noise std on the host (no
+        # device read): s is fixed by the schedule, and every trained step has s > 0.
+        step_entropy = policy_entropy(rollout.step_std[trained], dim)
+        entropies = step_entropy.tolist()
         # The optimizer's own parameter objects: FSDP2 swaps a module's parameters for unsharded views
         # between forwards, and only its sharded ones receive the gradients.
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -646,17 +653,13 @@ class Trainer:
                                                     clip_range_high=cfg.train.clip_range_high)
                     if penalty is not None:
                         loss = loss + penalty
-                    entropy = policy_entropy(out.std.detach(), dim)
-                    # s is fixed by the schedule at each step: one value per trained step, whatever the
-                    # order of the micro-batches (a running sum would depend on it in the last bit).
-                    step_entropy[col] = entropy.mean()
                     surrogate = loss.detach()
                     if out.kl is not None:
                         loss = loss + cfg.train.kl_beta * (out.kl * keep).mean()
                     if cfg.method == "entropy_bonus":
                         # The analytic policy entropy depends on the schedule only: this term adds a
                         # constant to the loss and nothing to the gradient (the paper's diagnosis).
-                        loss = loss - cfg.entropy_bonus.coef * entropy.mean().to(loss.dtype)
+                        loss = loss - cfg.entropy_bonus.coef * loss.new_full((), entropies[col])
                     scaled = loss * len(idx) / pieces
                     (scaled * loss_scale).backward()
                     mb_loss = mb_loss + scaled.detach()
@@ -702,7 +705,7 @@ class Trainer:
         row = {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
         first_ratio_dev, ratio_max = self.dist.all_reduce_(torch.stack([first_ratio_dev, ratio_max]), "max")
         ratio_min = self.dist.all_reduce_(ratio_min.clone(), "min")
-        entropy_mean = torch.stack([step_entropy[c] for c in sorted(step_entropy)]).mean()
+        entropy_mean = step_entropy.mean().tolist()
         row.update(policy_entropy=entropy_mean, policy_entropy_per_dim=entropy_mean / dim)
         row.update(ratio_max=ratio_max, ratio_min=ratio_min, first_update_ratio_dev=first_ratio_dev,
                    grad_norm=grad_norm_sum / updates if updates else zero + torch.nan)

@@ -19,6 +19,7 @@ import pec  # noqa: E402
 from pec.config import Config, parse_config  # noqa: E402
 from pec.models.flux import FLUX_LORA_TARGETS, FluxFlowModel, image_ids, pack_latents, unpack_latents  # noqa: E402
 from pec.policy import Policy  # noqa: E402
+from pec.sampling import sample  # noqa: E402
 from pec.train import main as train_main  # noqa: E402
 
 
@@ -73,6 +74,32 @@ def test_velocity_uses_the_guidance_embedding_and_decode_unpacks(flux):
         z = unpack_latents(latents, 16, 16) / vae.config.scaling_factor + vae.config.shift_factor
         expected = (vae.decode(z).sample + 1) / 2
     assert images.shape == (2, 3, 32, 32) and torch.allclose(images, expected, atol=1e-5)
+
+
+def test_bf16_timestep_and_guidance_are_the_pipelines(world):
+    # FluxPipeline passes t.to(latents dtype) / 1000 (t the scheduler's float32 timestep) and a float32
+    # guidance; the adapter builds the same tensors bit for bit. Only bfloat16 shows a difference.
+    pipe = FluxPipeline.from_pretrained(str(world["flux"]), torch_dtype=torch.bfloat16, local_files_only=True)
+    model = FluxFlowModel(pipe, resolution=32, max_sequence_length=8, guidance=3.5)
+    captured = {"ours": [], "pipeline": []}
+
+    def capture(into):
+        return lambda module, args, kwargs: into.append((kwargs["timestep"].clone(), kwargs["guidance"].clone()))
+
+    handle = model.transformer.register_forward_pre_hook(capture(captured["ours"]), with_kwargs=True)
+    sample(model, ["a photo of a cat"], num_steps=6, guidance_scale=1.0, eta=0.9, seed=0)
+    handle.remove()
+    handle = pipe.transformer.register_forward_pre_hook(capture(captured["pipeline"]), with_kwargs=True)
+    pipe("a photo of a cat", height=32, width=32, num_inference_steps=6, guidance_scale=3.5, max_sequence_length=8,
+         output_type="latent", generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert len(captured["ours"]) == len(captured["pipeline"]) == 6
+    for (t, g), (t_ref, g_ref) in zip(captured["ours"], captured["pipeline"]):
+        assert torch.equal(t, t_ref) and torch.equal(g, g_ref) and g.dtype == torch.float32, (t, t_ref)
+    # The case matters: sigma rounded to bfloat16 (the adapter's old timestep) differs at some step.
+    sigmas = model.schedule(6)[:-1]
+    assert any(not torch.equal(s.to(torch.bfloat16).reshape(1), t_ref)
+               for s, (t_ref, _) in zip(sigmas, captured["pipeline"]))
 
 
 def test_lora_on_flow_grpos_flux_targets(world):

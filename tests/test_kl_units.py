@@ -50,7 +50,8 @@ def test_flow_grpo_units_match_flow_grpo_formula(models, kind, shift):
     r = sample(policy, PROMPTS, group_size=3, num_steps=5, guidance_scale=1.0, eta=eta, kind=kind, shift=shift,
                seed=0)
     sigma_max = float(r.sigmas[1])
-    steps = r.train_steps()[:-1] if kind == "cps" else r.train_steps()  # cps: s = 0 at the last step
+    steps = r.train_steps()  # cps: not the last step, where s = 0 (an ODE step)
+    assert steps == list(range(4 if kind == "cps" else 5))
     for step in steps:
         with torch.no_grad():
             v, v_ref = guided_velocity(policy, r, step), guided_velocity(reference, r, step)

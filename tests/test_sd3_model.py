@@ -13,7 +13,7 @@ from _tiny_diffusers import tiny_sd3_folder, tiny_sd3_pipeline  # noqa: E402
 from pec.config import ModelConfig  # noqa: E402
 from pec.models import check_model_config  # noqa: E402
 from pec.models.sd3 import SD3FlowModel  # noqa: E402
-from pec.sampling import schedule_sigmas  # noqa: E402
+from pec.sampling import sample, schedule_sigmas  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,32 @@ def test_bf16_weights_give_float32_velocity(tmp_path):
     prompts = model.encode_prompts(["a cat", ""])
     v = model.velocity(torch.randn(2, *model.sample_shape), torch.tensor([0.9, 0.3]), prompts)
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def _capture_timesteps(transformer) -> tuple[list[torch.Tensor], object]:
+    """The `timestep` argument of every forward of `transformer` (and the hook's handle)."""
+    seen = []
+    handle = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+    return seen, handle
+
+
+def test_bf16_timesteps_are_the_pipelines_float32_timesteps(sd3_folder):
+    # In float32 the adapter's old rounding to the weights' dtype changed nothing: only bfloat16 shows it.
+    model = SD3FlowModel.from_pretrained(str(sd3_folder), dtype="bfloat16", device="cpu", resolution=16)
+    pipe = model.pipeline
+    ours, handle = _capture_timesteps(model.transformer)
+    sample(model, ["a photo of a cat"], num_steps=5, guidance_scale=4.5, eta=0.7, seed=0)
+    handle.remove()
+    theirs, handle = _capture_timesteps(pipe.transformer)
+    pipe("a photo of a cat", height=16, width=16, num_inference_steps=5, guidance_scale=4.5, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert len(ours) == len(theirs) == 5
+    for a, b in zip(ours, theirs):
+        assert b.dtype == torch.float32 and torch.equal(a, b), (a, b)
+    # The case matters: bf16 rounding would have changed some of them.
+    assert any(not torch.equal(b.to(torch.bfloat16).float(), b) for b in theirs)
 
 
 def test_folder_checks_name_the_option(sd3_folder, tmp_path):

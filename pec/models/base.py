@@ -77,7 +77,16 @@ class FlowModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
-        """Predicted velocity v ~ eps - x0 for `latents` (B, *sample_shape) at flow times `sigma` (B,)."""
+        """Predicted velocity v ~ eps - x0 for `latents` (B, *sample_shape) at flow times `sigma` (B,).
+
+        Timestep rule, for every adapter: `sigma` arrives in float32 (the schedule's values), and the
+        adapter computes the transformer's `timestep` (and any guidance input) from it exactly as the
+        model's diffusers pipeline does, bit for bit: in float32 as the pipeline passes it, never rounded
+        to the weights' dtype unless the pipeline itself rounds it there. SD3: sigma * num_train_timesteps
+        in float32 (the scheduler's timesteps); FLUX: FluxPipeline's t.to(latents dtype) / 1000 and a
+        float32 guidance. A test checks each adapter against its pipeline in bfloat16 with torch.equal
+        (float32 hides the rounding).
+        """
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

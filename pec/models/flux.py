@@ -108,14 +108,20 @@ class FluxFlowModel(DiffusersFlowModel):
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
         """The transformer's prediction on packed latents (B, tokens, 64); float32 out.
 
-        FLUX's transformer scales timestep and guidance by 1000 itself, so it gets sigma in [0, 1].
+        FLUX's transformer scales timestep and guidance by 1000 itself, so it gets them in [0, 1]. Both as
+        FluxPipeline (and Flow-GRPO's FLUX sampler) computes them, bit for bit: the guidance in float32, the
+        timestep as t.to(latents dtype) / 1000 with t = sigma * num_train_timesteps the scheduler's float32
+        timestep. That pipeline rounds t, not sigma, to its latents' dtype (the weights' dtype), so
+        sigma.to(dtype) would differ from it in the last bit at about a quarter of the steps in bfloat16.
         """
         dtype = self.transformer.dtype
         b = latents.shape[0]
         guidance = (torch.full((b,), self.guidance, device=latents.device, dtype=torch.float32)
                     if self.transformer.config.guidance_embeds else None)
+        scale = self.scheduler_config["num_train_timesteps"]
+        timestep = (sigma.float() * scale).to(dtype) / scale
         txt_ids = torch.zeros(prompts.embeds.shape[1], 3, device=latents.device, dtype=dtype)
-        return self.transformer(hidden_states=latents.to(dtype), timestep=sigma.to(dtype), guidance=guidance,
+        return self.transformer(hidden_states=latents.to(dtype), timestep=timestep, guidance=guidance,
                                 pooled_projections=prompts.pooled.to(dtype),
                                 encoder_hidden_states=prompts.embeds.to(dtype), txt_ids=txt_ids,
                                 img_ids=self.img_ids.to(dtype), return_dict=False)[0].float()
