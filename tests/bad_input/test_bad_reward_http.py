@@ -185,7 +185,8 @@ def test_a_trickling_server_fails_at_the_deadline(world, tmp_path):
         with pytest.raises(ConnectionError, match="no complete answer within --reward_http.timeout 1 s"):
             HttpReward(server.url, timeout=1, retries=0)(torch.rand(2, 3, 8, 8), ["a", "b"])
         assert time.monotonic() - start < 3
-        message = failing_main(tiny_argv(  # --reward_http.* reach the clientworld, tmp_path / "run", server.url, "--reward_http.timeout", "1",
+        # --reward_http.* reach the client from pec.train's command line.
+        message = failing_main(tiny_argv(world, tmp_path / "run", server.url, "--reward_http.timeout", "1",
                                          "--reward_http.retries", "0"))
         assert "no complete answer within --reward_http.timeout 1 s" in message
     finally:
