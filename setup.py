@@ -111,6 +111,10 @@ setup(
         "transformers>=4.46",
         "open_clip_torch>=3.0",
         "pillow",
+        # The reward server (pec.rewards.serve): uvicorn serving a starlette app (its module docstring says why).
+        "uvicorn>=0.55",
+        "h11",  # uvicorn's HTTP parser, whose connection states the server reads
+        "starlette>=1.0",
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"],
                     # CPU anchors of benchmarks/bench_knn_cpu_anchors.py (not needed by the package or tests)

@@ -331,6 +331,19 @@ class PathsConfig:
 
 
 @dataclasses.dataclass
+class RewardHttpConfig:
+    """The client of the reward 'http' (its server's URL is --paths.reward_url; see pec.rewards.http)."""
+
+    timeout: float = option(60.0, "seconds one request to the reward server may take in all: connecting, sending, "
+                                  "scoring and reading the whole answer (a server that trickles it fails then)")
+    retries: int = option(3, "retries of a request that could not connect, timed out or got a 5xx answer (backoff "
+                             "1 s, 2 s, 4 s, ...); a 4xx answer is never retried")
+    token: str | None = option(None, "bearer token of a reward server started with --token; empty = the "
+                                     "environment variable PEC_REWARD_TOKEN. A token given here is saved in the "
+                                     "run's config.yaml: prefer the variable")
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
@@ -363,6 +376,7 @@ class Config:
     eval: EvalConfig = option(EvalConfig(), "")
     dist: DistConfig = option(DistConfig(), "")
     paths: PathsConfig = option(PathsConfig(), "")
+    reward_http: RewardHttpConfig = option(RewardHttpConfig(), "")
     data: DataConfig = option(DataConfig(), "")
 
     def validate(self) -> Config:

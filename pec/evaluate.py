@@ -350,7 +350,8 @@ class RealEvaluator:
     perceptual space's within-prompt distance and Vendi score (diversity)."""
 
     def __init__(self, cfg: Config, rewards: Sequence[str], spaces: Sequence[str], device: torch.device) -> None:
-        self.rewards = {name: build_reward(name, device=device, directory=cfg.assets, paths=cfg.paths)
+        self.rewards = {name: build_reward(name, device=device, directory=cfg.assets, paths=cfg.paths,
+                                         http=cfg.reward_http)
                         for name in rewards}
         self.spaces = {name: build_space(name, device=device, directory=cfg.assets, paths=cfg.paths)
                        for name in spaces}

@@ -169,7 +169,8 @@ class Trainer:
         self.prompts = list(prompts) if prompts is not None else default_prompts(cfg.data.prompts)
         self.policy = Policy(cfg, self.device, shard=self.dist.active)
         self.model = self.policy.model
-        self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths)
+        self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths,
+                                      http=cfg.reward_http)
         self.encoders = {name: build_space(name, device=self.device, directory=cfg.assets, paths=cfg.paths)
                          for name in cfg.perceptual.spaces}
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.train.lr,

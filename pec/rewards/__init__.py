@@ -139,7 +139,7 @@ class WeightedReward(nn.Module):
 
 
 def build_reward(spec: str, device: str | torch.device = "cpu", directory: str | Path | None = None,
-                 paths: object = None) -> nn.Module:
+                 paths: object = None, http: object = None) -> nn.Module:
     """The reward of a spec: a single registered reward (weight 1) as is, otherwise a `WeightedReward`.
 
     Args:
@@ -147,9 +147,12 @@ def build_reward(spec: str, device: str | torch.device = "cpu", directory: str |
         device: where scoring runs.
         directory: the embedded world's assets folder (--assets).
         paths: local weights of the real rewards (a `pec.config.PathsConfig`).
+        http: the `http` reward's client settings (a `pec.config.RewardHttpConfig`; None = defaults), passed
+            only to the factories whose signature takes `http`.
     """
     terms = check_reward_spec(spec, paths)
-    rewards = {name: REWARDS.build_with_options(name, {"paths": paths}, device=device, directory=directory)
+    options = {"paths": paths, "http": http}
+    rewards = {name: REWARDS.build_with_options(name, options, device=device, directory=directory)
                for name, _ in terms}
     if len(terms) == 1 and terms[0][1] == 1.0:
         return rewards[terms[0][0]]

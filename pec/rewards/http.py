@@ -2,20 +2,37 @@
 rewards with conflicting dependencies (GenEval) run in another process or on another machine.
 
 Protocol: POST `{"prompts": [...], "images": [base64 PNG, ...]}` (JSON) to the server's URL; the answer
-is `{"scores": [...]}` with one float per image. Images go `batch_size` at a time (default 32), each
-request with a timeout (default 60 s) and up to `retries` retries (default 3) with exponential
-backoff; a server that never answers raises a ConnectionError that names --paths.reward_url.
+is `{"scores": [...]}` with one finite number per image, or an error status with `{"error": "..."}`.
 `python -m pec.rewards.serve NAME ...` serves any registered reward with this protocol.
+
+The client (options `--reward_http.*`, the URL is `--paths.reward_url`):
+- images go `batch_size` at a time (default 32);
+- each request has one deadline for all of it (`--reward_http.timeout`, default 60 s): connecting,
+  sending, the server's scoring and reading the whole answer. A watchdog shuts the socket down at the
+  deadline, so a server that trickles its answer byte by byte fails then; a per-read socket timeout (all
+  that urllib, requests and httpx's sync client offer) restarts on every byte and never would;
+- failures to connect, timeouts and 5xx answers are retried (`--reward_http.retries`, default 3, with
+  exponential backoff from 1 s); a 4xx is the server refusing the request, never retried, and its
+  `{"error": ...}` text is shown;
+- the answer must be a JSON list of finite numbers (not booleans or strings), one per image: anything
+  else is a ValueError quoting what came back, so a run never trains on garbage;
+- `--reward_http.token` (or the environment variable PEC_REWARD_TOKEN) is sent as
+  `Authorization: Bearer TOKEN` to a server started with `--token`.
 """
 from __future__ import annotations
 
 import base64
+import binascii
+import http.client
 import io
 import json
+import math
+import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+import urllib.parse
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +41,9 @@ from pec.rewards.base import ImageReward
 TIMEOUT_S = 60.0
 RETRIES = 3
 BACKOFF_S = 1.0
+TOKEN_ENV = "PEC_REWARD_TOKEN"
+MAX_ANSWER_BYTES = 8 * 2**20  # scores (and error texts) are small; a bigger answer is not one
+QUOTE_CHARS = 120
 
 
 def encode_png(image: torch.Tensor) -> str:
@@ -36,68 +56,207 @@ def encode_png(image: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_png(data: str) -> torch.Tensor:
-    """Inverse of `encode_png`: (C, H, W) float32 in [0, 1]."""
+def decode_png(data: str | bytes) -> torch.Tensor:
+    """Inverse of `encode_png` (base64 text, or the PNG's bytes): (C, H, W) float32 in [0, 1].
+
+    Only PNG is parsed. Anything Pillow cannot decode, and a decompression bomb by Pillow's own limit
+    (`PIL.Image.MAX_IMAGE_PIXELS`), is a one-line ValueError.
+    """
     import numpy as np
     from PIL import Image
 
-    image = Image.open(io.BytesIO(base64.b64decode(data)))
-    array = np.asarray(image.convert("L" if image.mode == "L" else "RGB"), dtype=np.float32) / 255
+    try:
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
+        image = Image.open(io.BytesIO(raw), formats=["PNG"])
+        array = np.asarray(image.convert("L" if image.mode == "L" else "RGB"), dtype=np.float32) / 255
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"a decompression bomb ({err})") from None
+    except binascii.Error as err:
+        raise ValueError(f"not base64 ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow raises for a broken file
+        raise ValueError(f"not a valid PNG ({type(err).__name__}: {one_line(str(err))})") from None
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
-def check_server(url: str | None, timeout: float = 10.0) -> None:
-    """ValueError unless `url` is an http(s) URL whose server answers (any HTTP status counts)."""
+def resolve_token(token: str | None) -> str | None:
+    """`token`, else the environment variable PEC_REWARD_TOKEN; None when neither is set (empty = not set)."""
+    return token or os.environ.get(TOKEN_ENV) or None
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quote(data: bytes) -> str:
+    """What a server sent, quoted on one line and cut short."""
+    text = data[:QUOTE_CHARS * 4].decode("utf-8", "replace")
+    return repr(text[:QUOTE_CHARS]) + ("..." if len(data) > QUOTE_CHARS or len(text) > QUOTE_CHARS else "")
+
+
+class Answer(NamedTuple):
+    """An HTTP answer: status code and body."""
+
+    status: int
+    body: bytes
+
+
+def request(url: str, *, body: bytes | None = None, token: str | None = None,
+            timeout: float = TIMEOUT_S) -> Answer:
+    """One HTTP request (POST of JSON `body`, or GET without one) that ends within `timeout` seconds.
+
+    A watchdog timer shuts the socket down at the deadline, which wakes any blocked read or write, so the
+    deadline covers connecting, sending, waiting and reading the whole answer however the server trickles
+    it. Raises TimeoutError at the deadline, ConnectionError for any other network or HTTP protocol failure
+    (both one line); an answer over MAX_ANSWER_BYTES is a ConnectionError too.
+    """
+    parts = urllib.parse.urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.hostname or "", parts.port, timeout=timeout)
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        sock = connection.sock  # None while connecting: connect() is bounded by `timeout` and checks `fired`
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        connection.connect()
+        if fired.is_set():
+            raise TimeoutError
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST" if body is not None else "GET", target, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read(MAX_ANSWER_BYTES + 1)
+    except (OSError, http.client.HTTPException) as err:
+        if fired.is_set() or isinstance(err, TimeoutError):
+            raise TimeoutError(f"no complete answer within {timeout:g} s") from None
+        raise ConnectionError(one_line(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)) from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if len(data) > MAX_ANSWER_BYTES:
+        raise ConnectionError(f"an answer over {MAX_ANSWER_BYTES} bytes")
+    return Answer(response.status, data)
+
+
+def error_text(answer: Answer) -> str:
+    """The reason a server gave with an error status: its JSON `error`, else its body quoted."""
+    try:
+        payload = json.loads(answer.body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return f"HTTP {answer.status}: {one_line(payload['error'])}"
+    return f"HTTP {answer.status}: {_quote(answer.body)}"
+
+
+def _is_finite_number(value: object) -> bool:
+    if type(value) not in (int, float):  # not bool (an int subclass), not str
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def parse_scores(data: bytes, count: int, url: str) -> torch.Tensor:
+    """(count,) float32 scores from a server's answer `{"scores": [count finite numbers]}`; anything else is a
+    one-line ValueError quoting what came back."""
+    try:
+        scores = json.loads(data).get("scores")
+    except (ValueError, AttributeError, RecursionError):  # not JSON (or not UTF-8), not an object, too deep
+        scores = None
+    if not isinstance(scores, list) or len(scores) != count or not all(map(_is_finite_number, scores)):
+        raise ValueError(f"reward server {url} (--paths.reward_url) answered {_quote(data)} for {count} images; it "
+                         f"must answer {{\"scores\": [{count} finite numbers]}}")
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+
+
+def check_server(url: str | None, timeout: float = 10.0, token: str | None = None,
+                 check_token: bool = False) -> None:
+    """ValueError unless `url` is an http(s) URL whose server answers a GET (any HTTP status counts; with
+    `check_token`, a 401 does not: the server refused `token`)."""
     if not url or not url.startswith(("http://", "https://")):
         raise ValueError(f"--paths.reward_url must be the http(s) URL of a reward server for reward 'http' "
                          f"(start one with `python -m pec.rewards.serve NAME --port PORT`), got {url!r}")
     try:
-        urllib.request.urlopen(url, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as err:
+        answer = request(url, token=token, timeout=timeout)
+    except (TimeoutError, ConnectionError) as err:
         raise ValueError(f"--paths.reward_url: the reward server at {url} does not answer ({err}); start it "
                          f"(`python -m pec.rewards.serve NAME --port PORT`) or fix the URL") from None
+    if check_token and answer.status == 401:
+        given = "refused the token of --reward_http.token / " + TOKEN_ENV if token else "requires a token"
+        raise ValueError(f"--reward_http.token: the reward server at {url} {given} ({error_text(answer)}); give "
+                         f"the token it was started with (`serve --token`) with --reward_http.token or {TOKEN_ENV}")
 
 
 class HttpReward(ImageReward):
     """Scores from a reward server (see the module docstring)."""
 
     def __init__(self, url: str, *, batch_size: int = 32, timeout: float = TIMEOUT_S, retries: int = RETRIES,
-                 backoff: float = BACKOFF_S) -> None:
+                 backoff: float = BACKOFF_S, token: str | None = None) -> None:
         super().__init__()
-        if batch_size < 1 or timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError(f"batch_size must be >= 1, timeout > 0, retries and backoff >= 0; got {batch_size}, "
-                             f"{timeout}, {retries}, {backoff}")
+        checks = {"batch_size": (batch_size, type(batch_size) is int and batch_size >= 1, "an integer >= 1"),
+                  "--reward_http.timeout": (timeout, _is_finite_number(timeout) and timeout > 0,
+                                            "a finite number of seconds > 0"),
+                  "--reward_http.retries": (retries, type(retries) is int and retries >= 0, "an integer >= 0"),
+                  "backoff": (backoff, _is_finite_number(backoff) and backoff >= 0, "a finite number >= 0")}
+        for name, (value, ok, expected) in checks.items():
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
         self.url, self.batch_size, self.timeout, self.retries, self.backoff = url, batch_size, timeout, retries, backoff
+        self.token = token
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         body = json.dumps({"prompts": prompts, "images": [encode_png(im) for im in images]}).encode()
-        scores = self._post(body)
-        if not isinstance(scores, Sequence) or len(scores) != len(prompts):
-            raise ValueError(f"reward server {self.url} answered {scores!r:.80} for {len(prompts)} images; it must "
-                             f"answer {{\"scores\": [one float per image]}}")
-        return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+        return parse_scores(self._post(body), len(prompts), self.url)
 
-    def _post(self, body: bytes) -> list:
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
+    def _post(self, body: bytes) -> bytes:
+        """The body of the server's 200 answer to `body`, retrying failures to connect, timeouts and 5xx."""
+        tries, last, down = self.retries + 1, "", False
+        for attempt in range(tries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["scores"]
-            except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError) as err:
-                last = err
-        raise ConnectionError(f"reward server {self.url} (--paths.reward_url) did not answer after "
-                              f"{self.retries + 1} tries ({last}); is `python -m pec.rewards.serve` running?")
+                answer = request(self.url, body=body, token=self.token, timeout=self.timeout)
+            except TimeoutError:
+                last, down = f"no complete answer within --reward_http.timeout {self.timeout:g} s", False
+                continue
+            except ConnectionError as err:
+                last, down = str(err), True
+                continue
+            if answer.status == 200:
+                return answer.body
+            if answer.status < 500:  # the server refused this request: retrying cannot help
+                hint = (f"; give the server's token with --reward_http.token or {TOKEN_ENV}"
+                        if answer.status == 401 else "")
+                raise ValueError(f"reward server {self.url} (--paths.reward_url) refused the request "
+                                 f"({error_text(answer)}){hint}")
+            last, down = error_text(answer), False
+        hint = "; is `python -m pec.rewards.serve` running there?" if down else ""
+        raise ConnectionError(f"reward server {self.url} (--paths.reward_url) did not answer after {tries} tries "
+                              f"({last}){hint}")
 
 
-def build_http_reward(device: str | torch.device = "cpu", directory: object = None,
-                      paths: object = None) -> HttpReward:
-    """The http reward on --paths.reward_url (checked to answer first)."""
+def build_http_reward(device: str | torch.device = "cpu", directory: object = None, paths: object = None,
+                      http: object = None) -> HttpReward:
+    """The http reward on --paths.reward_url, with the client settings of `http` (a
+    `pec.config.RewardHttpConfig`; None = defaults); the server is checked to answer and accept the token."""
     url = getattr(paths, "reward_url", None)
-    check_server(url)
-    return HttpReward(url)
+    token = resolve_token(getattr(http, "token", None))
+    check_server(url, token=token, check_token=True)
+    return HttpReward(url, timeout=getattr(http, "timeout", TIMEOUT_S), retries=getattr(http, "retries", RETRIES),
+                      token=token)
