@@ -34,7 +34,6 @@ import random
 import re
 import shlex
 import stat
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -43,6 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pec.atomic import atomic_write, fsync_dir, write_error
+from pec.cli import EXIT_CODES_HELP, EXIT_REFUSED, expected_errors, fail, one_line
+
+PROG = "pec.checkpoint"
 CHECKPOINT_DIR = "checkpoints"
 MILESTONE_DIR = "milestones"
 FORMAT = 3  # 3: weights-only (tensors and plain values); 2: a full pickle (numpy's RNG state, tuples)
@@ -263,7 +266,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         except pickle.UnpicklingError:  # the restricted unpickler met a global: code it refuses to run
             raise UntrustedCheckpointError(path) from None
         except Exception as err:  # a torn or foreign file: any other loading error means "not loadable"
-            raise ValueError(f"cannot be loaded ({type(err).__name__}: {_one_line(err)})") from None
+            raise ValueError(f"cannot be loaded ({type(err).__name__}: {one_line(err)})") from None
     if not isinstance(payload, dict) or not _KEYS <= payload.keys():
         raise ValueError("is not a pec checkpoint (missing keys)")
     if payload.get("format") != FORMAT:
@@ -342,7 +345,7 @@ def convert_file(path: str | Path) -> str:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"cannot be loaded ({type(err).__name__}: {_one_line(err)})") from None
+        raise ValueError(f"cannot be loaded ({type(err).__name__}: {one_line(err)})") from None
     if not isinstance(payload, dict) or not _KEYS <= payload.keys() or payload.get("format") != LEGACY_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else None
         raise ValueError(f"is not a pec checkpoint of format {LEGACY_FORMAT} (format {found!r}); not converted")
@@ -395,7 +398,7 @@ def convert(target: str | Path, report: Callable[[str], None] = print) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.checkpoint` (the `convert` command)."""
     parser = argparse.ArgumentParser(
-        prog="python -m pec.checkpoint",
+        prog="python -m pec.checkpoint", epilog=EXIT_CODES_HELP,
         description=f"Checkpoint tools. `convert` rewrites checkpoints written before format {FORMAT} (full "
                     f"pickles, which pec no longer loads because unpickling can run any code the file holds) "
                     f"in format {FORMAT} (tensors and plain values, read with torch.load(weights_only=True)).")
@@ -412,16 +415,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="required: the files come from a trusted source (they are unpickled)")
     args = parser.parse_args(argv)
     if not args.trusted:
-        raise SystemExit(f"pec.checkpoint: convert unpickles {' '.join(args.targets)}, which runs any code the "
-                         f"files hold: nothing was read. Pass --trusted if you trust their source")
+        fail(PROG, f"convert unpickles {' '.join(args.targets)}, which runs any code the files hold: nothing was "
+                   f"read. Pass --trusted if you trust their source", EXIT_REFUSED)
     failed = 0
-    try:
+    with expected_errors(PROG, before_work=True):
         for target in args.targets:
             failed += convert(target)
-    except ValueError as err:
-        raise SystemExit(f"pec.checkpoint: {err}") from None
     if failed:
-        raise SystemExit(f"pec.checkpoint: {failed} file(s) not converted (see above)")
+        fail(PROG, f"{failed} file(s) not converted (see above)")
 
 
 # ---------------------------------------------------------------------------------------------- internals
@@ -439,10 +440,6 @@ def _file_kind(mode: int) -> str:
     kinds = {stat.S_ISDIR: "directory", stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character "
              "device", stat.S_ISBLK: "block device"}
     return next((name for test, name in kinds.items() if test(mode)), "special file")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
@@ -466,6 +463,8 @@ def _sorted_files(folder: Path) -> list[Path]:
 
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
+    """`pec.atomic.atomic_write` of a checkpoint; a failed write is an OSError (torch.save reports a full
+    disk as a RuntimeError of its own)."""
     foreign = foreign_entries(payload)
     if foreign:  # a weights-only load could not read it back: a bug in what the caller stores
         raise TypeError(f"a checkpoint stores tensors and plain values only; {path.name} would hold "
@@ -474,18 +473,13 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
     for stale in path.parent.glob("*.tmp"):  # left by a writer that was killed
         if not stale.is_dir():
             stale.unlink(missing_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+        return atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
+    except RuntimeError as err:
+        cause = write_error(err)
+        if cause is None:
+            raise
+        raise cause from err
 
 
 def _link_or_copy(src: Path, dst: Path, payload: dict[str, Any] | None) -> None:
@@ -497,22 +491,10 @@ def _link_or_copy(src: Path, dst: Path, payload: dict[str, Any] | None) -> None:
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except OSError:
         tmp.unlink(missing_ok=True)
         _atomic_save(payload if payload is not None else torch.load(src, weights_only=True), dst)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

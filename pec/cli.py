@@ -60,10 +60,13 @@ class CommandExit(SystemExit):
         return self.line
 
 
-def one_line(err: BaseException) -> str:
-    """An exception's message on one line (its type name when it has none)."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+def one_line(what: BaseException | str, limit: int | None = None) -> str:
+    """A message on one line (whitespace runs collapsed), cut to `limit` characters when given; an
+    exception without a message gives its type name."""
+    text = " ".join(str(what).split())
+    if not text and isinstance(what, BaseException):
+        text = type(what).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
 def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> NoReturn:

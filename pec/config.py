@@ -335,12 +335,14 @@ class RewardHttpConfig:
     """The client of the reward 'http' (its server's URL is --paths.reward_url; see pec.rewards.http)."""
 
     timeout: float = option(60.0, "seconds one request to the reward server may take in all: connecting, sending, "
-                                  "scoring and reading the whole answer (a server that trickles it fails then)")
+                                  "scoring and reading the whole answer (a server that trickles it fails then)",
+                            positive=True)
     retries: int = option(3, "retries of a request that could not connect, timed out or got a 5xx answer (backoff "
-                             "1 s, 2 s, 4 s, ...); a 4xx answer is never retried")
+                             "1 s, 2 s, 4 s, ...); a 4xx answer is never retried", min=0)
     token: str | None = option(None, "bearer token of a reward server started with --token; empty = the "
-                                     "environment variable PEC_REWARD_TOKEN. A token given here is saved in the "
-                                     "run's config.yaml: prefer the variable")
+                                     "environment variable PEC_REWARD_TOKEN. A secret: never written to the run's "
+                                     "config.yaml or checkpoints, so give it again (or set the variable) to resume",
+                               secret=True)
 
 
 @dataclasses.dataclass
@@ -479,7 +481,9 @@ def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     if value is None or isinstance(value, (bool, str, list)):
         return
     low, high = meta.get("min"), meta.get("max")
-    if meta.get("positive") and not value > 0:
+    if meta.get("positive") and high is not None and not 0 < value <= high:
+        bound = "a fraction in (0, 1]" if high == 1 else f"in (0, {high}]"
+    elif meta.get("positive") and not value > 0:
         bound = "> 0"
     elif low is not None and high is not None and not low <= value <= high:
         bound = "a fraction in [0, 1]" if (low, high) == (0, 1) else f"in [{low}, {high}]"
@@ -516,10 +520,12 @@ def _choice(name: str, value: object, choices: Sequence[object]) -> None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config dataclass, with public (YAML) field names."""
+    """Nested plain dict of a config dataclass, with public (YAML) field names. Secret fields
+    (`option(..., secret=True)`, e.g. a reward server's token) are None: this dict is what config.yaml
+    and checkpoints store, and run folders get shared."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+        value = None if f.metadata.get("secret") else getattr(cfg, f.name)
         out[public_name(f.name)] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
 

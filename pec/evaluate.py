@@ -49,6 +49,7 @@ from pec.config import (
     Config,
     add_config_arguments,
     apply_dict,
+    check_options,
     load_yaml,
     merge_dicts,
     overrides_from_args,
@@ -129,6 +130,7 @@ def run_config(run: str, overrides: dict, base: Config | None = None) -> Config:
             raise ValueError(f"{run} is not a run folder (no config.yaml) and not the word {PRETRAINED!r}")
         apply_dict(cfg, load_yaml(saved))
     apply_dict(cfg, overrides)
+    check_options(cfg)  # ranges too (e.g. --eval.num_steps 0), as pec.train's validation does
     return cfg
 
 

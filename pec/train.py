@@ -46,7 +46,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pec.atomic import write_error
 from pec.checkpoint import (
     NonFiniteStateError,
     checkpoint_files,
@@ -279,13 +278,10 @@ class Trainer:
                                 keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
         except NonFiniteStateError as err:
             raise TrainingStopped(str(err)) from None
-        except (OSError, RuntimeError) as err:
-            cause = write_error(err)  # torch.save reports a full disk as a RuntimeError
-            if cause is None:
-                raise
+        except OSError as err:
             # Says nothing of older checkpoints: `recovery` does (a caller such as `main` adds it).
             raise OSError(f"could not write the checkpoint of step {step} into {self.run_dir} "
-                          f"({cause.strerror or cause})") from err
+                          f"({err.strerror or err})") from err
         self.last_saved = step
 
     def recovery(self) -> str:

@@ -259,7 +259,7 @@ def test_a_host_beyond_loopback_needs_a_token(monkeypatch):
     with pytest.raises(SystemExit) as info:
         serve.main(["jpeg", "--host", "0.0.0.0", "--port", "0", "--device", "cpu"])
     assert "--host 0.0.0.0 is not a loopback address: give --token" in str(info.value)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and info.value.code == 2  # refused before any work
     with pytest.raises(ValueError, match="not a loopback address"):
         start_server(MeanReward(), "mean", host="0.0.0.0")
     monkeypatch.setenv("PEC_REWARD_TOKEN", "from-env")
@@ -271,3 +271,13 @@ def test_a_host_beyond_loopback_needs_a_token(monkeypatch):
         serve.main(["jpeg", "--deadline", "nan"])
     assert info.value.code == 2
 
+
+
+def test_serve_exit_codes_follow_the_table(server):
+    """An unknown reward is input refused (2); a port already taken fails the run (1); one line each."""
+    with pytest.raises(SystemExit) as info:
+        serve.main(["no_such_reward", "--port", "0", "--device", "cpu"])
+    assert info.value.code == 2 and "no_such_reward" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SystemExit) as info:
+        serve.main(["jpeg", "--port", str(server.port), "--device", "cpu"])
+    assert info.value.code == 1 and "\n" not in str(info.value)

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from pec.cli import one_line
 from pec.rewards.base import ImageReward
 
 TIMEOUT_S = 60.0
@@ -44,6 +45,7 @@ BACKOFF_S = 1.0
 TOKEN_ENV = "PEC_REWARD_TOKEN"
 MAX_ANSWER_BYTES = 8 * 2**20  # scores (and error texts) are small; a bigger answer is not one
 QUOTE_CHARS = 120
+LIMIT = 300  # characters of an error text kept on its one line
 
 
 def encode_png(image: torch.Tensor) -> str:
@@ -74,7 +76,7 @@ def decode_png(data: str | bytes) -> torch.Tensor:
     except binascii.Error as err:
         raise ValueError(f"not base64 ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # what Pillow raises for a broken file
-        raise ValueError(f"not a valid PNG ({type(err).__name__}: {one_line(str(err))})") from None
+        raise ValueError(f"not a valid PNG ({type(err).__name__}: {one_line(err, LIMIT)})") from None
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
@@ -82,12 +84,6 @@ def decode_png(data: str | bytes) -> torch.Tensor:
 def resolve_token(token: str | None) -> str | None:
     """`token`, else the environment variable PEC_REWARD_TOKEN; None when neither is set (empty = not set)."""
     return token or os.environ.get(TOKEN_ENV) or None
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _quote(data: bytes) -> str:
@@ -143,7 +139,7 @@ def request(url: str, *, body: bytes | None = None, token: str | None = None,
     except (OSError, http.client.HTTPException) as err:
         if fired.is_set() or isinstance(err, TimeoutError):
             raise TimeoutError(f"no complete answer within {timeout:g} s") from None
-        raise ConnectionError(one_line(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)) from None
+        raise ConnectionError(one_line(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__, LIMIT)) from None
     finally:
         watchdog.cancel()
         connection.close()
@@ -159,7 +155,7 @@ def error_text(answer: Answer) -> str:
     except ValueError:
         payload = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        return f"HTTP {answer.status}: {one_line(payload['error'])}"
+        return f"HTTP {answer.status}: {one_line(payload['error'], LIMIT)}"
     return f"HTTP {answer.status}: {_quote(answer.body)}"
 
 

@@ -58,8 +58,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pec.rewards.http import TOKEN_ENV, decode_png, one_line, resolve_token
+from pec.cli import EXIT_CODES_HELP, expected_errors, fail, one_line, signal_exit_code
+from pec.rewards.http import LIMIT, TOKEN_ENV, decode_png, resolve_token
 
+PROG = "pec.rewards.serve"
 MAX_BODY_MB = 64.0
 MAX_PIXELS = 64_000_000
 DEADLINE_S = 120.0
@@ -130,7 +132,7 @@ def parse_request(body: bytes) -> tuple[list[str], list[bytes]]:
     try:
         request = json.loads(body)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-        raise RequestError(400, f"the body is not JSON ({type(err).__name__}: {one_line(str(err), 200)})") from None
+        raise RequestError(400, f"the body is not JSON ({type(err).__name__}: {one_line(err, 200)})") from None
     if not isinstance(request, dict):
         raise RequestError(400, f'the body must be a JSON object {{"prompts": [...], "images": [...]}}, got a '
                                 f"{type(request).__name__}")
@@ -207,7 +209,7 @@ class RewardApp:
             return Response(status_code=400)  # nobody is there to read it
         except Exception as err:  # a failure of the reward or the server, not of the request: logged in full
             LOG.exception("scoring failed")
-            return JSONResponse({"error": f"scoring failed: {type(err).__name__}: {one_line(str(err))}"},
+            return JSONResponse({"error": f"scoring failed: {type(err).__name__}: {one_line(err, LIMIT)}"},
                                 status_code=500)
         return JSONResponse({"scores": scores})
 
@@ -242,7 +244,7 @@ class RewardApp:
                 with torch.no_grad():
                     scores = self.reward(images.to(self.device), prompts)
             except (ValueError, TypeError) as err:  # the reward's own input checks
-                raise RequestError(400, f"reward {self.name!r} refused the images: {one_line(str(err))}") from None
+                raise RequestError(400, f"reward {self.name!r} refused the images: {one_line(err, LIMIT)}") from None
         finally:
             self.lock.release()
         scores = scores.detach().float().cpu()
@@ -425,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     SIGINT or SIGTERM."""
     from pec.config import PathsConfig
 
-    parser = argparse.ArgumentParser(prog="python -m pec.rewards.serve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pec.rewards.serve", description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="a registered reward name or a weighted spec (name:weight,...)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; any but a loopback address "
@@ -453,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     paths = PathsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PathsConfig)})
     token = resolve_token(args.token)
-    try:
+    with expected_errors(PROG, before_work=True):
         check_access(args.host, token)  # before anything heavy is imported or loaded
         from pec.policy import resolve_device
         from pec.rewards import build_reward
@@ -461,11 +463,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         limits = Limits(args.max_body_mb, args.max_pixels, args.deadline, args.max_connections)
         device = resolve_device(args.device)
         reward = build_reward(args.name, device=device, directory=args.assets, paths=paths)
+    with expected_errors(PROG):  # binding the port (in use, no permission) is a failure of the run
         server = start_server(reward, args.name, args.host, args.port, device=device, token=token, limits=limits)
-    except ValueError as err:
-        raise SystemExit(f"pec.rewards.serve: {err}") from None
+    stopped_by: list[int] = []
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"serving {args.name} on {server.url}", flush=True)
     try:
         while server.running() and not stop.wait(0.5):
@@ -474,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if stopped_by:
+        raise SystemExit(signal_exit_code(stopped_by[0]))
+    if not stop.is_set():
+        fail(PROG, f"the server on {server.url} stopped unexpectedly")
 
 
 if __name__ == "__main__":

@@ -51,10 +51,12 @@ def _metrics(run):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in read_metrics(run / "metrics.jsonl")]
 
 
-def _one_line_error(entry, argv):
+def _one_line_error(entry, argv, code=2):
+    """The one line an entry point refuses `argv` with (exit `code`: 2 = input refused before any work)."""
     with pytest.raises(SystemExit) as exit_info:
         entry(argv)
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
+    assert exit_info.value.code == code, message
     assert "\n" not in message and "Traceback" not in message, message
     return message
 
