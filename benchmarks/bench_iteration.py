@@ -204,7 +204,7 @@ class RandomSD35(torch.nn.Module):
         self.register_buffer("pooled_table", torch.randn(64, 2048, generator=gen).to(device, torch.bfloat16))
 
     def schedule(self, num_steps: int, device) -> torch.Tensor:
-        from pec.sampling import schedule_sigmas
+        from pec.models.schedules import schedule_sigmas
 
         return schedule_sigmas(num_steps, shift=3.0, device=device)  # SD3.5's scheduler shift
 
@@ -241,8 +241,8 @@ class RandomConvSpace(torch.nn.Module):
 
 
 def _register_gpu_world() -> None:
+    from pec.models import MODELS
     from pec.perceptual import ENCODERS
-    from pec.policy import MODELS
 
     if "bench_sd35" not in MODELS.names():
         MODELS.register("bench_sd35")(lambda cfg, device: RandomSD35(device))

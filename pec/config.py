@@ -25,16 +25,21 @@ from typing import Any
 import yaml
 
 from pec.atomic import atomic_write_text
-from pec.covariance import COV_VARIANTS
-from pec.distributed import PLACEMENTS
-from pec.entropy import ESTIMATORS
-from pec.regularizers import GENERATION_DENSITIES, OMEGAS
-from pec.sampling import KL_UNITS, check_timestep_fraction
-from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
+from pec_kernels import SDE_KINDS
 
+# The choices of the options, here because configuration sits below what it configures: the modules
+# that implement them import these names from here.
 METHODS = ("grpo", "entropy_bonus", "entropy_sample", "perc_entropy_bonus", "pec", "pcgs", "clip_cov", "kl_cov")
 PCGS_FORMS = ("reward", "guided")
 SCOPES = ("group", "batch")
+COV_METHODS = ("clip_cov", "kl_cov")
+COV_VARIANTS = ("native", "perceptual")  # pec.covariance
+PLACEMENTS = ("contiguous", "spread")  # pec.distributed
+ESTIMATORS = ("knn", "gaussian")  # pec.entropy
+OMEGAS = ("uniform", "late", "early")  # pec.regularizers.omega_weights
+# Readings of log p_gen in the PCGS reward form (`pec.regularizers.pcgs_reward`, `latent_group_log_density`).
+GENERATION_DENSITIES = ("policy", "latent_group")
+KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -382,7 +387,10 @@ class Config:
     data: DataConfig = option(DataConfig(), "")
 
     def validate(self) -> Config:
-        """Raise ValueError, saying what to change, for a configuration that cannot run; return self."""
+        """Raise ValueError, saying what to change, for options that cannot run together; return self.
+
+        Only the options themselves: that the named model, rewards, spaces and files exist is checked above
+        the packages that implement them, by `pec.checks.check_run` (which calls this first)."""
         check_options(self)
         _choice("method", self.method, METHODS)
         _choice("sampling.kind", self.sampling.kind, SDE_KINDS)
@@ -434,32 +442,12 @@ class Config:
                              f"prompts_per_step x group_size = {s.prompts_per_step * s.group_size}")
         if self.resume and not self.run_dir:
             raise ValueError("--resume needs --run-dir: the run folder to continue")
-        _check_local_weights(self)
         return self
 
     @property
     def batch_size(self) -> int:
         """Samples per training step (prompts_per_step x group_size)."""
         return self.sampling.prompts_per_step * self.sampling.group_size
-
-
-def _check_local_weights(cfg: Config) -> None:
-    """The model folder, reward spec, perceptual spaces and prompt file: names and local paths, read from config
-    and prompt files only, so a wrong path fails before any model loads."""
-    from pec.data.prompt_files import load_prompt_splits
-    from pec.models import check_model_config
-    from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
-    from pec.rewards import check_reward_spec
-
-    check_model_config(cfg.model, cfg.sampling.guidance_scale)
-    check_reward_spec(cfg.reward, cfg.paths)
-    check_spaces(cfg.perceptual.spaces, cfg.paths)
-    if cfg.perceptual.space in EVAL_ONLY_SPACES:
-        raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "
-                         f"judges claims there because no regulariser uses it): choose another of "
-                         f"perceptual.spaces")
-    if cfg.data.prompts:
-        load_prompt_splits(cfg.data.prompts)
 
 
 def check_options(cfg: Config) -> None:
@@ -495,6 +483,19 @@ def _check_range(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         return
     note = f" ({meta['note']})" if meta.get("note") else ""
     raise ValueError(f"{name} must be {bound}{note}, got {value!r}")
+
+
+def check_timestep_fraction(timestep_fraction: float, num_steps: int) -> int:
+    """int(num_steps * timestep_fraction), the steps Flow-GRPO trains; ValueError unless the fraction is in
+    (0, 1] and leaves at least one step."""
+    if (isinstance(timestep_fraction, bool) or not isinstance(timestep_fraction, (int, float))
+            or not 0 < timestep_fraction <= 1):
+        raise ValueError(f"train.timestep_fraction must be a fraction in (0, 1], got {timestep_fraction!r}")
+    n = int(num_steps * timestep_fraction)
+    if n < 1:
+        raise ValueError(f"train.timestep_fraction {timestep_fraction} trains int({num_steps} x {timestep_fraction}) "
+                         f"= 0 of the {num_steps} steps: raise it to at least {1 / num_steps:.4g}")
+    return n
 
 
 def _check_trained_steps(s: SamplingConfig, t: TrainConfig) -> None:

@@ -42,10 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pec_kernels._checks import check_tensor
-
-COV_METHODS = ("clip_cov", "kl_cov")
-COV_VARIANTS = ("native", "perceptual")
+from pec.config import COV_METHODS
+from pec_kernels import check_tensor
 
 
 def entry_covariance(log_density: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor | None = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-PLACEMENTS = ("contiguous", "spread")
+from pec.config import PLACEMENTS
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ from typing import NamedTuple
 
 import torch
 
+from pec.config import ESTIMATORS
 from pec_kernels import gaussian_entropy, knn_entropy
-from pec_kernels._checks import check_choice, check_tensor
-
-ESTIMATORS = ("knn", "gaussian")
+from pec_kernels import check_choice, check_tensor
 
 
 class GroupEntropy(NamedTuple):

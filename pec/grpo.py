@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pec_kernels._checks import check_tensor
+from pec_kernels import check_tensor
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False,

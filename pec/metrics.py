@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pec_kernels._checks import check_tensor
+from pec_kernels import check_tensor
 
 
 def mean_pairwise_distance(features: torch.Tensor) -> float:

@@ -1,8 +1,7 @@
 """The trainable policy: a FlowModel with LoRA adapters or fully trainable, and its KL reference.
 
 Shared by the trainer and the evaluator, so that a run's checkpoint always loads into the model it
-was trained on. Models are built by name (`--model.name`); a real diffusers model (SD3.5, FLUX)
-plugs in by adding a loader to `MODELS`.
+was trained on. Models are built by name (`--model.name`) from `pec.models.MODELS`.
 """
 from __future__ import annotations
 
@@ -15,36 +14,15 @@ import torch
 from torch import nn
 
 from pec.checkpoint import config_mismatch
-from pec.config import Config, ModelConfig, to_dict
+from pec.config import Config, to_dict
 from pec.distributed import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
                              replicate_transformer, shard_transformer)
+from pec.models import MODELS
 from pec.models.base import FlowModel
-from pec.registry import Registry
 
-MODELS: Registry[FlowModel] = Registry("model")
 # Config fields a checkpoint must share with the run that loads it (they fix the trainable state).
 STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
 
-
-@MODELS.register("embedded")
-def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
-    from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
-
-    return EmbeddedFlowModel.from_pretrained(cfg.path or EMBEDDED_DIR, device=device)
-
-@MODELS.register("sd3")
-def _sd3(cfg: ModelConfig, device: torch.device) -> FlowModel:
-    from pec.models.diffusers_model import model_kwargs
-    from pec.models.sd3 import SD3FlowModel
-
-    return SD3FlowModel.from_pretrained(cfg.path, device=str(device), t5=cfg.t5, **model_kwargs(cfg))
-
-@MODELS.register("flux")
-def _flux(cfg: ModelConfig, device: torch.device) -> FlowModel:
-    from pec.models.diffusers_model import model_kwargs
-    from pec.models.flux import FluxFlowModel
-
-    return FluxFlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch.device."""

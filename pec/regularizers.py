@@ -22,20 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
+from pec.config import OMEGAS, Config
 from pec.entropy import group_entropy
 from pec.sampling import sde_step_mask
-from pec_kernels._checks import check_choice, check_tensor
-
-if TYPE_CHECKING:
-    from pec.config import Config
-
-OMEGAS = ("uniform", "late", "early")
-# Readings of log p_gen in the PCGS reward form (`pcgs_reward`, `latent_group_log_density`).
-GENERATION_DENSITIES = ("policy", "latent_group")
+from pec_kernels import check_choice, check_tensor
 
 
 def omega_weights(name: str, num_steps: int, *, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -31,16 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-
+from pec.config import KL_UNITS, check_timestep_fraction
 from pec.models.base import FlowModel, PromptBatch
-from pec_kernels.sde import SdeStep, guided_sde_step, step_sigmas
-from pec_kernels.sde.coefficients import step_coefficients
+from pec.models.schedules import schedule_sigmas
+from pec_kernels import SdeStep, guided_sde_step, step_coefficients, step_sigmas
 
-# The embedded 8x8 model needs no resolution shift (SD3 uses 3.0 at 1024 px).
-EMBEDDED_SHIFT = 1.0
-# Units of the fused KL to the reference (`kl_in_units`).
-KL_UNITS = ("exact", "flow_grpo")
 # guidance_fn(latents (B, ...), sigma (B,), v_cfg (B, ...)) -> direction (B, ...): where the latents
 # should move (e.g. the gradient of an objective to raise); `guidance_shift` turns it into the
 # velocity shift the sampler adds (sign and scale are decided there, nowhere else).
@@ -76,21 +71,6 @@ def guidance_shift(direction: torch.Tensor, velocity: torch.Tensor, weight: floa
     return (d * scale.reshape(-1, *([1] * (d.dim() - 1)))).to(velocity.dtype)
 
 
-def make_scheduler(shift: float = EMBEDDED_SHIFT) -> FlowMatchEulerDiscreteScheduler:
-    """diffusers' flow-matching Euler scheduler configured with `shift` (1000 training timesteps)."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-
-
-def schedule_sigmas(num_steps: int, shift: float = EMBEDDED_SHIFT,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """The (num_steps + 1,) float32 sigmas of `make_scheduler(shift)`, from 1 down to a terminal 0."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    scheduler = make_scheduler(shift)
-    scheduler.set_timesteps(num_steps, device="cpu")
-    return scheduler.sigmas.to(device=device, dtype=torch.float32, non_blocking=True)  # no host sync
-
-
 def sde_step_mask(num_steps: int, sde_window: tuple[int, int] | None) -> torch.Tensor:
     """(num_steps,) bool: True for steps start <= t < end of `sde_window` (all if None): the SDE steps, or
     any other step window (the trainer's guidance window)."""
@@ -123,19 +103,6 @@ def step_noise_std(sigmas: torch.Tensor, kind: str, eta: float, sde_window: tupl
     below_one = torch.where(sig < 1, sig, torch.full_like(sig, float("-inf"))).max()
     coefficients = step_coefficients(kind, sig[:-1], sig[1:], torch.full((t,), float(eta)), below_one.expand(t))
     return torch.where(sde_step_mask(t, sde_window), coefficients.s, torch.zeros(t))
-
-
-def check_timestep_fraction(timestep_fraction: float, num_steps: int) -> int:
-    """int(num_steps * timestep_fraction), the steps Flow-GRPO trains; ValueError unless the fraction is in
-    (0, 1] and leaves at least one step."""
-    if (isinstance(timestep_fraction, bool) or not isinstance(timestep_fraction, (int, float))
-            or not 0 < timestep_fraction <= 1):
-        raise ValueError(f"train.timestep_fraction must be a fraction in (0, 1], got {timestep_fraction!r}")
-    n = int(num_steps * timestep_fraction)
-    if n < 1:
-        raise ValueError(f"train.timestep_fraction {timestep_fraction} trains int({num_steps} x {timestep_fraction}) "
-                         f"= 0 of the {num_steps} steps: raise it to at least {1 / num_steps:.4g}")
-    return n
 
 
 @dataclass

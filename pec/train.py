@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pec.checks import check_run
 from pec.checkpoint import (
     NonFiniteStateError,
     checkpoint_files,
@@ -143,7 +144,7 @@ class Trainer:
     """Runs one configuration to completion in its run folder (see the module docstring)."""
 
     def __init__(self, cfg: Config, prompts: Sequence[str] | None = None) -> None:
-        self.cfg = cfg.validate()
+        self.cfg = check_run(cfg)
         s = cfg.sampling
         self.dist = DistContext.from_env(cfg.device, cfg.dist.timeout)
         self.dist.check_layout(s.prompts_per_step, s.group_size, cfg.dist.placement, cfg.method, cfg.pcgs.form,
@@ -742,7 +743,7 @@ def config_from_argv(argv: Sequence[str] | None = None) -> Config:
         base = Config()
         apply_dict(base, load_yaml(saved))
         cfg = config_from_args(args, base)
-    return cfg.validate()
+    return check_run(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

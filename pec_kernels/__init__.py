@@ -6,14 +6,20 @@ Backends: "cuda" (pec_kernels._C, built from csrc/), "triton", "torch" (referenc
 "auto" picks the fastest one available and never fails where a slower one would work: a faster
 backend that fails to compile or launch is replaced by the next, with one warning (`failed_backends()`
 lists them, `reset_fallbacks()` retries them).
-This package depends on torch and triton only.
+This package depends on torch and triton only. Also public: the argument checks every op uses
+(`check_tensor`, `check_choice`: one-line ValueErrors naming the argument), the SDE kinds (`SDE_KINDS`)
+and their per-step coefficients (`step_coefficients`), for callers that decide on the host which steps
+have noise.
 """
+from pec_kernels._checks import check_choice, check_tensor
 from pec_kernels._extension import cuda_ops_available, extension_status
 from pec_kernels._fallback import failed_backends, reset_fallbacks
 from pec_kernels.knn import KnnEntropy, knn_entropy
 from pec_kernels.gaussian import GaussianEntropy, gaussian_entropy
 from pec_kernels.sde import SdeStep, guided_sde_step, sde_step_logprob, step_sigmas
+from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
+from pec_kernels.sde.coefficients import step_coefficients
 
-__all__ = ["cuda_ops_available", "extension_status", "failed_backends", "reset_fallbacks", "GaussianEntropy",
+__all__ = ["SDE_KINDS", "check_choice", "check_tensor", "step_coefficients", "cuda_ops_available", "extension_status", "failed_backends", "reset_fallbacks", "GaussianEntropy",
            "gaussian_entropy", "KnnEntropy", "knn_entropy", "SdeStep", "guided_sde_step", "sde_step_logprob",
            "step_sigmas"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pec.checks import check_run
 from pec.config import Config, add_config_arguments, parse_config, save_yaml, load_yaml, apply_dict, to_dict
 
 
@@ -52,7 +53,7 @@ def test_help_documents_every_option():
 ])
 def test_bad_configs_fail_with_a_message_saying_what_to_change(argv, match):
     with pytest.raises(ValueError, match=match):
-        parse_config(argv).validate()
+        check_run(parse_config(argv))
 
 
 def test_unknown_and_mistyped_options_are_rejected(tmp_path):
@@ -74,7 +75,7 @@ def test_shipped_yaml_configs_load_and_validate():
     for path in configs:
         cfg = parse_config(["--config", str(path), "--model.path", "somewhere"])
         if cfg.model.name == "embedded":  # real-model configs: validated on tiny folders in test_flux_model.py
-            cfg.validate()
+            check_run(cfg)
 
 
 def test_a_config_file_can_lay_its_options_over_a_base(tmp_path):
@@ -107,7 +108,7 @@ def test_values_that_used_to_mean_not_set(tmp_path):
                         (["--eval.num_steps", "0"], r"eval\.num_steps must be >= 1 \(empty = the run's"),
                         (["--threads=-1"], r"threads must be >= 0")]:
         with pytest.raises(ValueError, match=match):
-            parse_config(argv).validate()
+            check_run(parse_config(argv))
     assert parse_config(["--threads", "0"]).validate().threads == 0
     assert parse_config(["--train.stop_after", "none", "--eval.num_steps", ""]).validate().train.stop_after is None
     parser = argparse.ArgumentParser()

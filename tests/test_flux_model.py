@@ -16,6 +16,7 @@ from _tiny_diffusers import (tiny_clip_folder, tiny_dino_folder, tiny_flux_folde
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift  # noqa: E402
 
 import pec  # noqa: E402
+from pec.checks import check_run  # noqa: E402
 from pec.config import Config, parse_config  # noqa: E402
 from pec.models.flux import FLUX_LORA_TARGETS, FluxFlowModel, image_ids, pack_latents, unpack_latents  # noqa: E402
 from pec.policy import Policy  # noqa: E402
@@ -174,7 +175,7 @@ def test_shipped_real_model_configs_validate(world, model, variant):
     cfg = parse_config(["--config", str(config), "--model.path", str(model_dir),
                         "--paths.pickscore", str(world["pickscore"]), "--paths.dino", str(world["dino"]),
                         "--paths.clip", str(world["clip"])])
-    cfg.validate()
+    check_run(cfg)
     method, space, lam = PAPER_RUNS[variant]
     assert cfg.method == method and cfg.reward == "pickscore" and cfg.perceptual.space == space
     assert (cfg.pec.lambda_ if method == "pec" else cfg.pcgs.lambda_) == lam

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pec.config import Config, apply_dict, load_yaml
-from pec.experiments.paper_table import ROWS
+from pec.experiments.rows import ROWS
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.sampling import guided_velocity, kl_in_units, sample, step_log_prob
 

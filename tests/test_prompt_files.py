@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pec.checks import check_run
 from pec.config import parse_config
 from pec.data.prompt_files import load_prompt_splits, read_prompts
 
@@ -51,7 +52,7 @@ def test_bad_sources_name_the_option(tmp_path):
         with pytest.raises(ValueError, match="--data.prompts.*" + match):
             load_prompt_splits(tmp_path / name)
     with pytest.raises(ValueError, match="--data.prompts"):
-        parse_config(["--data.prompts", str(tmp_path / "missing.txt")]).validate()
+        check_run(parse_config(["--data.prompts", str(tmp_path / "missing.txt")]))
 
 
 def test_lines_break_only_at_newlines(tmp_path):

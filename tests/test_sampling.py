@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
-from pec.sampling import (EMBEDDED_SHIFT, guided_velocity, make_scheduler, sample, schedule_sigmas,
-                          step_log_prob)
+from pec.models.schedules import EMBEDDED_SHIFT, make_scheduler, schedule_sigmas
+from pec.sampling import guided_velocity, sample, step_log_prob
 from pec_kernels.sde import guided_sde_step
 
 TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)

@@ -13,7 +13,8 @@ from _tiny_diffusers import tiny_sd3_folder, tiny_sd3_pipeline  # noqa: E402
 from pec.config import ModelConfig  # noqa: E402
 from pec.models import check_model_config  # noqa: E402
 from pec.models.sd3 import SD3FlowModel  # noqa: E402
-from pec.sampling import sample, schedule_sigmas  # noqa: E402
+from pec.models.schedules import schedule_sigmas  # noqa: E402
+from pec.sampling import sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,8 @@ import pytest
 
 from pec.evaluate import PRETRAINED
 from pec.experiments import paper_report as report
-from pec.experiments.paper_table import (
-    ALIASES,
-    COMMON,
-    MODES,
-    ROWS,
-    Mode,
-    guided,
-    main,
-    milestone_steps,
-)
+from pec.experiments.paper_table import main
+from pec.experiments.rows import ALIASES, COMMON, MODES, ROWS, Mode, guided, milestone_steps
 from pec.experiments.tiny_world import write_tiny_world
 
 SEEDS = (0, 1, 2)

@@ -21,13 +21,15 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pec.cli import EXIT_CODES_HELP, expected_errors
+from pec.checks import check_run
 from pec.config import Config, parse_config
 from pec.data import digit_prompt
 from pec.experiments import split_passthrough
 from pec.metrics import mean_pairwise_distance
 from pec.models.base import FlowModel
 from pec.perceptual import ENCODERS
-from pec.policy import MODELS, resolve_device
+from pec.models import MODELS
+from pec.policy import resolve_device
 from pec.regularizers import entropy_guidance
 from pec.rewards import REWARDS
 from pec.sampling import sample, sde_step_mask
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="guide only steps [START, END) (default: every step)")
     args = parser.parse_args(argv)
     with expected_errors(PROG, before_work=True):
-        cfg = parse_config(extra).validate()
+        cfg = check_run(parse_config(extra))
         if any(w < 0 for w in args.weights):
             raise ValueError("--weights must be >= 0 (a negative gamma pulls groups together)")
         if cfg.threads:

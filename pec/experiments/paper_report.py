@@ -29,7 +29,7 @@ from pec.atomic import atomic_write_text
 from pec.config import PerceptualConfig
 from pec.evaluate import PRETRAINED
 from pec.experiments.frontier import Curve, plot_frontiers
-from pec.experiments.paper_table import (
+from pec.experiments.rows import (
     ALIASES,
     GUIDANCE_SUFFIX,
     Mode,

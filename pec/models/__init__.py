@@ -1,49 +1,98 @@
-"""Flow models: `embedded` (the tiny digits model), `sd3` (SD3 / SD3.5) and `flux` (FLUX.1-dev).
+"""Flow models by name (`--model.name`): `embedded` (the tiny digits model), `sd3` (SD3 / SD3.5) and
+`flux` (FLUX.1-dev).
 
-`check_model_config` validates a model's options and local folder from config files only, before
-any weights load.
+`MODELS` builds a model from its `ModelConfig`; a model plugs in with `register_model(name, check)`:
+a loader `(cfg, device) -> FlowModel` and, optionally, a check `(cfg, guidance_scale) -> None` that
+validates its options and local folder from config files only, so that `check_model_config` refuses a
+wrong path before any weight loads. Loaders import their model module when called: naming a model never
+imports diffusers pipelines it does not use.
 """
 from __future__ import annotations
 
-MODEL_NAMES = ("embedded", "sd3", "flux")
+from collections.abc import Callable
+
+import torch
+
+from pec.config import ModelConfig
+from pec.models.base import FlowModel
+from pec.registry import Registry
+
+MODELS: Registry[FlowModel] = Registry("model")
+ModelCheck = Callable[[ModelConfig, float], None]
+_CHECKS: dict[str, ModelCheck] = {}
 
 
-def check_model_config(cfg: object, guidance_scale: float = 1.0) -> None:
+def register_model(name: str, check: ModelCheck | None = None
+                   ) -> Callable[[Callable[..., FlowModel]], Callable[..., FlowModel]]:
+    """Decorator: register a loader `(cfg: ModelConfig, device) -> FlowModel` under `name`, with its
+    config check (see the module docstring)."""
+    if check is not None:
+        _CHECKS[name] = check
+    return MODELS.register(name)
+
+
+def check_model_config(cfg: ModelConfig, guidance_scale: float = 1.0) -> None:
     """ValueError, naming the option, for an unknown model, a missing / wrong folder or bad options.
 
     Args:
-        cfg: a `pec.config.ModelConfig`.
+        cfg: the run's model options.
         guidance_scale: the sampler's CFG scale (FLUX.1-dev is guidance-distilled: it must be 1).
     """
-    if cfg.name == "embedded":
-        return
-    if cfg.name not in MODEL_NAMES:
-        from pec.policy import MODELS  # at call time: pec.policy imports pec.config, which imports this
-
-        if cfg.name in MODELS.names():
-            return  # a model plugged in by registering a loader in pec.policy.MODELS checks its own options
+    if cfg.name not in MODELS.names():
         raise ValueError(f"--model.name must be one of {MODELS.names()}, got {cfg.name!r}")
+    check = _CHECKS.get(cfg.name)
+    if check is not None:
+        check(cfg, guidance_scale)
+
+
+def check_diffusers_options(cfg: ModelConfig) -> None:
+    """The options every diffusers model shares that option metadata cannot state: the dtype's name, a
+    resolution that is a multiple of 16, the text-encoder placement."""
     from pec.models.diffusers_model import TEXT_ENCODER_PLACEMENTS, resolve_dtype
 
     resolve_dtype(cfg.dtype)
-    if cfg.resolution < 16 or cfg.resolution % 16:
+    if cfg.resolution % 16:
         raise ValueError(f"--model.resolution must be a positive multiple of 16, got {cfg.resolution}")
-    if cfg.max_sequence_length < 1:
-        raise ValueError(f"--model.max_sequence_length must be >= 1, got {cfg.max_sequence_length}")
-    for name in ("vae_batch", "prompt_cache"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--model.{name} must be >= 0 (0 = no limit), got {getattr(cfg, name)}")
     if cfg.text_encoders not in TEXT_ENCODER_PLACEMENTS:
         raise ValueError(f"--model.text_encoders must be one of {TEXT_ENCODER_PLACEMENTS}, got {cfg.text_encoders!r}")
-    if cfg.name == "sd3":
-        from pec.models.sd3 import SD3FlowModel
 
-        SD3FlowModel.check_path(cfg.path, cfg.t5)
-    else:
-        from pec.models.flux import FluxFlowModel
 
-        if guidance_scale != 1:
-            raise ValueError(f"--sampling.guidance_scale must be 1 for flux (FLUX.1-dev is guidance-distilled: it "
-                             f"has no CFG forward); set the distilled guidance with --model.guidance, got "
-                             f"{guidance_scale}")
-        FluxFlowModel.check_path(cfg.path)
+def _check_sd3(cfg: ModelConfig, guidance_scale: float) -> None:
+    from pec.models.sd3 import SD3FlowModel
+
+    check_diffusers_options(cfg)
+    SD3FlowModel.check_path(cfg.path, cfg.t5)
+
+
+def _check_flux(cfg: ModelConfig, guidance_scale: float) -> None:
+    from pec.models.flux import FluxFlowModel
+
+    check_diffusers_options(cfg)
+    if guidance_scale != 1:
+        raise ValueError(f"--sampling.guidance_scale must be 1 for flux (FLUX.1-dev is guidance-distilled: it "
+                         f"has no CFG forward); set the distilled guidance with --model.guidance, got "
+                         f"{guidance_scale}")
+    FluxFlowModel.check_path(cfg.path)
+
+
+@register_model("embedded")
+def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
+
+    return EmbeddedFlowModel.from_pretrained(cfg.path or EMBEDDED_DIR, device=device)
+
+
+@register_model("sd3", check=_check_sd3)
+def _sd3(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
+    from pec.models.sd3 import SD3FlowModel
+
+    return SD3FlowModel.from_pretrained(cfg.path, device=str(device), t5=cfg.t5, **model_kwargs(cfg))
+
+
+@register_model("flux", check=_check_flux)
+def _flux(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
+    from pec.models.flux import FluxFlowModel
+
+    return FluxFlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))

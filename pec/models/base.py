@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pec.models.schedules import schedule_sigmas
+
 
 @dataclass
 class PromptBatch:
@@ -67,8 +69,6 @@ class FlowModel(nn.Module, abc.ABC):
         The default is the unshifted flow-matching schedule of the embedded model; diffusers models
         take the shift their scheduler config gives (SD3: static, FLUX: dynamic in the image size).
         """
-        from pec.sampling import schedule_sigmas
-
         return schedule_sigmas(num_steps, device=device)
 
     @abc.abstractmethod

@@ -1,0 +1,29 @@
+"""Refusing a run before any model loads: every check that reads only the configuration and local files.
+
+`check_run` is what `pec.train` and the evaluator call on a configuration: the options on their own and
+together (`Config.validate`), then the names and local paths of the model, the rewards, the perceptual
+spaces and the prompt file, each checked by the package that implements it. A wrong path or name is
+one ValueError naming the option, before any weight loads.
+"""
+from __future__ import annotations
+
+from pec.config import Config
+from pec.data.prompt_files import load_prompt_splits
+from pec.models import check_model_config
+from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
+from pec.rewards import check_reward_spec
+
+
+def check_run(cfg: Config) -> Config:
+    """`cfg.validate()`, then its model folder, reward spec, perceptual spaces and prompt file; returns cfg."""
+    cfg.validate()
+    check_model_config(cfg.model, cfg.sampling.guidance_scale)
+    check_reward_spec(cfg.reward, cfg.paths)
+    check_spaces(cfg.perceptual.spaces, cfg.paths)
+    if cfg.perceptual.space in EVAL_ONLY_SPACES:
+        raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "
+                         f"judges claims there because no regulariser uses it): choose another of "
+                         f"perceptual.spaces")
+    if cfg.data.prompts:
+        load_prompt_splits(cfg.data.prompts)
+    return cfg
