@@ -4,7 +4,7 @@ One iteration = sample a batch with CFG, score it, compute group advantages, and
 sampled (SDE) step, ending with one optimizer update. Both sides use the same embedded model (the
 shipped weights, LoRA), batch (prompts_per_step x group_size), CFG scale 2, η, schedule, number of
 trained steps, micro-batch and optimizer, in the same process:
-  ours:   pec.train.Trainer(...).train_step(step) for method "grpo" (the target) and "pec" (reported);
+  ours:   pec.trainer.Trainer(...).train_step(step) for method "grpo" (the target) and "pec" (reported);
   anchor: the loop as Flow-GRPO writes it (after notes/peers.md and notes/kernels.md §3): eager, a
           per-sample timestep lookup (nonzero() + .item() per sample, diffusers' index_for_timestep),
           CFG as one concatenated [uncond; cond] forward at twice the batch, the SDE step and its
@@ -31,7 +31,7 @@ from _timing import Measurement, run_benchmark
 from bench_sde import flow_grpo_formula
 from pec.config import Config, apply_dict
 from pec.models.base import PromptBatch
-from pec.train import Trainer
+from pec.trainer import Trainer
 
 CFG_SCALE = 2.0
 REPS = 7

@@ -1,12 +1,13 @@
 """Refusing a run before any model loads: every check that reads only the configuration and local files.
 
 `check_run` is what `pec.train` and the evaluator call on a configuration: the options on their own and
-together (`Config.validate`), then the names and local paths of the model, the rewards, the perceptual
+together (`Config.validate`), the algorithm and regulariser pair, then the names and local paths of the model, the rewards, the perceptual
 spaces and the prompt file, each checked by the package that implements it. A wrong path or name is
 one ValueError naming the option, before any weight loads.
 """
 from __future__ import annotations
 
+from pec.algorithms import check_algorithm
 from pec.config import Config
 from pec.data.prompt_files import load_prompt_splits
 from pec.models import check_model_config
@@ -15,8 +16,11 @@ from pec.rewards import check_reward_spec
 
 
 def check_run(cfg: Config) -> Config:
-    """`cfg.validate()`, then its model folder, reward spec, perceptual spaces and prompt file; returns cfg."""
+    """`cfg.validate()`, the algorithm and regulariser (each exists, accepts its options, and the pair
+    composes: `pec.algorithms.check_algorithm`), then the model folder, reward spec, perceptual spaces
+    and prompt file; returns cfg."""
     cfg.validate()
+    check_algorithm(cfg)
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths)
     check_spaces(cfg.perceptual.spaces, cfg.paths)

@@ -29,7 +29,6 @@ from pec_kernels import SDE_KINDS
 
 # The choices of the options, here because configuration sits below what it configures: the modules
 # that implement them import these names from here.
-METHODS = ("grpo", "entropy_bonus", "entropy_sample", "perc_entropy_bonus", "pec", "pcgs", "clip_cov", "kl_cov")
 PCGS_FORMS = ("reward", "guided")
 SCOPES = ("group", "batch")
 COV_METHODS = ("clip_cov", "kl_cov")
@@ -354,12 +353,14 @@ class RewardHttpConfig:
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
-    method: str = option("pec", f"training method, one of {METHODS}; GRPO + KL is `grpo` with --train.kl_beta > 0, "
-                                "Clip-Higher is `grpo` with --train.clip_range_high > --train.clip_range. "
-                                "entropy_bonus / perc_entropy_bonus: the policy / perceptual entropy, analytic "
-                                "(constants: no gradient); entropy_sample: per-sample -log pi reward bonus (pec is "
-                                "the perceptual per-sample reading); clip_cov / kl_cov: Cui et al.'s Clip-Cov and "
-                                "KL-Cov (--cov.*)")
+    algorithm: str = option("flow_grpo", "RL algorithm (pec.algorithms): flow_grpo (Flow-GRPO's clipped policy "
+                                         "gradient on the SDE steps)")
+    method: str = option("pec", "regulariser (pec.methods): none (plain RL; also spelled grpo), pec, pcgs (--pcgs.*), "
+                                "entropy_bonus / perc_entropy_bonus (the policy / perceptual entropy, analytic: "
+                                "constants with no gradient), entropy_sample (per-sample -log pi reward bonus; pec "
+                                "is the perceptual per-sample reading), clip_cov / kl_cov (Cui et al.'s Clip-Cov and "
+                                "KL-Cov, --cov.*). GRPO + KL is none with --train.kl_beta > 0, Clip-Higher is none "
+                                "with --train.clip_range_high > --train.clip_range")
     reward: str = option("digit", "training reward (pec.rewards.REWARDS), or a weighted sum of several: "
                                   "'pickscore:1.0,jpeg:0.1'")
     assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "
@@ -392,7 +393,6 @@ class Config:
         Only the options themselves: that the named model, rewards, spaces and files exist is checked above
         the packages that implement them, by `pec.checks.check_run` (which calls this first)."""
         check_options(self)
-        _choice("method", self.method, METHODS)
         _choice("sampling.kind", self.sampling.kind, SDE_KINDS)
         _choice("perceptual.estimator", self.perceptual.estimator, ESTIMATORS)
         _choice("pec.omega", self.pec.omega, OMEGAS)

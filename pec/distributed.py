@@ -178,16 +178,23 @@ def gather_order(placements: list[Placement], device: torch.device | str) -> tor
 
 
 def sample_noise(global_index: torch.Tensor, shape: tuple[int, ...], num_steps: int, seed: int,
-                 device: torch.device | str) -> torch.Tensor:
+                 device: torch.device | str, shared_group: int | None = None) -> torch.Tensor:
     """(num_steps + 1, B, *shape) standard normal noise, each sample's drawn from a generator seeded by
     (seed, its global index), so a sample's noise never depends on the batch split.
 
+    With `shared_group` (the group size K), the initial noise noise[0] of every sample is its group's:
+    drawn from a generator seeded by (seed, global index // K), so all K samples of a prompt start from
+    the same latent (MixGRPO), on whichever ranks they live; the per-step noise stays per sample.
     Drawn on the CPU (float32) and moved to `device`: the same on every device and process count.
     """
     out = torch.empty((num_steps + 1, global_index.shape[0], *shape))
     for b, g in enumerate(global_index.tolist()):
         gen = torch.Generator().manual_seed((seed * 1_000_003 + g * 2_654_435_761) % (2**63 - 1))
         out[:, b] = torch.randn((num_steps + 1, *shape), generator=gen)
+        if shared_group is not None:
+            group = torch.Generator().manual_seed((seed * 1_000_003 + (g // shared_group) * 2_654_435_761
+                                                   + 0x5EED) % (2**63 - 1))
+            out[0, b] = torch.randn(shape, generator=group)
     return out.to(device, non_blocking=True)  # no host sync (pageable memory is staged synchronously)
 
 

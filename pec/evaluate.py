@@ -77,7 +77,7 @@ from pec.regularizers import pcgs_guidance
 from pec.rewards import REWARDS, build_reward, check_reward_spec, parse_reward_spec
 from pec.rewards.digit import DigitReward
 from pec.sampling import GuidanceFn, sample
-from pec.train import default_prompts
+from pec.data.prompt_files import default_prompts
 
 PROG = "pec.evaluate"
 PRETRAINED = "pretrained"

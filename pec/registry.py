@@ -28,11 +28,15 @@ class Registry(Generic[T]):
             return factory
         return wrap
 
-    def build(self, name: str, **kwargs) -> T:
-        """Instantiate the component registered under `name`."""
+    def get(self, name: str) -> Callable[..., T]:
+        """The factory registered under `name` (e.g. a class, to read its attributes before building it)."""
         if name not in self._factories:
             raise ValueError(f"unknown {self.kind} {name!r}; choose one of {self.names()}")
-        return self._factories[name](**kwargs)
+        return self._factories[name]
+
+    def build(self, name: str, **kwargs) -> T:
+        """Instantiate the component registered under `name`."""
+        return self.get(name)(**kwargs)
 
     def build_with_options(self, name: str, options: dict, **kwargs) -> T:
         """`build(name, **kwargs)`, plus those of `options` that the factory's signature accepts (so a

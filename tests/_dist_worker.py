@@ -13,9 +13,9 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pec.train as train_module  # noqa: E402
+import pec.trainer as train_module  # noqa: E402
 from _tiny_runs import tiny_config  # noqa: E402
-from pec.train import Trainer  # noqa: E402
+from pec.trainer import Trainer  # noqa: E402
 
 # 2 prompts x 4 samples, micro-batches of 2: with 1, 2 or 4 processes every rank's batch splits into
 # the same micro-batches as the one-process run's.

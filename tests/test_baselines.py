@@ -10,7 +10,7 @@ from pec.config import Config, apply_dict
 from pec.covariance import clip_cov_mask, entry_covariance, select_entries, selection_count, top_fraction
 from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import clipped_surrogate, group_advantages
-from pec.train import Trainer
+from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
 

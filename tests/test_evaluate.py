@@ -7,7 +7,7 @@ import pytest
 from pec.config import Config, apply_dict
 from pec.evaluate import evaluate, main
 from pec.experiments.tiny_world import write_tiny_world
-from pec.train import Trainer
+from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
 

@@ -16,7 +16,7 @@ from pec.experiments.tiny_world import write_tiny_world
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.regularizers import policy_entropy
 from pec.sampling import sample, step_log_prob
-from pec.train import Trainer
+from pec.trainer import Trainer
 from pec_kernels.sde import guided_sde_step, step_sigmas
 
 from _tiny_runs import tiny_config
@@ -38,21 +38,22 @@ def world(tmp_path_factory):
 
 
 def _capture_updates(trainer):
-    """Record the arguments of each `Trainer.update` call, and the parameters and their gradients before
-    each optimizer step."""
+    """Record the batch of each algorithm update, and the parameters and their gradients before each
+    optimizer step."""
     calls, grads = [], []
-    update, step = trainer.update, trainer.optimizer.step
+    update, step = trainer.algorithm.update, trainer.optimizer.step
 
-    def recording_update(step_index, rollout, trained, advantages, *args, **kwargs):
-        calls.append({"rollout": rollout, "trained": list(trained), "advantages": advantages.clone()})
-        return update(step_index, rollout, trained, advantages, *args, **kwargs)
+    def recording_update(batch):
+        calls.append({"rollout": batch.rollout, "trained": list(batch.trained),
+                      "advantages": batch.advantages.clone()})
+        return update(batch)
 
     def recording_step(*args, **kwargs):
         grads.append([(p.detach().clone(), p.grad.clone())
                       for group in trainer.optimizer.param_groups for p in group["params"]])
         return step(*args, **kwargs)
 
-    trainer.update = recording_update
+    trainer.algorithm.update = recording_update
     trainer.optimizer.step = recording_step
     return calls, grads
 

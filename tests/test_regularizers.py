@@ -156,11 +156,10 @@ def test_latent_group_log_density_is_the_groups_gaussian_fit():
 
 
 def test_trainer_reward_form_reads_the_configured_generation_density():
-    """Trainer.shaped_rewards: 'policy' passes the behaviour log-probs, 'latent_group' the latent fit."""
-    from types import SimpleNamespace
-
+    """The PCGS method's reward shaping: 'policy' passes the behaviour log-probs, 'latent_group' the latent fit."""
     from pec.config import Config, apply_dict
-    from pec.train import Trainer
+    from pec.methods import build_method
+    from pec.methods.base import ShapingInputs
 
     torch.manual_seed(0)
     b, t, k = 8, 2, 4
@@ -172,7 +171,8 @@ def test_trainer_reward_form_reads_the_configured_generation_density():
         cfg = Config()
         apply_dict(cfg, {"method": "pcgs", "sampling": {"group_size": k},
                          "pcgs": {"form": "reward", "generation_density": density, "lambda": 0.3}})
-        shaped[density] = Trainer.shaped_rewards(SimpleNamespace(cfg=cfg), rewards, surprisal, old, latents)
+        inputs = ShapingInputs(rewards, surprisal, old, latents, torch.ones(b, dtype=torch.bool), t)
+        shaped[density] = build_method(cfg).shape(inputs, ctx=None)
     torch.testing.assert_close(shaped["policy"], pcgs_reward(rewards, -surprisal, old, 0.3, omega))
     log_gen = latent_group_log_density(latents, k)[:, None].expand(b, t)
     torch.testing.assert_close(shaped["latent_group"], pcgs_reward(rewards, -surprisal, log_gen, 0.3, omega))

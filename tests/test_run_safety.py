@@ -24,7 +24,8 @@ from pec.logging_utils import read_metrics
 from pec.metrics import group_pairwise_distance, mean_pairwise_distance
 from pec.regularizers import latent_group_log_density
 from pec.run_safety import Preempted, PreemptionHandler, TrainingStopped, sample_validity
-from pec.train import Trainer, main
+from pec.train import main
+from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
 

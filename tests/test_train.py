@@ -7,7 +7,8 @@ import torch
 
 from pec.experiments.tiny_world import write_tiny_world
 from pec.logging_utils import read_metrics
-from pec.train import Trainer, main
+from pec.train import main
+from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
 

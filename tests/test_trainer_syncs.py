@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import pec.train
+import pec.algorithms.base
+import pec.trainer
 from pec.experiments.tiny_world import write_tiny_world
 from pec.syncs import documented_sync
-from pec.train import Trainer
+from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
 
@@ -51,7 +52,7 @@ def test_documented_sync_lifts_the_error_mode_and_restores_it():
 
 #: Where a step handles its validity mask; a host read made from these (outside `documented_sync`) is a
 #: sync on a GPU. The sampler's schedule and SDE window, and the optimizer's step counters, are host data.
-_MASK_CODE = ("pec/train.py", "pec/entropy.py", "pec/metrics.py", "pec/regularizers.py", "pec/grpo.py",
+_MASK_CODE = ("pec/trainer.py", "pec/algorithms/", "pec/methods/", "pec/scoring.py", "pec/entropy.py", "pec/metrics.py", "pec/regularizers.py", "pec/grpo.py",
               "pec/covariance.py", "pec/run_safety.py", "pec_kernels/")
 
 
@@ -103,7 +104,8 @@ def test_a_step_with_masked_samples_reads_nothing_outside_the_documented_syncs(w
     trainer.train_step(1)
     trainer.train_step(2)
     mode = _HostReadsOutsideDocumentedSyncs()
-    monkeypatch.setattr(pec.train, "documented_sync", mode.documented_sync)
+    monkeypatch.setattr(pec.trainer, "documented_sync", mode.documented_sync)
+    monkeypatch.setattr(pec.algorithms.base, "documented_sync", mode.documented_sync)
     with mode:
         row = trainer.train_step(3)
     assert row["mask/masked_samples"] == 4 and row["mask/masked_groups"] == 1

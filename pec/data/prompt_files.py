@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from pec.data.prompts import digit_prompt
+
 SPLIT_SEED = 0
 TEST_FRACTION = 0.1
 SUFFIXES = (".txt", ".jsonl", ".csv")
@@ -129,3 +131,9 @@ def load_prompt_splits(path: str | Path) -> PromptSplits:
     random.Random(SPLIT_SEED).shuffle(order)
     n_test = round(len(prompts) * TEST_FRACTION) if len(prompts) > 1 else 0
     return PromptSplits([prompts[i] for i in order[n_test:]], [prompts[i] for i in order[:n_test]])
+
+
+def default_prompts(source: str | None = None) -> list[str]:
+    """The training prompts: the train split of `source` (--data.prompts), or the embedded world's
+    "a handwritten 0" ... "9"."""
+    return load_prompt_splits(source).train if source else [digit_prompt(d) for d in range(10)]

@@ -19,7 +19,7 @@ from pec.checkpoint import main as checkpoint_main  # noqa: E402
 from pec.evaluate import main as evaluate_main  # noqa: E402
 from pec.experiments.tiny_world import write_tiny_world  # noqa: E402
 from pec.logging_utils import read_metrics  # noqa: E402
-from pec.train import Trainer  # noqa: E402
+from pec.trainer import Trainer  # noqa: E402
 from pec.train import main as train_main  # noqa: E402
 
 STEP = "step-{:08d}.pt".format

@@ -1,0 +1,40 @@
+"""The RL algorithms (`--algorithm`) behind the trainer's loop, each an `Algorithm` (see
+`pec.algorithms.base`). Importing this package registers them all in `ALGORITHMS`.
+
+`check_pair` decides, before any model loads, whether a regulariser (`pec.methods`) composes with an
+algorithm: it does unless it needs something the algorithm does not provide (per-step log-probs, a PPO
+ratio, Gaussian steps with a policy entropy), and then the run is refused with one line saying why.
+"""
+from __future__ import annotations
+
+from pec.algorithms import flow_grpo  # noqa: F401  (each module registers its algorithm)
+from pec.algorithms.base import CAPABILITIES, Algorithm, Learner
+from pec.algorithms.registry import ALGORITHMS
+from pec.config import Config
+from pec.methods import build_method
+
+__all__ = ["ALGORITHMS", "Algorithm", "algorithm_class", "build_algorithm", "check_algorithm"]
+
+
+def algorithm_class(cfg: Config) -> type[Algorithm]:
+    """The class `cfg.algorithm` names; ValueError naming --algorithm when there is none."""
+    if cfg.algorithm not in ALGORITHMS.names():
+        raise ValueError(f"algorithm must be one of {ALGORITHMS.names()}, got {cfg.algorithm!r}")
+    return ALGORITHMS.get(cfg.algorithm)
+
+
+def check_algorithm(cfg: Config) -> None:
+    """ValueError (one line) unless `cfg.algorithm` exists, accepts its options, and composes with the
+    regulariser `cfg.method` (`pec.methods`): what the method needs, the algorithm must provide."""
+    cls = algorithm_class(cfg)
+    cls.check(cfg)
+    method = build_method(cfg)
+    for capability, why in method.requirements().items():
+        if capability not in cls.provides:
+            raise ValueError(f"--method {cfg.method} cannot run with --algorithm {cfg.algorithm}: {why}, and "
+                             f"{cfg.algorithm} has no {CAPABILITIES[capability]}")
+
+
+def build_algorithm(cfg: Config, learner: Learner) -> Algorithm:
+    """The algorithm `cfg.algorithm` names, acting on `learner`."""
+    return ALGORITHMS.build(cfg.algorithm, cfg=cfg, learner=learner)

@@ -1,0 +1,162 @@
+"""The scoring phase of a training step: rewards and perceptual features of the rollout's images, and the
+perceptual statistics of the step (per-group entropies and diversity in every space, the regulariser's
+per-sample surprisal, the whole batch's kNN entropy and a bank of earlier steps' features).
+
+`Scorer` scores in micro-batches: `submit(images, prompts)` takes one chunk as soon as it exists and
+`collect()` returns the step's rewards and features, concatenated in submission order. Chunks are the
+rollout's micro-batches of `train.micro_batch` images: bounded memory with real reward models, and the same
+batch shapes whatever the number of processes (BLAS rounds a row by its batch).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from pec.config import Config
+from pec.entropy import group_entropy
+from pec.metrics import group_pairwise_distance
+from pec.run_safety import zero_invalid
+from pec_kernels import knn_entropy
+
+
+class Scorer:
+    """Rewards and perceptual features of a step's images (see the module docstring)."""
+
+    def __init__(self, reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
+                 encoders: dict[str, torch.nn.Module], micro_batch: int) -> None:
+        self.reward_fn, self.encoders, self.micro_batch = reward_fn, encoders, micro_batch
+        self._rewards: list[torch.Tensor] = []
+        self._feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+
+    def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
+        """Score one chunk of images (B_chunk, C, H, W) in [0, 1] with their prompts (no grad)."""
+        with torch.no_grad():
+            self._rewards.append(self.reward_fn(images, list(prompts)).float())
+            for name, encoder in self.encoders.items():
+                self._feats[name].append(encoder(images).float())
+
+    def collect(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The rewards (B,) and (B, D) features in each space of every chunk submitted since the last call."""
+        rewards = torch.cat(self._rewards)
+        feats = {name: torch.cat(chunks) for name, chunks in self._feats.items()}
+        self._rewards, self._feats = [], {name: [] for name in self.encoders}
+        return rewards, feats
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`submit` every micro-batch of `images`, then `collect`."""
+        for start in range(0, images.shape[0], self.micro_batch):
+            chunk = slice(start, start + self.micro_batch)
+            self.submit(images[chunk], prompts[chunk])
+        return self.collect()
+
+
+class PerceptualStats:
+    """A step's perceptual statistics over its global batch (see the module docstring).
+
+    gather: all-gather of per-sample rows into the global order (the identity with one process);
+    spread: whether prompt groups are spread over processes (their features are then gathered, and every
+    rank computes every group); index: this rank's global sample indices. The bank of the last
+    `perceptual.bank_steps` steps' features is checkpointed (`state_dict`).
+    """
+
+    def __init__(self, cfg: Config, gather: Callable[[torch.Tensor], torch.Tensor],
+                 gather_rows: Callable[[torch.Tensor], torch.Tensor], spread: bool, index: torch.Tensor) -> None:
+        self.cfg, self.gather, self.gather_rows, self.spread, self.index = cfg, gather, gather_rows, spread, index
+        # The regulariser space's features of the last bank_steps steps (whole batches, masked rows zeroed)
+        # and their validity masks.
+        self.bank: list[torch.Tensor] = []
+        self.bank_valid: list[torch.Tensor] = []
+
+    def per_group(self, feats: dict[str, torch.Tensor], valid: torch.Tensor
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-group perceptual entropies (kNN and Gaussian) and within-group diversity in each space over
+        the valid samples, and the regulariser's per-sample surprisal in `perceptual.space` (0 for
+        invalid samples). `feats` hold whole groups of `sampling.group_size` consecutive samples;
+        `valid` is their (B,) mask on the device, which the estimators take as it is (no host read).
+        Returns ({key: (G,) tensor}, surprisal (B,))."""
+        p, n = self.cfg.perceptual, self.cfg.sampling.group_size
+        group_mask = valid.reshape(-1, n)
+        per_group: dict[str, torch.Tensor] = {}
+        surprisal = None
+        for name, f in feats.items():
+            groups = f.reshape(-1, n, f.shape[-1])
+            knn = group_entropy(groups, estimator="knn", k=p.k, per_dim=p.per_dim, valid=group_mask,
+                                check_finite=False)
+            gauss = group_entropy(groups, estimator="gaussian", per_dim=p.per_dim, valid=group_mask,
+                                  check_finite=False)
+            per_group[f"perc_knn/{name}"] = knn.entropy.double()
+            per_group[f"perc_gauss/{name}"] = gauss.entropy.double()
+            per_group[f"diversity/{name}"] = group_pairwise_distance(groups, group_mask)
+            if name == p.space:
+                surprisal = (knn if p.estimator == "knn" else gauss).surprisal.reshape(-1)
+        return per_group, surprisal
+
+    def step(self, feats: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`per_group` over the step's global batch, laid out by `dist.placement`: the logged means over
+        valid groups (0-dim tensors, identical on every rank) and this rank's surprisal; with
+        `perceptual.batch_metric`/`bank_steps`/`scope batch`, the kNN entropy of the whole batch too.
+        `feats` are this rank's rows, `valid` the global (B,) mask."""
+        p = self.cfg.perceptual
+        index = self.index
+        gathered: dict[str, torch.Tensor] = {}
+        if self.spread:
+            # A group lives on every rank: gather each space's features, and every rank computes all groups.
+            gathered = {name: self.gather(f) for name, f in feats.items()}
+            per_group, surprisal = self.per_group(gathered, valid)
+        else:
+            per_group, surprisal = self.per_group(feats, valid[index])
+            keys = list(per_group)
+            stacked = self.gather_rows(torch.stack([per_group[k] for k in keys], dim=1))
+            per_group = {k: stacked[:, i] for i, k in enumerate(keys)}
+        group_ok = valid.reshape(-1, self.cfg.sampling.group_size).any(dim=1).double()
+        n_ok = group_ok.sum().clamp_min(1)
+        row = {k: (v * group_ok).sum() / n_ok for k, v in per_group.items()}
+        if p.batch_metric or p.bank_steps or p.scope == "batch":
+            whole = gathered.get(p.space)
+            if whole is None:
+                whole = self.gather(feats[p.space])
+            batch_row, batch_surprisal = self.batch_entropy(whole, valid)
+            row.update(batch_row)
+            if p.scope == "batch":
+                return row, batch_surprisal[index]
+        return row, surprisal[index] if self.spread else surprisal
+
+    def batch_entropy(self, feats: torch.Tensor, valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The kNN entropy of the regulariser's space over the step's valid samples (B, D) (`valid` (B,) on
+        the device), as one masked group, and against the bank of earlier steps' features; returns the
+        logged values and the per-sample batch surprisal (B,) (0 for invalid samples). This is the
+        large-N case the fused kNN kernel exists for. No host read: with fewer than k + 1 valid samples
+        (every group masked) the batch entropy is 0, and so is the bank entropy with fewer than k valid
+        bank rows."""
+        p = self.cfg.perceptual
+        out: dict[str, torch.Tensor] = {}
+        normalize = "per_dim" if p.per_dim else "none"
+        surprisal = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
+        if feats.shape[0] > p.k:
+            batch = knn_entropy(feats, k=p.k, valid=valid, normalize=normalize, check_finite=False)
+            surprisal = batch.surprisal
+            out[f"perc_knn_batch/{p.space}"] = batch.entropy
+        if p.bank_steps:
+            if self.bank:
+                bank = torch.cat(self.bank)
+                if bank.shape[0] >= p.k:
+                    against = knn_entropy(feats, k=p.k, reference=bank, valid=valid,
+                                          reference_valid=torch.cat(self.bank_valid), normalize=normalize,
+                                          check_finite=False)
+                    out[f"perc_knn_bank/{p.space}"] = against.entropy
+            # Masked rows are zeroed: the bank is checkpointed, and NaN must not reach a later step.
+            self.bank = (self.bank + [zero_invalid(feats.detach(), valid)])[-p.bank_steps:]
+            self.bank_valid = (self.bank_valid + [valid])[-p.bank_steps:]
+        return out, surprisal
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bank, for the checkpoint (CPU tensors)."""
+        return {"bank": [b.cpu() for b in self.bank], "bank_valid": [v.cpu() for v in self.bank_valid]}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore `state_dict()` onto `device` (checkpoints from before the masks held only valid rows)."""
+        self.bank = [b.to(device) for b in state.get("bank", [])]
+        self.bank_valid = [v.to(device) for v in state.get(
+            "bank_valid", [torch.ones(b.shape[0], dtype=torch.bool) for b in self.bank])]
