@@ -7,12 +7,12 @@ Authors' code (yifan123/flow_grpo; research notes /work/notes/algorithms.md §3)
 @3d02fd9 (the upstream file is not in the index). The draw there is Python's `random.randint(r0, r1 - w)`,
 both ends inclusive, and the window is [l, l + w).
 
-| setting              | default here           | authors (SD3.5 `*_sd3_fast_nocfg` / FLUX `*_flux_fast`) | from          |
-|----------------------|------------------------|---------------------------------------------------------|---------------|
-| window_size w        | 3                      | 3 / 3                                                   | config/grpo.py |
-| window_range (r0, r1)| (0, num_steps // 2)    | (0, 5) at T = 10 / (0, 3) at T = 6                      | config/grpo.py |
-| kind, eta            | (config) cps, 0.8      | cps, 0.8                                                | config/grpo.py |
-| clip, KL             | (config) 1e-5, none    | 1e-5, beta 0                                            | config/grpo.py |
+| setting               | default here        | SD3.5 `*_sd3_fast_nocfg` | FLUX `*_flux_fast` | from           |
+|-----------------------|---------------------|--------------------------|--------------------|----------------|
+| window_size w         | 3                   | 3                        | 3                  | config/grpo.py |
+| window_range (r0, r1) | (0, num_steps // 2) | (0, 5) at T = 10         | (0, 3) at T = 6    | config/grpo.py |
+| kind, eta             | (config)            | cps, 0.8                 | cps, 0.8           | config/grpo.py |
+| clip, KL              | (config)            | 1e-5, beta 0             | 1e-5, beta 0       | config/grpo.py |
 With the FLUX preset's range (0, 3) and w = 3 the start is always 0: the window is fixed at steps 0-2.
 
 Where we differ from the authors, and why: the issue asks for the start to be drawn once per training step

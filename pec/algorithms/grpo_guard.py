@@ -25,13 +25,13 @@ Sources: there is no official code ("code not released"); both re-implementation
 `examples/grpoguard_trainer/qwen_image/run_qwen_image_ocr_lora.sh`; X-GenGroup/Flow-Factory @a0b2bc5
 `src/flow_factory/trainers/grpo.py` (`GRPOGuardTrainer.optimize`).
 
-| setting                | default here | verl-omni (Qwen-Image example)  | Flow-Factory | DESIGN §2.7    |
-|------------------------|--------------|---------------------------------|--------------|----------------|
-| |dt| loss scaling      | dt_scaling=True | yes: mean loss / sqrt(-dt)^2 | no           | yes            |
-| clip epsilon           | (config)     | 2e-6                            | -            | 2e-6 to 4e-6 (4e-6 unsourced) |
-| KL                     | (config)     | off                             | -            | none           |
-| SDE kind               | (config)     | sde (Flow-GRPO's Gaussian)      | Flow-SDE     | a Gaussian kind |
-| advantage clip, lr     | (config)     | 5, 3e-4                         | -            | -              |
+| setting            | default here    | verl-omni (Qwen-Image example)  | Flow-Factory | DESIGN §2.7               |
+|--------------------|-----------------|---------------------------------|--------------|---------------------------|
+| |dt| loss scaling  | dt_scaling=True | yes: mean loss / sqrt(-dt)^2    | no           | yes                       |
+| clip epsilon       | (config)        | 2e-6                            | -            | 2e-6..4e-6 (4e-6 unsourced) |
+| KL                 | (config)        | off                             | -            | none                      |
+| SDE kind           | (config)        | sde (Flow-GRPO's Gaussian)      | Flow-SDE     | -                         |
+| adv. clip, lr      | (config)        | 5, 3e-4                         | -            | -                         |
 The |dt| division follows verl-omni (and the paper's summaries: "1/dt reweighting"); Flow-Factory leaves it
 out, hence the option. verl-omni takes s as the batch mean of each factor, one scalar per step; here s may
 also be one value per sample (a batch mixing steps), each row divided by its own s.

@@ -10,19 +10,20 @@ Authors' code (Tencent-Hunyuan/MixGRPO @e5cdd6a; research notes /work/notes/algo
 `fastvideo/utils/sampling_utils.py` (`run_sample_step`: Flash's re-gridding) and
 `scripts/finetune/finetune_flux_grpo_MixGRPO{,_Flash,_Flash*}.sh` (the published settings).
 
-| setting (here)              | default | authors (name: value)                                  | from            |
-|-----------------------------|---------|--------------------------------------------------------|-----------------|
-| num_steps T                 | -       | sampling_steps: 25                                     | scripts         |
-| window_size w               | 4       | group_size: 4                                          | argparse, scripts |
-| shift_interval tau          | 25      | iters_per_group: 25 (MixGRPO), 20 (Flash, Flash*)      | argparse, scripts |
-| stride                      | 1       | prog_overlap_step: 1 (MixGRPO, Flash), 0 (Flash*)      | scripts (--prog_overlap) |
-| limit M                     | T - 2   | max_timesteps = sampling_steps - 2                     | train_grpo_flux.main |
-| strategy                    | progressive | sample_strategy: progressive                       | argparse, scripts |
-| roll_back                   | True    | --roll_back (argparse default False)                   | scripts         |
-| tau_max, tau_min (decay)    | 10, 1   | max_iters_per_group 10, min_iters_per_group 1          | argparse, scripts |
-| exp_threshold, exp_rate     | 13, 0.1 | exp_decay_thre_timestep 13, exp_decay_k 0.1            | GRPOTrainingStates |
-| Flash ratio                 | 0.4     | dpm_post_compress_ratio: 0.4 (Flash), 0.2 (Flash*)     | scripts         |
-| Flash shift                 | 3.0     | --shift 3 (static: sigma = 3t / (1 + 2t))              | scripts, sd3_time_shift |
+| setting (here)          | default     | authors (name: value)                              | from                |
+|-------------------------|-------------|----------------------------------------------------|---------------------|
+| num_steps T             | -           | sampling_steps: 25                                 | scripts             |
+| window_size w           | 4           | group_size: 4                                      | argparse, scripts   |
+| shift_interval tau      | 25          | iters_per_group: 25 (MixGRPO), 20 (Flash, Flash*)  | argparse, scripts   |
+| stride                  | 1           | prog_overlap_step: 1 (MixGRPO, Flash), 0 (Flash*)  | scripts             |
+| limit M                 | T - 2       | max_timesteps = sampling_steps - 2                 | train_grpo_flux.main |
+| strategy                | progressive | sample_strategy: progressive                       | argparse, scripts   |
+| roll_back               | True        | --roll_back (argparse default False)               | scripts             |
+| tau_max, tau_min        | 10, 1       | max_iters_per_group 10, min_iters_per_group 1      | argparse, scripts   |
+| exp_threshold, exp_rate | 13, 0.1     | exp_decay_thre_timestep 13, exp_decay_k 0.1        | GRPOTrainingStates  |
+| Flash ratio             | 0.4         | dpm_post_compress_ratio: 0.4 (Flash), 0.2 (Flash*) | scripts             |
+| Flash shift             | 3.0         | --shift 3 (static: sigma = 3t / (1 + 2t))          | scripts             |
+(The scripts pass --prog_overlap, which makes prog_overlap_step the stride; without it the stride is w.)
 
 The window at iteration i is [l, min(l + w, M)): windows near the limit shrink, as the authors'. The start
 l of the progressive strategies begins at 0 and stays interval(l) iterations at each position, then
@@ -37,10 +38,9 @@ moves by `stride`:
 
 Where we differ from the authors, and why:
 - Empty windows never happen. The authors' start may reach M itself, where their window [M, M) trains
-  nothing (and their logging of it fails), for a whole interval, and their clamp (no roll back) parks the
-  window there for good. Here the starts stop below M: roll back happens as soon as the next start would
+  nothing for a whole interval, and their clamp (no roll back) parks the window there for good. Here the starts stop below M: roll back happens as soon as the next start would
   be >= M, and the clamp stays at M - 1, the last start with a non-empty window. Where the authors'
-  starts land on M exactly (stride 1), a roll-back cycle is one position shorter than theirs (23 x 25
+  starts land on M exactly (M a multiple of the stride, as with stride 1), a roll-back cycle is one position shorter than theirs (23 x 25
   iterations at T = 25, not 24 x 25); otherwise the sequences are the same. The published 300-step runs
   reach start 11 (tau 25) or 14 (tau 20) and never see the difference.
 - `random` is seeded: l = `step_randint(seed, iteration, "mixgrpo.window", 0, M - w)`, the same on every
@@ -48,11 +48,13 @@ Where we differ from the authors, and why:
   train different windows). It draws at iteration 0 too (the authors' iteration 0 uses start 0).
 - The schedule is a pure function of the iteration (resume needs only the iteration); the authors keep a
   counter that moves once per iteration.
+- `decay`'s interval is computed in exact integer arithmetic, floor((tau_max (M - l) + tau_min l) / M);
+  the authors' floats could round an exact integer down by one (never at their T = 25, tau 10 to 1).
 
 MixGRPO-Flash (`flash_sigmas`): after the window, the rest of the trajectory is re-gridded to
 n = int(max((T - e) ratio, 1)) points (e the window's last step) evenly spaced in unshifted time from the
 point after the window down to 0, then shifted again, and solved by a 2nd-order multistep DPM-Solver++
-(not built here: this module gives the grid). The authors' n = 1 (e >= T - 2 / ratio, e.g. e >= 21 at T = 25,
+(not built here: this module gives the grid). The authors' n = 1 (e > T - 2 / ratio, e.g. e >= 21 at T = 25,
 ratio 0.4) leaves their grid ending above sigma = 0, an image that is never fully denoised; here n is at
 least 2 whenever the window ends before the last step, so the grid always ends at 0 (one step from the
 window's end straight to 0), and a window that ends at the last step leaves the grid unchanged.
@@ -122,9 +124,8 @@ class WindowSchedule:
 
     def interval(self, start: int) -> int:
         """Iterations the window stays at `start` (the progressive strategies)."""
-        if self.strategy == "decay":
-            progress = start / self.limit
-            return max(self.tau_min, int(self.tau_max * (1 - progress) + self.tau_min * progress))
+        if self.strategy == "decay":  # int(tau_max (1 - l/M) + tau_min l/M) in exact integer arithmetic
+            return max(self.tau_min, (self.tau_max * (self.limit - start) + self.tau_min * start) // self.limit)
         if self.strategy == "exp_decay":
             decay = math.exp(-self.exp_rate * max(0, start - self.exp_threshold))
             return max(1, math.ceil(self.shift_interval * decay))
@@ -133,31 +134,34 @@ class WindowSchedule:
     def start(self, iteration: int) -> int:
         """The window's first step at training iteration `iteration` (0-based)."""
         check_int("iteration", iteration, 0)
-        if self.strategy == "frozen" or self.stride == 0:
-            return 0
         if self.strategy == "random":
             return step_randint(self.seed, iteration, RANDOM_STREAM, 0, self.limit - self.window_size)
+        if self.strategy == "frozen" or self.stride == 0:
+            return 0
         starts = range(0, self.limit, self.stride)  # one pass; every start < limit has a non-empty window
         if self.roll_back:
-            iteration %= sum(self.interval(l) for l in starts)
-        for l in starts:
-            if iteration < self.interval(l):
-                return l
-            iteration -= self.interval(l)
+            iteration %= sum(self.interval(start) for start in starts)
+        for start in starts:
+            if iteration < self.interval(start):
+                return start
+            iteration -= self.interval(start)
         return self.limit - 1  # clamped: past the last start, for good
+
+    def _window(self, iteration: int) -> tuple[int, int]:
+        start = self.start(iteration)
+        return start, min(start + self.window_size, self.limit)
 
     def window(self, iteration: int) -> tuple[int, int]:
         """(start, end), end exclusive, of the SDE steps at `iteration`; remembered for `state_dict`."""
-        start = self.start(iteration)
+        window = self._window(iteration)
         self.last_iteration = iteration
-        return start, min(start + self.window_size, self.limit)
+        return window
 
     def state_dict(self) -> dict[str, int]:
         """{"iteration", "start", "end"} of the last window served (all -1 before the first)."""
         if self.last_iteration is None:
             return dict.fromkeys(STATE_KEYS, -1)
-        start = self.start(self.last_iteration)
-        return {"iteration": self.last_iteration, "start": start, "end": min(start + self.window_size, self.limit)}
+        return dict(zip(STATE_KEYS, (self.last_iteration, *self._window(self.last_iteration))))
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resume from `state_dict()`'s output; a ValueError if these settings give another window there."""
@@ -167,10 +171,11 @@ class WindowSchedule:
             self.last_iteration = None
             return
         expected = (state["start"], state["end"])
-        got = self.window(state["iteration"])
+        got = self._window(state["iteration"])
         if got != expected:
             raise ValueError(f"the checkpoint's MixGRPO window at iteration {state['iteration']} was {list(expected)} "
                              f"but these mixgrpo settings give {list(got)}: resume with the run's window settings")
+        self.last_iteration = state["iteration"]
 
 
 class FlashGrid(NamedTuple):
@@ -210,8 +215,10 @@ def flash_sigmas(sigmas: torch.Tensor, window: tuple[int, int], ratio: float = 0
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     sig = sigmas.detach().to("cpu", torch.float64)
-    if sig[-1] != 0 or not bool((sig[1:] < sig[:-1]).all()):
-        raise ValueError(f"sigmas must decrease strictly to a terminal 0, got {sig.tolist()}")
+    rises = (sig[1:] >= sig[:-1]).nonzero()
+    if sig[-1] != 0 or rises.numel():
+        where = f"ending at {sig[-1].item()}" if sig[-1] != 0 else f"not decreasing after index {rises[0].item()}"
+        raise ValueError(f"sigmas must decrease strictly to a terminal 0, got {num_steps + 1} values {where}")
     n = int(max((num_steps - (end - 1)) * ratio, 1))
     if end < num_steps:
         n = max(n, 2)  # the authors' n = 1 would end the grid at sigma[end] > 0
