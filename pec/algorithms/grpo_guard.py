@@ -9,11 +9,13 @@ log-probabilities mean-reduced over the non-batch dimensions (DESIGN.md §2.1) a
 this is exactly
     log rho = mean((mu_theta - mu_old) xi),   xi = (x' - mu_old) / s,
 zero-mean under the rollout noise and comparable across steps. `guard_log_ratio` computes this second
-form: the first cancels large terms (s dlogp against s b) and rounds away from 0 on-policy, while here
-mu_theta == mu_old gives log rho = 0, rho = 1 bit for bit. The identity needs the normalised Gaussian
+form: the first subtracts two log-probs of order 1 whose difference is of order |mu_theta - mu_old| / s
+(losing digits) and is exactly 0 on-policy only if both round alike, while here mu_theta == mu_old gives
+log rho = 0, rho = 1 bit for bit. The identity needs the normalised Gaussian
 log-prob: Flow-GRPO's unnormalised cps log-prob -mean((x' - mu)^2) breaks it (Flow-Factory restricts
-GRPO-Guard to its Gaussian `Flow-SDE`; verl-omni's example uses `sde_type=sde`). mu_old must be stored at
-rollout (verl-omni's `old_prev_sample_mean`, Flow-Factory's `next_latents_mean`).
+GRPO-Guard to its Gaussian `Flow-SDE`; verl-omni's example uses `sde_type=sde`). `pec_kernels` computes
+the normalised Gaussian log-prob for every kind (flow, dance and cps), so all three compose here.
+mu_old must be stored at rollout (verl-omni's `old_prev_sample_mean`, Flow-Factory's `next_latents_mean`).
 
 The loss (`guard_surrogate`) is PPO's clipped surrogate on rho (`pec.grpo.clipped_surrogate`, given
 log rho as the log-prob and 0 as the old one) divided by |dt| of the step: since mu_theta moves with

@@ -38,11 +38,14 @@ moves by `stride`:
 
 Where we differ from the authors, and why:
 - Empty windows never happen. The authors' start may reach M itself, where their window [M, M) trains
-  nothing for a whole interval, and their clamp (no roll back) parks the window there for good. Here the starts stop below M: roll back happens as soon as the next start would
-  be >= M, and the clamp stays at M - 1, the last start with a non-empty window. Where the authors'
-  starts land on M exactly (M a multiple of the stride, as with stride 1), a roll-back cycle is one position shorter than theirs (23 x 25
-  iterations at T = 25, not 24 x 25); otherwise the sequences are the same. The published 300-step runs
-  reach start 11 (tau 25) or 14 (tau 20) and never see the difference.
+  nothing for a whole interval, and their clamp (no roll back) parks the window there for good. Here the
+  starts stop below M: roll back happens as soon as the next start would be >= M, and the clamp stays at
+  M - 1, the last start with a non-empty window. Where the authors' starts land on M exactly (M a multiple
+  of the stride, as with stride 1), a roll-back cycle is one position shorter than theirs (23 x 25
+  iterations at T = 25, not 24 x 25); otherwise the sequences are the same (checked against their
+  `GRPOTrainingStates` for T in {10, 13, 25}, strides 1 to 5, tau in {1, 3, 25}, with and without roll
+  back: equal once their empty windows are dropped). The published 300-step runs reach start 11 (tau 25)
+  or 14 (tau 20) and never see the difference.
 - `random` is seeded: l = `step_randint(seed, iteration, "mixgrpo.window", 0, M - w)`, the same on every
   rank and after a resume (the authors draw from an unseeded numpy generator on each rank, so their ranks
   train different windows). It draws at iteration 0 too (the authors' iteration 0 uses start 0).
@@ -161,7 +164,8 @@ class WindowSchedule:
         """{"iteration", "start", "end"} of the last window served (all -1 before the first)."""
         if self.last_iteration is None:
             return dict.fromkeys(STATE_KEYS, -1)
-        return dict(zip(STATE_KEYS, (self.last_iteration, *self._window(self.last_iteration))))
+        start, end = self._window(self.last_iteration)
+        return {"iteration": self.last_iteration, "start": start, "end": end}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resume from `state_dict()`'s output; a ValueError if these settings give another window there."""
