@@ -4,7 +4,7 @@ Every host read of a tensor value (`.item()`, `bool(t)`, `.tolist()`) dispatches
 which on a GPU is a host synchronisation. Counting that op on CPU shows which calls would synchronise:
 the finiteness check of knn_entropy / gaussian_entropy (one per checked tensor, off with
 check_finite=False), the index-range check of a backend's pair functions (never for indices that
-knn_entropy's own select produced), and nothing at all in the SDE ops.
+knn_entropy's own select produced), and nothing at all in the SDE ops and the ODE solver step.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pec_kernels import gaussian_entropy, knn_entropy
+from pec_kernels import dpm_solver_step, gaussian_entropy, knn_entropy
 from pec_kernels.knn import torch_backend, triton_backend
 from pec_kernels.sde import guided_sde_step, sde_step_logprob
 
@@ -130,3 +130,18 @@ def test_sde_ops_never_read_values_on_the_host(backend, schedule):
     assert _reads(run) == 0
     if schedule == "tensors":  # the opt-in debug check reads the schedule once per call
         assert _reads(lambda: sde_step_logprob(x, v, sigma, sigma_next, noise=noise, check_schedule=True)) == 1
+
+
+@pytest.mark.parametrize("schedule", ["floats", "tensors"])
+def test_dpm_solver_step_never_reads_values_on_the_host(schedule):
+    x, x0, x0_prev = (torch.randn(3, 2, 8, requires_grad=True) for _ in range(3))
+    sigmas = (1.0, 0.8, 0.5) if schedule == "floats" else \
+        (torch.tensor([1.0, 0.9, 0.6]), torch.tensor([0.9, 0.6, 0.3]), torch.tensor(0.0))
+
+    def run():
+        dpm_solver_step(x, x0, x0_prev, *sigmas, order=2).sum().backward()
+        dpm_solver_step(x, x0, None, None, *sigmas[1:], order=1)
+
+    assert _reads(run) == 0
+    if schedule == "tensors":  # the opt-in debug check reads the schedule once per call
+        assert _reads(lambda: dpm_solver_step(x, x0, x0_prev, *sigmas, order=2, check_schedule=True)) == 1

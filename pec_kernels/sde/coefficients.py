@@ -139,6 +139,13 @@ def check_schedule_values(kind: str, sigma: Param, sigma_next: Param, eta: float
               ("sigma_next must be in [0, sigma) (a step goes down the schedule)", sn, next_ok.all())]
     checks += [(f"{name} must be finite", v, torch.isfinite(v).all()) for name, v in finite
                if isinstance(v, torch.Tensor)]
+    check_tensor_values(checks)
+
+
+def check_tensor_values(checks: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    """Raise a ValueError "<message>; check_schedule found values in [min, max]" for the first failed
+    (message, values, ok) check, ok being a 0-d bool tensor on the device. One host synchronisation for
+    all of them; under torch.compile device-side asserts instead (no graph break, no sync)."""
     if torch.compiler.is_compiling():
         for message, _, ok in checks:
             torch._assert_async(ok, message)
