@@ -67,18 +67,23 @@ class ModelConfig:
     """Which flow model to fine-tune."""
 
     name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package), "
-                                   "'sd3' (SD3 / SD3.5-M / SD3.5-L) or 'flux' (FLUX.1-dev), from a local diffusers "
-                                   "folder (--model.path)")
+                                   "'sd3' (SD3 / SD3.5-M / SD3.5-L), 'flux' (FLUX.1-dev) or 'flux2' (FLUX.2 dev or "
+                                   "klein: the folder's pipeline class decides), from a local diffusers folder "
+                                   "(--model.path)")
     path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (sd3, flux); "
                                     "empty = the embedded weights shipped with the package")
     resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)", min=16)
     compile: bool = option(False, "compile the transformer with torch.compile (on GPUs; the first steps pay the "
                                   "compile time, and new batch shapes recompile)")
     dtype: str = option("bfloat16", "weights dtype of the sd3 / flux pipeline: bfloat16, float16 or float32")
-    guidance: float = option(3.5, "flux: the distilled guidance scale fed to the transformer's guidance embedding "
-                                  "(FLUX.1-dev has no CFG forward: keep sampling.guidance_scale 1)", min=0)
+    guidance: float = option(3.5, "flux / flux2 dev: the distilled guidance scale fed to the transformer's guidance "
+                                  "embedding (FLUX.1-dev and FLUX.2-dev have no CFG forward: keep "
+                                  "sampling.guidance_scale 1; FLUX.2-dev's pipeline default is 4.0; klein takes "
+                                  "none)", min=0)
     t5: bool = option(True, "sd3: use the T5-XXL text encoder (false = CLIP-L and CLIP-G only, as SD3 allows)")
-    max_sequence_length: int = option(256, "sd3 / flux: T5 tokens per prompt", min=1)
+    max_sequence_length: int = option(256, "sd3 / flux: T5 tokens per prompt; flux2: text-encoder tokens per "
+                                           "prompt, system prompt and chat template included (its pipelines' 512)",
+                                      min=1)
     gradient_checkpointing: bool = option(True, "sd3 / flux: recompute the transformer's blocks in the backward "
                                                 "pass (less memory, ~30% more time)")
     vae_batch: int = option(8, "sd3 / flux: images per VAE decode call (0 = the whole batch at once)",

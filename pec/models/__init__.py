@@ -1,5 +1,5 @@
-"""Flow models by name (`--model.name`): `embedded` (the tiny digits model), `sd3` (SD3 / SD3.5) and
-`flux` (FLUX.1-dev).
+"""Flow models by name (`--model.name`): `embedded` (the tiny digits model), `sd3` (SD3 / SD3.5),
+`flux` (FLUX.1-dev) and `flux2` (FLUX.2 dev and klein).
 
 `MODELS` builds a model from its `ModelConfig`; a model plugs in with `register_model(name, check)`:
 a loader `(cfg, device) -> FlowModel` and, optionally, a check `(cfg, guidance_scale) -> None` that
@@ -75,6 +75,19 @@ def _check_flux(cfg: ModelConfig, guidance_scale: float) -> None:
     FluxFlowModel.check_path(cfg.path)
 
 
+def _check_flux2(cfg: ModelConfig, guidance_scale: float) -> None:
+    from pec.models.flux2 import Flux2FlowModel
+
+    check_diffusers_options(cfg)
+    variant = Flux2FlowModel.check_path(cfg.path)
+    if guidance_scale != 1 and variant != "klein-base":
+        why = ("FLUX.2-dev is guidance-distilled: it has no CFG forward; set its distilled guidance with "
+               "--model.guidance" if variant == "dev" else
+               "this FLUX.2-klein is step-distilled (is_distilled in its model_index.json): its pipeline "
+               "ignores CFG; klein-base folders take CFG")
+        raise ValueError(f"--sampling.guidance_scale must be 1 for flux2 ({why}), got {guidance_scale}")
+
+
 @register_model("embedded")
 def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
     from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
@@ -96,3 +109,11 @@ def _flux(cfg: ModelConfig, device: torch.device) -> FlowModel:
     from pec.models.flux import FluxFlowModel
 
     return FluxFlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))
+
+
+@register_model("flux2", check=_check_flux2)
+def _flux2(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
+    from pec.models.flux2 import Flux2FlowModel
+
+    return Flux2FlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))

@@ -219,14 +219,20 @@ class DiffusersFlowModel(FlowModel):
 
     # -------------------------------------------------------------------------------------------
     def schedule(self, num_steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Sigmas of the pipeline's own scheduler config: SD3's static shift, or FLUX's dynamic shift
-        mu = calculate_shift(image_seq_len) on linspace(1, 1/N, N), as diffusers' pipelines build them."""
+        """Sigmas of the pipeline's own scheduler config, set as the pipeline sets them (`_set_timesteps`)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        self._set_timesteps(scheduler, num_steps)
+        return scheduler.sigmas.to(device=device, dtype=torch.float32)
+
+    def _set_timesteps(self, scheduler, num_steps: int) -> None:
+        """SD3's static shift, or FLUX.1's dynamic shift mu = calculate_shift(image_seq_len) on
+        linspace(1, 1/N, N), as their pipelines call `scheduler.set_timesteps`."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
         if scheduler.config.get("use_dynamic_shifting", False):
             c = scheduler.config
             mu = calculate_shift(self.image_seq_len, c.get("base_image_seq_len", 256),
@@ -234,7 +240,6 @@ class DiffusersFlowModel(FlowModel):
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         else:
             scheduler.set_timesteps(num_steps, device="cpu")
-        return scheduler.sigmas.to(device=device, dtype=torch.float32)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents into images in [0, 1] (unclamped, differentiable), `vae_batch` at a time.
@@ -253,10 +258,14 @@ class DiffusersFlowModel(FlowModel):
         return torch.cat(chunks)
 
     def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        z = self._to_vae_latents(latents).to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
-        images = self.vae.decode(z, return_dict=False)[0]
+        images = self.vae.decode(self._vae_latents(latents), return_dict=False)[0]
         return (images.float() + 1) / 2
+
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler latents -> what `vae.decode` takes: unpacked, the VAE's scaling and shift factors undone
+        (SD3, FLUX.1; FLUX.2's VAE has batch-norm statistics instead)."""
+        config = self.vae.config
+        return self._to_vae_latents(latents).to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
 
     def __deepcopy__(self, memo: dict) -> DiffusersFlowModel:
         """A copy with its own transformer that shares the frozen VAE, text encoders and prompt cache

@@ -105,21 +105,29 @@ class FluxFlowModel(DiffusersFlowModel):
                                                         max_sequence_length=self.max_sequence_length)
         return PromptBatch(embeds, pooled)
 
+    def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The transformer's `timestep` for flow times `sigma`, as FluxPipeline and Flux2Pipeline /
+        Flux2KleinPipeline (and Flow-GRPO's FLUX sampler) pass it, bit for bit: t.to(latents dtype) / 1000
+        with t = sigma * num_train_timesteps the scheduler's float32 timestep. Those pipelines round t, not
+        sigma, to their latents' dtype (the weights' dtype), so sigma.to(dtype) would differ from it in the
+        last bit at about a quarter of the steps in bfloat16. The transformers scale it by 1000 themselves."""
+        scale = self.scheduler_config["num_train_timesteps"]
+        return (sigma.float() * scale).to(self.transformer.dtype) / scale
+
+    def distilled_guidance(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The guidance-embedding input as FluxPipeline and Flux2Pipeline pass it: `guidance` in float32."""
+        return torch.full((batch,), self.guidance, device=device, dtype=torch.float32)
+
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
         """The transformer's prediction on packed latents (B, tokens, 64); float32 out.
 
-        FLUX's transformer scales timestep and guidance by 1000 itself, so it gets them in [0, 1]. Both as
-        FluxPipeline (and Flow-GRPO's FLUX sampler) computes them, bit for bit: the guidance in float32, the
-        timestep as t.to(latents dtype) / 1000 with t = sigma * num_train_timesteps the scheduler's float32
-        timestep. That pipeline rounds t, not sigma, to its latents' dtype (the weights' dtype), so
-        sigma.to(dtype) would differ from it in the last bit at about a quarter of the steps in bfloat16.
+        The timestep and the guidance are FluxPipeline's, bit for bit (`transformer_timestep`,
+        `distilled_guidance`; FLUX's transformer scales both by 1000 itself, so it gets them in [0, 1]).
         """
         dtype = self.transformer.dtype
-        b = latents.shape[0]
-        guidance = (torch.full((b,), self.guidance, device=latents.device, dtype=torch.float32)
+        guidance = (self.distilled_guidance(latents.shape[0], latents.device)
                     if self.transformer.config.guidance_embeds else None)
-        scale = self.scheduler_config["num_train_timesteps"]
-        timestep = (sigma.float() * scale).to(dtype) / scale
+        timestep = self.transformer_timestep(sigma)
         txt_ids = torch.zeros(prompts.embeds.shape[1], 3, device=latents.device, dtype=dtype)
         return self.transformer(hidden_states=latents.to(dtype), timestep=timestep, guidance=guidance,
                                 pooled_projections=prompts.pooled.to(dtype),
