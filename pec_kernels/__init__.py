@@ -1,7 +1,8 @@
 """Fused GPU kernels for perceptual-entropy RLHF, each with a torch reference and autograd.
 
 Ops (DESIGN.md §3): `knn_entropy` (Kozachenko-Leonenko kNN entropy and its gradient),
-`sde_step_logprob` and `guided_sde_step` (batched SDE steps with log-probabilities).
+`sde_step_logprob` and `guided_sde_step` (batched SDE steps with log-probabilities; `cfg_velocity`
+is the latter's CFG combination alone).
 Backends: "cuda" (pec_kernels._C, built from csrc/), "triton", "torch" (reference and CPU path);
 "auto" picks the fastest one available and never fails where a slower one would work: a faster
 backend that fails to compile or launch is replaced by the next, with one warning (`failed_backends()`
@@ -16,10 +17,10 @@ from pec_kernels._extension import cuda_ops_available, extension_status
 from pec_kernels._fallback import failed_backends, reset_fallbacks
 from pec_kernels.knn import KnnEntropy, knn_entropy
 from pec_kernels.gaussian import GaussianEntropy, gaussian_entropy
-from pec_kernels.sde import SdeStep, guided_sde_step, sde_step_logprob, step_sigmas
+from pec_kernels.sde import SdeStep, cfg_velocity, guided_sde_step, sde_step_logprob, step_sigmas
 from pec_kernels.sde.coefficients import KINDS as SDE_KINDS
 from pec_kernels.sde.coefficients import step_coefficients
 
 __all__ = ["SDE_KINDS", "check_choice", "check_tensor", "step_coefficients", "cuda_ops_available", "extension_status", "failed_backends", "reset_fallbacks", "GaussianEntropy",
            "gaussian_entropy", "KnnEntropy", "knn_entropy", "SdeStep", "guided_sde_step", "sde_step_logprob",
-           "step_sigmas"]
+           "step_sigmas", "cfg_velocity"]
