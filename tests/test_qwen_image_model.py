@@ -156,6 +156,14 @@ def test_schedule_decode_and_prompt_cache(folder):
         images = model.decode(record["steps"][-1][2])
     assert images.shape == (1, 3, 32, 32)
     torch.testing.assert_close(images.clamp(0, 1), record["result"], rtol=0, atol=1e-5)
+    # One image at a time (checkpointed under grad) is the whole batch's decode, and differentiable.
+    latents = torch.randn(2, *model.sample_shape, requires_grad=True)
+    chunked = model.decode(latents)
+    chunked.sum().backward()
+    assert torch.isfinite(latents.grad).all() and latents.grad.abs().sum() > 0
+    model.vae_batch = 0
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.detach(), model.decode(latents), rtol=0, atol=1e-5)
     # The prompt cache keeps each prompt at its own length; a batch pads to the longest, with a mask.
     batch = model.encode_prompts([PROMPT, "", "a dog", PROMPT])
     assert batch.embeds.shape[:2] == (4, 10) and batch.pooled is None
