@@ -67,9 +67,9 @@ class ModelConfig:
     """Which flow model to fine-tune."""
 
     name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package), "
-                                   "'sd3' (SD3 / SD3.5-M / SD3.5-L), 'flux' (FLUX.1-dev) or 'flux2' (FLUX.2 dev or "
-                                   "klein: the folder's pipeline class decides), from a local diffusers folder "
-                                   "(--model.path)")
+                                   "'sd3' (SD3 / SD3.5-M / SD3.5-L), 'flux' (FLUX.1-dev), 'flux2' (FLUX.2 dev or "
+                                   "klein: the folder's pipeline class decides) or 'qwen_image' (Qwen-Image), from a "
+                                   "local diffusers folder (--model.path)")
     path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (sd3, flux); "
                                     "empty = the embedded weights shipped with the package")
     resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)", min=16)
@@ -82,8 +82,12 @@ class ModelConfig:
                                   "none)", min=0)
     t5: bool = option(True, "sd3: use the T5-XXL text encoder (false = CLIP-L and CLIP-G only, as SD3 allows)")
     max_sequence_length: int = option(256, "sd3 / flux: T5 tokens per prompt; flux2: text-encoder tokens per "
-                                           "prompt, system prompt and chat template included (its pipelines' 512)",
-                                      min=1)
+                                           "prompt, system prompt and chat template included (its pipelines' 512); "
+                                           "qwen_image: text tokens kept per prompt after its chat template (at "
+                                           "most 1024)", min=1)
+    negative_prompt: str = option(" ", "qwen_image: the negative prompt of its true CFG, what the null prompt "
+                                       "(the unconditional row of --sampling.guidance_scale) is encoded as; "
+                                       "\" \" as in Qwen-Image's examples and Flow-GRPO's Qwen-Image trainer")
     gradient_checkpointing: bool = option(True, "sd3 / flux: recompute the transformer's blocks in the backward "
                                                 "pass (less memory, ~30% more time)")
     vae_batch: int = option(8, "sd3 / flux: images per VAE decode call (0 = the whole batch at once)",

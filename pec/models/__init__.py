@@ -1,5 +1,5 @@
 """Flow models by name (`--model.name`): `embedded` (the tiny digits model), `sd3` (SD3 / SD3.5),
-`flux` (FLUX.1-dev) and `flux2` (FLUX.2 dev and klein).
+`flux` (FLUX.1-dev), `flux2` (FLUX.2 dev and klein) and `qwen_image` (Qwen-Image).
 
 `MODELS` builds a model from its `ModelConfig`; a model plugs in with `register_model(name, check)`:
 a loader `(cfg, device) -> FlowModel` and, optionally, a check `(cfg, guidance_scale) -> None` that
@@ -88,6 +88,14 @@ def _check_flux2(cfg: ModelConfig, guidance_scale: float) -> None:
         raise ValueError(f"--sampling.guidance_scale must be 1 for flux2 ({why}), got {guidance_scale}")
 
 
+def _check_qwen_image(cfg: ModelConfig, guidance_scale: float) -> None:
+    from pec.models.qwen_image import QwenImageFlowModel, check_max_sequence_length
+
+    check_diffusers_options(cfg)
+    check_max_sequence_length(cfg.max_sequence_length)
+    QwenImageFlowModel.check_path(cfg.path)
+
+
 @register_model("embedded")
 def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
     from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
@@ -117,3 +125,12 @@ def _flux2(cfg: ModelConfig, device: torch.device) -> FlowModel:
     from pec.models.flux2 import Flux2FlowModel
 
     return Flux2FlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))
+
+
+@register_model("qwen_image", check=_check_qwen_image)
+def _qwen_image(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
+    from pec.models.qwen_image import QwenImageFlowModel
+
+    return QwenImageFlowModel.from_pretrained(cfg.path, device=str(device), negative_prompt=cfg.negative_prompt,
+                                              **model_kwargs(cfg))

@@ -23,26 +23,71 @@ from pec.models.schedules import schedule_sigmas
 
 @dataclass
 class PromptBatch:
-    """Encoded prompts, one row per sample: token embeddings and a pooled embedding."""
+    """Encoded prompts, one row per sample: token embeddings, and what the model's transformer also takes.
+
+    SD3 and FLUX give a pooled embedding and pad every prompt to the same token count (`mask` None);
+    Qwen-Image gives no pooled embedding (`pooled` None) and prompts of different token counts, so a
+    batch of them is right-padded with zeros to a common length and `mask` marks the real tokens.
+    """
 
     embeds: torch.Tensor  # (B, L, D_text)
-    pooled: torch.Tensor  # (B, D_pooled)
+    pooled: torch.Tensor | None = None  # (B, D_pooled), or None for a model without one
+    mask: torch.Tensor | None = None  # (B, L) bool, True at real tokens; None: every token is real
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def _map(self, fn) -> PromptBatch:
+        return PromptBatch(*(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.mask)))
+
     def index(self, idx: torch.Tensor | slice) -> PromptBatch:
         """Rows `idx` of the batch (for micro-batching)."""
-        return PromptBatch(self.embeds[idx], self.pooled[idx])
+        return self._map(lambda t: t[idx])
 
     def repeat_interleave(self, repeats: int) -> PromptBatch:
         """Each row `repeats` times in a row (one prompt -> a group of samples)."""
-        return PromptBatch(self.embeds.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0))
+        return self._map(lambda t: t.repeat_interleave(repeats, 0))
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> PromptBatch:
+        """The batch on `device`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def row(self, i: int) -> PromptBatch:
+        """Row `i` alone (a batch of one) without its right padding: the unit a prompt cache keeps.
+
+        Reads the mask's count on the host (a synchronisation on a GPU): for encoding time, not sampling.
+        """
+        if self.mask is None:
+            return self.index(slice(i, i + 1))
+        n = int(self.mask[i].sum())
+        if not bool(self.mask[i, :n].all()):
+            raise ValueError("PromptBatch.row needs right-padded rows (real tokens first, then padding)")
+        return PromptBatch(self.embeds[i:i + 1, :n], None if self.pooled is None else self.pooled[i:i + 1])
 
     @staticmethod
     def cat(batches: Sequence[PromptBatch]) -> PromptBatch:
-        """Concatenate batches along the batch dimension (e.g. [uncond, cond] for CFG)."""
-        return PromptBatch(torch.cat([b.embeds for b in batches]), torch.cat([b.pooled for b in batches]))
+        """Concatenate batches along the batch dimension (e.g. [uncond, cond] for CFG).
+
+        Batches of different token counts are right-padded with zeros to the longest, with a mask that
+        marks the real tokens; batches of one token count without masks concatenate as they are.
+        """
+        if not batches:
+            raise ValueError("PromptBatch.cat needs at least one batch")
+        pooled = [b.pooled for b in batches]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ValueError("PromptBatch.cat: either every batch has a pooled embedding or none has")
+        pooled = None if pooled[0] is None else torch.cat(pooled)
+        length = max(b.embeds.shape[1] for b in batches)
+        if all(b.mask is None and b.embeds.shape[1] == length for b in batches):
+            return PromptBatch(torch.cat([b.embeds for b in batches]), pooled)
+        embeds, masks = [], []
+        for b in batches:
+            pad = length - b.embeds.shape[1]
+            mask = b.mask if b.mask is not None else torch.ones(b.embeds.shape[:2], dtype=torch.bool,
+                                                                  device=b.embeds.device)
+            embeds.append(torch.nn.functional.pad(b.embeds, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(mask.bool(), (0, pad), value=False))
+        return PromptBatch(torch.cat(embeds), pooled, torch.cat(masks))
 
 
 # Flow-GRPO's LoRA targets for SD3 (and the embedded SD3 backbone): the joint-attention projections.
@@ -57,11 +102,14 @@ class FlowModel(nn.Module, abc.ABC):
         sample_shape: shape of one latent, e.g. (1, 8, 8) for the embedded digits model,
             (16, 64, 64) for SD3.5 at 512 px or (1024, 64) for FLUX at 512 px (packed 2x2 tokens).
         lora_targets: module names LoRA adapters attach to (peft `target_modules`).
+        cfg_renorm: after CFG, rescale the combined velocity to the conditional velocity's norm per
+            token (Qwen-Image's true CFG): the sampler passes it to `guided_sde_step(cfg_renorm=...)`.
     """
 
     transformer: nn.Module
     sample_shape: tuple[int, ...]
     lora_targets: list[str] = SD3_LORA_TARGETS
+    cfg_renorm: bool = False
 
     def schedule(self, num_steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """The (num_steps + 1,) float32 sigmas the sampler uses, from 1 down to a terminal 0.

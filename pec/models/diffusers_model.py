@@ -93,7 +93,7 @@ class PromptCache:
         self.encode = encode
         self.max_size = max_size
         self.storage = torch.device(storage)
-        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._rows: OrderedDict[str, PromptBatch] = OrderedDict()
         self.misses = 0
 
     def __len__(self) -> int:
@@ -107,15 +107,12 @@ class PromptCache:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         if missing:
             self.misses += len(missing)
-            batch = self.encode(missing)
-            embeds, pooled = batch.embeds.to(self.storage), batch.pooled.to(self.storage)  # one copy each
+            batch = self.encode(missing).to(self.storage)  # one copy per tensor
             for i, prompt in enumerate(missing):
-                self._rows[prompt] = (embeds[i], pooled[i])
+                self._rows[prompt] = batch.row(i)  # without its padding: prompts batch by their own length
         for prompt in prompts:
             self._rows.move_to_end(prompt)
-        rows = [self._rows[p] for p in prompts]
-        out = PromptBatch(torch.stack([r[0] for r in rows]).to(device, non_blocking=True),
-                          torch.stack([r[1] for r in rows]).to(device, non_blocking=True))
+        out = PromptBatch.cat([self._rows[p] for p in prompts]).to(device, non_blocking=True)
         while self.max_size and len(self._rows) > max(self.max_size, len(set(prompts))):
             self._rows.popitem(last=False)
         return out
@@ -207,7 +204,8 @@ class DiffusersFlowModel(FlowModel):
                 for encoder in encoders:
                     encoder.to("cpu")
         dtype = self.transformer.dtype
-        return PromptBatch(batch.embeds.to(dtype), batch.pooled.to(dtype))
+        return PromptBatch(batch.embeds.to(dtype), None if batch.pooled is None else batch.pooled.to(dtype),
+                           batch.mask)
 
     @abc.abstractmethod
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:

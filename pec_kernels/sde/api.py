@@ -1,4 +1,5 @@
-"""Public ops: `sde_step_logprob` and `guided_sde_step` (DESIGN.md §2.1 and §3).
+"""Public ops: `sde_step_logprob` and `guided_sde_step` (DESIGN.md §2.1 and §3), and `cfg_velocity`
+(the CFG combination `guided_sde_step` steps with, optionally rescaled as Qwen-Image's true CFG).
 
 One fused pass per call: (CFG combine →) μ → x' → per-sample log-prob (→ KL to a reference), with
 forward and backward, no host synchronisation and no Python loop over the batch, so the ops can be
@@ -64,7 +65,7 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
                 vscale: tuple[Scalar, Scalar] | None, sigma: Scalar, sigma_next: Scalar, noise: torch.Tensor | None,
                 prev_sample: torch.Tensor | None, v_ref: torch.Tensor | None, eta: float, kind: str, reduce: str,
                 sigma_max: Scalar | None, backend: str, debug_schedule: bool | None,
-                return_mean: bool) -> SdeStep:
+                return_mean: bool, cfg_renorm: bool = False) -> SdeStep:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must have a batch dimension and at least one more (B, ...), got shape {tuple(x.shape)}")
@@ -83,8 +84,9 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
     check_choice("kind", kind, KINDS)
     check_choice("reduce", reduce, REDUCTIONS)
     check_choice("backend", backend, backends.BACKENDS)
-    if not isinstance(return_mean, bool):
-        raise ValueError(f"return_mean must be a bool, got {type(return_mean).__name__}")
+    for name, flag in (("return_mean", return_mean), ("cfg_renorm", cfg_renorm)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {type(flag).__name__}")
     device = check_same_device(x=x, **dict(zip(vels_names, vels)), **{target_name: target}, v_ref=v_ref)
 
     latents = (x, *vels, target) + (() if v_ref is None else (v_ref,))
@@ -104,6 +106,13 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
         sigma_max=sig_next if sigma_max is None else check_param("sigma_max", sigma_max, batch, device, cd),
         eta=float(eta), guidance_scale=scales[0][1] if scales else 0.0, guidance_weight=scales[1][1] if scales else 0.0,
         batch=batch, device=device, dtype=cd)
+    if cfg_renorm:  # the combined velocity in torch (autograd), then the fused pass on it alone
+        v = _combine(vels[0], vels[1], params.guidance_scale, True, cd)
+        if len(vels) == 3:
+            v = v + _per_sample(params.guidance_weight, v) * vels[2].to(cd)
+        vels = (v,)
+        params = params._replace(guidance_scale=0.0, guidance_weight=0.0)
+        latents = (x, v, target) + (() if v_ref is None else (v_ref,))
     rollout = noise is not None
     norm = math.prod(x.shape[1:]) if reduce == "mean" else 1
     flat = (_flat(x), _flat(target), _flat(v_ref), *(_flat(v) for v in vels))
@@ -112,6 +121,50 @@ def _fused_step(x: torch.Tensor, vels: tuple[torch.Tensor, ...], vels_names: tup
         lambda chain: SdeStepFunction.apply(tuple(chain), params, rollout, norm, return_mean, *flat))
     prev = prev.view(x.shape) if rollout else prev_sample
     return SdeStep(prev, log_prob, None if mean is None else mean.view(x.shape), std, kl)
+
+
+def _per_sample(value: Scalar, like: torch.Tensor) -> Scalar:
+    """A float, or a 0-d / (B,) tensor viewed to broadcast over `like`'s non-batch dims."""
+    return value.view(-1, *(1,) * (like.dim() - 1)) if isinstance(value, torch.Tensor) else value
+
+
+def _combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: Scalar, renorm: bool,
+             cd: torch.dtype) -> torch.Tensor:
+    """v_u + s·(v_c − v_u) in `cd`; with `renorm`, times ‖v_c‖/‖v‖ over the last dim (1 where ‖v‖ = 0)."""
+    v_uncond, v_cond = v_uncond.to(cd), v_cond.to(cd)
+    v = v_uncond + _per_sample(scale, v_uncond) * (v_cond - v_uncond)
+    if not renorm:
+        return v
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    zero = norm == 0  # v = 0 there: leave it (0/0 in the pipeline), with a finite gradient
+    factor = torch.linalg.vector_norm(v_cond, dim=-1, keepdim=True) / torch.where(zero, 1.0, norm)
+    return v * torch.where(zero, 1.0, factor)
+
+
+def cfg_velocity(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: Scalar, *,
+                 cfg_renorm: bool = False) -> torch.Tensor:
+    """The velocity `guided_sde_step` steps with, without the step: v = v_uncond + guidance_scale·(v_cond −
+    v_uncond), and with cfg_renorm, v·‖v_cond‖/‖v‖ with both norms over the last dim (per token of packed
+    latents (B, L, C), as QwenImagePipeline's true CFG rescales it; a token where v = 0 stays 0).
+
+    For what callers combine themselves: the CFG velocity a guidance function sees, or a reference
+    velocity `v_ref` (which `guided_sde_step` takes already combined). guidance_scale: a finite float or a
+    0-d / (B,) tensor. Returned in float32 (float64 for float64 inputs); differentiable in both
+    velocities; no host synchronisation.
+    """
+    check_tensor("v_uncond", v_uncond, dtypes=FLOAT_DTYPES)
+    if v_uncond.dim() < 2:
+        raise ValueError(f"v_uncond must have a batch dimension and at least one more (B, ...), "
+                         f"got shape {tuple(v_uncond.shape)}")
+    _check_latent("v_cond", v_cond, v_uncond)
+    if not isinstance(cfg_renorm, bool):
+        raise ValueError(f"cfg_renorm must be a bool, got {type(cfg_renorm).__name__}")
+    device = check_same_device(v_uncond=v_uncond, v_cond=v_cond)
+    cd = torch.float64 if torch.float64 in (v_uncond.dtype, v_cond.dtype) else torch.float32
+    scale = check_param("guidance_scale", guidance_scale, v_uncond.shape[0], device, cd)
+    if not isinstance(scale, torch.Tensor) and not math.isfinite(scale):
+        raise ValueError(f"guidance_scale must be finite, got {scale}")
+    return _combine(v_uncond, v_cond, scale, cfg_renorm, cd)
 
 
 def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar, *,
@@ -153,7 +206,7 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
                     prev_sample: torch.Tensor | None = None, eta: float = 0.7, kind: str = "flow",
                     reduce: str = "mean", sigma_max: Scalar | None = None, v_ref: torch.Tensor | None = None,
                     backend: str = "auto", return_mean: bool = False,
-                    check_schedule: bool | None = None) -> SdeStep:
+                    check_schedule: bool | None = None, cfg_renorm: bool = False) -> SdeStep:
     """Classifier-free guidance and an SDE step with its log-prob, in one pass.
 
     v = v_uncond + guidance_scale·(v_cond − v_uncond) + guidance_weight·guidance, then exactly
@@ -161,10 +214,17 @@ def guided_sde_step(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tenso
     (not differentiable; a non-finite float raises a ValueError naming it, and tensors are checked as
     the schedule's are, on request: check_schedule); guidance: optional latent-shaped shift (PCGS,
     DESIGN.md §2.5). v_ref is the reference velocity already combined by the caller (CFG and guidance
-    applied as for v).
+    applied as for v; `cfg_velocity` combines it).
+    cfg_renorm (Qwen-Image's true CFG): the CFG velocity is rescaled to the conditional velocity's norm
+    per token before the guidance shift is added, v = cfg_velocity(v_uncond, v_cond, guidance_scale,
+    cfg_renorm=True) + guidance_weight·guidance. That combination runs in torch (float32, or float64 for
+    float64 inputs; differentiable by autograd, no host synchronisation) and every backend then gets it
+    as the single velocity of `sde_step_logprob`: the norms need whole tokens, which the fused kernels do
+    not see. With low-precision latents the fused pass thus sees a float32 velocity beside them, which
+    the CUDA kernels (compiled for one dtype) do not take: "auto" then runs Triton.
     Differentiable in x, v_uncond, v_cond and guidance.
     """
     vels = (v_uncond, v_cond) if guidance is None else (v_uncond, v_cond, guidance)
     names = ("v_uncond", "v_cond", "guidance")[:len(vels)]
     return _fused_step(x, vels, names, (guidance_scale, guidance_weight), sigma, sigma_next, noise, prev_sample,
-                       v_ref, eta, kind, reduce, sigma_max, backend, check_schedule, return_mean)
+                       v_ref, eta, kind, reduce, sigma_max, backend, check_schedule, return_mean, cfg_renorm)
