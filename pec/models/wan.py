@@ -195,7 +195,6 @@ class WanFlowModel(DiffusersFlowModel):
                 raise ValueError(f"--model.flow_shift must be > 0, got {flow_shift}")
             key = "flow_shift" if self.scheduler_class == "UniPCMultistepScheduler" else "shift"
             self.scheduler_config[key] = float(flow_shift)
-        self.frames = frames
         self.boundary_ratio = pipeline.config.get("boundary_ratio")
         self.guidance_scale_2 = guidance_scale_2
         self.expand_timesteps = bool(pipeline.config.get("expand_timesteps", False))
