@@ -39,6 +39,7 @@ OMEGAS = ("uniform", "late", "early")  # pec.regularizers.omega_weights
 # Readings of log p_gen in the PCGS reward form (`pec.regularizers.pcgs_reward`, `latent_group_log_density`).
 GENERATION_DENSITIES = ("policy", "latent_group")
 KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
+WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -68,11 +69,11 @@ class ModelConfig:
 
     name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package), "
                                    "'sd3' (SD3 / SD3.5-M / SD3.5-L), 'flux' (FLUX.1-dev), 'flux2' (FLUX.2 dev or "
-                                   "klein: the folder's pipeline class decides) or 'qwen_image' (Qwen-Image), from a "
-                                   "local diffusers folder (--model.path)")
-    path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (sd3, flux); "
+                                   "klein: the folder's pipeline class decides), 'qwen_image' (Qwen-Image) or 'wan' "
+                                   "(Wan2.1 / Wan2.2 text-to-video), from a local diffusers folder (--model.path)")
+    path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (the others); "
                                     "empty = the embedded weights shipped with the package")
-    resolution: int = option(512, "image side in pixels (sd3, flux; a multiple of 16)", min=16)
+    resolution: int = option(512, "image (or video frame) side in pixels (sd3, flux, wan; a multiple of 16)", min=16)
     compile: bool = option(False, "compile the transformer with torch.compile (on GPUs; the first steps pay the "
                                   "compile time, and new batch shapes recompile)")
     dtype: str = option("bfloat16", "weights dtype of the sd3 / flux pipeline: bfloat16, float16 or float32")
@@ -97,6 +98,19 @@ class ModelConfig:
                                            "there")
     prompt_cache: int = option(0, "sd3 / flux: most prompts kept encoded in host memory (each prompt is encoded "
                                   "once; 0 = no limit)", min=0)
+    frames: int = option(81, "wan: frames per video, 1 + a multiple of 4 (the VAE keeps the first frame and "
+                             "compresses each next 4 into one latent frame): 81 is WanPipeline's default, 5 "
+                             "Flow-Factory's training clips", min=1)
+    flow_shift: float | None = option(None, "wan: the flow shift of the sigma schedule (empty = the folder's "
+                                            "scheduler config: 3.0 in Wan-AI's T2V folders; diffusers' examples "
+                                            "use 5.0 at 720p)", positive=True)
+    guidance_scale_2: float | None = option(None, "wan (Wan2.2 A14B): CFG scale of the low-noise expert "
+                                                  "(transformer_2); empty = sampling.guidance_scale, as WanPipeline",
+                                            min=0)
+    train_experts: str = option("both", f"wan (Wan2.2 A14B): which experts train, one of {WAN_EXPERTS}: 'high' is "
+                                        f"`transformer` (the high-noise steps), 'low' is `transformer_2`; the other "
+                                        f"stays frozen. 'both' because a step's gradient reaches only the expert "
+                                        f"that ran it, so a frozen expert leaves its steps untrained")
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
 """Flow models by name (`--model.name`): `embedded` (the tiny digits model), `sd3` (SD3 / SD3.5),
-`flux` (FLUX.1-dev), `flux2` (FLUX.2 dev and klein) and `qwen_image` (Qwen-Image).
+`flux` (FLUX.1-dev), `flux2` (FLUX.2 dev and klein), `qwen_image` (Qwen-Image) and `wan` (Wan2.1 /
+Wan2.2 text-to-video).
 
 `MODELS` builds a model from its `ModelConfig`; a model plugs in with `register_model(name, check)`:
 a loader `(cfg, device) -> FlowModel` and, optionally, a check `(cfg, guidance_scale) -> None` that
@@ -96,6 +97,14 @@ def _check_qwen_image(cfg: ModelConfig, guidance_scale: float) -> None:
     QwenImageFlowModel.check_path(cfg.path)
 
 
+def _check_wan(cfg: ModelConfig, guidance_scale: float) -> None:
+    from pec.models.wan import WanFlowModel
+
+    check_diffusers_options(cfg)
+    WanFlowModel.check_path(cfg.path, frames=cfg.frames, resolution=cfg.resolution, train_experts=cfg.train_experts,
+                            guidance_scale_2=cfg.guidance_scale_2)
+
+
 @register_model("embedded")
 def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
     from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
@@ -134,3 +143,13 @@ def _qwen_image(cfg: ModelConfig, device: torch.device) -> FlowModel:
 
     return QwenImageFlowModel.from_pretrained(cfg.path, device=str(device), negative_prompt=cfg.negative_prompt,
                                               **model_kwargs(cfg))
+
+
+@register_model("wan", check=_check_wan)
+def _wan(cfg: ModelConfig, device: torch.device) -> FlowModel:
+    from pec.models.diffusers_model import model_kwargs
+    from pec.models.wan import WanFlowModel
+
+    return WanFlowModel.from_pretrained(cfg.path, device=str(device), frames=cfg.frames, flow_shift=cfg.flow_shift,
+                                        guidance_scale_2=cfg.guidance_scale_2, train_experts=cfg.train_experts,
+                                        **model_kwargs(cfg))

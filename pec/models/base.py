@@ -12,6 +12,7 @@ x_sigma = (1 - sigma) * x0 + sigma * eps, and `velocity` predicts v ~ eps - x0.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,10 +101,21 @@ class FlowModel(nn.Module, abc.ABC):
     Attributes:
         transformer: the denoising network; LoRA adapters and full fine-tuning target it.
         sample_shape: shape of one latent, e.g. (1, 8, 8) for the embedded digits model,
-            (16, 64, 64) for SD3.5 at 512 px or (1024, 64) for FLUX at 512 px (packed 2x2 tokens).
+            (16, 64, 64) for SD3.5 at 512 px, (1024, 64) for FLUX at 512 px (packed 2x2 tokens) or
+            (16, 21, 60, 60) for Wan at 81 frames of 480 px (C, F, H, W video latents).
         lora_targets: module names LoRA adapters attach to (peft `target_modules`).
         cfg_renorm: after CFG, rescale the combined velocity to the conditional velocity's norm per
             token (Qwen-Image's true CFG): the sampler passes it to `guided_sde_step(cfg_renorm=...)`.
+
+    Experts: a model may denoise with several networks, one per range of sigma (Wan2.2 A14B: a high-noise
+    and a low-noise transformer, each with its own CFG scale). Three hooks say which runs at a step; their
+    defaults are those of a single-expert model, and the sampler calls them as
+    `i = model.expert_at(sigma)`, then `with model.use_expert(i): model.velocity(...)` combined with CFG
+    scale `model.expert_guidance_scale(i, guidance_scale)`:
+        expert_at(sigma): the expert of a step, from its host-side sigma (a Python float, so that choosing
+            never reads a device value);
+        use_expert(i): a context manager under which `velocity` runs expert i;
+        expert_guidance_scale(i, guidance_scale): expert i's CFG scale given the sampler's.
     """
 
     transformer: nn.Module
@@ -118,6 +130,18 @@ class FlowModel(nn.Module, abc.ABC):
         take the shift their scheduler config gives (SD3: static, FLUX: dynamic in the image size).
         """
         return schedule_sigmas(num_steps, device=device)
+
+    def expert_at(self, sigma: float) -> int:
+        """The index of the expert that denoises at host-side flow time `sigma` (0: a single expert)."""
+        return 0
+
+    def use_expert(self, index: int) -> contextlib.AbstractContextManager[None]:
+        """A context under which `velocity` runs expert `index` (a single expert: nothing to switch)."""
+        return contextlib.nullcontext()
+
+    def expert_guidance_scale(self, index: int, guidance_scale: float) -> float:
+        """The CFG scale of expert `index` when the sampler's is `guidance_scale` (a single expert: the same)."""
+        return guidance_scale
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
@@ -138,4 +162,5 @@ class FlowModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] (not clamped, so gradients pass), differentiable in `latents`."""
+        """Images (B, C, H, W) in [0, 1] (not clamped, so gradients pass), differentiable in `latents`; a video
+        model returns frames (B, F, C, H, W)."""
