@@ -31,11 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from pec.config import KL_UNITS, check_timestep_fraction
 from pec.models.base import FlowModel, PromptBatch
 from pec.models.schedules import schedule_sigmas
-from pec_kernels import SdeStep, guided_sde_step, step_coefficients, step_sigmas
+from pec_kernels import (SdeStep, cfg_velocity, dpm_solver_step, guided_sde_step, step_coefficients,
+                         step_sigmas)
 
+# How ODE steps are solved (`sample`): the Euler step (the SDE kernel at eta 0) or DPM-Solver++(2M).
+SOLVERS = ("euler", "dpm2")
 # guidance_fn(latents (B, ...), sigma (B,), v_cfg (B, ...)) -> direction (B, ...): where the latents
 # should move (e.g. the gradient of an objective to raise); `guidance_shift` turns it into the
 # velocity shift the sampler adds (sign and scale are decided there, nowhere else).
@@ -124,7 +128,12 @@ class Rollout:
                part of the behaviour policy's mean, so re-evaluation adds it unchanged.
     guidance_weight: (T,) float32 per-step weight gamma_t the shifts were made with (zeros without guidance).
     cond, uncond: the encoded prompts and null prompts (B rows), reused at re-evaluation.
-    eta, kind, guidance_scale, group_size, sigma_max: the sampler settings.
+    eta, kind, guidance_scale, group_size, sigma_max, solver: the sampler settings.
+    step_expert, step_guidance: each step's expert (`FlowModel.expert_at`) and the CFG scale it used
+               (`FlowModel.expert_guidance_scale`), host values, reused at re-evaluation.
+    means:     (T, B, *sample_shape) the behaviour policy's mean of each step (what an SDE step adds its noise
+               to; the ODE step's result elsewhere), when the sampler was asked to record it (GRPO-Guard's
+               mu_old), else None.
     """
 
     latents: torch.Tensor
@@ -144,6 +153,10 @@ class Rollout:
     guidance_weight: torch.Tensor
     group_size: int
     sigma_max: torch.Tensor
+    step_expert: list[int]
+    step_guidance: list[float]
+    solver: str = "euler"
+    means: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -214,7 +227,8 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
            seed: int | None = None, guidance_fn: GuidanceFn | None = None,
            guidance_weight: float | Sequence[float] | torch.Tensor = 0.0, batch_size: int | None = None,
            shift: float | None = None, sigmas: torch.Tensor | None = None,
-           backend: str = "auto", noise: torch.Tensor | None = None) -> Rollout:
+           backend: str = "auto", noise: torch.Tensor | None = None, solver: str = "euler",
+           record_means: bool = False) -> Rollout:
     """Sample `group_size` images per prompt and record the trajectories (no grad).
 
     Each sample draws its own initial noise and per-step noise from `generator` (or a fresh one
@@ -233,13 +247,23 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     that moves x *along* g, since dt < 0; the size a fraction gamma_t of the velocity's), which is
     added to the CFG velocity and stored in the rollout. `guidance_weight` is gamma: one float for
     every step, or (num_steps,) per-step values (a schedule; guidance_fn is not called where it is 0).
+
+    ODE steps (outside `sde_window`, or with noise std 0): `solver` "euler" steps them with the SDE kernel
+    at eta 0 (x + dt*v); "dpm2" with DPM-Solver++(2M) in data prediction (`pec_kernels.dpm_solver_step`:
+    first order where no earlier data prediction exists, the last step returns x0_hat), the solver
+    DiffusionNFT samples with. Experts (`FlowModel.expert_at`) are chosen per step from the host-side
+    schedule, with each expert's CFG scale; `FlowModel.cfg_renorm` rescales the CFG velocity as the model's
+    pipeline does. `record_means` keeps each step's mean (`Rollout.means`).
     """
     _check_sample_args(prompts, group_size, guidance_scale, eta, batch_size)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
     device = next(model.parameters()).device
     if sigmas is None:  # built on the host, where the SDE steps are decided
         sigmas = model.schedule(num_steps) if shift is None else schedule_sigmas(num_steps, shift)
     # A schedule given on the device is read once here (callers of the trainer's path pass none).
-    step_std = step_noise_std(sigmas.detach().to("cpu", torch.float32), kind, eta, sde_window)
+    host_sigmas = sigmas.detach().to("cpu", torch.float32)
+    step_std = step_noise_std(host_sigmas, kind, eta, sde_window)
     sde_steps = step_std > 0
     sigmas = sigmas.to(device=device, dtype=torch.float32, non_blocking=True)
     num_steps = sigmas.shape[0] - 1
@@ -263,14 +287,19 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         x, noise = noise[0].to(device), noise[1:].to(device)
     weights = _step_weights(guidance_weight, num_steps) if guidance_fn is not None else torch.zeros(num_steps)
 
-    latents, log_probs, guidance = [x], [], []
+    latents, log_probs, guidance, means = [x], [], [], []
     sigma_max = step_sigmas(sigmas, 0).sigma_max
+    experts = [model.expert_at(float(host_sigmas[t])) for t in range(num_steps)]
+    scales = [model.expert_guidance_scale(e, guidance_scale) for e in experts]
+    x0_prev = None  # the previous step's data prediction, for the multistep ODE solver
     for t in range(num_steps):
         sig = step_sigmas(sigmas, torch.full((b,), t, device=device))
-        v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond, uncond, batch_size, guidance_scale)
+        scale = scales[t]
+        with model.use_expert(experts[t]):
+            v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond, uncond, batch_size, scale)
         g = None
         if guidance_fn is not None:
-            v_cfg = v_uncond + guidance_scale * (v_cond - v_uncond)
+            v_cfg = combined_velocity(model, v_uncond, v_cond, scale)
             if weights[t] != 0:
                 with torch.enable_grad():
                     direction = guidance_fn(x, sig.sigma, v_cfg)
@@ -281,12 +310,32 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
             else:
                 g = torch.zeros_like(x)
             guidance.append(g)
-        out = guided_sde_step(x, v_uncond, v_cond, guidance_scale, sig.sigma, sig.sigma_next, guidance=g,
+        if solver == "dpm2" and not sde_steps[t]:
+            v = combined_velocity(model, v_uncond, v_cond, scale)
+            v = v if g is None else v + g
+            x0 = x - sig.sigma.reshape(-1, *([1] * (x.dim() - 1))) * v
+            order = 1 if x0_prev is None else 2
+            x_next = dpm_solver_step(x, x0, x0_prev, host_sigmas[t - 1].item() if t else None,
+                                     host_sigmas[t].item(), host_sigmas[t + 1].item(), order=order)
+            x0_prev = x0
+            log_probs.append(torch.zeros(b, device=device))
+            if record_means:
+                means.append(x_next)
+            x = x_next.to(x.dtype)
+            latents.append(x)
+            continue
+        out = guided_sde_step(x, v_uncond, v_cond, scale, sig.sigma, sig.sigma_next, guidance=g,
                               guidance_weight=1.0, noise=noise[t], eta=eta if sde_steps[t] else 0.0,
-                              kind=kind, sigma_max=sigma_max, backend=backend)
+                              kind=kind, sigma_max=sigma_max, backend=backend, cfg_renorm=model.cfg_renorm,
+                              return_mean=record_means)
+        if solver == "dpm2":  # an SDE step inside a DPM-solved trajectory still feeds the solver's history
+            v = combined_velocity(model, v_uncond, v_cond, scale)
+            x0_prev = x - sig.sigma.reshape(-1, *([1] * (x.dim() - 1))) * (v if g is None else v + g)
         x = out.prev_sample
         latents.append(x)
         log_probs.append(out.log_prob.float())
+        if record_means:
+            means.append(out.mean)
 
     return Rollout(
         latents=torch.stack(latents), log_probs=torch.stack(log_probs), sigmas=sigmas,
@@ -294,7 +343,18 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
         sde_steps=sde_steps, step_std=step_std, guidance=torch.stack(guidance) if guidance_fn is not None else None,
         cond=cond, uncond=uncond, eta=float(eta), kind=kind, guidance_scale=float(guidance_scale),
-        guidance_weight=weights.to(device, non_blocking=True), group_size=group_size, sigma_max=sigma_max)
+        guidance_weight=weights.to(device, non_blocking=True), group_size=group_size, sigma_max=sigma_max,
+        step_expert=experts, step_guidance=scales, solver=solver,
+        means=torch.stack(means) if record_means else None)
+
+
+def combined_velocity(model: FlowModel, v_uncond: torch.Tensor, v_cond: torch.Tensor,
+                      guidance_scale: float) -> torch.Tensor:
+    """The CFG velocity v_uncond + scale*(v_cond - v_uncond) a step combines (v_cond itself at scale 1, and
+    with the model's CFG renorm where it has one: `pec_kernels.cfg_velocity`)."""
+    if model.cfg_renorm:
+        return cfg_velocity(v_uncond, v_cond, guidance_scale, cfg_renorm=True)
+    return v_cond if skips_uncond(guidance_scale) else v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def _step_weights(weight: float | Sequence[float] | torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -308,9 +368,10 @@ def _step_weights(weight: float | Sequence[float] | torch.Tensor, num_steps: int
 
 
 def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None,
-                   guidance_scale: float):
-    """x, prev_sample, StepSigmas, v_uncond, v_cond and guidance of recorded `step` for `sample_idx`
-    (v_uncond is v_cond, from one cond forward, when `guidance_scale` is 1, as in `sample`)."""
+                   guidance_scale: float | None = None):
+    """x, prev_sample, StepSigmas, v_uncond, v_cond, guidance and the CFG scale of recorded `step` for
+    `sample_idx` (the scale the step was sampled with unless `guidance_scale` is given; v_uncond is v_cond,
+    from one cond forward, when the scale is 1, as in `sample`)."""
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < rollout.num_steps:
         raise ValueError(f"step must be an int in [0, {rollout.num_steps}), got {step!r}")
     if not bool(rollout.sde_steps[step]):
@@ -321,12 +382,15 @@ def _recorded_step(model: FlowModel, rollout: Rollout, step: int, sample_idx: to
     elif not isinstance(sample_idx, (slice, torch.Tensor)) or (
             isinstance(sample_idx, torch.Tensor) and (sample_idx.is_floating_point() or sample_idx.dim() != 1)):
         raise ValueError(f"sample_idx must be a 1-D integer tensor, a slice or None, got {sample_idx!r:.80}")
+    if guidance_scale is None:
+        guidance_scale = rollout.step_guidance[step]
     x, prev = rollout.latents[step][sample_idx], rollout.latents[step + 1][sample_idx]
     sig = step_sigmas(rollout.sigmas, torch.full((x.shape[0],), step, device=x.device))
-    v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, rollout.cond.index(sample_idx),
-                                      rollout.uncond.index(sample_idx), guidance_scale=guidance_scale)
+    with model.use_expert(rollout.step_expert[step]):
+        v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, rollout.cond.index(sample_idx),
+                                          rollout.uncond.index(sample_idx), guidance_scale=guidance_scale)
     guidance = None if rollout.guidance is None else rollout.guidance[step][sample_idx]
-    return x, prev, sig, v_uncond, v_cond, guidance
+    return x, prev, sig, v_uncond, v_cond, guidance, guidance_scale
 
 
 def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
@@ -334,8 +398,8 @@ def guided_velocity(model: FlowModel, rollout: Rollout, step: int,
     """The combined velocity v_uncond + scale·(v_cond − v_uncond) + shift of `model` at a recorded
     step (shift: the stored guidance shift), as `step_log_prob` forms it. Call it under
     `torch.no_grad()` with the reference model (e.g. LoRA adapters disabled) to get `v_ref` for the KL."""
-    _, _, _, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, rollout.guidance_scale)
-    v = v_cond if skips_uncond(rollout.guidance_scale) else v_uncond + rollout.guidance_scale * (v_cond - v_uncond)
+    _, _, _, v_uncond, v_cond, guidance, scale = _recorded_step(model, rollout, step, sample_idx)
+    v = combined_velocity(model, v_uncond, v_cond, scale)
     return v if guidance is None else v + guidance
 
 
@@ -373,25 +437,27 @@ def kl_in_units(kl: torch.Tensor, units: str, kind: str, sigma: torch.Tensor | f
 
 def step_log_prob(model: FlowModel, rollout: Rollout, step: int, sample_idx: torch.Tensor | slice | None = None,
                   *, eta: float | None = None, kind: str | None = None, guidance_scale: float | None = None,
-                  v_ref: torch.Tensor | None = None, kl_units: str = "exact", backend: str = "auto") -> SdeStep:
+                  v_ref: torch.Tensor | None = None, kl_units: str = "exact", backend: str = "auto",
+                  return_mean: bool = False) -> SdeStep:
     """Re-evaluate recorded step `step` for samples `sample_idx` (all if None), with grad.
 
     Uses the recorded latents (x and prev_sample), prompt encodings, guidance and sampler settings
     of the rollout (eta, kind, guidance_scale: the rollout's unless given), through the same
     `guided_sde_step` call as `sample`, so for unchanged weights log_prob equals the rollout's.
     v_ref: the reference model's combined velocity (see `guided_velocity`) for the fused KL, returned
-    in `kl_units` ("exact" or "flow_grpo", see `kl_in_units`).
+    in `kl_units` ("exact" or "flow_grpo", see `kl_in_units`). return_mean: also return the step's mean
+    under the model (GRPO-Guard's mu_theta).
     Raises ValueError for an ODE step (not in `rollout.sde_steps`), or kl_units "flow_grpo" with kind "dance".
     """
-    scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
     kind = rollout.kind if kind is None else kind
     check_kl_units(kl_units, kind)
-    x, prev, sig, v_uncond, v_cond, guidance = _recorded_step(model, rollout, step, sample_idx, scale)
+    x, prev, sig, v_uncond, v_cond, guidance, scale = _recorded_step(model, rollout, step, sample_idx,
+                                                                     guidance_scale)
     out = guided_sde_step(
         x, v_uncond, v_cond, scale,
         sig.sigma, sig.sigma_next, guidance=guidance, guidance_weight=1.0, prev_sample=prev,
         eta=rollout.eta if eta is None else eta, kind=kind, sigma_max=rollout.sigma_max, v_ref=v_ref,
-        backend=backend)
+        backend=backend, cfg_renorm=model.cfg_renorm, return_mean=return_mean)
     if out.kl is None:
         return out
     return out._replace(kl=kl_in_units(out.kl, kl_units, kind, sig.sigma, sig.sigma_next))

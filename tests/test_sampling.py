@@ -189,3 +189,97 @@ def test_cfg_one_skips_the_unconditional_forward(model, monkeypatch):
     monkeypatch.setattr(model, "velocity", counting)
     sample(model, PROMPTS, group_size=4, num_steps=2, guidance_scale=2.0, seed=9)
     assert batches == [24] * 2, "real CFG still makes the batched [uncond; cond] forward"
+
+
+class _TwoExperts(EmbeddedFlowModel):
+    """The embedded model as a two-expert model (as Wan2.2): expert 1 below sigma 0.5, with CFG scale 3; the
+    velocity of expert 1 is the network's halved, so the two experts differ."""
+
+    def __init__(self, base):
+        super().__init__(TINY)
+        self.load_state_dict(base.state_dict())
+        self.active, self.calls = 0, []
+
+    def expert_at(self, sigma):
+        return int(sigma < 0.5)
+
+    def use_expert(self, index):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            previous, self.active = self.active, index
+            try:
+                yield
+            finally:
+                self.active = previous
+        return ctx()
+
+    def expert_guidance_scale(self, index, guidance_scale):
+        return 3.0 if index == 1 else guidance_scale
+
+    def velocity(self, latents, sigma, prompts):
+        self.calls.append(self.active)
+        v = super().velocity(latents, sigma, prompts)
+        return v * 0.5 if self.active == 1 else v
+
+
+def test_experts_are_chosen_per_step_on_the_host_and_reevaluation_uses_them(model):
+    two = _TwoExperts(model).eval()
+    r = sample(two, PROMPTS, group_size=2, num_steps=4, guidance_scale=2.0, seed=3)
+    sig = schedule_sigmas(4)
+    expected = [int(float(s) < 0.5) for s in sig[:-1]]
+    assert r.step_expert == expected and r.step_guidance == [3.0 if e else 2.0 for e in expected]
+    assert set(expected) == {0, 1}
+    assert two.calls == expected  # one batched CFG forward per step, each under its step's expert
+    for step in r.train_steps():
+        out = step_log_prob(two, r, step)
+        assert torch.equal(out.log_prob.detach(), r.log_probs[step])  # same expert and scale: exactly 1
+
+
+def test_dpm2_solver_steps_the_ode_steps_with_dpm_solver_pp(model):
+    from pec_kernels import dpm_solver_step
+
+    r = sample(model, PROMPTS, group_size=2, num_steps=4, guidance_scale=1.0, eta=0.0, seed=5, solver="dpm2")
+    assert not r.sde_steps.any() and torch.equal(r.log_probs, torch.zeros_like(r.log_probs))
+    sig, x, x0_prev = schedule_sigmas(4), r.latents[0], None
+    cond = model.encode_prompts([p for p in PROMPTS for _ in range(2)])
+    with torch.no_grad():
+        for t in range(4):
+            v = model.velocity(x, sig[t].expand(x.shape[0]), cond)
+            x0 = x - sig[t] * v
+            x = dpm_solver_step(x, x0, x0_prev, float(sig[t - 1]) if t else None, float(sig[t]), float(sig[t + 1]),
+                                order=1 if t == 0 else 2)
+            x0_prev = x0
+            torch.testing.assert_close(r.latents[t + 1], x, rtol=1e-6, atol=1e-6)
+    euler = sample(model, PROMPTS, group_size=2, num_steps=4, guidance_scale=1.0, eta=0.0, seed=5)
+    assert not torch.allclose(euler.latents[-1], r.latents[-1])  # second order differs from Euler
+    with pytest.raises(ValueError, match="solver"):
+        sample(model, PROMPTS, num_steps=2, solver="rk4")
+
+
+def test_recorded_means_are_the_steps_means(model):
+    r = sample(model, PROMPTS, group_size=2, num_steps=3, seed=6, record_means=True)
+    assert r.means.shape == r.latents[1:].shape
+    for step in r.train_steps():
+        out = step_log_prob(model, r, step, return_mean=True)
+        assert torch.equal(out.mean.detach(), r.means[step])
+
+
+def test_a_model_with_cfg_renorm_samples_and_reevaluates_with_it(model):
+    from pec_kernels import cfg_velocity
+
+    renorm = EmbeddedFlowModel(TINY)
+    renorm.load_state_dict(model.state_dict())
+    renorm.eval().cfg_renorm = True
+    plain = sample(model, PROMPTS, group_size=2, num_steps=3, guidance_scale=3.0, seed=7)
+    r = sample(renorm, PROMPTS, group_size=2, num_steps=3, guidance_scale=3.0, seed=7)
+    assert not torch.allclose(r.latents[-1], plain.latents[-1])
+    for step in r.train_steps():
+        assert torch.equal(step_log_prob(renorm, r, step).log_prob.detach(), r.log_probs[step])
+    cond = renorm.encode_prompts([p for p in PROMPTS for _ in range(2)])
+    uncond = renorm.encode_prompts([""] * 6)
+    with torch.no_grad():
+        sigma = r.sigmas[1].expand(6)
+        v_u, v_c = renorm.velocity(r.latents[1], sigma, uncond), renorm.velocity(r.latents[1], sigma, cond)
+        torch.testing.assert_close(guided_velocity(renorm, r, 1), cfg_velocity(v_u, v_c, 3.0, cfg_renorm=True))
