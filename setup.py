@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -85,9 +86,17 @@ def cuda_extension() -> tuple[list, dict]:
 
 ext_modules, cmdclass = cuda_extension()
 
+
+def version() -> str:
+    """pec.__version__, read from the source (importing pec would import torch)."""
+    text = open(os.path.join(ROOT, "pec", "__init__.py")).read()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
 setup(
     name="pec",
-    version="0.1.0",
+    version=version(),
+    license="Apache-2.0",
     description="Perceptual-entropy RLHF for flow-matching text-to-image models, with fused GPU kernels",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",

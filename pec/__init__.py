@@ -1,2 +1,2 @@
 """PEC: perceptual-entropy RLHF (GRPO, PEC, PCGS) for flow-matching text-to-image models."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

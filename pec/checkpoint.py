@@ -27,7 +27,6 @@ config. Rules:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import random
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from pec.atomic import atomic_write, fsync_dir, write_error
-from pec.cli import EXIT_CODES_HELP, EXIT_REFUSED, expected_errors, fail, one_line
+from pec.cli import EXIT_REFUSED, command_parser, expected_errors, fail, one_line
 
 PROG = "pec.checkpoint"
 CHECKPOINT_DIR = "checkpoints"
@@ -397,8 +396,8 @@ def convert(target: str | Path, report: Callable[[str], None] = print) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.checkpoint` (the `convert` command)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pec.checkpoint", epilog=EXIT_CODES_HELP,
+    parser = command_parser(
+        "python -m pec.checkpoint",
         description=f"Checkpoint tools. `convert` rewrites checkpoints written before format {FORMAT} (full "
                     f"pickles, which pec no longer loads because unpickling can run any code the file holds) "
                     f"in format {FORMAT} (tensors and plain values, read with torch.load(weights_only=True)).")

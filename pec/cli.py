@@ -14,6 +14,7 @@ too. Only the standard library is imported here, so that any module may use it.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -32,6 +33,17 @@ EXIT_CODES_HELP = ("exit codes: 0 success; 1 a failure during the run; 2 input r
 EXPECTED = (ValueError, OSError)
 # Of those, what means "fix the command line or the config" when it happens before any work.
 REFUSED = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def command_parser(prog: str, description: str | None = None, **kwargs: object) -> argparse.ArgumentParser:
+    """The argument parser of a command: its exit codes in the epilog (unless one is given) and `--version`."""
+    from pec import __version__
+
+    kwargs.setdefault("epilog", EXIT_CODES_HELP)
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (pec {__version__})")
+    return parser
 
 
 def signal_exit_code(signum: int) -> int:

@@ -44,7 +44,7 @@ import torch
 from pec.assets import ASSETS_DIR
 from pec.atomic import atomic_write, atomic_write_text
 from pec.checkpoint import checkpoint_at, load_checkpoint
-from pec.cli import EXIT_CODES_HELP, expected_errors
+from pec.cli import command_parser, expected_errors
 from pec.config import (
     Config,
     add_config_arguments,
@@ -545,8 +545,7 @@ def evaluate(runs: Sequence[str], out_dir: str | Path, overrides: dict | None = 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m pec.evaluate`: RUN ..., --out, and every config option."""
-    parser = argparse.ArgumentParser(prog="python -m pec.evaluate", description=__doc__, epilog=EXIT_CODES_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m pec.evaluate", __doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help=f"run folders (RUN@STEP: the run at its step-STEP checkpoint or milestone), or "
                              f"{PRETRAINED!r} for the base model")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from pec.assets import ASSETS_DIR
 from pec.atomic import atomic_write_text
-from pec.cli import EXIT_CODES_HELP, expected_errors
+from pec.cli import command_parser, expected_errors
 from pec.data import Digits, augment, digit_prompt, load_digits, random_prompt, to_unit
 from pec.data.splits import heldout_splits
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
@@ -335,8 +335,7 @@ def run_eval(cfg: PretrainConfig, heldout: Digits, out: Path, log: RunLog) -> di
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pec.pretrain", description=__doc__.split("\n\n")[0],
-                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m pec.pretrain", __doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output directory (default: pec/assets)")
     parser.add_argument("--only", action="append", choices=COMPONENTS,
                         help="redo only this component (repeatable); default: all, in order")

@@ -20,10 +20,10 @@ import torch
 
 from pec.checks import check_run
 from pec.cli import (
-    EXIT_CODES_HELP,
     EXPECTED,
     CommandError,
     best_effort,
+    command_parser,
     expected_errors,
     fail,
     one_line,
@@ -38,8 +38,7 @@ PROG = "pec.train"
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m pec.train` argument parser (one option per config field)."""
-    parser = argparse.ArgumentParser(prog="python -m pec.train", description=__doc__, epilog=EXIT_CODES_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m pec.train", __doc__)
     add_config_arguments(parser)
     return parser
 

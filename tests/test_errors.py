@@ -117,3 +117,16 @@ def test_write_error_finds_the_oserror_behind_a_serializers_own_error():
         assert write_error(err) is full
     assert write_error(full) is full
     assert write_error(RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("module", ["pec.train", "pec.evaluate", "pec.pretrain", "pec.checkpoint",
+                                    "pec.rewards.serve", "pec.experiments.paper_table",
+                                    "pec.experiments.guidance_sweep"])
+def test_every_command_says_its_version(module, capsys):
+    import importlib
+
+    import pec
+
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--version"])
+    assert info.value.code == 0 and f"pec {pec.__version__}" in capsys.readouterr().out

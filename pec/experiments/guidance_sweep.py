@@ -14,13 +14,12 @@ Guidance (DESIGN.md 2.5, `pec.sampling.guidance_shift`): per sample, the velocit
 """
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from pec.cli import EXIT_CODES_HELP, expected_errors
+from pec.cli import command_parser, expected_errors
 from pec.checks import check_run
 from pec.config import Config, parse_config
 from pec.data import digit_prompt
@@ -90,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m pec.experiments.guidance_sweep`, with the exit codes of `pec.cli` (2: an option,
     the config or a model refused before sampling; 1: a failure while sampling)."""
     argv, extra = split_passthrough(argv)
-    parser = argparse.ArgumentParser(prog="python -m pec.experiments.guidance_sweep", description=__doc__,
-                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m pec.experiments.guidance_sweep", __doc__)
     parser.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS),
                         help=f"guidance weights gamma (0 is added as the baseline) (default: {DEFAULT_WEIGHTS})")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),

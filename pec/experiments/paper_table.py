@@ -30,7 +30,6 @@ changing them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from pec.atomic import atomic_write_text
 from pec.checkpoint import has_checkpoint
-from pec.cli import EXIT_CODES_HELP, CommandError, expected_errors
+from pec.cli import CommandError, command_parser, expected_errors
 from pec.evaluate import PRETRAINED
 from pec.experiments import split_passthrough
 from pec.experiments.paper_report import write_report
@@ -131,8 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     refused before any job starts; 1: a job or the report failed, in one line naming the job's log)."""
 
     argv, extra = split_passthrough(argv)
-    parser = argparse.ArgumentParser(prog="python -m pec.experiments.paper_table", description=__doc__,
-                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m pec.experiments.paper_table", __doc__)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the quick mode (default)")
     which.add_argument("--full", dest="mode", action="store_const", const="full", help="the full mode (the README's)")

@@ -58,7 +58,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pec.cli import EXIT_CODES_HELP, expected_errors, fail, one_line, signal_exit_code
+from pec.cli import command_parser, expected_errors, fail, one_line, signal_exit_code
 from pec.rewards.http import LIMIT, TOKEN_ENV, decode_png, resolve_token
 
 PROG = "pec.rewards.serve"
@@ -427,8 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     SIGINT or SIGTERM."""
     from pec.config import PathsConfig
 
-    parser = argparse.ArgumentParser(prog="python -m pec.rewards.serve", description=__doc__, epilog=EXIT_CODES_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m pec.rewards.serve", __doc__)
     parser.add_argument("name", help="a registered reward name or a weighted spec (name:weight,...)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; any but a loopback address "
                                                             "needs --token (default: 127.0.0.1)")
