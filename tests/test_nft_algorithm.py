@@ -7,6 +7,8 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,12 @@ import pytest
 import torch
 import yaml
 
+import pec
 from pec.algorithms.nft import (NOISE_STREAM, TIMESTEP_STREAM, DiffusionNFT, forward_noise, nft_loss, nft_timesteps,
                                 old_policy_decay, optimality_probability, update_old_policy, velocity_penalty)
 from pec.checkpoint import load_checkpoint
-from pec.config import to_dict
+from pec.checks import check_run
+from pec.config import parse_config, to_dict
 from pec.distributed import sample_noise
 from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import group_advantages
@@ -80,7 +84,7 @@ def test_nft_pec_runs_on_the_embedded_default_through_main(tmp_path):
 
 
 @pytest.mark.parametrize("method, sections", [
-    ("none", {}), ("grpo", {}), ("perc_entropy_bonus", {}),
+    ("none", {}), ("perc_entropy_bonus", {}),
     ("pcgs", {"pcgs": {"form": "guided", "guidance_weight": 0.5}}),
     ("pcgs", {"pcgs": {"generation_density": "latent_group"}}),
     ("pec", {"nft": {"solver": "euler", "decay": 2, "beta": 0.1}, "train": {"lora": False, "lr": 1e-4}}),
@@ -101,10 +105,13 @@ def test_each_composing_regulariser_trains_a_step(world, tmp_path, method, secti
 def real(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from _tiny_diffusers import tiny_dino_folder, tiny_flux_folder, tiny_sd3_folder
+    pytest.importorskip("open_clip")
+    from _tiny_diffusers import (tiny_clip_folder, tiny_dino_folder, tiny_flux_folder, tiny_open_clip_folder,
+                                 tiny_sd3_folder)
 
     tmp = tmp_path_factory.mktemp("real")
-    return {"sd3": tiny_sd3_folder(tmp), "flux": tiny_flux_folder(tmp), "dino": tiny_dino_folder(tmp)}
+    return {"sd3": tiny_sd3_folder(tmp), "flux": tiny_flux_folder(tmp), "dino": tiny_dino_folder(tmp),
+            "pickscore": tiny_clip_folder(tmp), "clip": tiny_open_clip_folder(tmp)}
 
 
 @pytest.mark.parametrize("name, resolution", [("sd3", 16), ("flux", 32)])
@@ -120,6 +127,22 @@ def test_nft_pec_runs_on_tiny_sd35_and_flux_checkpoints(real, tmp_path, name, re
     (row,) = _rows(run)
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["nft/velocity_penalty"] == 0.0
     assert row["shaped_reward_mean"] != row["reward_mean"]
+
+
+@pytest.mark.parametrize("variant, method", [("", "none"), ("_pec", "pec")])
+def test_the_shipped_sd35_configs_are_the_authors_preset(real, variant, method):
+    config = Path(pec.__file__).parent / "configs" / f"nft_sd35{variant}.yaml"
+    cfg = check_run(parse_config(["--config", str(config), "--model.path", str(real["sd3"]), "--paths.pickscore",
+                                  str(real["pickscore"]), "--paths.dino", str(real["dino"]), "--paths.clip",
+                                  str(real["clip"])]))
+    assert cfg.algorithm == "nft" and cfg.method == method and cfg.reward == "pickscore"
+    assert (cfg.sampling.num_steps, cfg.sampling.group_size, cfg.sampling.guidance_scale) == (10, 24, 1.0)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.lora_rank, cfg.train.lora_alpha) == (3e-4, 1e-4, 32, 64)
+    assert (cfg.train.timestep_fraction, cfg.train.adv_clip, cfg.train.global_std, cfg.train.minibatches) == (
+        0.99, 5.0, True, 1)
+    assert dataclasses.asdict(cfg.nft) == {"beta": 1.0, "decay": 1, "ref_coef": 1e-4, "loss_scale": None,
+                                           "solver": "dpm2"}
+    assert cfg.perceptual.space == "pickscore" and (method == "none" or cfg.pec.lambda_ == 0.05)
 
 
 def test_dpm2_sampling_adds_the_guidance_shift_to_the_velocity(world, tmp_path):
@@ -356,10 +379,15 @@ def test_two_processes_fsdp2_equal_one(world, tmp_path):
     single_rows = single.run()
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(to_dict(nft_config(world, tmp_path / "two", **overrides))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pec.train",
-           "--config", str(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with socket.socket() as sock:  # a free port for the process group (two plain processes: no launcher)
+        sock.bind(("127.0.0.1", 0))
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(sock.getsockname()[1]), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "pec.train", "--config", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
     two_rows = read_metrics(tmp_path / "two" / "metrics.jsonl")
     for one, two in zip(single_rows, two_rows, strict=True):
         assert [k for k in one if not k.startswith("time/")] == [k for k in two if not k.startswith("time/")]

@@ -326,6 +326,9 @@ class DiffusionNFT(Algorithm):
             raise ValueError(f"--sampling.guidance_scale must be 1 with --algorithm nft, got "
                              f"{cfg.sampling.guidance_scale:g}: DiffusionNFT is CFG-free (its old policy samples, "
                              f"and it trains, the conditional velocity alone)")
+        if cfg.model.guidance_scale_2 is not None and cfg.model.guidance_scale_2 != 1:
+            raise ValueError(f"--model.guidance_scale_2 must be 1 or empty with --algorithm nft, got "
+                             f"{cfg.model.guidance_scale_2:g}: DiffusionNFT is CFG-free, for every expert")
         if cfg.train.clip_range_high is not None:
             raise ValueError("--train.clip_range_high (Clip-Higher) clips a PPO ratio, and --algorithm nft has none: "
                              "drop it")

@@ -7,6 +7,7 @@ from pec.train import main
 
 REFUSED = [
     (["--sampling.guidance_scale", "4.5"], "--sampling.guidance_scale must be 1 with --algorithm nft"),
+    (["--model.guidance_scale_2", "3"], "--model.guidance_scale_2 must be 1 or empty with --algorithm nft"),
     (["--train.clip_range_high", "0.01"], "--train.clip_range_high (Clip-Higher) clips a PPO ratio"),
     (["--train.kl_beta", "0.04"], "use --nft.ref_coef"),
     (["--sampling.sde_window", "0", "2"], "--sampling.sde_window has no meaning with --algorithm nft"),
