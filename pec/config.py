@@ -161,7 +161,9 @@ class TrainConfig:
                                            "trajectory, not the SDE window); the later steps are still sampled "
                                            "with noise but not trained. 1.0 = every SDE step; Flow-GRPO's 0.99 "
                                            "trains 9 of 10 steps (5 of 6). A step whose noise std is 0 (the last "
-                                           "cps step) is never trained", positive=True, max=1)
+                                           "cps step) is never trained. --algorithm nft: each sample trains a "
+                                           "random int(num_steps x fraction) of the num_steps grid points "
+                                           "(DiffusionNFT's 0.99: 9 of 10)", positive=True, max=1)
     clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio", positive=True)
     clip_range_high: float | None = option(None, "Clip-Higher (DAPO): the upper clip range eps_high, ratio clipped "
                                                  "to [1 - clip_range, 1 + clip_range_high]; must be >= clip_range "
@@ -275,7 +277,7 @@ class CovConfig:
 @dataclasses.dataclass
 class NftConfig:
     """DiffusionNFT (--algorithm nft, DESIGN.md 2.7): the defaults are the authors' SD3.5-M PickScore preset
-    (NVlabs/DiffusionNFT @24af555, config/nft.py; notes/algorithms.md 1.7)."""
+    (NVlabs/DiffusionNFT @24af555, config/nft.py)."""
 
     beta: float = option(1.0, "beta of the implicit policies v+ = beta v_theta + (1 - beta) v_old, "
                               "v- = (1 + beta) v_old - beta v_theta; the loss is divided by it (the authors' "
