@@ -1,14 +1,14 @@
 """Refusing a run before any model loads: every check that reads only the configuration and local files.
 
-`check_run` is what `pec.train` and the evaluator call on a configuration: the options on their own and
-together (`Config.validate`), the algorithm and regulariser pair, then the names and local paths of the model, the rewards, the perceptual
-spaces and the prompt file, each checked by the package that implements it. A wrong path or name is
-one ValueError naming the option, before any weight loads.
+`check_run` is what `pec.train` and the evaluator call on a configuration: the options on their own, the
+algorithm and regulariser pair, the options together (`Config.validate`), then the names and local paths
+of the model, the rewards, the perceptual spaces and the prompt file, each checked by the package that
+implements it. A wrong path or name is one ValueError naming the option, before any weight loads.
 """
 from __future__ import annotations
 
 from pec.algorithms import check_algorithm
-from pec.config import Config
+from pec.config import Config, check_options
 from pec.data.prompt_files import load_prompt_splits
 from pec.models import check_model_config
 from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
@@ -16,11 +16,14 @@ from pec.rewards import check_reward_spec
 
 
 def check_run(cfg: Config) -> Config:
-    """`cfg.validate()`, the algorithm and regulariser (each exists, accepts its options, and the pair
-    composes: `pec.algorithms.check_algorithm`), then the model folder, reward spec, perceptual spaces
-    and prompt file; returns cfg."""
-    cfg.validate()
+    """Each option on its own, the algorithm and regulariser (each exists, accepts its options, and the pair
+    composes: `pec.algorithms.check_algorithm`), the options together (`cfg.validate()`), then the model
+    folder, reward spec, perceptual spaces and prompt file; returns cfg. The algorithm speaks before the
+    cross-option rules, which assume an algorithm that has the options they relate (e.g. Clip-Higher's
+    minibatches): an option it refuses is named as such, not as half of a combination to fix."""
+    check_options(cfg)
     check_algorithm(cfg)
+    cfg.validate()
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths)
     check_spaces(cfg.perceptual.spaces, cfg.paths)

@@ -40,6 +40,7 @@ OMEGAS = ("uniform", "late", "early")  # pec.regularizers.omega_weights
 GENERATION_DENSITIES = ("policy", "latent_group")
 KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
 WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
+NFT_SOLVERS = ("dpm2", "euler")  # DiffusionNFT's rollout solver (`pec.sampling.sample`'s solver)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -160,7 +161,9 @@ class TrainConfig:
                                            "trajectory, not the SDE window); the later steps are still sampled "
                                            "with noise but not trained. 1.0 = every SDE step; Flow-GRPO's 0.99 "
                                            "trains 9 of 10 steps (5 of 6). A step whose noise std is 0 (the last "
-                                           "cps step) is never trained", positive=True, max=1)
+                                           "cps step) is never trained. --algorithm nft: each sample trains a "
+                                           "random int(num_steps x fraction) of the num_steps grid points "
+                                           "(DiffusionNFT's 0.99: 9 of 10)", positive=True, max=1)
     clip_range: float = option(1e-3, "PPO clip range epsilon of the ratio", positive=True)
     clip_range_high: float | None = option(None, "Clip-Higher (DAPO): the upper clip range eps_high, ratio clipped "
                                                  "to [1 - clip_range, 1 + clip_range_high]; must be >= clip_range "
@@ -272,6 +275,33 @@ class CovConfig:
 
 
 @dataclasses.dataclass
+class NftConfig:
+    """DiffusionNFT (--algorithm nft, DESIGN.md 2.7): the defaults are the authors' SD3.5-M PickScore preset
+    (NVlabs/DiffusionNFT @24af555, config/nft.py)."""
+
+    beta: float = option(1.0, "beta of the implicit policies v+ = beta v_theta + (1 - beta) v_old, "
+                              "v- = (1 + beta) v_old - beta v_theta; the loss is divided by it (the authors' "
+                              "config.beta: 1.0 for PickScore / HPSv2 / GenEval, 0.1 for OCR and multi-reward)",
+                         positive=True)
+    decay: int = option(1, "the old (sampling) policy's decay schedule after each step, theta_old <- d theta_old + "
+                           "(1 - d) theta with s = optimizer steps so far: 0 = d 0 (the old policy is theta); "
+                           "1 = min(0.001 s, 0.5) (the authors' PickScore / HPSv2 / GenEval / multi-reward); "
+                           "2 = 0 until s = 75, then min(0.0075 (s - 75), 0.999) (their OCR)", min=0, max=2)
+    ref_coef: float = option(1e-4, "weight of the velocity penalty mean (v_theta - v_ref)^2 to the base model "
+                                   "(adapters off, or the frozen copy under full fine-tuning), added to the "
+                                   "loss unscaled; 0 = off. The authors call it train.beta (1e-4 in every preset); "
+                                   "it is not --nft.beta, nor Flow-GRPO's --train.kl_beta", min=0)
+    loss_scale: float | None = option(None, "factor on the policy loss, which matters under gradient clipping; "
+                                            "empty = --train.adv_clip (5), tied as in the authors' code, whose "
+                                            "factor is their adv_clip_max (the same number clips A and maps it "
+                                            "to r = A / (2 adv_clip) + 1/2, so tied, the advantage's part of "
+                                            "the gradient does not change with the clip)", positive=True,
+                                      note="empty = train.adv_clip")
+    solver: str = option("dpm2", f"the old policy's deterministic sampler, one of {NFT_SOLVERS}: 'dpm2' = the "
+                                 f"authors' DPM-Solver++(2M) in data prediction, 'euler' = x + dt v")
+
+
+@dataclasses.dataclass
 class LoggingConfig:
     """What the run folder receives."""
 
@@ -377,7 +407,8 @@ class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
     algorithm: str = option("flow_grpo", "RL algorithm (pec.algorithms): flow_grpo (Flow-GRPO's clipped policy "
-                                         "gradient on the SDE steps)")
+                                         "gradient on the SDE steps), nft (DiffusionNFT: deterministic rollouts of "
+                                         "an old policy, a loss on the forward process, no log-probs; --nft.*)")
     method: str = option("pec", "regulariser (pec.methods): none (plain RL; also spelled grpo), pec, pcgs (--pcgs.*), "
                                 "entropy_bonus / perc_entropy_bonus (the policy / perceptual entropy, analytic: "
                                 "constants with no gradient), entropy_sample (per-sample -log pi reward bonus; pec "
@@ -403,6 +434,7 @@ class Config:
     pcgs: PcgsConfig = option(PcgsConfig(), "")
     entropy_bonus: EntropyBonusConfig = option(EntropyBonusConfig(), "")
     cov: CovConfig = option(CovConfig(), "")
+    nft: NftConfig = option(NftConfig(), "")
     logging: LoggingConfig = option(LoggingConfig(), "")
     eval: EvalConfig = option(EvalConfig(), "")
     dist: DistConfig = option(DistConfig(), "")
@@ -414,7 +446,7 @@ class Config:
         """Raise ValueError, saying what to change, for options that cannot run together; return self.
 
         Only the options themselves: that the named model, rewards, spaces and files exist is checked above
-        the packages that implement them, by `pec.checks.check_run` (which calls this first)."""
+        the packages that implement them, by `pec.checks.check_run` (which calls this before them)."""
         check_options(self)
         _choice("sampling.kind", self.sampling.kind, SDE_KINDS)
         _choice("perceptual.estimator", self.perceptual.estimator, ESTIMATORS)
@@ -429,6 +461,7 @@ class Config:
         _choice("pcgs.generation_density", self.pcgs.generation_density, GENERATION_DENSITIES)
         _choice("train.kl_units", self.train.kl_units, KL_UNITS)
         _choice("cov.variant", self.cov.variant, COV_VARIANTS)
+        _choice("nft.solver", self.nft.solver, NFT_SOLVERS)
         if self.train.kl_units == "flow_grpo" and self.sampling.kind == "dance":
             raise ValueError("train.kl_units flow_grpo is defined for sampling.kind flow and cps only (Flow-GRPO has "
                              "no KL for DanceGRPO's SDE): use --train.kl_units exact with --sampling.kind dance")

@@ -261,6 +261,17 @@ def shard_transformer(transformer: torch.nn.Module, device: torch.device) -> Non
     fully_shard(transformer, **kwargs)
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 holds in `module` (the root keeps its own after a forward, until
+    a backward), so that its next forward gathers the shards again. Needed after the shards were written in
+    place outside the optimizer (DiffusionNFT swaps its old policy in and out); a no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def _full_options(**kwargs: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

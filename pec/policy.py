@@ -38,10 +38,12 @@ class Policy:
     reference is a frozen copy (made only when a KL term needs it).
     """
 
-    def __init__(self, cfg: Config, device: torch.device, shard: bool = False) -> None:
+    def __init__(self, cfg: Config, device: torch.device, shard: bool = False, reference: bool = False) -> None:
         """Build the model named by `cfg.model`; `shard` (several processes) puts the transformer under
         DDP for LoRA (`pec.distributed.replicate_transformer`) or, for full fine-tuning, it and the KL
-        reference's under FSDP2 (`pec.distributed.shard_transformer`)."""
+        reference's under FSDP2 (`pec.distributed.shard_transformer`). Full fine-tuning keeps the frozen
+        reference copy when `--train.kl_beta` > 0 or `reference` asks for it (an algorithm's own pull
+        toward the base model, e.g. DiffusionNFT's velocity penalty)."""
         self.model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
         self.model.requires_grad_(False)
         self.lora = cfg.train.lora
@@ -61,7 +63,7 @@ class Policy:
                 p.requires_grad_("lora_" in name)
         else:
             transformer.requires_grad_(True)
-            if cfg.train.kl_beta > 0:
+            if cfg.train.kl_beta > 0 or reference:
                 self._reference = copy.deepcopy(self.model).requires_grad_(False)
         self.model.to(device)
         self.sharded = shard and not self.lora  # FSDP2 (full fine-tuning on several processes)
@@ -131,7 +133,8 @@ class Policy:
                 self.model.transformer.enable_adapters()
         else:
             if self._reference is None:
-                raise ValueError("full fine-tuning keeps a reference copy only when --train.kl_beta > 0")
+                raise ValueError("full fine-tuning keeps a reference copy only when --train.kl_beta > 0 or the "
+                                 "algorithm needs one")
             yield self._reference
 
 def latent_dim(model: FlowModel) -> int:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pec.algorithms import build_algorithm
+from pec.algorithms import algorithm_class, build_algorithm
 from pec.algorithms.base import Learner, RolloutPlan, UpdateBatch
 from pec.checks import check_run
 from pec.checkpoint import (
@@ -120,7 +120,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.prompts = list(prompts) if prompts is not None else default_prompts(cfg.data.prompts)
-        self.policy = Policy(cfg, self.device, shard=self.dist.active)
+        self.policy = Policy(cfg, self.device, shard=self.dist.active,
+                             reference=algorithm_class(cfg).needs_reference(cfg))
         self.model = self.policy.model
         self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths,
                                       http=cfg.reward_http)
@@ -226,6 +227,7 @@ class Trainer:
         counters, the feature bank and the algorithm's own state."""
         model_state = self.policy.trainable_state()
         optimizer_state = self.policy.optimizer_state(self.optimizer)
+        algorithm_state = self.algorithm.state_dict()  # on every rank too: it may gather a sharded state
         try:
             if not self.dist.is_main:
                 bad = nonfinite_entries({"model": model_state, "optimizer": optimizer_state})
@@ -233,7 +235,7 @@ class Trainer:
                     raise NonFiniteStateError(f"the state of step {step} holds NaN/Inf in {bad[0]}")
             else:
                 extra = {"guard": self.guard.state(), **self.perceptual.state_dict(),
-                         "algorithm": self.algorithm.state_dict()}
+                         "algorithm": algorithm_state}
                 save_checkpoint(self.run_dir, step=step, model_state=model_state, optimizer_state=optimizer_state,
                                 config=to_dict(self.cfg), rng=self.last_rng, extra=extra,
                                 keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
@@ -337,7 +339,7 @@ class Trainer:
             return sample(self.model, prompts, group_size=self.place.group_size, num_steps=s.num_steps,
                           guidance_scale=s.guidance_scale, eta=s.eta if plan.eta is None else plan.eta, kind=s.kind,
                           sde_window=plan.sde_window, noise=noise, guidance_fn=guidance_fn,
-                          guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch)
+                          guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch, solver=plan.solver)
 
     def mask_invalid(self, rollout: Rollout, rewards: torch.Tensor, feats: dict[str, torch.Tensor]) -> _Masks:
         """Phase 2's run safety: which samples the step may learn from, over the global batch (identical

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 # What an algorithm may provide to the regularisers, and what each means (for the refusal messages).
 CAPABILITIES = {
     "log_probs": "per-step log-probabilities of the sampled transitions",
-    "ratio": "a PPO ratio with its clip",
+    "ratio": "PPO ratio with its clip",
     "policy_entropy": "Gaussian SDE steps whose entropy the schedule fixes",
 }
 
@@ -57,7 +57,8 @@ class RolloutPlan:
         deterministic ODE steps; None = every step. A step whose noise std is 0 is an ODE step anyway.
     shared_noise: every sample of a prompt group starts from the same initial noise (MixGRPO), so the
         group diverges only where steps have noise.
-    solver: how ODE steps are solved: "euler" (the SDE step with eta 0, through `pec_kernels`).
+    solver: how ODE steps are solved: "euler" (the SDE step with eta 0, through `pec_kernels`) or "dpm2"
+        (DPM-Solver++(2M), DiffusionNFT's sampler; `pec.sampling.sample`).
     eta: the SDE noise level of the step's SDE steps (None: `--sampling.eta`; 0: every step is an ODE step).
     """
 
@@ -147,6 +148,12 @@ class Algorithm:
         """Raise ValueError, naming the option, for settings this algorithm cannot run with (called before
         any model loads)."""
 
+    @classmethod
+    def needs_reference(cls, cfg: Config) -> bool:
+        """Whether this run's update evaluates the reference policy for a term of its own (beyond
+        `--train.kl_beta`'s KL), so that full fine-tuning keeps the frozen base copy (`pec.policy.Policy`)."""
+        return False
+
     def plan(self, step: int) -> RolloutPlan:
         """How step `step` samples (see `RolloutPlan`)."""
         raise NotImplementedError
@@ -166,7 +173,8 @@ class Algorithm:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """Extra checkpoint state (tensors and plain values only)."""
+        """Extra checkpoint state (tensors and plain values only). Every rank calls it (gathering a sharded
+        state is a collective); rank 0's is written."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

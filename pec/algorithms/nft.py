@@ -14,6 +14,33 @@ DESIGN.md §2: x_σ = (1 − σ)x0 + σε, v ≈ ε − x0, x̂0 = x_σ − σ·
 
 The sampler of the old policy is `pec_kernels.dpm_solver_step` (the authors' "dpm2").
 
+`DiffusionNFT` (`--algorithm nft`, options `--nft.*`) puts these behind the trainer's loop:
+  rollout   the old policy samples deterministically (eta 0 at every step, `--nft.solver`: the authors'
+            dpm2 or Euler), CFG-free; only the clean final latents x0 are used. The old policy is a copy of
+            the trainable parameters (the LoRA adapter weights, or this rank's FSDP2 shards) swapped into
+            the model around its forwards, never a second base model;
+  shaping   one column: the shaped reward R~ (PEC's surprisal enters R before A), group-normalised with
+            `--train.global_std` (the authors' global std), clipped to `--train.adv_clip`, then
+            r = optimality_probability(A, adv_clip);
+  update    per sample int(T·`--train.timestep_fraction`) grid points of the rollout's σ grid, drawn
+            without replacement from the step's seed (stream 5), and a fresh ε per (sample, grid point)
+            seeded by the sample's global index (stream 6), so no draw depends on how the batch is split
+            over processes; loss = mean over samples and grid points of nft_loss (scale
+            `--nft.loss_scale`, default `--train.adv_clip` = the authors' 5) + `--nft.ref_coef` ×
+            velocity_penalty, in micro-batches with gradients accumulated, `--train.minibatches`
+            optimizer updates (the authors: 1; their OCR preset 2); then θ_old ← d·θ_old + (1 − d)·θ with
+            d = old_policy_decay(`--nft.decay`, optimizer steps so far). A forward batch never mixes two
+            experts of a model that has several (Wan2.2 A14B): each micro-batch is split by
+            `FlowModel.expert_at` of its samples' σ (host data);
+  checkpoint the old parameters, whole, and the optimizer-step count (`state_dict`), so a resumed run
+            equals the uninterrupted one.
+Which steps train is NFT's own rule, not Flow-GRPO's (`pec.sampling.trained_steps`: SDE steps among the
+first int(T·fraction)): NFT trains a random subset of the whole grid, σ = 1 included, per sample. It
+provides no log-probs, ratio or policy entropy, so the regularisers that need them are refused
+(`pec.algorithms.check_algorithm`); PEC, PCGS's guided form (the shift enters the ODE sampler's
+velocity) and its reward form with `--pcgs.generation_density latent_group`, perc_entropy_bonus and
+none compose.
+
 Fusion (issue 18, item 7): not done, because it cannot matter. At DiffusionNFT's SD3.5-M micro-batch,
 B = 9 latents of 16 × 64 × 64 (589,824 elements; 1.18 MB in bf16, 2.36 MB in fp32):
   - floor: a fused nft_loss forward + backward must read v_θ, v_old, x_σ, x0 in the forward and again in the
@@ -39,13 +66,23 @@ time measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
+from pec.algorithms.base import Algorithm, Learner, RolloutPlan, UpdateBatch
+from pec.algorithms.registry import ALGORITHMS
+from pec.config import Config
+from pec.distributed import plain_tensor, reshard, sample_noise
+from pec.seeding import step_seed
 from pec_kernels import check_tensor
+
+#: `pec.seeding.step_seed` streams of the update's draws: the trained grid points, and the forward noise.
+TIMESTEP_STREAM, NOISE_STREAM = 5, 6
 
 #: The decay schedules of the old policy (`return_decay(step, decay_type)` in train_nft_sd3.py).
 DECAY_SCHEDULES = (0, 1, 2)
@@ -259,3 +296,218 @@ def update_old_policy(old_params: Sequence[torch.Tensor], params: Sequence[torch
     with torch.no_grad():
         for old, new in zip(old_params, params):
             old.mul_(decay).add_(new, alpha=1.0 - decay)
+
+
+@ALGORITHMS.register("nft")
+class DiffusionNFT(Algorithm):
+    """DiffusionNFT behind the trainer's loop (see the module docstring)."""
+
+    name = "nft"
+    provides = frozenset()
+
+    def __init__(self, cfg: Config, learner: Learner) -> None:
+        super().__init__(cfg, learner)
+        s = cfg.sampling
+        model = learner.policy.model
+        # The rollout's σ grid as `pec.sampling.sample` builds it (the model's schedule), on the host: the
+        # trained σ and their experts are host data, read from no device value.
+        self.sigmas = model.schedule(s.num_steps).detach().to("cpu", torch.float32)
+        self.grid_experts = torch.tensor([model.expert_at(float(sig)) for sig in self.sigmas[:-1]])
+        self.experts = sorted(set(self.grid_experts.tolist()))
+        self.global_index = learner.dist.placement(s.prompts_per_step, s.group_size, cfg.dist.placement).global_index
+        with torch.no_grad():
+            self.old = [p.detach().clone() for p in learner.params]  # θ_old = θ until the first update
+        self.optimizer_steps = 0
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse the options DiffusionNFT has no use for, each in one line."""
+        if cfg.sampling.guidance_scale != 1:
+            raise ValueError(f"--sampling.guidance_scale must be 1 with --algorithm nft, got "
+                             f"{cfg.sampling.guidance_scale:g}: DiffusionNFT is CFG-free (its old policy samples, "
+                             f"and it trains, the conditional velocity alone)")
+        if cfg.model.guidance_scale_2 is not None and cfg.model.guidance_scale_2 != 1:
+            raise ValueError(f"--model.guidance_scale_2 must be 1 or empty with --algorithm nft, got "
+                             f"{cfg.model.guidance_scale_2:g}: DiffusionNFT is CFG-free, for every expert")
+        if cfg.train.clip_range_high is not None:
+            raise ValueError("--train.clip_range_high (Clip-Higher) clips a PPO ratio, and --algorithm nft has none: "
+                             "drop it")
+        if cfg.train.kl_beta > 0:
+            raise ValueError(f"--train.kl_beta ({cfg.train.kl_beta:g}) weighs a KL of the SDE steps' log-probs, "
+                             f"which --algorithm nft has none of: use --nft.ref_coef, its velocity penalty to the "
+                             f"base model")
+        if cfg.sampling.sde_window is not None:
+            raise ValueError("--sampling.sde_window has no meaning with --algorithm nft: its old policy samples "
+                             "every step deterministically; drop it")
+
+    @classmethod
+    def needs_reference(cls, cfg: Config) -> bool:
+        return cfg.nft.ref_coef > 0
+
+    def plan(self, step: int) -> RolloutPlan:
+        return RolloutPlan(solver=self.cfg.nft.solver, eta=0.0)
+
+    def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
+        return self.old_policy()
+
+    @contextlib.contextmanager
+    def old_policy(self) -> Iterator[None]:
+        """Within the context the trainable parameters hold the old policy's values; θ is restored on
+        exit, bit for bit (in-place copies: FSDP2's shards and DDP's parameters stay the same tensors)."""
+        params = self.learner.params
+        with torch.no_grad():
+            stash = [p.detach().clone() for p in params]
+            self._write(self.old)
+        try:
+            yield
+        finally:
+            self._write(stash)
+
+    def _write(self, values: list[torch.Tensor]) -> None:
+        """Copy `values` into the trainable parameters. Under FSDP2 the parameters are this rank's shards,
+        and the root module keeps its gathered parameters after a forward: drop them, or the next forward
+        would run on the values from before the copy."""
+        with torch.no_grad():
+            for p, value in zip(self.learner.params, values):
+                p.copy_(value)
+        if self.learner.policy.sharded:
+            reshard(self.learner.policy.model.transformer)
+
+    def columns(self, trained: list[int]) -> int:
+        return 1
+
+    def _passes(self, chunk: torch.Tensor, timesteps: torch.Tensor) -> list[tuple[int, int, torch.Tensor, bool]]:
+        """The forward passes of micro-batch `chunk` (local rows): (slot j, expert, rows of the chunk, real).
+        One pass per slot, or with several experts one per expert among the slot's σ; under several
+        processes every expert of the grid gets a pass in every slot (a stand-in row with weight 0 where this
+        rank has none: FSDP2's forwards are collectives, so all ranks run the same passes)."""
+        experts = self.grid_experts[timesteps[chunk]]  # (n, K)
+        everywhere = self.learner.dist.active
+        passes = []
+        for j in range(timesteps.shape[1]):
+            if len(self.experts) == 1:
+                passes.append((j, self.experts[0], torch.arange(len(chunk)), True))
+                continue
+            for e in self.experts:
+                rows = torch.nonzero(experts[:, j] == e).flatten()
+                if rows.numel():
+                    passes.append((j, e, rows, True))
+                elif everywhere:
+                    passes.append((j, e, torch.zeros(1, dtype=torch.long), False))
+        return passes
+
+    def update(self, batch: UpdateBatch) -> tuple[dict[str, Any], list[str]]:
+        """`train.minibatches` optimizer updates on the step's clean latents, then the old policy's decay
+        (module docstring). Masked samples (`batch.valid` False) add nothing to the loss. Returns the
+        averaged diagnostics (0-dim device tensors and floats) and the causes of the skipped updates."""
+        cfg, learner = self.cfg, self.learner
+        nft, t = cfg.nft, cfg.train
+        policy, dist, device = learner.policy, learner.dist, learner.device
+        model, rollout = policy.model, batch.rollout
+        scale = t.adv_clip if nft.loss_scale is None else nft.loss_scale
+        # Per sample, its trained grid points: one draw for the whole batch from the step's seed, this rank's rows.
+        timesteps = nft_timesteps(cfg.batch_size, rollout.num_steps, t.timestep_fraction, torch.Generator().manual_seed(
+            step_seed(cfg.seed, batch.step, TIMESTEP_STREAM)))[self.global_index]
+        slots = timesteps.shape[1]
+        noise_seed = step_seed(cfg.seed, batch.step, NOISE_STREAM)
+        r = optimality_probability(batch.advantages[:, 0], t.adv_clip)
+        x0_all = rollout.latents[-1]
+        # DDP and FSDP2 average gradients over ranks; every rank's loss is already a share of the global mean.
+        world = dist.world_size
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: zero)
+        grad_norm_sum, updates, causes = zero, 0, []
+        model.train()
+        for mb_index, (chunks, mb) in enumerate(batch.minibatches):
+            learner.optimizer.zero_grad(set_to_none=True)
+            pieces = len(mb) * slots  # the loss is a mean over the minibatch's (global) samples and grid points
+            work = [(idx, self._passes(idx, timesteps)) for idx in chunks]
+            last, done = sum(len(passes) for _, passes in work), 0
+            mb_loss = zero
+            for idx, passes in work:
+                # (slots, n, ...): ε of each (sample, slot), seeded by the sample's global index.
+                eps = sample_noise(self.global_index[idx], tuple(model.sample_shape), slots - 1, noise_seed, device)
+                for j, expert, rows, real in passes:
+                    done += 1
+                    learner.policy.gradient_sync(done == last)
+                    local = idx[rows]
+                    local_dev = local.to(device, non_blocking=True)
+                    sigma = self.sigmas[timesteps[local, j]].to(device, non_blocking=True)
+                    x0 = x0_all[local_dev]
+                    x_sigma = forward_noise(x0, eps[j, rows.to(device, non_blocking=True)], sigma)
+                    cond = rollout.cond.index(local_dev)
+                    with torch.no_grad():
+                        with self.old_policy(), model.use_expert(expert):
+                            v_old = model.velocity(x_sigma, sigma, cond)
+                        v_ref = None
+                        if nft.ref_coef > 0:
+                            with policy.reference() as ref, ref.use_expert(expert):
+                                v_ref = ref.velocity(x_sigma, sigma, cond)
+                    with model.use_expert(expert):
+                        v_theta = model.velocity(x_sigma, sigma, cond)
+                    out = nft_loss(v_theta, v_old, x_sigma, x0, sigma, r[local_dev], nft.beta, scale=scale)
+                    keep = batch.valid[local_dev]
+                    if not real:  # a stand-in pass: it only keeps the ranks' collectives in step
+                        keep = torch.zeros_like(keep)
+                    loss, terms = out.loss, {"nft/loss_pos": out.loss_pos, "nft/loss_neg": out.loss_neg}
+                    if v_ref is not None:
+                        terms["nft/velocity_penalty"] = velocity_penalty(v_theta, v_ref).double()
+                        loss = loss + nft.ref_coef * terms["nft/velocity_penalty"]
+                    piece = torch.where(keep, loss, 0).sum() / pieces
+                    (piece * world).backward()
+                    mb_loss = mb_loss + piece.detach()
+                    for key, value in (("loss", loss), *terms.items()):
+                        sums[key] = sums[key] + torch.where(keep, value.detach(), 0).sum()
+                    sums["pieces"] = sums["pieces"] + keep.sum()
+            grad_norm = learner.step(mb_index, mb_loss, mb, batch.global_valid, causes)
+            if grad_norm is not None:
+                grad_norm_sum = grad_norm_sum + grad_norm.double()
+                updates += 1
+        learner.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += updates  # the same on every rank: each update's decision is all-reduced
+        decay = old_policy_decay(nft.decay, self.optimizer_steps)
+        update_old_policy(self.old, learner.params, decay)
+        valid = batch.valid.double()
+        sums["nft/r_mean"] = (r.double() * valid).sum()
+        sums["advantage_abs"] = (batch.advantages[:, 0].double().abs() * valid).sum()
+        sums["samples"] = valid.sum()
+        keys = sorted(sums)
+        totals = dict(zip(keys, dist.all_reduce_(torch.stack([sums[k].double() for k in keys]))))
+        row: dict[str, Any] = {k: totals[k] / totals["pieces"].clamp_min(1) for k in keys
+                               if k in ("loss", "nft/loss_pos", "nft/loss_neg", "nft/velocity_penalty")}
+        row.update({k: totals[k] / totals["samples"].clamp_min(1) for k in ("nft/r_mean", "advantage_abs")})
+        # RMS distance from θ to the old policy the next rollout samples with.
+        with torch.no_grad():
+            squares = sum(plain_tensor((p.detach() - o).double().square().sum())
+                          for p, o in zip(learner.params, self.old))
+        numel = sum(o.numel() for o in self.old)
+        row.update({"grad_norm": grad_norm_sum / updates if updates else zero + torch.nan, "nft/decay": decay,
+                    "nft/optimizer_steps": float(self.optimizer_steps),
+                    "nft/old_distance": (squares / max(numel, 1)).sqrt()})
+        return row, causes
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"old": the old policy's trainable parameters by name, whole and on the CPU (gathered like
+        `Policy.trainable_state`: a collective under FSDP2, every rank calls it), "optimizer_steps": int}."""
+        with self.old_policy():
+            old = self.learner.policy.trainable_state()
+        return {"old": old, "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; an empty state (a checkpoint written by another algorithm) starts the old
+        policy at the loaded θ with no optimizer steps counted."""
+        if not state:
+            with torch.no_grad():
+                for old, p in zip(self.old, self.learner.params):
+                    old.copy_(p)
+            self.optimizer_steps = 0
+            return
+        if set(state) != {"old", "optimizer_steps"} or not isinstance(state["optimizer_steps"], int):
+            raise ValueError(f"the checkpoint's DiffusionNFT state must hold 'old' and an int 'optimizer_steps', "
+                             f"got {sorted(state)}")
+        with self.old_policy():  # load into the model's parameters (sharded where they are), keep them as θ_old
+            self.learner.policy.load_trainable_state(state["old"])
+            with torch.no_grad():
+                for old, p in zip(self.old, self.learner.params):
+                    old.copy_(p)
+        self.optimizer_steps = state["optimizer_steps"]
