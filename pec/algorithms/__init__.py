@@ -71,6 +71,8 @@ def composition_markdown() -> str:
         cells = []
         for name in names:
             why = table[name][label]
-            cells.append("yes" if why is None else "no: " + why.split(": ", 1)[-1])
+            if why is not None and why.startswith("--method "):  # the pair is the row and column already
+                why = why.split(": ", 1)[-1]
+            cells.append("yes" if why is None else f"no: {why}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
