@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pec.algorithms.mixgrpo import STRATEGIES, WindowSchedule, flash_sigmas
-from pec.algorithms.windows import step_randint
+from pec.seeding import step_randint
 
 
 def test_published_schedule_table():
@@ -90,7 +90,7 @@ def test_random_is_seeded_per_iteration_and_full_width():
     b = WindowSchedule(25, strategy="random", seed=7)
     starts = [a.start(i) for i in range(2000)]
     assert starts == [b.start(i) for i in reversed(range(2000))][::-1]  # pure: the order of calls is irrelevant
-    assert starts == [step_randint(7, i, "mixgrpo.window", 0, 23 - 4) for i in range(2000)]
+    assert starts == [step_randint(7, i, 5, 0, 23 - 4) for i in range(2000)]
     assert set(starts) == set(range(20))  # [0, M - w], both ends
     assert all(end - start == 4 for start, end in map(a.window, range(2000)))
     assert starts != [WindowSchedule(25, strategy="random", seed=8).start(i) for i in range(2000)]
