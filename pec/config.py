@@ -132,7 +132,8 @@ class SamplingConfig:
     sde_window: list[int] | None = option(
         None, "SDE steps [start, end) (two integers): sampled with noise and trained (train.timestep_fraction "
               "may leave the last ones untrained); other steps are deterministic ODE steps. Empty = every step. "
-              "A step whose noise std is 0 (the last cps step, sigma_next = 0) is an ODE step whatever the window")
+              "A step whose noise std is 0 (the last cps step, sigma_next = 0) is an ODE step whatever the window. "
+              "For --algorithm flow_grpo and grpo_guard; mixgrpo and flow_grpo_fast place their own window")
 
 
 @dataclasses.dataclass
