@@ -89,8 +89,9 @@ class _HostReadsOutsideDocumentedSyncs(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("method,extra", [("pec", {}), ("pcgs", {"pcgs": {"generation_density": "latent_group"}}),
-                                          ("pec", {"perceptual": {"k": 1, "bank_steps": 2, "batch_metric": True}})],
-                         ids=["pec", "pcgs_latent_group", "pec_batch_and_bank"])
+                                          ("pec", {"perceptual": {"k": 1, "bank_steps": 2, "batch_metric": True}}),
+                                          ("pec", {"algorithm": "grpo_guard"})],
+                         ids=["pec", "pcgs_latent_group", "pec_batch_and_bank", "pec_grpo_guard"])
 def test_a_step_with_masked_samples_reads_nothing_outside_the_documented_syncs(world, tmp_path, monkeypatch,
                                                                                method, extra):
     """Step 3 of the "nan_at_call3" reward masks sample 0 and a whole group: the masked estimators, metrics

@@ -172,9 +172,9 @@ class GRPOGuard(FlowGRPO):
         cfg = self.cfg
         out = step_log_prob(self.learner.policy.model, rollout, t_index, idx, v_ref=v_ref,
                             kl_units=cfg.train.kl_units, return_mean=True)
-        # s_t from the host-side schedule (no device read); dt stays on the device.
+        # s_t from the host-side schedule (a CPU tensor: no device read); dt stays on the device.
         log_ratio = guard_log_ratio(out.mean, rollout.means[t_index, idx], rollout.latents[t_index + 1, idx],
-                                    float(rollout.step_std[t_index]))
+                                    rollout.step_std.tolist()[t_index])
         penalty = None
         if terms is not None:
             log_ratio, penalty = terms.ratio_inputs(idx, col, log_ratio, torch.zeros_like(log_ratio))
