@@ -23,9 +23,10 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["grpo", "pec"])
-def test_an_embedded_step_syncs_only_where_documented(world, tmp_path, method):
-    trainer = Trainer(tiny_config(world, tmp_path, method=method, device="cuda", train={"steps": 3}))
+@pytest.mark.parametrize("method,algorithm", [("grpo", "flow_grpo"), ("pec", "flow_grpo"), ("pec", "grpo_guard")])
+def test_an_embedded_step_syncs_only_where_documented(world, tmp_path, method, algorithm):
+    trainer = Trainer(tiny_config(world, tmp_path, method=method, algorithm=algorithm, device="cuda",
+                                  train={"steps": 3}))
     trainer.train_step(1)  # warm-up: lazy CUDA/cuBLAS initialisation and Triton compilation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
