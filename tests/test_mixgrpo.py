@@ -171,3 +171,12 @@ def test_flash_window_at_the_end_keeps_the_grid():
     grid = flash_sigmas(sigmas, (21, 25), 0.4, 3.0)
     assert torch.equal(grid.sigmas, sigmas) and grid.sigmas.dtype == torch.float32
     assert grid.window == (21, 25) and grid.post == (25, 25)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"roll_back": False}, {"stride": 3}, {"stride": 3, "roll_back": False},
+                                    {"stride": 0}, {"strategy": "frozen"}, {"strategy": "random", "window_size": 5},
+                                    {"strategy": "decay", "stride": 2}, {"strategy": "exp_decay", "limit": 25}])
+def test_latest_start_is_the_latest_start_any_iteration_reaches(kwargs):
+    """What MixGRPO's check compares with the first untrainable step (refusing windows that train nothing)."""
+    sched = WindowSchedule(25, shift_interval=3, **kwargs)
+    assert max(sched.start(i) for i in range(3000)) == sched.latest_start
