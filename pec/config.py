@@ -41,6 +41,7 @@ GENERATION_DENSITIES = ("policy", "latent_group")
 KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
 WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
 NFT_SOLVERS = ("dpm2", "euler")  # DiffusionNFT's rollout solver (`pec.sampling.sample`'s solver)
+MIXGRPO_STRATEGIES = ("progressive", "decay", "exp_decay", "random", "frozen")  # pec.algorithms.mixgrpo
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -132,7 +133,8 @@ class SamplingConfig:
     sde_window: list[int] | None = option(
         None, "SDE steps [start, end) (two integers): sampled with noise and trained (train.timestep_fraction "
               "may leave the last ones untrained); other steps are deterministic ODE steps. Empty = every step. "
-              "A step whose noise std is 0 (the last cps step, sigma_next = 0) is an ODE step whatever the window")
+              "A step whose noise std is 0 (the last cps step, sigma_next = 0) is an ODE step whatever the window. "
+              "For --algorithm flow_grpo and grpo_guard; mixgrpo and flow_grpo_fast place their own window")
 
 
 @dataclasses.dataclass
@@ -403,12 +405,67 @@ class RewardHttpConfig:
 
 
 @dataclasses.dataclass
+class MixGrpoConfig:
+    """MixGRPO (--algorithm mixgrpo): the sliding window of SDE steps (pec.algorithms.mixgrpo; the authors'
+    Tencent-Hunyuan/MixGRPO scripts' values are the defaults)."""
+
+    window_size: int = option(4, "w: consecutive SDE steps in the window, the only steps trained (group_size 4 in "
+                                 "the authors' scripts)", min=1)
+    shift_interval: int = option(25, "tau: training steps the window stays at each position (iters_per_group 25; "
+                                     "20 in MixGRPO-Flash)", min=1)
+    stride: int = option(1, "steps the window moves at each shift (prog_overlap_step 1; 0 = the window never "
+                            "moves, the authors' Flash*)", min=0)
+    strategy: str = option("progressive", f"how the window moves, one of {MIXGRPO_STRATEGIES}: progressive (every "
+                                          f"tau steps), decay (tau falls linearly from tau_max to tau_min along the "
+                                          f"trajectory), exp_decay (tau shrinks exponentially past exp_threshold), "
+                                          f"random (a start drawn each step from the run's seed, the same on every "
+                                          f"process), frozen (steps [0, w) for good)")
+    roll_back: bool = option(True, "past the last position, return the window to step 0 (the scripts' --roll_back); "
+                                   "false = stay at the last position")
+    limit: int | None = option(None, "M: windows end at or before step M (>= 1); empty = num_steps - 2, the "
+                                     "authors' max_timesteps", min=1, note="empty = sampling.num_steps - 2")
+    tau_max: int = option(10, "decay: the interval at step 0 (max_iters_per_group 10)", min=1)
+    tau_min: int = option(1, "decay: the interval's floor (min_iters_per_group 1)", min=1)
+    exp_threshold: int = option(13, "exp_decay: the window start from which the interval decays "
+                                    "(exp_decay_thre_timestep 13)", min=0)
+    exp_rate: float = option(0.1, "exp_decay: the rate k of tau*exp(-k*(start - exp_threshold)) (exp_decay_k 0.1)",
+                             min=0)
+
+
+@dataclasses.dataclass
+class FlowGrpoFastConfig:
+    """Flow-GRPO-Fast (--algorithm flow_grpo_fast): a random window of SDE steps per training step
+    (pec.algorithms.flow_grpo_fast; yifan123/flow_grpo's *_fast presets are the defaults)."""
+
+    window_size: int = option(3, "w: consecutive SDE steps in the window, the only steps trained "
+                                 "(sample.sde_window_size 3)", min=1)
+    window_range: list[int] | None = option(
+        None, "[r0, r1): the window lies in these steps; its start is drawn uniformly in [r0, r1 - w] once per "
+              "training step from the run's seed (the same on every process); empty = [0, num_steps // 2), "
+              "the presets' sde_window_range")
+
+
+@dataclasses.dataclass
+class GrpoGuardConfig:
+    """GRPO-Guard (--algorithm grpo_guard): Flow-GRPO with the per-step normalised ratio
+    log rho = mean((mu_theta - mu_old) xi) (pec.algorithms.grpo_guard)."""
+
+    dt_scaling: bool = option(True, "divide each trained step's clipped surrogate by its |dt| (verl-omni's "
+                                    "GRPOGuardLoss and the paper's 1/dt reweighting; Flow-Factory's "
+                                    "GRPOGuardTrainer does not: false)")
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
     algorithm: str = option("flow_grpo", "RL algorithm (pec.algorithms): flow_grpo (Flow-GRPO's clipped policy "
-                                         "gradient on the SDE steps), nft (DiffusionNFT: deterministic rollouts of "
-                                         "an old policy, a loss on the forward process, no log-probs; --nft.*)")
+                                         "gradient on the SDE steps), mixgrpo (a sliding window of SDE steps, ODE "
+                                         "elsewhere, shared initial noise per group: --mixgrpo.*), flow_grpo_fast "
+                                         "(a random window of SDE steps each step: --flow_grpo_fast.*), grpo_guard "
+                                         "(Flow-GRPO with GRPO-Guard's normalised ratio: --grpo_guard.*), nft "
+                                         "(DiffusionNFT: deterministic rollouts of an old policy, a loss on the "
+                                         "forward process, no log-probs: --nft.*)")
     method: str = option("pec", "regulariser (pec.methods): none (plain RL; also spelled grpo), pec, pcgs (--pcgs.*), "
                                 "entropy_bonus / perc_entropy_bonus (the policy / perceptual entropy, analytic: "
                                 "constants with no gradient), entropy_sample (per-sample -log pi reward bonus; pec "
@@ -441,6 +498,9 @@ class Config:
     paths: PathsConfig = option(PathsConfig(), "")
     reward_http: RewardHttpConfig = option(RewardHttpConfig(), "")
     data: DataConfig = option(DataConfig(), "")
+    mixgrpo: MixGrpoConfig = option(MixGrpoConfig(), "")
+    flow_grpo_fast: FlowGrpoFastConfig = option(FlowGrpoFastConfig(), "")
+    grpo_guard: GrpoGuardConfig = option(GrpoGuardConfig(), "")
 
     def validate(self) -> Config:
         """Raise ValueError, saying what to change, for options that cannot run together; return self.
@@ -554,13 +614,21 @@ def check_timestep_fraction(timestep_fraction: float, num_steps: int) -> int:
     return n
 
 
+def trainable_steps(s: SamplingConfig, t: TrainConfig) -> int:
+    """n: whatever the SDE window, only steps [0, n) can train under the one rule (`Rollout.train_steps`):
+    the first int(num_steps x train.timestep_fraction), less the last step with kind cps (its noise std is
+    0). ValueError for a fraction that leaves no step."""
+    n = check_timestep_fraction(t.timestep_fraction, s.num_steps)
+    last = s.num_steps - 1 if s.kind == "cps" else s.num_steps  # cps: sigma_next = 0 there, so its std is 0
+    return min(n, last)
+
+
 def _check_trained_steps(s: SamplingConfig, t: TrainConfig) -> None:
     """ValueError unless train.timestep_fraction is in (0, 1] and leaves a step to train: an SDE step of
     sampling.sde_window among the first int(num_steps x fraction), not the last step with kind cps (noise std 0)."""
     n = check_timestep_fraction(t.timestep_fraction, s.num_steps)
     start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
-    last = s.num_steps - 1 if s.kind == "cps" else s.num_steps  # cps: sigma_next = 0 there, so its std is 0
-    if start >= min(end, n, last):
+    if start >= min(end, trainable_steps(s, t)):
         raise ValueError(f"no step would train: sampling.sde_window {[start, end]} (kind {s.kind}"
                          f"{', whose last step has noise std 0' if s.kind == 'cps' else ''}) and "
                          f"train.timestep_fraction {t.timestep_fraction} (the first {n} of {s.num_steps} steps) "

@@ -1,8 +1,9 @@
 """`python -m pec.train`: an RL algorithm with a regulariser on a flow-matching model.
 
-Algorithms (`--algorithm`, `pec.algorithms`): flow_grpo, nft (DiffusionNFT, `--nft.*`). Regularisers
-(`--method`, `pec.methods`): none (also spelled grpo; with --train.kl_beta: GRPO + KL; with
---train.clip_range_high: Clip-Higher),
+Algorithms (`--algorithm`, `pec.algorithms`): flow_grpo, mixgrpo (a sliding SDE window, --mixgrpo.*),
+flow_grpo_fast (a random SDE window each step, --flow_grpo_fast.*), grpo_guard (GRPO-Guard's normalised
+ratio, --grpo_guard.*), nft (DiffusionNFT, --nft.*). Regularisers (`--method`, `pec.methods`): none
+(also spelled grpo; with --train.kl_beta: GRPO + KL; with --train.clip_range_high: Clip-Higher),
 entropy_bonus and entropy_sample (the policy-entropy bonus, analytic and per sample), perc_entropy_bonus,
 pec, pcgs (reward or guided form), clip_cov and kl_cov (native or perceptual). A regulariser that needs
 what the algorithm lacks (per-step log-probs, a PPO ratio) is refused before any model loads.

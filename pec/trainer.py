@@ -339,7 +339,8 @@ class Trainer:
             return sample(self.model, prompts, group_size=self.place.group_size, num_steps=s.num_steps,
                           guidance_scale=s.guidance_scale, eta=s.eta if plan.eta is None else plan.eta, kind=s.kind,
                           sde_window=plan.sde_window, noise=noise, guidance_fn=guidance_fn,
-                          guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch, solver=plan.solver)
+                          guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch, solver=plan.solver,
+                          record_means=plan.record_means)
 
     def mask_invalid(self, rollout: Rollout, rewards: torch.Tensor, feats: dict[str, torch.Tensor]) -> _Masks:
         """Phase 2's run safety: which samples the step may learn from, over the global batch (identical
@@ -361,6 +362,8 @@ class Trainer:
         rollout.log_probs = zero_invalid(rollout.log_probs, local_valid, dim=1)
         if rollout.guidance is not None:
             rollout.guidance = zero_invalid(rollout.guidance, local_valid, dim=1)
+        if rollout.means is not None:
+            rollout.means = zero_invalid(rollout.means, local_valid, dim=1)
         return _Masks(trained, rows, finite, valid, local_valid)
 
     def shape(self, step: int, rollout: Rollout, masks: _Masks, rewards: torch.Tensor, surprisal: torch.Tensor

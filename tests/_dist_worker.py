@@ -2,7 +2,8 @@
 rewards and advantages, the reduced gradient of every update, and the metric rows.
 
 Run in-process (`run_and_capture`) for the one-process reference, or under torchrun:
-    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full] [pec|guided] [PROMPTS]
+    torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full]
+        [pec|guided|mixgrpo] [PROMPTS]
 Not a test module (pytest collects only test_*.py).
 """
 import sys
@@ -22,7 +23,10 @@ from pec.trainer import Trainer  # noqa: E402
 SIZES = {"sampling": {"prompts_per_step": 2, "group_size": 4}, "train": {"micro_batch": 2}}
 
 
-METHODS = {"pec": {"method": "pec"}, "guided": {"method": "pcgs", "pcgs": {"form": "guided"}}}
+METHODS = {"pec": {"method": "pec"}, "guided": {"method": "pcgs", "pcgs": {"form": "guided"}},
+           # MixGRPO with PEC: the window [0, 1) at step 1, [1, 2) at step 2, one initial noise per group
+           "mixgrpo": {"method": "pec", "algorithm": "mixgrpo",
+                       "mixgrpo": {"window_size": 1, "shift_interval": 1, "limit": 2}}}
 
 
 def dist_config(world: Path, run_dir: Path, placement: str, steps: int, method: str = "pec", prompts: int = 2,

@@ -16,7 +16,10 @@ from _tiny_runs import tiny_config
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE = composition_table()
 # What an algorithm needs beyond the tiny run's defaults to take a step (its windows must fit 2 sampling steps).
-ALGORITHM_OPTIONS: dict[str, dict] = {}
+ALGORITHM_OPTIONS: dict[str, dict] = {
+    "mixgrpo": {"mixgrpo": {"window_size": 1, "limit": 2}},
+    "flow_grpo_fast": {"flow_grpo_fast": {"window_size": 1}},
+}
 CELLS = [(a, v) for a in ALGORITHMS.names() for v in VARIANTS]
 
 

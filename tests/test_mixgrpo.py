@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pec.algorithms.mixgrpo import STRATEGIES, WindowSchedule, flash_sigmas
-from pec.algorithms.windows import step_randint
+from pec.seeding import step_randint
 
 
 def test_published_schedule_table():
@@ -90,7 +90,7 @@ def test_random_is_seeded_per_iteration_and_full_width():
     b = WindowSchedule(25, strategy="random", seed=7)
     starts = [a.start(i) for i in range(2000)]
     assert starts == [b.start(i) for i in reversed(range(2000))][::-1]  # pure: the order of calls is irrelevant
-    assert starts == [step_randint(7, i, "mixgrpo.window", 0, 23 - 4) for i in range(2000)]
+    assert starts == [step_randint(7, i, 5, 0, 23 - 4) for i in range(2000)]
     assert set(starts) == set(range(20))  # [0, M - w], both ends
     assert all(end - start == 4 for start, end in map(a.window, range(2000)))
     assert starts != [WindowSchedule(25, strategy="random", seed=8).start(i) for i in range(2000)]
@@ -171,3 +171,12 @@ def test_flash_window_at_the_end_keeps_the_grid():
     grid = flash_sigmas(sigmas, (21, 25), 0.4, 3.0)
     assert torch.equal(grid.sigmas, sigmas) and grid.sigmas.dtype == torch.float32
     assert grid.window == (21, 25) and grid.post == (25, 25)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"roll_back": False}, {"stride": 3}, {"stride": 3, "roll_back": False},
+                                    {"stride": 0}, {"strategy": "frozen"}, {"strategy": "random", "window_size": 5},
+                                    {"strategy": "decay", "stride": 2}, {"strategy": "exp_decay", "limit": 25}])
+def test_latest_start_is_the_latest_start_any_iteration_reaches(kwargs):
+    """What MixGRPO's check compares with the first untrainable step (refusing windows that train nothing)."""
+    sched = WindowSchedule(25, shift_interval=3, **kwargs)
+    assert max(sched.start(i) for i in range(3000)) == sched.latest_start

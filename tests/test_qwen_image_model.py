@@ -236,6 +236,8 @@ def test_shipped_configs_validate(folder, spaces, name):
     assert cfg.sampling.guidance_scale == 4.0 and cfg.sampling.eta == 1.2 and cfg.sampling.num_steps == 10
     assert cfg.train.lora_rank == 64 and cfg.train.lora_alpha == 128 and cfg.model.gradient_checkpointing
     assert cfg.method == ("pec" if name.endswith("_pec") else "grpo")
+    assert cfg.algorithm == "flow_grpo_fast" and cfg.sampling.sde_window is None
+    assert cfg.flow_grpo_fast.window_size == 2 and cfg.flow_grpo_fast.window_range == [0, 5]
 
 
 def test_train_two_steps_from_the_shipped_pec_config(folder, spaces, tmp_path):
@@ -244,7 +246,7 @@ def test_train_two_steps_from_the_shipped_pec_config(folder, spaces, tmp_path):
                 "--model.resolution", "32", "--model.dtype", "float32", "--device", "cpu",
                 *(f"--paths.{k}={v}" for k, v in spaces.items()), "--sampling.prompts_per_step", "2",
                 "--sampling.group_size", "2", "--perceptual.k", "1", "--sampling.num_steps", "2",
-                "--sampling.sde_window", "0", "2",
+                "--flow_grpo_fast.window_range", "0", "2",
                 "--train.steps", "2", "--train.micro_batch", "2", "--logging.progress", "false",
                 "--logging.tensorboard", "false", "--logging.grid_samples", "2", "--run-dir", str(run_dir)])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -23,9 +23,10 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["grpo", "pec"])
-def test_an_embedded_step_syncs_only_where_documented(world, tmp_path, method):
-    trainer = Trainer(tiny_config(world, tmp_path, method=method, device="cuda", train={"steps": 3}))
+@pytest.mark.parametrize("method,algorithm", [("grpo", "flow_grpo"), ("pec", "flow_grpo"), ("pec", "grpo_guard")])
+def test_an_embedded_step_syncs_only_where_documented(world, tmp_path, method, algorithm):
+    trainer = Trainer(tiny_config(world, tmp_path, method=method, algorithm=algorithm, device="cuda",
+                                  train={"steps": 3}))
     trainer.train_step(1)  # warm-up: lazy CUDA/cuBLAS initialisation and Triton compilation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -90,8 +91,8 @@ class _HostReadsOutsideDocumentedSyncs(TorchDispatchMode):
 
 @pytest.mark.parametrize("method,extra", [("pec", {}), ("pcgs", {"pcgs": {"generation_density": "latent_group"}}),
                                           ("pec", {"perceptual": {"k": 1, "bank_steps": 2, "batch_metric": True}}),
-                                          ("pec", {"algorithm": "nft"})],
-                         ids=["pec", "pcgs_latent_group", "pec_batch_and_bank", "nft_pec"])
+                                          ("pec", {"algorithm": "nft"}), ("pec", {"algorithm": "grpo_guard"})],
+                         ids=["pec", "pcgs_latent_group", "pec_batch_and_bank", "nft_pec", "pec_grpo_guard"])
 def test_a_step_with_masked_samples_reads_nothing_outside_the_documented_syncs(world, tmp_path, monkeypatch,
                                                                                method, extra):
     """Step 3 of the "nan_at_call3" reward masks sample 0 and a whole group: the masked estimators, metrics

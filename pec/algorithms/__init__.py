@@ -7,7 +7,8 @@ ratio, Gaussian steps with a policy entropy), and then the run is refused with o
 """
 from __future__ import annotations
 
-from pec.algorithms import flow_grpo, nft  # noqa: F401  (each module registers its algorithm)
+# Each module registers its algorithm.
+from pec.algorithms import flow_grpo, flow_grpo_fast, grpo_guard, mixgrpo, nft  # noqa: F401
 from pec.algorithms.base import CAPABILITIES, Algorithm, Learner
 from pec.algorithms.registry import ALGORITHMS
 from pec.config import Config, apply_dict

@@ -60,12 +60,14 @@ class RolloutPlan:
     solver: how ODE steps are solved: "euler" (the SDE step with eta 0, through `pec_kernels`) or "dpm2"
         (DPM-Solver++(2M), DiffusionNFT's sampler; `pec.sampling.sample`).
     eta: the SDE noise level of the step's SDE steps (None: `--sampling.eta`; 0: every step is an ODE step).
+    record_means: keep each step's Gaussian mean in the rollout (`Rollout.means`: GRPO-Guard's mu_old).
     """
 
     sde_window: tuple[int, int] | None = None
     shared_noise: bool = False
     solver: str = "euler"
     eta: float | None = None
+    record_means: bool = False
 
 
 @dataclass

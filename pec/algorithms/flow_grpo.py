@@ -11,21 +11,25 @@ rollout's micro-batch shapes, so the first update's ratio is exactly 1), then th
 accumulate over the logical minibatch.
 
 Variants subclass `FlowGRPO` and override `plan` (which steps are SDE steps: MixGRPO, Flow-GRPO-Fast) or
-`piece_log_ratio` (how the ratio is formed: GRPO-Guard).
+`piece_loss` (how a piece's ratio and surrogate are formed: GRPO-Guard).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pec.algorithms.base import Algorithm, RolloutPlan, UpdateBatch
 from pec.algorithms.registry import ALGORITHMS
-from pec.grpo import clipped_surrogate
+from pec.grpo import SurrogateStats, clipped_surrogate
 from pec.policy import latent_dim
 from pec.regularizers import policy_entropy
-from pec.sampling import guided_velocity, step_log_prob
+from pec.sampling import Rollout, guided_velocity, step_log_prob
+
+if TYPE_CHECKING:
+    from pec.methods.base import LossTerms
+    from pec_kernels import SdeStep
 
 
 @ALGORITHMS.register("flow_grpo")
@@ -41,6 +45,31 @@ class FlowGRPO(Algorithm):
 
     def columns(self, trained: list[int]) -> int:
         return len(trained)
+
+    def piece_loss(self, rollout: Rollout, t_index: int, col: int, idx: torch.Tensor, adv: torch.Tensor,
+                   keep: torch.Tensor, v_ref: torch.Tensor | None, terms: LossTerms | None
+                   ) -> tuple[torch.Tensor, SurrogateStats, SdeStep]:
+        """The policy loss of one piece of the update (trained step `t_index`, advantage column `col`,
+        micro-batch `idx` with advantages `adv` and validity `keep`): the clipped surrogate of the step's
+        ratio, with the regulariser's ratio inputs and penalty (`LossTerms.ratio_inputs`), before the KL and
+        the regulariser's piece term, which `update` adds. Variants override it to form the ratio otherwise
+        (GRPO-Guard).
+
+        Returns (loss, the ratio's stats, the re-evaluated step: `pec.sampling.step_log_prob`'s output, whose
+        `kl` is the KL to the reference when `v_ref` is given).
+        """
+        cfg = self.cfg
+        out = step_log_prob(self.learner.policy.model, rollout, t_index, idx, v_ref=v_ref,
+                            kl_units=cfg.train.kl_units)
+        old = rollout.log_probs[t_index, idx].float()
+        log_prob, penalty = out.log_prob.float(), None
+        if terms is not None:
+            log_prob, penalty = terms.ratio_inputs(idx, col, log_prob, old)
+        loss, stats = clipped_surrogate(log_prob, old, adv, cfg.train.clip_range, valid=keep,
+                                        clip_range_high=cfg.train.clip_range_high)
+        if penalty is not None:
+            loss = loss + penalty
+        return loss, stats, out
 
     def update(self, batch: UpdateBatch) -> tuple[dict[str, Any], list[str]]:
         """`train.minibatches` optimizer updates on the rollout (see `Learner.step` for the skip rules).
@@ -77,17 +106,9 @@ class FlowGRPO(Algorithm):
                     if cfg.train.kl_beta > 0 or (terms is not None and terms.wants_reference(col)):
                         with torch.no_grad(), learner.policy.reference() as ref_model:
                             v_ref = guided_velocity(ref_model, rollout, t_index, idx_dev)
-                    out = step_log_prob(model, rollout, t_index, idx_dev, v_ref=v_ref, kl_units=cfg.train.kl_units)
-                    old = rollout.log_probs[t_index, idx_dev].float()
                     adv = advantages[idx_dev, col]
                     keep = valid[idx_dev]
-                    log_prob, penalty = out.log_prob.float(), None
-                    if terms is not None:
-                        log_prob, penalty = terms.ratio_inputs(idx_dev, col, log_prob, old)
-                    loss, stats = clipped_surrogate(log_prob, old, adv, cfg.train.clip_range, valid=keep,
-                                                    clip_range_high=cfg.train.clip_range_high)
-                    if penalty is not None:
-                        loss = loss + penalty
+                    loss, stats, out = self.piece_loss(rollout, t_index, col, idx_dev, adv, keep, v_ref, terms)
                     surrogate = loss.detach()
                     if out.kl is not None and cfg.train.kl_beta > 0:
                         loss = loss + cfg.train.kl_beta * (out.kl * keep).mean()

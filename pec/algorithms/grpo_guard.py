@@ -1,4 +1,5 @@
-"""GRPO-Guard's normalised importance ratio and its |dt|-scaled clipped surrogate (DESIGN.md §2.7).
+"""GRPO-Guard (`--algorithm grpo_guard`): its normalised importance ratio and |dt|-scaled clipped surrogate
+(DESIGN.md §2.7), and the algorithm behind the trainer's loop.
 
 GRPO-Guard (arXiv 2510.22319) replaces Flow-GRPO's per-step ratio exp(log p_theta - log p_old), whose
 log is biased (its mean under the rollout noise is -mean((mu_theta - mu_old)^2) / (2 s^2), more negative
@@ -37,15 +38,39 @@ Sources: there is no official code ("code not released"); both re-implementation
 The |dt| division follows verl-omni (and the paper's summaries: "1/dt reweighting"); Flow-Factory leaves it
 out, hence the option. verl-omni takes s as the batch mean of each factor, one scalar per step; here s may
 also be one value per sample (a batch mixing steps), each row divided by its own s.
+
+The algorithm, `GRPOGuard`, is Flow-GRPO (`pec.algorithms.flow_grpo`: the same SDE steps, `--sampling.sde_window`
+and trained steps) whose rollout records each step's mean (mu_old, `RolloutPlan.record_means`) and whose
+piece loss (`GRPOGuard.piece_loss`) is `guard_surrogate` of `guard_log_ratio(mu_theta, mu_old, x', s_t)`,
+mu_theta the re-evaluated step's mean (`pec.sampling.step_log_prob(..., return_mean=True)`), x' the rollout's
+sample of the step and s_t its noise std; with `--grpo_guard.dt_scaling` (default on) each step's surrogate
+is divided by its |dt|. The first update's ratio is exactly 1: mu_theta == mu_old bit for bit on-policy.
+
+The regularisers act on the log-ratio that enters the clip, here log rho, with 0 as the old value:
+Clip-Cov detaches log rho on its selected entries (they add nothing to the gradient, as under Flow-GRPO),
+KL-Cov adds kl_coef * |log rho| on its entries, the magnitude of the ratio the surrogate clips (under
+Flow-GRPO, |log pi_old - log pi|); with dt_scaling the penalty is divided by |dt| like the surrogate, so
+that it keeps its weight against the surrogate at every step. Their selection (the covariance of the
+stored log pi, or of the perceptual log-density, with A) is unchanged. The KL to the reference and the
+entropy bonus are Flow-GRPO's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
+from pec.algorithms.base import RolloutPlan
+from pec.algorithms.flow_grpo import FlowGRPO
+from pec.algorithms.registry import ALGORITHMS
 from pec.grpo import SurrogateStats, clipped_surrogate
-from pec_kernels import check_tensor
+from pec.sampling import Rollout, step_log_prob
+from pec_kernels import SdeStep, check_tensor
+
+if TYPE_CHECKING:
+    from pec.methods.base import LossTerms
 
 
 def _check_number(name: str, value: object, *, positive: bool = False) -> float:
@@ -129,3 +154,34 @@ def guard_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_rang
             advantages = advantages / abs(_check_number("dt", dt))
     return clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), advantages, clip_range, valid,
                              clip_range_high=clip_range_high)
+
+
+@ALGORITHMS.register("grpo_guard")
+class GRPOGuard(FlowGRPO):
+    """GRPO-Guard: Flow-GRPO with the normalised per-step ratio (see the module docstring)."""
+
+    name = "grpo_guard"
+
+    def plan(self, step: int) -> RolloutPlan:
+        return dataclasses.replace(super().plan(step), record_means=True)
+
+    def piece_loss(self, rollout: Rollout, t_index: int, col: int, idx: torch.Tensor, adv: torch.Tensor,
+                   keep: torch.Tensor, v_ref: torch.Tensor | None, terms: LossTerms | None
+                   ) -> tuple[torch.Tensor, SurrogateStats, SdeStep]:
+        """`guard_surrogate` of the piece's log rho (see the module docstring for the regularisers' terms)."""
+        cfg = self.cfg
+        out = step_log_prob(self.learner.policy.model, rollout, t_index, idx, v_ref=v_ref,
+                            kl_units=cfg.train.kl_units, return_mean=True)
+        # s_t from the host-side schedule (a CPU tensor: no device read); dt stays on the device.
+        log_ratio = guard_log_ratio(out.mean, rollout.means[t_index, idx], rollout.latents[t_index + 1, idx],
+                                    rollout.step_std.tolist()[t_index])
+        penalty = None
+        if terms is not None:
+            log_ratio, penalty = terms.ratio_inputs(idx, col, log_ratio, torch.zeros_like(log_ratio))
+        dt = rollout.sigmas[t_index + 1] - rollout.sigmas[t_index]
+        dt_scaling = cfg.grpo_guard.dt_scaling
+        loss, stats = guard_surrogate(log_ratio, adv, cfg.train.clip_range, dt, dt_scaling=dt_scaling, valid=keep,
+                                      clip_range_high=cfg.train.clip_range_high)
+        if penalty is not None:
+            loss = loss + (penalty / dt.abs() if dt_scaling else penalty)
+        return loss, stats, out

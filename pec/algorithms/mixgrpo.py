@@ -1,8 +1,31 @@
-"""MixGRPO's sliding SDE window over training iterations, and MixGRPO-Flash's post-window grid.
+"""MixGRPO (`--algorithm mixgrpo`): its sliding SDE window over training iterations, the algorithm behind
+the trainer's loop, and MixGRPO-Flash's post-window grid.
 
 MixGRPO (arXiv 2507.21802) samples with SDE steps inside a window of consecutive steps and ODE steps
-elsewhere, trains only the window, and moves the window as training goes on (DESIGN.md §2.7). This module
-holds the pure math of that schedule; the rollout and loss live with the algorithm.
+elsewhere, trains only the window, and moves the window as training goes on (DESIGN.md §2.7). The schedule's
+math is `WindowSchedule`; the algorithm, `MixGRPO`, is Flow-GRPO (`pec.algorithms.flow_grpo`) with this
+rollout plan at training step s (iteration s - 1):
+- the window of `WindowSchedule` (settings: `--mixgrpo.*`) holds the SDE steps, with `--sampling.eta`
+  (the authors' flow SDE, eta 0.7); every other step is an Euler ODE step;
+- every sample of a prompt group starts from the same initial noise (the authors' --init_same_noise), drawn
+  from (seed, step, group), so a group diverges only inside the window, on whichever processes it lives;
+- the trained steps follow the one rule (`Rollout.train_steps`): the window's steps among the first
+  int(T * train.timestep_fraction). A window that would train nothing is refused before any model loads
+  (`MixGRPO.check`: `WindowSchedule.latest_start` must lie below the first untrainable step); MixGRPO trains
+  its whole window, so its configs use timestep_fraction 1.0 (the scripts' 0.6 is read only by their
+  DanceGRPO mode; fed to the one rule it would cut the window off from step 15 on);
+- the checkpoint holds the window position (`WindowSchedule.state_dict`: plain ints); the window is a pure
+  function of the iteration, so a resumed run trains the windows of the uninterrupted one, and resuming
+  under settings that would move the window is refused.
+The update, the regularisers' hooks and the diagnostics are Flow-GRPO's. A fixed `--sampling.sde_window` is
+refused: the schedule places the window.
+
+MixGRPO-Flash is not built: `flash_sigmas` gives its grid, but its rollout has fewer steps than
+`--sampling.num_steps` after the window (7 instead of 21 at T = 25), and the trainer sizes its per-step
+noise draw and the regularisers' per-step guidance weights by `sampling.num_steps`; a schedule override in
+the rollout plan would have to carry its own step count through those, and the authors' re-gridding
+undoes a static shift 3 that FLUX's dynamic-shift schedule here does not have. MixGRPO samples the whole
+grid (Euler outside the window).
 
 Authors' code (Tencent-Hunyuan/MixGRPO @e5cdd6a; research notes /work/notes/algorithms.md §2):
 `fastvideo/utils/grpo_states.py` (`GRPOTrainingStates`: the window position and its strategies),
@@ -46,7 +69,7 @@ Where we differ from the authors, and why:
   `GRPOTrainingStates` for T in {10, 13, 25}, strides 1 to 5, tau in {1, 3, 25}, with and without roll
   back: equal once their empty windows are dropped). The published 300-step runs reach start 11 (tau 25)
   or 14 (tau 20) and never see the difference.
-- `random` is seeded: l = `step_randint(seed, iteration, "mixgrpo.window", 0, M - w)`, the same on every
+- `random` is seeded: l = `pec.seeding.step_randint(seed, iteration, 5, 0, M - w)`, the same on every
   rank and after a resume (the authors draw from an unseeded numpy generator on each rank, so their ranks
   train different windows). It draws at iteration 0 too (the authors' iteration 0 uses start 0).
 - The schedule is a pure function of the iteration (resume needs only the iteration); the authors keep a
@@ -70,11 +93,16 @@ from typing import NamedTuple
 
 import torch
 
-from pec.algorithms.windows import check_int, step_randint
+from pec.algorithms.base import Learner, RolloutPlan
+from pec.algorithms.flow_grpo import FlowGRPO
+from pec.algorithms.registry import ALGORITHMS
+from pec.algorithms.windows import check_int, check_window_algorithm
+from pec.config import MIXGRPO_STRATEGIES, Config
+from pec.seeding import step_randint
 from pec_kernels import check_choice, check_tensor
 
-STRATEGIES = ("progressive", "decay", "exp_decay", "random", "frozen")
-RANDOM_STREAM = "mixgrpo.window"
+STRATEGIES = MIXGRPO_STRATEGIES
+RANDOM_STREAM = 5  # `pec.seeding.step_seed`'s stream of the random strategy's draws
 STATE_KEYS = ("iteration", "start", "end")
 
 
@@ -133,6 +161,17 @@ class WindowSchedule:
             decay = math.exp(-self.exp_rate * max(0, start - self.exp_threshold))
             return max(1, math.ceil(self.shift_interval * decay))
         return self.shift_interval
+
+    @property
+    def latest_start(self) -> int:
+        """The latest window start any iteration reaches."""
+        if self.strategy == "random":
+            return self.limit - self.window_size
+        if self.strategy == "frozen" or self.stride == 0:
+            return 0
+        if not self.roll_back:
+            return self.limit - 1  # the clamp, once past the last start
+        return (self.limit - 1) // self.stride * self.stride
 
     def start(self, iteration: int) -> int:
         """The window's first step at training iteration `iteration` (0-based)."""
@@ -233,3 +272,40 @@ def flash_sigmas(sigmas: torch.Tensor, window: tuple[int, int], ratio: float = 0
     post[0] = first
     new = torch.cat([sig[:end], post]).to(sigmas.device, sigmas.dtype)
     return FlashGrid(new, (start, end), (end, new.shape[0] - 1))
+
+
+def window_schedule(cfg: Config) -> WindowSchedule:
+    """The `WindowSchedule` of `--mixgrpo.*` for `cfg`'s sampler steps and seed (ValueError naming the setting)."""
+    m = cfg.mixgrpo
+    return WindowSchedule(cfg.sampling.num_steps, m.window_size, m.shift_interval, m.stride, m.limit, m.strategy,
+                          m.roll_back, m.tau_max, m.tau_min, m.exp_threshold, m.exp_rate, cfg.seed)
+
+
+@ALGORITHMS.register("mixgrpo")
+class MixGRPO(FlowGRPO):
+    """MixGRPO: Flow-GRPO on a sliding window of SDE steps with shared initial noise per group (see the
+    module docstring)."""
+
+    name = "mixgrpo"
+
+    def __init__(self, cfg: Config, learner: Learner) -> None:
+        super().__init__(cfg, learner)
+        self.schedule = window_schedule(cfg)
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        schedule = window_schedule(cfg)
+        check_window_algorithm(cfg, schedule.latest_start,
+                               f"mixgrpo (strategy {schedule.strategy}, limit {schedule.limit})",
+                               "lower --mixgrpo.limit or raise --train.timestep_fraction (MixGRPO trains its "
+                               "whole window: 1.0)")
+
+    def plan(self, step: int) -> RolloutPlan:
+        return RolloutPlan(sde_window=self.schedule.window(step - 1), shared_noise=True)
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {"window": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, int]]) -> None:
+        if "window" in state:
+            self.schedule.load_state_dict(state["window"])

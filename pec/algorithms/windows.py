@@ -1,36 +1,10 @@
-"""Helpers shared by the window algorithms (MixGRPO, Flow-GRPO-Fast): seeded per-step draws and the
-integer checks of their settings. A window is (start, end), end exclusive, as `sampling.sde_window`.
-
-Draws are a pure function of (run seed, training step, stream name). MixGRPO's `random` strategy and
-Flow-GRPO-Fast's window start draw one integer per training step that every rank must agree on and that a
-resumed run must draw again identically. A process-local RNG (the authors' choice: unseeded numpy in
-MixGRPO, `random.randint` seeded with seed + rank in Flow-GRPO-Fast) gives neither. Here the draw hashes
-(stream, seed, step): no state, no communication, the same on every rank, machine and library version
-(BLAKE2b is fixed; no torch or numpy RNG stream whose algorithm could change underneath).
-"""
+"""The checks shared by the window algorithms (MixGRPO, Flow-GRPO-Fast): their integer settings and the
+configurations they refuse, each a one-line ValueError naming the setting. A window is (start, end), end
+exclusive, as `sampling.sde_window`. Their per-step draws are `pec.seeding.step_randint` (the run's one
+seeding scheme)."""
 from __future__ import annotations
 
-import hashlib
-
-# 128 hash bits: reducing modulo a range of n values biases each value by at most n / 2^128.
-_DIGEST_BYTES = 16
-
-
-def step_randint(seed: int, step: int, stream: str, low: int, high: int) -> int:
-    """A uniform integer in [low, high] (both inclusive), fixed by (seed, step, stream).
-
-    Args:
-        seed: the run's seed.
-        step: the training step (iteration) the draw belongs to.
-        stream: a name that separates independent uses of the same (seed, step), e.g. "mixgrpo.window".
-        low, high: the inclusive range; high >= low.
-    """
-    check_int("seed", seed, 0)
-    check_int("step", step, 0)
-    if high < low:
-        raise ValueError(f"step_randint needs low <= high, got [{low}, {high}]")
-    digest = hashlib.blake2b(f"{stream}:{seed}:{step}".encode(), digest_size=_DIGEST_BYTES).digest()
-    return low + int.from_bytes(digest, "little") % (high - low + 1)
+from pec.config import Config, trainable_steps
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -40,3 +14,21 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
         expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
+
+
+def check_window_algorithm(cfg: Config, latest_start: int, setting: str, fix: str) -> None:
+    """What every window algorithm (`cfg.algorithm`, which places its own SDE window) refuses, as a one-line
+    ValueError: a fixed `sampling.sde_window`, and a window that may start at `latest_start` (as `setting`
+    allows) where no step can train under the one rule (`pec.config.trainable_steps`), so that its step would
+    train nothing; `fix` says what to change then."""
+    s, t = cfg.sampling, cfg.train
+    if s.sde_window is not None:
+        raise ValueError(f"sampling.sde_window fixes Flow-GRPO's SDE steps, but --algorithm {cfg.algorithm} places "
+                         f"its own window (--{cfg.algorithm}.*): leave sampling.sde_window empty")
+    n = trainable_steps(s, t)
+    if latest_start >= n:
+        cps = ", less the last step, whose noise std is 0 with kind cps" if s.kind == "cps" else ""
+        raise ValueError(f"{setting} lets the window start at step {latest_start}, but only steps before {n} can "
+                         f"train (train.timestep_fraction {t.timestep_fraction} keeps the first "
+                         f"int({s.num_steps} x {t.timestep_fraction}) steps{cps}), so that window would train "
+                         f"nothing: {fix}")
