@@ -1,4 +1,5 @@
-"""What the regulariser exists for, under every RL algorithm: on the embedded world, at the reduced size of
+"""What the regulariser exists for, under every RL algorithm beside Flow-GRPO (whose collapse and PEC's
+answer to it the paper table decides, docs/paper_table/claims.md): on the embedded world, at the reduced size of
 tests/_diversity_run.py (4 prompts x 8 samples, 6 denoising steps, 30 training steps), for seeds 0 and 1,
 measured on sampled images with the same held-out seeds (16 images of each digit prompt):
 - the gold reward (the evaluation-only classifier) rises over the 30 steps;
@@ -20,18 +21,21 @@ HERE = Path(__file__).resolve().parent
 STEPS = 30
 SEEDS = (0, 1)
 # Each algorithm's settings for the reduced size (beyond its defaults): two updates per rollout batch for the
-# clipped policy gradients, so that 30 steps move them as far as the published runs' first hundred.
+# clipped policy gradients, so that 30 steps move them far enough to show the collapse.
 OPTIONS: dict[str, list[str]] = {
-    "flow_grpo": ["--train.minibatches", "2"],
+    "mixgrpo": ["--train.minibatches", "2"],
+    "flow_grpo_fast": ["--train.minibatches", "2"],
+    "grpo_guard": ["--train.minibatches", "2"],
     "nft": [],  # one update a step, as the authors': their implicit policies move it further per update
 }
+ALGORITHMS_JUDGED = [name for name in ALGORITHMS.names() if name != "flow_grpo"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("diversity")
-    jobs = [(algorithm, seed) for algorithm in ALGORITHMS.names() for seed in SEEDS]
-    missing = [a for a in ALGORITHMS.names() if a not in OPTIONS]
+    jobs = [(algorithm, seed) for algorithm in ALGORITHMS_JUDGED for seed in SEEDS]
+    missing = [a for a in ALGORITHMS_JUDGED if a not in OPTIONS]
     assert not missing, f"give every algorithm its reduced-size settings in OPTIONS: {missing}"
 
     def job(algorithm, seed):
@@ -45,7 +49,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+@pytest.mark.parametrize("algorithm", ALGORITHMS_JUDGED)
 def test_the_algorithm_collapses_diversity_and_pec_keeps_more(results, algorithm):
     for seed in SEEDS:
         r = results[(algorithm, seed)]
