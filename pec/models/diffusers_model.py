@@ -90,17 +90,24 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
 
     config = json.loads((folder / "config.json").read_text())
-    cls = getattr(diffusers, config["_class_name"])
+    with init_empty_weights():
+        model = build_in_dtype(getattr(diffusers, config["_class_name"]), config, dtype)
+    return model.eval()
+
+
+def build_in_dtype(cls: type, config: dict, dtype: torch.dtype) -> nn.Module:
+    """`cls.from_config(config)` with the dtypes `cls.from_pretrained(..., torch_dtype=dtype)` gives: built
+    under `dtype` as the default dtype (buffers computed at construction too, as from_pretrained builds it),
+    then the checkpoint's floating tensors in float32 where a part of their name is one of the class's
+    `_keep_in_fp32_modules`, else in `dtype` (diffusers' load_model_dict_into_meta). On whatever device the
+    caller's context gives (the meta device: no storage)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with init_empty_weights():
-            model = cls.from_config(config)
+        model = cls.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     keep = cls._keep_in_fp32_modules or ()
-    # What from_pretrained casts (load_model_dict_into_meta): the checkpoint's floating tensors, to float32
-    # where a part of the name is a kept module, else to `dtype`.
     for name, tensor in model.state_dict(keep_vars=True).items():
         wanted = torch.float32 if any(part in keep for part in name.split(".")) else dtype
         if not tensor.is_floating_point() or tensor.dtype == wanted:
@@ -111,7 +118,7 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
             holder._parameters[attr] = nn.Parameter(tensor.to(wanted), requires_grad=tensor.requires_grad)
         else:
             holder._buffers[attr] = tensor.to(wanted)
-    return model.eval()
+    return model
 
 
 def component_weights(folder: Path) -> WeightFiles:
