@@ -131,7 +131,8 @@ def build_model(case: ModelCase, device: torch.device) -> QwenImageFlowModel | W
                "text_encoders": "gpu", "max_sequence_length": case.text_tokens}
     if case.kind == "wan":
         pipe = diffusers.WanPipeline(
-            tokenizer=None, text_encoder=None, transformer=transformer, vae=diffusers.AutoencoderKLWan(z_dim=16, **small),
+            tokenizer=None, text_encoder=None, transformer=transformer,
+            vae=diffusers.AutoencoderKLWan(z_dim=16, **small),
             scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                         num_train_timesteps=1000, flow_shift=3.0))
         model = BenchWan(pipe, frames=case.frames, **options)
@@ -186,7 +187,8 @@ def _trainer(case: ModelCase, run_dir: Path) -> Trainer:
                                "compile": case.device == "cuda" and os.environ.get("PEC_BENCH_MODELS_COMPILE") == "1"},
                      "sampling": {"prompts_per_step": 2, "group_size": 2, "num_steps": case.num_steps,
                                   "guidance_scale": case.cfg_scale, "sde_window": list(case.window)},
-                     "train": {"micro_batch": 4, "lora_rank": rank, "lora_alpha": alpha, "lr": 3e-4, "clip_range": 1e-4},
+                     "train": {"micro_batch": 4, "lora_rank": rank, "lora_alpha": alpha, "lr": 3e-4,
+                               "clip_range": 1e-4},
                      "perceptual": {"spaces": ["bench_frames_conv"], "space": "bench_frames_conv", "k": 1,
                                     "batch_metric": False},
                      "logging": {"tensorboard": False, "progress": False}})

@@ -14,13 +14,14 @@ single-device run: every helper here is then the identity.
   every perceptual space are all-gathered (B x D per space), so each group's entropy covers all of it.
 - Seeding: each sample's noise comes from its own generator, seeded by (run seed, step, global index),
   so the samples do not depend on the number of processes.
-- Gradients: DDP (torch's composable `replicate`) over the LoRA adapters, FSDP2 (`fully_shard`) for full
-  fine-tuning; both reduce during the backward of a minibatch's last micro-batch.
+- Gradients: DDP (torch's composable `replicate`) over the LoRA adapters, reduced during the backward of a
+  minibatch's last micro-batch; FSDP2 (`fully_shard`) for full fine-tuning, reduce-scattered at every
+  backward (gradients accumulate sharded). The finiteness decision is taken on the reduced gradient (and
+  the all-reduced loss), so every rank takes the same one.
 - Memory: with LoRA every rank holds the whole frozen base model (loaded as with one process). With full
   fine-tuning no rank ever holds a whole transformer: it is built on the meta device, sharded block by
   block, and each rank reads only its rows of the safetensors weights (`load_sharded_transformer`); the KL
-  reference is built the same way. The finiteness
-  decision is taken on the reduced gradient (and the all-reduced loss), so every rank takes the same one.
+  reference is built the same way.
 """
 from __future__ import annotations
 
@@ -356,14 +357,19 @@ class SafetensorsRows:
     """Reads rows of the tensors of a safetensors file with plain reads: the format is an 8-byte header
     length, a JSON header (per tensor: dtype, shape, data_offsets) and the C-contiguous data, so rows
     [start, stop) of a tensor are one range of bytes. Unlike `safe_open`, nothing is memory-mapped: the
-    process reads (and its resident set counts) exactly the bytes asked for."""
+    process reads (and its resident set counts) exactly the bytes asked for. A context manager (closes the
+    file)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = open(path, "rb")
-        size = int.from_bytes(self.file.read(8), "little")
-        self.entries = json.loads(self.file.read(size))
-        self.entries.pop("__metadata__", None)
+        self.file = open(path, "rb")  # closed by __exit__
+        try:
+            size = int.from_bytes(self.file.read(8), "little")
+            self.entries = json.loads(self.file.read(size))
+            self.entries.pop("__metadata__", None)
+        except (ValueError, MemoryError, OverflowError):
+            self.file.close()
+            raise ValueError(f"{path} is not a safetensors file (its header does not parse)") from None
         self.data_start = 8 + size
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -375,15 +381,18 @@ class SafetensorsRows:
         entry, shape = self.entries[key], self.shape(key)
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which pec does not read")
-        out = torch.empty(shape if start is None else (stop - start, *shape[1:]), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        rows = shape if start is None else (stop - start, *shape[1:])
+        out = torch.empty(rows, dtype=SAFETENSORS_DTYPES[entry["dtype"]])
         row_bytes = math.prod(shape[1:]) * out.element_size()
         self.file.seek(self.data_start + entry["data_offsets"][0] + (start or 0) * row_bytes)
         if self.file.readinto(out.reshape(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
             raise ValueError(f"{self.path} is truncated (tensor {key!r})")
         return out
 
-    def close(self) -> None:
-        """Close the file."""
+    def __enter__(self) -> SafetensorsRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.file.close()
 
 
@@ -397,10 +406,10 @@ def load_weight_shards(module: torch.nn.Module, weights: WeightFiles) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     with contextlib.ExitStack() as stack:
-        readers = [SafetensorsRows(f) for f in weights.files]
-        for reader in readers:
-            stack.callback(reader.close)
-        where = {key: reader for reader in readers for key in reader.entries}
+        where = {}
+        for file in weights.files:
+            reader = stack.enter_context(SafetensorsRows(file))
+            where.update(dict.fromkeys(reader.entries, reader))
         for name, tensor in module.state_dict(keep_vars=True).items():
             key = weights.prefix + name
             if key not in where:

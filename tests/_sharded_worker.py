@@ -190,8 +190,10 @@ def diffusers_case(wan22: Path, sd3: Path, out: Path) -> dict:
 
 def ddp_two_experts(wan22: Path) -> dict:
     """LoRA on both Wan2.2 experts under DDP: one backward through each expert, gradients reduced each time
-    (what a minibatch's last micro-batch does); each rank trains on its own latents."""
-    policy = Policy(_config("wan", wan22, "float32", lora=True, frames=5), torch.device("cpu"), shard=True)
+    (what a minibatch's last micro-batch does), with gradient checkpointing as the Wan configs; each rank
+    trains on its own latents."""
+    policy = Policy(_config("wan", wan22, "float32", lora=True, frames=5, gradient_checkpointing=True),
+                    torch.device("cpu"), shard=True)
     grads = []
     try:
         for expert in (0, 1, 0):

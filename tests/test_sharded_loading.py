@@ -157,11 +157,8 @@ def test_safetensors_rows_read_the_rows_asked_for(tmp_path, dtype):
 
     tensors = {"a": torch.randn(5, 3, 2).to(dtype), "b": torch.randn(4).to(dtype), "c": torch.tensor(2.5)}
     save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
-    reader = SafetensorsRows(tmp_path / "x.safetensors")
-    try:
+    with SafetensorsRows(tmp_path / "x.safetensors") as reader:
         assert torch.equal(reader.rows("a", 3, 5), tensors["a"][3:5])
         assert torch.equal(reader.rows("a", 5, 5), tensors["a"][5:5])  # an empty shard (more ranks than rows)
         assert torch.equal(reader.rows("b"), tensors["b"]) and torch.equal(reader.rows("c"), tensors["c"])
         assert reader.shape("a") == (5, 3, 2)
-    finally:
-        reader.close()

@@ -6,12 +6,11 @@ affine map to [0, 1]. The pretrained weights ship in pec/assets/embedded/ (see `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import contextlib
 
 import torch
 from diffusers import SD3Transformer2DModel

@@ -90,8 +90,8 @@ class Flux2FlowModel(FluxFlowModel):
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
                         resolution: int = 512, empty_transformer: bool = False, **kwargs) -> Flux2FlowModel:
         """Load a local FLUX.2 dev or klein checkpoint directory (diffusers layout); nothing is fetched.
-        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on several
-        processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
+        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         import diffusers
 
         pipeline_class = diffusers.Flux2Pipeline if cls.check_path(path) == "dev" else diffusers.Flux2KleinPipeline

@@ -89,8 +89,8 @@ class QwenImageFlowModel(DiffusersFlowModel):
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
                         resolution: int = 512, empty_transformer: bool = False, **kwargs) -> QwenImageFlowModel:
         """Load a local Qwen-Image checkpoint directory (diffusers layout); nothing is fetched from a hub.
-        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on several
-        processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
+        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import QwenImagePipeline
 
         cls.check_path(path)

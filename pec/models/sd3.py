@@ -51,8 +51,9 @@ class SD3FlowModel(DiffusersFlowModel):
         """Load a local SD3/SD3.5 checkpoint directory (diffusers layout); nothing is fetched from a hub.
 
         The transformer and VAE go to `device`; the text encoders go there to encode (and stay with
-        text_encoders='gpu', or return to the CPU with 'offload'). With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on several
-        processes: `pec.distributed.load_sharded_transformer` loads its shards).
+        text_encoders='gpu', or return to the CPU with 'offload'). With `empty_transformer` the transformer
+        is built on the meta device, unread (full fine-tuning on several processes:
+        `pec.distributed.load_sharded_transformer` loads its shards).
         """
         from diffusers import StableDiffusion3Pipeline
 

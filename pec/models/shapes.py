@@ -26,7 +26,8 @@ WAN21_1_3B = {"patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_hea
               "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
               "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024}
 SHAPES = {"sd3.5-medium": ("SD3Transformer2DModel", SD35_MEDIUM), "flux-dev": ("FluxTransformer2DModel", FLUX_DEV),
-          "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE), "wan2.1-1.3b": ("WanTransformer3DModel", WAN21_1_3B)}
+          "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE),
+          "wan2.1-1.3b": ("WanTransformer3DModel", WAN21_1_3B)}
 
 
 def random_transformer(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16

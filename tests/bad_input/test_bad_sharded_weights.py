@@ -36,6 +36,13 @@ def test_a_checkpoint_of_another_model_names_the_file_and_tensor(tmp_path, store
     assert expected in _one_line(err)
 
 
+def test_a_file_that_is_not_safetensors_names_it(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"\x05" + bytes(7) + b"abcde")
+    with pytest.raises(ValueError) as err:
+        load_weight_shards(torch.nn.Linear(2, 3), WeightFiles((tmp_path / "w.safetensors",), "net."))
+    assert _one_line(err) == f"{tmp_path / 'w.safetensors'} is not a safetensors file (its header does not parse)"
+
+
 def test_a_model_that_cannot_load_empty_is_refused_for_sharded_full_fine_tuning():
     from pec.models.embedded import EmbeddedFlowModel
 
