@@ -109,6 +109,9 @@ setup(
         "numpy",
         "safetensors",
         "diffusers>=0.30",
+        # Models built with parameters on the meta device (full fine-tuning's shard-by-shard loading), as
+        # diffusers' own from_pretrained builds them.
+        "accelerate",
         "peft>=0.12",
         "scikit-learn",
         "tqdm",

@@ -17,22 +17,7 @@ export PEC_BENCH_DIR="$LOG_DIR" PYTHONUNBUFFERED=1
 SUMMARY="$LOG_DIR/summary.txt"
 : > "$SUMMARY"
 
-elapsed() { echo $(( $(date +%s) - START )); }
-# Seconds a step may take: its own cap, but never past the overall budget (minus 10 s to write up).
-allow() { local left=$(( BUDGET_S - $(elapsed) - 10 )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
-# run NAME CAP_S CMD...: run with a timeout (SIGINT first, so pytest still prints its summary), log it,
-# and add one line to the summary.
-run() {
-  local name=$1 cap; cap=$(allow "$2"); shift 2
-  echo "== $name (timeout ${cap}s): $*"
-  local t0; t0=$(date +%s)
-  timeout --signal=INT --kill-after=15 "$cap" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
-  local rc=${PIPESTATUS[0]}
-  local last; last=$(grep -E "passed|failed|error|skipped|no tests ran" "$LOG_DIR/$name.log" | tail -n 1)
-  [[ $rc == 124 ]] && last="TIMED OUT after ${cap}s; $last"
-  printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$last" | tee -a "$SUMMARY"
-  return "$rc"
-}
+source benchmarks/_budget.sh  # elapsed, allow, run
 
 {
   echo "== device"
@@ -51,9 +36,11 @@ export PEC_REQUIRE_EXTENSION=1
 # on the CUDA ops: its compilation takes a while), the kNN memory bound and the SDE batch past 65,535.
 run gpu_tests 240 python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests/
 # The CPU suites (faiss-cpu/scikit-learn anchors, the CPU iteration benchmark) do not spend the GPU
-# machine's time: run them on a CPU machine with `pytest benchmarks/ --benchmark-only`.
+# machine's time: run them on a CPU machine with `pytest benchmarks/ --benchmark-only`. The real-size
+# model cases (bench_models.py) have their own script and budget: benchmarks/gpu_models.sh.
 run benchmarks 400 python -m pytest benchmarks/ --benchmark-only -q -s -p no:cacheprovider \
   --ignore=benchmarks/bench_knn_cpu_anchors.py --ignore=benchmarks/bench_iteration.py \
+  --ignore=benchmarks/bench_models.py \
   --benchmark-json="$LOG_DIR/benchmarks.json"
 # Last, as the longest: the end-to-end iteration at SD3.5-M size (issue 11 item 7, GPU part; torch.compile of
 # a 2.2B transformer takes a minute or two). Its table lands next to the others.

@@ -14,20 +14,33 @@ single-device run: every helper here is then the identity.
   every perceptual space are all-gathered (B x D per space), so each group's entropy covers all of it.
 - Seeding: each sample's noise comes from its own generator, seeded by (run seed, step, global index),
   so the samples do not depend on the number of processes.
-- Gradients: DDP (torch's composable `replicate`) over the LoRA adapters, FSDP2 (`fully_shard`) for full
-  fine-tuning; both reduce during the backward of a minibatch's last micro-batch. The finiteness
-  decision is taken on the reduced gradient (and the all-reduced loss), so every rank takes the same one.
+- Gradients: DDP (torch's composable `replicate`) over the LoRA adapters, reduced during the backward of a
+  minibatch's last micro-batch; FSDP2 (`fully_shard`) for full fine-tuning, reduce-scattered at every
+  backward (gradients accumulate sharded). The finiteness decision is taken on the reduced gradient (and
+  the all-reduced loss), so every rank takes the same one.
+- Memory: with LoRA every rank holds the whole frozen base model (loaded as with one process). With full
+  fine-tuning no rank ever holds a whole transformer: it is built on the meta device, sharded block by
+  block, and each rank reads only its rows of the safetensors weights (`load_sharded_transformer`); the KL
+  reference is built the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from pec.config import PLACEMENTS
+
+if TYPE_CHECKING:
+    from pec.models.base import FlowModel, WeightFiles
 
 
 @dataclass(frozen=True)
@@ -236,29 +249,188 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+# The FSDP2 units of each transformer class: every block of these lists is one unit; the rest of the network
+# (embeddings, output layers) is the network's root unit. By class name (a subclass or an FSDP2-wrapped class
+# finds its base through the MRO), so that a new model fails loudly here instead of becoming one unit.
+SHARD_BLOCKS: dict[str, tuple[str, ...]] = {
+    "SD3Transformer2DModel": ("transformer_blocks",),
+    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "Flux2Transformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "QwenImageTransformer2DModel": ("transformer_blocks",),
+    "WanTransformer3DModel": ("blocks",),
+}
+
+
+def transformer_networks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The networks of a FlowModel's transformer: its experts (Wan2.2 A14B's `WanExperts`), or itself."""
+    experts = getattr(transformer, "experts", None)
+    return list(experts) if isinstance(experts, torch.nn.ModuleList) else [transformer]
+
+
+def shard_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of one network that FSDP2 shards one by one (`SHARD_BLOCKS`); ValueError for a class it
+    does not know (which would otherwise be sharded as one unit: all-gathered whole in every forward)."""
+    for cls in type(network).__mro__:
+        if cls.__name__ in SHARD_BLOCKS:
+            return [block for name in SHARD_BLOCKS[cls.__name__] for block in getattr(network, name)]
+    raise ValueError(f"full fine-tuning on several processes shards a transformer block by block; "
+                     f"{type(network).__name__} has no entry in pec.distributed.SHARD_BLOCKS naming its block lists")
+
+
 def replicate_transformer(transformer: torch.nn.Module) -> None:
     """DDP for the trainable adapters (LoRA on several processes): torch's composable `replicate`, i.e.
     DistributedDataParallel applied in place (no wrapper: the adapters' and diffusers' attributes stay
     reachable). Gradients are averaged in its buckets during the backward of a minibatch's last pass;
-    buffers are constant and not broadcast."""
+    buffers are constant and not broadcast. The base model stays whole and frozen on every rank.
+
+    With several experts (Wan2.2 A14B) a forward runs one of them, so a backward leaves the other's
+    adapters without gradients: DDP must then look for unused parameters (`find_unused_parameters`),
+    or its next forward fails waiting for their reduction. One network keeps the cheaper default."""
     from torch.distributed._composable import replicate
 
-    replicate(transformer, broadcast_buffers=False)
+    replicate(transformer, broadcast_buffers=False,
+              find_unused_parameters=len(transformer_networks(transformer)) > 1)
+
+
+def uniform_trainable_dtype(transformer: torch.nn.Module) -> None:
+    """FSDP2 reduces and updates the trainable parameters of a unit in one dtype. A network whose trainable
+    parameters mix dtypes (Wan keeps its norms, time embedder and modulation tables in float32 beside
+    bfloat16 weights, as diffusers loads it) gets every floating parameter in float32: an exact upcast, master
+    weights that FSDP2 all-gathers in bfloat16 on GPUs (`shard_transformer`'s mp_policy) and updates in
+    float32. Buffers keep their dtype. Cheap on a transformer still on the meta device."""
+    for network in transformer_networks(transformer):
+        if len({p.dtype for p in network.parameters() if p.requires_grad}) < 2:
+            continue
+        for module in network.modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.is_floating_point() and param.dtype != torch.float32:
+                    module._parameters[name] = torch.nn.Parameter(param.to(torch.float32),
+                                                                  requires_grad=param.requires_grad)
 
 
 def shard_transformer(transformer: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2 (`fully_shard`) over each transformer block, then the transformer (full fine-tuning on
-    several processes): each rank keeps 1/W of the weights, gradients and optimizer moments. On GPUs the
-    parameters are all-gathered in bf16 and gradients reduced in fp32; on CPU everything stays fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """FSDP2 (`fully_shard`) over each block of each network (`shard_blocks`), then over the network
+    (full fine-tuning on several processes): each rank keeps 1/W of the weights, gradients and optimizer
+    moments. Each network is its own root (Wan2.2's two experts: two roots, the `WanExperts` around them
+    holds no parameters), so that a network shared with another transformer (the frozen expert a KL
+    reference shares with the policy) is sharded once and skipped here. Works on a transformer built on
+    the meta device: its shards stay there until `load_sharded_transformer` materialises them. On GPUs
+    the parameters are all-gathered in bf16 and gradients reduced in fp32; on CPU everything keeps its dtype."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(transformer, name, None) or []:
+    for network in transformer_networks(transformer):
+        if isinstance(network, FSDPModule):
+            continue
+        for block in shard_blocks(network):
             fully_shard(block, **kwargs)
-    fully_shard(transformer, **kwargs)
+        fully_shard(network, **kwargs)
+
+
+def load_sharded_transformer(model: FlowModel, device: torch.device) -> None:
+    """Shard a FlowModel's transformer built empty (`empty_transformer=True`: parameters on the meta
+    device) and load this rank's rows of its weights: `shard_transformer`, then each network's local
+    shards are allocated on `device` and filled from its safetensors files (`model.transformer_weights()`,
+    `load_weight_shards`). No rank ever holds a whole network: the peak is this rank's shards plus one
+    slice being copied. Every rank reads the files itself (no communication): they must be readable from
+    every node. A network already loaded (shared with a transformer loaded before) is left as it is."""
+    shard_transformer(model.transformer, device)
+    for name, weights in model.transformer_weights().items():
+        network = model.transformer.get_submodule(name)
+        if not any(p.is_meta for p in network.parameters()):
+            continue
+        # to_empty for the meta tensors only (buffers built at construction are real and kept); the FSDP2
+        # modules' `_apply` re-registers the padded local shards.
+        network._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+        load_weight_shards(network, weights)
+
+
+# safetensors' dtype names (its format's header), as torch dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class SafetensorsRows:
+    """Reads rows of the tensors of a safetensors file with plain reads: the format is an 8-byte header
+    length, a JSON header (per tensor: dtype, shape, data_offsets) and the C-contiguous data, so rows
+    [start, stop) of a tensor are one range of bytes. Unlike `safe_open`, nothing is memory-mapped: the
+    process reads (and its resident set counts) exactly the bytes asked for. A context manager (closes the
+    file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "rb")  # closed by __exit__
+        try:
+            size = int.from_bytes(self.file.read(8), "little")
+            self.entries = json.loads(self.file.read(size))
+            self.entries.pop("__metadata__", None)
+        except (ValueError, MemoryError, OverflowError):
+            self.file.close()
+            raise ValueError(f"{path} is not a safetensors file (its header does not parse)") from None
+        self.data_start = 8 + size
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor `key`."""
+        return tuple(self.entries[key]["shape"])
+
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `key` (all of it by default) as a new CPU tensor."""
+        entry, shape = self.entries[key], self.shape(key)
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which pec does not read")
+        rows = shape if start is None else (stop - start, *shape[1:])
+        out = torch.empty(rows, dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        row_bytes = math.prod(shape[1:]) * out.element_size()
+        self.file.seek(self.data_start + entry["data_offsets"][0] + (start or 0) * row_bytes)
+        if self.file.readinto(out.reshape(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
+            raise ValueError(f"{self.path} is truncated (tensor {key!r})")
+        return out
+
+    def __enter__(self) -> SafetensorsRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+@torch.no_grad()
+def load_weight_shards(module: torch.nn.Module, weights: WeightFiles) -> None:
+    """Fill `module`'s parameters and persistent buffers from safetensors files, reading only what this rank
+    holds: for a DTensor sharded on dim 0 (FSDP2), its rows [r * ceil(n/W), ...) (torch.chunk's split, which
+    DTensor's Shard(0) uses); plain tensors whole (`SafetensorsRows`: one slice in host memory at a time).
+    Values are cast to the tensor's dtype, as from_pretrained casts them. ValueError naming the file for a
+    missing tensor or a shape that differs."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for file in weights.files:
+            reader = stack.enter_context(SafetensorsRows(file))
+            where.update(dict.fromkeys(reader.entries, reader))
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            key = weights.prefix + name
+            if key not in where:
+                raise ValueError(f"{', '.join(map(str, weights.files))} holds no tensor {key!r}: not a checkpoint "
+                                 f"of this model")
+            reader = where[key]
+            if reader.shape(key) != tuple(tensor.shape):
+                raise ValueError(f"{key!r} has shape {reader.shape(key)} in {reader.path}, {tuple(tensor.shape)} "
+                                 f"in the model")
+            if not isinstance(tensor, DTensor):
+                tensor.copy_(reader.rows(key))
+                continue
+            if tuple(tensor.placements) != (Shard(0),):
+                raise ValueError(f"{name}: expected an FSDP2 shard on dim 0, got {tensor.placements}")
+            local, rows = tensor.to_local(), tensor.shape[0]
+            chunk = -(-rows // tensor.device_mesh.size())
+            start = min(tensor.device_mesh.get_local_rank() * chunk, rows)
+            stop = min(start + chunk, rows)
+            if local.shape[0] != stop - start:
+                raise RuntimeError(f"{name}: local shard of {local.shape[0]} rows, expected rows [{start}, {stop})")
+            local.copy_(reader.rows(key, start, stop))
 
 
 def reshard(module: torch.nn.Module) -> None:

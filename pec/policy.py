@@ -16,7 +16,7 @@ from torch import nn
 from pec.checkpoint import config_mismatch
 from pec.config import Config, to_dict
 from pec.distributed import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
-                             replicate_transformer, shard_transformer)
+                             load_sharded_transformer, replicate_transformer, uniform_trainable_dtype)
 from pec.models import MODELS
 from pec.models.base import FlowModel
 
@@ -36,17 +36,34 @@ class Policy:
     With LoRA (peft through diffusers' adapter API) only the adapters train and the reference is the
     same network with the adapters disabled; with full fine-tuning the transformer trains and the
     reference is a frozen copy (made only when a KL term needs it).
+
+    Memory with several processes: with LoRA every rank loads the whole base model (frozen, as with one
+    process) and DDP averages the adapters' gradients. With full fine-tuning no rank ever holds a whole
+    transformer: the model is built with its transformer on the meta device, FSDP2 shards it block by block
+    and each rank reads only its rows of the weights (`pec.distributed.load_sharded_transformer`); the KL
+    reference is a copy of the still-empty transformer, sharded, loaded and frozen the same way. A rank
+    then holds 1/W of the policy (and of the reference), plus one block gathered at a time in a forward.
     """
 
     def __init__(self, cfg: Config, device: torch.device, shard: bool = False, reference: bool = False) -> None:
         """Build the model named by `cfg.model`; `shard` (several processes) puts the transformer under
-        DDP for LoRA (`pec.distributed.replicate_transformer`) or, for full fine-tuning, it and the KL
-        reference's under FSDP2 (`pec.distributed.shard_transformer`). Full fine-tuning keeps the frozen
-        reference copy when `--train.kl_beta` > 0 or `reference` asks for it (an algorithm's own pull
-        toward the base model, e.g. DiffusionNFT's velocity penalty)."""
-        self.model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
-        self.model.requires_grad_(False)
+        DDP for LoRA (`pec.distributed.replicate_transformer`) or, for full fine-tuning, loads it and the
+        KL reference's shard by shard under FSDP2 (`pec.distributed.load_sharded_transformer`). Full
+        fine-tuning keeps the frozen reference copy when `--train.kl_beta` > 0 or `reference` asks for it
+        (an algorithm's own pull toward the base model, e.g. DiffusionNFT's velocity penalty)."""
         self.lora = cfg.train.lora
+        self.sharded = shard and not self.lora  # FSDP2 (full fine-tuning on several processes)
+        self.replicated = shard and self.lora  # DDP over the adapters
+        if self.sharded:
+            self.model = MODELS.build_with_options(cfg.model.name, {"empty_transformer": True}, cfg=cfg.model,
+                                                   device=device)
+            if not any(p.is_meta for p in self.model.transformer.parameters()):
+                raise ValueError(f"--model.name {cfg.model.name}: its loader cannot build the transformer empty "
+                                 f"(empty_transformer), which full fine-tuning on several processes needs so that "
+                                 f"no rank holds the whole model; use --train.lora true or one process")
+        else:
+            self.model = MODELS.build(cfg.model.name, cfg=cfg.model, device=device)
+        self.model.requires_grad_(False)
         self._reference: FlowModel | None = None
         transformer = self.model.transformer
         if self.lora:
@@ -63,16 +80,18 @@ class Policy:
                 p.requires_grad_("lora_" in name)
         else:
             transformer.requires_grad_(True)
+            if self.sharded:
+                uniform_trainable_dtype(transformer)  # FSDP2's rule (Wan's float32 modules): see there
             if cfg.train.kl_beta > 0 or reference:
+                # Sharded, the transformer is still empty here: the copy allocates nothing.
                 self._reference = copy.deepcopy(self.model).requires_grad_(False)
-        self.model.to(device)
-        self.sharded = shard and not self.lora  # FSDP2 (full fine-tuning on several processes)
-        self.replicated = shard and self.lora  # DDP over the adapters
         if self.sharded:
             for model in (self.model, self._reference):
                 if model is not None:
-                    shard_transformer(model.to(device).transformer, torch.device(device))
-        elif self.replicated:
+                    load_sharded_transformer(model, torch.device(device))
+        else:
+            self.model.to(device)
+        if self.replicated:
             replicate_transformer(self.model.transformer)
         if cfg.model.compile:
             # In place (nn.Module.compile): the adapters' and diffusers' attributes stay reachable.
@@ -97,8 +116,12 @@ class Policy:
 
     def gradient_sync(self, enabled: bool) -> None:
         """With several processes, whether the next backward reduces gradients over ranks (off while
-        micro-batches accumulate, on for a minibatch's last); a no-op with one process."""
-        if self.sharded or self.replicated:
+        micro-batches accumulate, on for a minibatch's last); a no-op with one process.
+
+        DDP (LoRA) follows it. FSDP2 (full fine-tuning) reduce-scatters every backward whatever `enabled`:
+        skipping it would accumulate unsharded gradients, a whole model's gradient on every rank, which is
+        what sharding avoids; the gradients accumulate sharded instead (more communication, same sum)."""
+        if self.replicated:
             self.model.transformer.set_requires_gradient_sync(enabled)
 
     def check_checkpoint(self, payload: dict[str, Any], cfg: Config) -> None:

@@ -3,10 +3,11 @@
 Wan2.2 text-to-video).
 
 `MODELS` builds a model from its `ModelConfig`; a model plugs in with `register_model(name, check)`:
-a loader `(cfg, device) -> FlowModel` and, optionally, a check `(cfg, guidance_scale) -> None` that
-validates its options and local folder from config files only, so that `check_model_config` refuses a
-wrong path before any weight loads. Loaders import their model module when called: naming a model never
-imports diffusers pipelines it does not use.
+a loader `(cfg, device, empty_transformer=False) -> FlowModel` (with `empty_transformer`, the transformer
+is built on the meta device and left unread, for `pec.distributed.load_sharded_transformer`) and,
+optionally, a check `(cfg, guidance_scale) -> None` that validates its options and local folder from
+config files only, so that `check_model_config` refuses a wrong path before any weight loads. Loaders
+import their model module when called: naming a model never imports diffusers pipelines it does not use.
 """
 from __future__ import annotations
 
@@ -106,50 +107,54 @@ def _check_wan(cfg: ModelConfig, guidance_scale: float) -> None:
 
 
 @register_model("embedded")
-def _embedded(cfg: ModelConfig, device: torch.device) -> FlowModel:
+def _embedded(cfg: ModelConfig, device: torch.device, empty_transformer: bool = False) -> FlowModel:
     from pec.models.embedded import EMBEDDED_DIR, EmbeddedFlowModel
 
-    return EmbeddedFlowModel.from_pretrained(cfg.path or EMBEDDED_DIR, device=device)
+    return EmbeddedFlowModel.from_pretrained(cfg.path or EMBEDDED_DIR, device=device,
+                                             empty_transformer=empty_transformer)
 
 
 @register_model("sd3", check=_check_sd3)
-def _sd3(cfg: ModelConfig, device: torch.device) -> FlowModel:
+def _sd3(cfg: ModelConfig, device: torch.device, empty_transformer: bool = False) -> FlowModel:
     from pec.models.diffusers_model import model_kwargs
     from pec.models.sd3 import SD3FlowModel
 
-    return SD3FlowModel.from_pretrained(cfg.path, device=str(device), t5=cfg.t5, **model_kwargs(cfg))
+    return SD3FlowModel.from_pretrained(cfg.path, device=str(device), t5=cfg.t5,
+                                        empty_transformer=empty_transformer, **model_kwargs(cfg))
 
 
 @register_model("flux", check=_check_flux)
-def _flux(cfg: ModelConfig, device: torch.device) -> FlowModel:
+def _flux(cfg: ModelConfig, device: torch.device, empty_transformer: bool = False) -> FlowModel:
     from pec.models.diffusers_model import model_kwargs
     from pec.models.flux import FluxFlowModel
 
-    return FluxFlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))
+    return FluxFlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance,
+                                         empty_transformer=empty_transformer, **model_kwargs(cfg))
 
 
 @register_model("flux2", check=_check_flux2)
-def _flux2(cfg: ModelConfig, device: torch.device) -> FlowModel:
+def _flux2(cfg: ModelConfig, device: torch.device, empty_transformer: bool = False) -> FlowModel:
     from pec.models.diffusers_model import model_kwargs
     from pec.models.flux2 import Flux2FlowModel
 
-    return Flux2FlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance, **model_kwargs(cfg))
+    return Flux2FlowModel.from_pretrained(cfg.path, device=str(device), guidance=cfg.guidance,
+                                          empty_transformer=empty_transformer, **model_kwargs(cfg))
 
 
 @register_model("qwen_image", check=_check_qwen_image)
-def _qwen_image(cfg: ModelConfig, device: torch.device) -> FlowModel:
+def _qwen_image(cfg: ModelConfig, device: torch.device, empty_transformer: bool = False) -> FlowModel:
     from pec.models.diffusers_model import model_kwargs
     from pec.models.qwen_image import QwenImageFlowModel
 
     return QwenImageFlowModel.from_pretrained(cfg.path, device=str(device), negative_prompt=cfg.negative_prompt,
-                                              **model_kwargs(cfg))
+                                              empty_transformer=empty_transformer, **model_kwargs(cfg))
 
 
 @register_model("wan", check=_check_wan)
-def _wan(cfg: ModelConfig, device: torch.device) -> FlowModel:
+def _wan(cfg: ModelConfig, device: torch.device, empty_transformer: bool = False) -> FlowModel:
     from pec.models.diffusers_model import model_kwargs
     from pec.models.wan import WanFlowModel
 
     return WanFlowModel.from_pretrained(cfg.path, device=str(device), frames=cfg.frames, flow_shift=cfg.flow_shift,
                                         guidance_scale_2=cfg.guidance_scale_2, train_experts=cfg.train_experts,
-                                        **model_kwargs(cfg))
+                                        empty_transformer=empty_transformer, **model_kwargs(cfg))

@@ -15,6 +15,7 @@ import abc
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,6 +92,22 @@ class PromptBatch:
         return PromptBatch(torch.cat(embeds), pooled, torch.cat(masks))
 
 
+@dataclass(frozen=True)
+class WeightFiles:
+    """Where one network's weights lie on disk: its safetensors files, and the prefix of its tensors' names
+    in them (e.g. "transformer." where the file holds a whole FlowModel's state)."""
+
+    files: tuple[Path, ...]
+    prefix: str = ""
+
+
+def to_device(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """`module.to(device)`, except for parameters on the meta device, which stay there: a transformer built
+    empty (`empty_transformer=True`) has no data to move; its shards load after FSDP2 shards it. The rest
+    (VAE, prompt encoder, buffers) moves as `to` moves it (`_apply` is what `nn.Module.to` runs)."""
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 # Flow-GRPO's LoRA targets for SD3 (and the embedded SD3 backbone): the joint-attention projections.
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -130,6 +147,14 @@ class FlowModel(nn.Module, abc.ABC):
         take the shift their scheduler config gives (SD3: static, FLUX: dynamic in the image size).
         """
         return schedule_sigmas(num_steps, device=device)
+
+    def transformer_weights(self) -> dict[str, WeightFiles]:
+        """Where the weights of `transformer` lie on disk, for loading it shard by shard after building it
+        empty (`from_pretrained(..., empty_transformer=True)`, then `pec.distributed.load_sharded_transformer`):
+        for each network (its name in `transformer`, "" for the transformer itself; Wan2.2 A14B: "experts.0"
+        and "experts.1"), its files. A model that cannot load so raises ValueError (the default)."""
+        raise ValueError(f"{type(self).__name__} cannot load its transformer shard by shard (no weight files "
+                         f"known): full fine-tuning on several processes needs a model loaded from a folder")
 
     def expert_at(self, sigma: float) -> int:
         """The index of the expert that denoises at host-side flow time `sigma` (0: a single expert)."""

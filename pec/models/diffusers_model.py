@@ -8,6 +8,11 @@ and as the hub repositories of SD3.5 and FLUX.1-dev ship it.
 Text encoders are not submodules of the FlowModel: `FlowModel.to(device)` moves only the transformer
 and the VAE. With `text_encoders="offload"` the encoders stay on the CPU and visit the GPU only to
 encode prompts the cache has not seen; every prompt is encoded once (`PromptCache`).
+
+Full fine-tuning on several processes loads no transformer whole: `load_pipeline(...,
+empty_transformer=True)` builds the transformer(s) from their config.json with parameters on the meta
+device (`empty_model`), and `pec.distributed.load_sharded_transformer` later reads each rank's rows of the
+safetensors files (`component_weights`) into its FSDP2 shards.
 """
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pec.models.base import FlowModel, PromptBatch
+from pec.models.base import FlowModel, PromptBatch, WeightFiles
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
 TEXT_ENCODER_PLACEMENTS = ("offload", "gpu")
+# The pipeline components that are denoising transformers (Wan2.2 A14B has a second one, its low-noise expert).
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -70,6 +78,75 @@ def check_pipeline_folder(path: str | Path | None, *, model_name: str, pipeline_
         raise ValueError(f"{hint}; its transformer is a {found}, not a {transformer_class} "
                          f"({config_file}): a checkpoint of another architecture")
     return folder
+
+
+def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The diffusers model of `folder` (from its config.json) with every parameter on the meta device: no
+    storage, no weights read. Built as `from_pretrained(folder, torch_dtype=dtype)` builds it before it reads
+    the weights (accelerate's `init_empty_weights` under `dtype` as the default dtype), so buffers computed at
+    construction (rotary tables) are real and the same; parameters get the dtypes from_pretrained gives them:
+    `dtype`, float32 in the class's `_keep_in_fp32_modules` (Wan's norms and time embedder)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    config = json.loads((folder / "config.json").read_text())
+    with init_empty_weights():
+        model = build_in_dtype(getattr(diffusers, config["_class_name"]), config, dtype)
+    return model.eval()
+
+
+def build_in_dtype(cls: type, config: dict, dtype: torch.dtype) -> nn.Module:
+    """`cls.from_config(config)` with the dtypes `cls.from_pretrained(..., torch_dtype=dtype)` gives: built
+    under `dtype` as the default dtype (buffers computed at construction too, as from_pretrained builds it),
+    then the checkpoint's floating tensors in float32 where a part of their name is one of the class's
+    `_keep_in_fp32_modules`, else in `dtype` (diffusers' load_model_dict_into_meta). On whatever device the
+    caller's context gives (the meta device: no storage)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    keep = cls._keep_in_fp32_modules or ()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        wanted = torch.float32 if any(part in keep for part in name.split(".")) else dtype
+        if not tensor.is_floating_point() or tensor.dtype == wanted:
+            continue
+        owner, _, attr = name.rpartition(".")
+        holder = model.get_submodule(owner)
+        if isinstance(tensor, nn.Parameter):
+            holder._parameters[attr] = nn.Parameter(tensor.to(wanted), requires_grad=tensor.requires_grad)
+        else:
+            holder._buffers[attr] = tensor.to(wanted)
+    return model
+
+
+def component_weights(folder: Path) -> WeightFiles:
+    """The safetensors files of a diffusers component folder (one file, or the shards its index names)."""
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return WeightFiles(tuple(folder / n for n in names))
+    if (folder / WEIGHTS_NAME).is_file():
+        return WeightFiles((folder / WEIGHTS_NAME,))
+    raise ValueError(f"--model.path: {folder} has no {WEIGHTS_NAME} (or its .index.json): loading shard by shard "
+                     f"(full fine-tuning on several processes) reads safetensors; save the model with "
+                     f"save_pretrained(safe_serialization=True)")
+
+
+def load_pipeline(pipeline_class: type, path: str | Path, dtype: str | torch.dtype, *, empty_transformer: bool = False,
+                  **components: object):
+    """`pipeline_class.from_pretrained(path)` from local files only, in `dtype`, with `components` given
+    instead of loaded. With `empty_transformer`, every transformer of the folder (`TRANSFORMER_COMPONENTS`)
+    comes from `empty_model` instead: nothing of it is read; `pec.distributed.load_sharded_transformer`
+    loads it later, shard by shard."""
+    dtype = resolve_dtype(dtype)
+    if empty_transformer:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        for name in TRANSFORMER_COMPONENTS:
+            if index.get(name, [None])[0] is not None:
+                components[name] = empty_model(Path(path) / name, dtype)
+    return pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **components)
 
 
 def model_kwargs(cfg: object) -> dict:
@@ -135,6 +212,8 @@ class DiffusersFlowModel(FlowModel):
     """
 
     text_encoder_names: tuple[str, ...] = ()
+    # Each network of `transformer` (its name there: "" is the transformer itself) -> its pipeline component.
+    transformer_components: dict[str, str] = {"": "transformer"}
 
     def __init__(self, pipeline, *, resolution: int, max_sequence_length: int = 256,
                  gradient_checkpointing: bool = False, vae_batch: int = 8, text_encoders: str = "offload",
@@ -177,6 +256,15 @@ class DiffusersFlowModel(FlowModel):
         if self.resolution % multiple:
             raise ValueError(f"--model.resolution must be a multiple of {multiple} for this model "
                              f"(VAE factor x patch size), got {self.resolution}")
+
+    def transformer_weights(self) -> dict[str, WeightFiles]:
+        """The safetensors files of each transformer component in the folder the pipeline was loaded from."""
+        folder = self.pipeline.name_or_path
+        if not folder:
+            raise ValueError("this model's pipeline was built in memory, not loaded from a folder: its transformer "
+                             "cannot load shard by shard")
+        return {name: component_weights(Path(folder) / component)
+                for name, component in self.transformer_components.items()}
 
     def _text_encoders(self) -> list[nn.Module]:
         return [m for m in (getattr(self.pipeline, n, None) for n in self.text_encoder_names) if m is not None]

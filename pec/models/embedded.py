@@ -6,6 +6,7 @@ affine map to [0, 1]. The pretrained weights ship in pec/assets/embedded/ (see `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pec.data.digits import IMAGE_SHAPE, to_unit
-from pec.models.base import FlowModel, PromptBatch
+from pec.models.base import FlowModel, PromptBatch, WeightFiles, to_device
 from pec.models.prompt_encoder import PromptEncoder
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -43,10 +45,14 @@ class EmbeddedConfig:
 
 
 class EmbeddedFlowModel(FlowModel):
-    """Tiny SD3 text-to-image flow model for 8x8 digits (see the module docstring)."""
+    """Tiny SD3 text-to-image flow model for 8x8 digits (see the module docstring).
 
-    def __init__(self, config: EmbeddedConfig | None = None) -> None:
+    `empty_transformer`: build the transformer's parameters on the meta device (see `from_pretrained`).
+    """
+
+    def __init__(self, config: EmbeddedConfig | None = None, empty_transformer: bool = False) -> None:
         super().__init__()
+        self.weights_dir: Path | None = None  # set by from_pretrained
         self.config = config or EmbeddedConfig()
         c = self.config
         channels, size, _ = IMAGE_SHAPE
@@ -54,12 +60,18 @@ class EmbeddedFlowModel(FlowModel):
             raise ValueError(f"patch_size must divide the image size {size}, got {c.patch_size}")
         self.sample_shape = IMAGE_SHAPE
         self.prompt_encoder = PromptEncoder(c.text_dim, c.max_tokens)
-        self.transformer = SD3Transformer2DModel(
-            sample_size=size, patch_size=c.patch_size, in_channels=channels, out_channels=channels,
-            num_layers=c.num_layers, attention_head_dim=c.attention_head_dim,
-            num_attention_heads=c.num_attention_heads, joint_attention_dim=c.text_dim,
-            caption_projection_dim=c.width, pooled_projection_dim=c.text_dim,
-            pos_embed_max_size=size // c.patch_size)
+        empty = contextlib.nullcontext()
+        if empty_transformer:
+            from accelerate import init_empty_weights
+
+            empty = init_empty_weights()  # parameters on the meta device; buffers real
+        with empty:
+            self.transformer = SD3Transformer2DModel(
+                sample_size=size, patch_size=c.patch_size, in_channels=channels, out_channels=channels,
+                num_layers=c.num_layers, attention_head_dim=c.attention_head_dim,
+                num_attention_heads=c.num_attention_heads, joint_attention_dim=c.text_dim,
+                caption_projection_dim=c.width, pooled_projection_dim=c.text_dim,
+                pos_embed_max_size=size // c.patch_size)
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
         """Encode prompts with the learned prompt encoder ("" is the null prompt)."""
@@ -90,15 +102,30 @@ class EmbeddedFlowModel(FlowModel):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                   str(directory / WEIGHTS_FILE))
 
+    def transformer_weights(self) -> dict[str, WeightFiles]:
+        """The transformer's tensors in the model's one safetensors file (names prefixed "transformer.")."""
+        if self.weights_dir is None:
+            return super().transformer_weights()
+        return {"": WeightFiles((self.weights_dir / WEIGHTS_FILE,), "transformer.")}
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path = EMBEDDED_DIR,
-                        device: str | torch.device = "cpu") -> EmbeddedFlowModel:
-        """Load the shipped (or a `pec.pretrain --out` produced) model; eval mode, on `device`."""
+    def from_pretrained(cls, directory: str | Path = EMBEDDED_DIR, device: str | torch.device = "cpu",
+                        empty_transformer: bool = False) -> EmbeddedFlowModel:
+        """Load the shipped (or a `pec.pretrain --out` produced) model; eval mode, on `device`. With
+        `empty_transformer` the transformer is built on the meta device and none of its tensors is read
+        (full fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         directory = Path(directory)
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}; run `python -m pec.pretrain`")
         config = EmbeddedConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-        model = cls(config)
-        model.load_state_dict(load_file(str(weights)))
-        return model.to(device).eval()
+        model = cls(config, empty_transformer=empty_transformer)
+        model.weights_dir = directory
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not (empty_transformer and k.startswith("transformer."))}
+        result = model.load_state_dict(state, strict=not empty_transformer)
+        missing = [k for k in result.missing_keys if not k.startswith("transformer.")]  # all but the transformer's
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{weights} does not match its config.json's model: missing {missing[:3]}, unexpected "
+                             f"{result.unexpected_keys[:3]}")
+        return to_device(model, device).eval()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from pec.models.base import PromptBatch
-from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, resolve_dtype
+from pec.models.base import PromptBatch, to_device
+from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, load_pipeline
 
 FLUX_PIPELINES = ("FluxPipeline",)
 FLUX_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -90,14 +90,16 @@ class FluxFlowModel(DiffusersFlowModel):
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, **kwargs) -> FluxFlowModel:
-        """Load a local FLUX.1 checkpoint directory (diffusers layout); nothing is fetched from a hub."""
+                        resolution: int = 512, empty_transformer: bool = False, **kwargs) -> FluxFlowModel:
+        """Load a local FLUX.1 checkpoint directory (diffusers layout); nothing is fetched from a hub.
+        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
+        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import FluxPipeline
 
         cls.check_path(path)
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype), local_files_only=True)
+        pipe = load_pipeline(FluxPipeline, path, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
-        return model.to(device)  # the transformer and the VAE; text encoders move when they encode
+        return to_device(model, device)  # the transformer and the VAE; text encoders move when they encode
 
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
         """T5 token embeddings and CLIP-L's pooled embedding ("" encodes like any prompt)."""

@@ -31,8 +31,8 @@ import json
 import numpy as np
 import torch
 
-from pec.models.base import PromptBatch
-from pec.models.diffusers_model import check_pipeline_folder, resolve_dtype
+from pec.models.base import PromptBatch, to_device
+from pec.models.diffusers_model import check_pipeline_folder, load_pipeline
 from pec.models.flux import FluxFlowModel
 
 FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
@@ -88,14 +88,16 @@ class Flux2FlowModel(FluxFlowModel):
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, **kwargs) -> Flux2FlowModel:
-        """Load a local FLUX.2 dev or klein checkpoint directory (diffusers layout); nothing is fetched."""
+                        resolution: int = 512, empty_transformer: bool = False, **kwargs) -> Flux2FlowModel:
+        """Load a local FLUX.2 dev or klein checkpoint directory (diffusers layout); nothing is fetched.
+        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
+        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         import diffusers
 
         pipeline_class = diffusers.Flux2Pipeline if cls.check_path(path) == "dev" else diffusers.Flux2KleinPipeline
-        pipe = pipeline_class.from_pretrained(path, torch_dtype=resolve_dtype(dtype), local_files_only=True)
+        pipe = load_pipeline(pipeline_class, path, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
-        return model.to(device)  # the transformer and the VAE; the text encoder moves when it encodes
+        return to_device(model, device)  # the transformer and the VAE; the text encoder moves when it encodes
 
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
         """The pipeline's own `encode_prompt` (chat template, stacked hidden states); no pooled embedding."""

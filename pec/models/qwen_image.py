@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from pec.models.base import PromptBatch
-from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, resolve_dtype
+from pec.models.base import PromptBatch, to_device
+from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, load_pipeline
 from pec.models.flux import unpack_latents
 
 QWEN_IMAGE_PIPELINES = ("QwenImagePipeline",)
@@ -87,14 +87,16 @@ class QwenImageFlowModel(DiffusersFlowModel):
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, **kwargs) -> QwenImageFlowModel:
-        """Load a local Qwen-Image checkpoint directory (diffusers layout); nothing is fetched from a hub."""
+                        resolution: int = 512, empty_transformer: bool = False, **kwargs) -> QwenImageFlowModel:
+        """Load a local Qwen-Image checkpoint directory (diffusers layout); nothing is fetched from a hub.
+        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
+        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import QwenImagePipeline
 
         cls.check_path(path)
-        pipe = QwenImagePipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype), local_files_only=True)
+        pipe = load_pipeline(QwenImagePipeline, path, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
-        return model.to(device)  # the transformer and the VAE; the text encoder moves when it encodes
+        return to_device(model, device)  # the transformer and the VAE; the text encoder moves when it encodes
 
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
         """The pipeline's `encode_prompt` (chat template, hidden states, mask); "" is the negative prompt."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from pec.models.base import PromptBatch
-from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, resolve_dtype
+from pec.models.base import PromptBatch, to_device
+from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, load_pipeline
 
 SD3_PIPELINES = ("StableDiffusion3Pipeline",)
 SD3_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -46,20 +46,22 @@ class SD3FlowModel(DiffusersFlowModel):
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, t5: bool = True, **kwargs) -> SD3FlowModel:
+                        resolution: int = 512, t5: bool = True, empty_transformer: bool = False,
+                        **kwargs) -> SD3FlowModel:
         """Load a local SD3/SD3.5 checkpoint directory (diffusers layout); nothing is fetched from a hub.
 
         The transformer and VAE go to `device`; the text encoders go there to encode (and stay with
-        text_encoders='gpu', or return to the CPU with 'offload').
+        text_encoders='gpu', or return to the CPU with 'offload'). With `empty_transformer` the transformer
+        is built on the meta device, unread (full fine-tuning on several processes:
+        `pec.distributed.load_sharded_transformer` loads its shards).
         """
         from diffusers import StableDiffusion3Pipeline
 
         cls.check_path(path, t5)
         extra = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=resolve_dtype(dtype),
-                                                        local_files_only=True, **extra)
+        pipe = load_pipeline(StableDiffusion3Pipeline, path, dtype, empty_transformer=empty_transformer, **extra)
         model = cls(pipe, resolution=resolution, **kwargs)
-        return model.to(device)  # the transformer and the VAE; text encoders move when they encode
+        return to_device(model, device)  # the transformer and the VAE; text encoders move when they encode
 
     def _encode(self, prompts: list[str], device: torch.device) -> PromptBatch:
         """SD3's CLIP-L, CLIP-G (and T5 when present); "" is the null prompt for CFG."""

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from pec.config import WAN_EXPERTS
-from pec.models.base import PromptBatch
-from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, resolve_dtype
+from pec.models.base import PromptBatch, to_device
+from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, load_pipeline
 
 WAN_PIPELINES = ("WanPipeline",)
 WAN_REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -206,6 +206,7 @@ class WanFlowModel(DiffusersFlowModel):
         if self.boundary_ratio is not None:
             trained = {"both": (0, 1), "high": (0,), "low": (1,)}[train_experts]
             self.transformer = WanExperts([pipeline.transformer, pipeline.transformer_2], trained)
+            self.transformer_components = {"experts.0": "transformer", "experts.1": "transformer_2"}
             if kwargs.get("gradient_checkpointing"):
                 self.transformer.enable_gradient_checkpointing()
             self.transformer.requires_grad_(True)
@@ -240,18 +241,21 @@ class WanFlowModel(DiffusersFlowModel):
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
                         resolution: int = 480, frames: int = 81, train_experts: str = "both",
-                        guidance_scale_2: float | None = None, **kwargs) -> WanFlowModel:
+                        guidance_scale_2: float | None = None, empty_transformer: bool = False,
+                        **kwargs) -> WanFlowModel:
         """Load a local Wan checkpoint directory (diffusers layout); nothing is fetched from a hub. The
-        transformer(s) and the text encoder in `dtype`, the VAE in float32."""
+        transformer(s) and the text encoder in `dtype`, the VAE in float32. With `empty_transformer` the
+        transformer(s) are built on the meta device, unread (full fine-tuning on several processes:
+        `pec.distributed.load_sharded_transformer` loads their shards)."""
         from diffusers import AutoencoderKLWan, WanPipeline
 
         cls.check_path(path, frames=frames, resolution=resolution, train_experts=train_experts,
                        guidance_scale_2=guidance_scale_2)
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
-        pipe = WanPipeline.from_pretrained(path, vae=vae, torch_dtype=resolve_dtype(dtype), local_files_only=True)
+        pipe = load_pipeline(WanPipeline, path, dtype, empty_transformer=empty_transformer, vae=vae)
         model = cls(pipe, resolution=resolution, frames=frames, train_experts=train_experts,
                     guidance_scale_2=guidance_scale_2, **kwargs)
-        return model.to(device)  # the transformer(s) and the VAE; the text encoder moves when it encodes
+        return to_device(model, device)  # the transformer(s) and the VAE; the text encoder moves when it encodes
 
     # -------------------------------------------------------------------------------------------
     def schedule(self, num_steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
