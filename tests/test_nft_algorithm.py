@@ -393,7 +393,9 @@ def test_two_processes_fsdp2_equal_one(world, tmp_path):
         assert [k for k in one if not k.startswith("time/")] == [k for k in two if not k.startswith("time/")]
         for key, a in one.items():
             if not key.startswith("time/"):
-                assert two[key] == pytest.approx(a, rel=1e-5, abs=1e-9), (one["step"], key)
+                # FSDP2 reduce-scatters each micro-batch's gradient (one process sums them in another order):
+                # float32 rounding, which a step of RL carries into the next rollout's rewards.
+                assert two[key] == pytest.approx(a, rel=1e-4, abs=1e-8), (one["step"], key)
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
     assert b["config"]["dist"]["processes"] == 2
     for key in ("model", "old"):
