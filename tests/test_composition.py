@@ -53,6 +53,8 @@ def test_a_supported_pair_trains_a_step(world, tmp_path, algorithm, variant):
     cfg = tiny_config(world, tmp_path / "run", **options)
     rows = Trainer(cfg).run()
     assert len(rows) == 1 and rows[0]["skipped_updates"] == 0
+    if "ratio" in ALGORITHMS.get(algorithm).provides:  # the first update is on-policy: its ratio is exactly 1
+        assert rows[0]["first_update_ratio_dev"] == 0.0
 
 
 @pytest.mark.parametrize("algorithm, variant", [c for c in CELLS if TABLE[c[0]][c[1]] is not None])

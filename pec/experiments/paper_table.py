@@ -63,7 +63,7 @@ class Job:
     run_dir: Path | None = None
 
 
-def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
+def run_jobs(jobs: Sequence[Job], parallel: int, label: str = "paper_table") -> dict[str, float]:
     """Run the unfinished `jobs`, `parallel` at a time, each after its `after` job; raise a CommandError
     (stopping the others) when one fails, naming its log. Returns the seconds each job ran."""
     pending = [job for job in jobs if not job.done.exists()]
@@ -80,7 +80,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
             job.log.parent.mkdir(parents=True, exist_ok=True)
             cmd = job.cmd + (["--resume"] if job.run_dir is not None and has_checkpoint(job.run_dir) else [])
             log = open(job.log, "a")
-            print(f"[paper_table] {job.key}", flush=True)
+            print(f"[{label}] {job.key}", flush=True)
             running[job.key] = (job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(),
                                 log)
         time.sleep(0.5)
