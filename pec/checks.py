@@ -10,7 +10,7 @@ from __future__ import annotations
 from pec.algorithms import check_algorithm
 from pec.config import Config
 from pec.data.prompt_files import load_prompt_splits
-from pec.models import check_model_config
+from pec.models import check_model_config, is_video_model
 from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
 from pec.rewards import check_reward_spec
 
@@ -18,11 +18,11 @@ from pec.rewards import check_reward_spec
 def check_run(cfg: Config) -> Config:
     """`cfg.validate()`, the algorithm and regulariser (each exists, accepts its options, and the pair
     composes: `pec.algorithms.check_algorithm`), then the model folder, reward spec, perceptual spaces
-    and prompt file; returns cfg."""
+    and prompt file (a reward that scores videos only needs a video model); returns cfg."""
     cfg.validate()
     check_algorithm(cfg)
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
-    check_reward_spec(cfg.reward, cfg.paths)
+    check_reward_spec(cfg.reward, cfg.paths, video=is_video_model(cfg.model.name), http=cfg.reward_http)
     check_spaces(cfg.perceptual.spaces, cfg.paths)
     if cfg.perceptual.space in EVAL_ONLY_SPACES:
         raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "

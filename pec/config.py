@@ -40,6 +40,7 @@ OMEGAS = ("uniform", "late", "early")  # pec.regularizers.omega_weights
 GENERATION_DENSITIES = ("policy", "latent_group")
 KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
 WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
+VIDEO_POOLS = ("mean", "concat")  # a video's feature from its frames' (`pec.perceptual.VideoSpace`)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -202,6 +203,14 @@ class PerceptualConfig:
     bank_steps: int = option(0, "also log the step's surprisal against a bank of the last N steps' features "
                                 "(perc_knn_bank/<space>, knn_entropy's reference mode); 0 = no bank", min=0,
                              note="0 = no bank")
+    video_pool: str = option("concat", f"video models (wan): a video's feature from its frames' features in each "
+                                       f"space, one of {VIDEO_POOLS}: 'concat' joins the features of "
+                                       f"perceptual.video_frames frames spread over the clip (so that motion "
+                                       f"counts: two clips of the same frames in another order differ), 'mean' "
+                                       f"averages them (what is shown, not when)")
+    video_frames: int = option(4, "video models (wan): frames spread evenly over each clip (first and last "
+                                  "included) whose features make the video's feature; at most the clip's frames "
+                                  "(0 = every frame)", min=0)
 
 
 @dataclasses.dataclass
@@ -373,6 +382,16 @@ class RewardHttpConfig:
 
 
 @dataclasses.dataclass
+class RewardVideoConfig:
+    """How the rewards score a video model's clips (pec.rewards.VideoReward)."""
+
+    frames: int = option(4, "frames spread evenly over each clip (first and last included) that the rewards see "
+                            "(0 = every frame): an image reward scores each of them and the clip gets their mean; "
+                            "a video reward (temporal_smoothness, a video reward server behind 'http') gets them "
+                            "as the clip", min=0)
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
@@ -408,6 +427,7 @@ class Config:
     dist: DistConfig = option(DistConfig(), "")
     paths: PathsConfig = option(PathsConfig(), "")
     reward_http: RewardHttpConfig = option(RewardHttpConfig(), "")
+    reward_video: RewardVideoConfig = option(RewardVideoConfig(), "")
     data: DataConfig = option(DataConfig(), "")
 
     def validate(self) -> Config:
@@ -423,6 +443,7 @@ class Config:
         _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
         _choice("dist.placement", self.dist.placement, PLACEMENTS)
         _choice("perceptual.scope", self.perceptual.scope, SCOPES)
+        _choice("perceptual.video_pool", self.perceptual.video_pool, VIDEO_POOLS)
         if self.perceptual.scope == "batch" and self.perceptual.estimator != "knn":
             raise ValueError("perceptual.scope batch uses the kNN estimator over the whole step: set "
                              "--perceptual.estimator knn")
