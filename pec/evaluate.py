@@ -87,7 +87,7 @@ GOLD = "gold"  # the evaluation-only gold classifier's reward column
 FIDELITY_SPACE = EVAL_ONLY_SPACES[0]  # the unqualified precision / recall / coverage columns are measured here
 FIDELITY = ("precision", "recall", "coverage")
 MANIFOLD_K = 5
-EMBEDDED_REWARDS = ("digit", "contrast", "smoothness")  # they score the embedded world's 8x8 digits only
+EMBEDDED_REWARDS = ("digit",)  # it scores the embedded world's 8x8 digits only (the rule rewards take any size)
 # The paper's table columns (notes/paper.md 6.1) and the column of ours that measures each: a reward name
 # (quality), `dist/<space>` (within-prompt mean pairwise distance) or `vendi/<space>`; None: no local one.
 # STAND_INS: a column of ours that fills a paper column when its own is not in the table (its note says so).

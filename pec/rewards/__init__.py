@@ -182,7 +182,9 @@ def build_reward(spec: str, device: str | torch.device = "cpu", directory: str |
         video_frames: None for an image model; for a video model the frames of each clip the rewards see
             (`--reward_video.frames`, 0 = every frame): the reward then takes videos (`on_videos`).
     """
-    terms = check_reward_spec(spec, paths, video=video_frames is not None, http=http)
+    # Every reward builds here (a server may serve a video reward): whether the model may use it is a question
+    # of the run's configuration, which `pec.checks.check_run` asks (check_reward_spec with `video`).
+    terms = check_reward_spec(spec, paths, video=True)
     options = {"paths": paths, "http": http}
     rewards = {name: REWARDS.build_with_options(name, options, device=device, directory=directory)
                for name, _ in terms}
