@@ -7,6 +7,7 @@ import base64
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -179,7 +180,7 @@ def test_video_grids_are_frame_strips_and_a_gif(tmp_path):
     gif = Image.open(tmp_path / "grid.gif")
     assert gif.n_frames == 5 and gif.size == (2 * 7 + 1, 2 * 7 + 1) and gif.info["loop"] == 0
     # A strip shows frames 0, 1, 3, 4 of its video, in order.
-    row = torch.from_numpy(__import__("numpy").asarray(strips)).permute(2, 0, 1).float() / 255
+    row = torch.tensor(np.array(strips)).permute(2, 0, 1).float() / 255
     for col, frame in enumerate(frame_indices(5, STRIP_FRAMES)):
         cell = row[:, 8:14, 1 + 7 * col:7 + 7 * col]  # the second video's row
         assert torch.allclose(cell, videos[1, frame], atol=1 / 255)
