@@ -18,7 +18,7 @@ from pec.rewards import check_reward_spec
 def check_run(cfg: Config) -> Config:
     """`cfg.validate()`, the algorithm and regulariser (each exists, accepts its options, and the pair
     composes: `pec.algorithms.check_algorithm`), then the model folder, reward spec, perceptual spaces
-    and prompt file (a reward that scores videos only needs a video model); returns cfg."""
+    and prompt file; returns cfg."""
     cfg.validate()
     check_algorithm(cfg)
     check_model_config(cfg.model, cfg.sampling.guidance_scale)

@@ -39,8 +39,8 @@ OMEGAS = ("uniform", "late", "early")  # pec.regularizers.omega_weights
 # Readings of log p_gen in the PCGS reward form (`pec.regularizers.pcgs_reward`, `latent_group_log_density`).
 GENERATION_DENSITIES = ("policy", "latent_group")
 KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
-WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
 VIDEO_POOLS = ("mean", "concat")  # a video's feature from its frames' (`pec.perceptual.VideoSpace`)
+WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -367,6 +367,16 @@ class PathsConfig:
 
 
 @dataclasses.dataclass
+class RewardVideoConfig:
+    """How the rewards score a video model's clips (pec.rewards.VideoReward)."""
+
+    frames: int = option(4, "frames spread evenly over each clip (first and last included) that the rewards see "
+                            "(0 = every frame): an image reward scores each of them and the clip gets their mean; "
+                            "a video reward (temporal_smoothness, a video reward server behind 'http') gets them "
+                            "as the clip", min=0)
+
+
+@dataclasses.dataclass
 class RewardHttpConfig:
     """The client of the reward 'http' (its server's URL is --paths.reward_url; see pec.rewards.http)."""
 
@@ -379,16 +389,6 @@ class RewardHttpConfig:
                                      "environment variable PEC_REWARD_TOKEN. A secret: never written to the run's "
                                      "config.yaml or checkpoints, so give it again (or set the variable) to resume",
                                secret=True)
-
-
-@dataclasses.dataclass
-class RewardVideoConfig:
-    """How the rewards score a video model's clips (pec.rewards.VideoReward)."""
-
-    frames: int = option(4, "frames spread evenly over each clip (first and last included) that the rewards see "
-                            "(0 = every frame): an image reward scores each of them and the clip gets their mean; "
-                            "a video reward (temporal_smoothness, a video reward server behind 'http') gets them "
-                            "as the clip", min=0)
 
 
 @dataclasses.dataclass

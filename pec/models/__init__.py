@@ -5,8 +5,7 @@ Wan2.2 text-to-video).
 `MODELS` builds a model from its `ModelConfig`; a model plugs in with `register_model(name, check)`:
 a loader `(cfg, device) -> FlowModel` and, optionally, a check `(cfg, guidance_scale) -> None` that
 validates its options and local folder from config files only, so that `check_model_config` refuses a
-wrong path before any weight loads. A video model (`register_model(..., video=True)`: wan) decodes to frames
-(B, F, C, H, W); `is_video_model(name)` says so from the name alone, before anything loads. Loaders import their model module when called: naming a model never
+wrong path before any weight loads. Loaders import their model module when called: naming a model never
 imports diffusers pipelines it does not use.
 """
 from __future__ import annotations
@@ -22,23 +21,23 @@ from pec.registry import Registry
 MODELS: Registry[FlowModel] = Registry("model")
 ModelCheck = Callable[[ModelConfig, float], None]
 _CHECKS: dict[str, ModelCheck] = {}
-_VIDEO: set[str] = set()
+# The models that make videos: their `decode` gives frames (B, F, C, H, W), which the rewards, perceptual
+# spaces and grids take on a few frames of each clip (`pec.video`).
+VIDEO_MODELS = ("wan",)
 
 
-def register_model(name: str, check: ModelCheck | None = None, video: bool = False
+def register_model(name: str, check: ModelCheck | None = None
                    ) -> Callable[[Callable[..., FlowModel]], Callable[..., FlowModel]]:
     """Decorator: register a loader `(cfg: ModelConfig, device) -> FlowModel` under `name`, with its
-    config check and whether it is a video model (see the module docstring)."""
+    config check (see the module docstring)."""
     if check is not None:
         _CHECKS[name] = check
-    if video:
-        _VIDEO.add(name)
     return MODELS.register(name)
 
 
 def is_video_model(name: str) -> bool:
-    """Whether the model registered as `name` makes videos: its `decode` gives frames (B, F, C, H, W)."""
-    return name in _VIDEO
+    """Whether the model `name` (`--model.name`) makes videos (`VIDEO_MODELS`), known before anything loads."""
+    return name in VIDEO_MODELS
 
 
 def check_model_config(cfg: ModelConfig, guidance_scale: float = 1.0) -> None:
@@ -154,7 +153,7 @@ def _qwen_image(cfg: ModelConfig, device: torch.device) -> FlowModel:
                                               **model_kwargs(cfg))
 
 
-@register_model("wan", check=_check_wan, video=True)
+@register_model("wan", check=_check_wan)
 def _wan(cfg: ModelConfig, device: torch.device) -> FlowModel:
     from pec.models.diffusers_model import model_kwargs
     from pec.models.wan import WanFlowModel

@@ -4,7 +4,8 @@ Registered names (`REWARDS`):
 - the embedded world's: "digit" (learned, preference-like; 8x8 digits), "contrast", "smoothness" (rules);
 - real images: "pickscore", "clipscore", "hpsv2", "aesthetic" (LAION v2), "aesthetic_v25" (Aesthetic Predictor
   v2.5, the paper's) (weights from local paths, `--paths.*`),
-  "jpeg" / "jpeg_incompressibility" (rules, any size), "http" (a reward server, `--paths.reward_url`).
+  "jpeg" / "jpeg_incompressibility" (rules, any size), "http" (a reward server, `--paths.reward_url`);
+- videos only: "temporal_smoothness" (a rule: 1 − the mean change between consecutive frames).
 
 `build_reward("pickscore:1.0,jpeg:0.1", ...)` builds a weighted sum; `check_reward_spec` validates names,
 weights and paths from config files only, before any model loads. Nothing downloads.

@@ -5,8 +5,8 @@ Protocol: POST `{"prompts": [...], "images": [base64 PNG, ...]}` (JSON) to the s
 is `{"scores": [...]}` with one finite number per image, or an error status with `{"error": "..."}`.
 Videos (a video model's clips): `{"prompts": [...], "videos": [[base64 PNG, ...], ...]}`, each video the
 list of its frames in time order (the `--reward_video.frames` frames spread over the clip; one size and
-frame count a request), one score per video. A GET is the health check: `{"reward": NAME, "video": BOOL}`,
-`video` true when the server's reward scores videos only (an image model is then refused before any
+frame count a request), one score per video. A GET is the health check: `{"reward": NAME}`, with
+`"video": true` when the server's reward scores videos only (an image model is then refused before any
 model loads). `python -m pec.rewards.serve NAME ...` serves any registered reward with this protocol.
 
 The client (options `--reward_http.*`, the URL is `--paths.reward_url`):

@@ -64,8 +64,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pec.cli import EXIT_CODES_HELP, expected_errors, fail, one_line, signal_exit_code
-from pec.rewards import on_videos
 from pec.rewards.http import LIMIT, TOKEN_ENV, decode_png, resolve_token
+from pec.rewards import on_videos
 from pec.rewards.video import needs_video
 
 PROG = "pec.rewards.serve"
