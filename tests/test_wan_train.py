@@ -144,11 +144,11 @@ def test_grpo_collapses_video_diversity_and_pec_with_concat_keeps_more(folders, 
 def test_evaluate_writes_a_table_for_a_qwen_image_run(folders, tmp_path):
     qwen = tiny_qwen_image_folder(tmp_path)
     run_dir = tmp_path / "qwen-run"
-    train_main(["--config", str(CONFIGS / "flow_grpo_qwen_image_pec.yaml"), "--model.path", str(qwen),
-                "--model.resolution", "32", "--model.dtype", "float32", *_paths(folders),
-                "--sampling.prompts_per_step", "2", "--sampling.group_size", "2", "--perceptual.k", "1",
-                "--sampling.num_steps", "2", "--sampling.sde_window", "0", "2", "--train.steps", "1",
-                "--train.micro_batch", "2", *QUIET, "--run-dir", str(run_dir)])
+    train_main(["--model.name", "qwen_image", "--model.path", str(qwen), "--model.resolution", "32",
+                "--model.dtype", "float32", "--method", "pec", "--reward", "pickscore", *_paths(folders),
+                "--perceptual.spaces", "dino", "--perceptual.space", "dino", "--sampling.prompts_per_step", "2",
+                "--sampling.group_size", "2", "--perceptual.k", "1", "--sampling.num_steps", "2",
+                "--train.steps", "1", "--train.micro_batch", "2", *QUIET, "--run-dir", str(run_dir)])
     out = tmp_path / "eval"
     evaluate_main([str(run_dir), "--out", str(out), "--eval.spaces", "dino", "--eval.images_per_prompt", "2",
                    "--eval.max_prompts", "2", "--eval.num_steps", "2"])
