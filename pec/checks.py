@@ -10,7 +10,7 @@ from __future__ import annotations
 from pec.algorithms import check_algorithm
 from pec.config import Config, check_options
 from pec.data.prompt_files import load_prompt_splits
-from pec.models import check_model_config
+from pec.models import check_model_config, is_video_model
 from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
 from pec.rewards import check_reward_spec
 
@@ -25,7 +25,7 @@ def check_run(cfg: Config) -> Config:
     check_algorithm(cfg)
     cfg.validate()
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
-    check_reward_spec(cfg.reward, cfg.paths)
+    check_reward_spec(cfg.reward, cfg.paths, video=is_video_model(cfg.model.name), http=cfg.reward_http)
     check_spaces(cfg.perceptual.spaces, cfg.paths)
     if cfg.perceptual.space in EVAL_ONLY_SPACES:
         raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "

@@ -39,6 +39,7 @@ OMEGAS = ("uniform", "late", "early")  # pec.regularizers.omega_weights
 # Readings of log p_gen in the PCGS reward form (`pec.regularizers.pcgs_reward`, `latent_group_log_density`).
 GENERATION_DENSITIES = ("policy", "latent_group")
 KL_UNITS = ("exact", "flow_grpo")  # units of the fused KL to the reference (`pec.sampling.kl_in_units`)
+VIDEO_POOLS = ("mean", "concat")  # a video's feature from its frames' (`pec.perceptual.VideoSpace`)
 WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
 NFT_SOLVERS = ("dpm2", "euler")  # DiffusionNFT's rollout solver (`pec.sampling.sample`'s solver)
 MIXGRPO_STRATEGIES = ("progressive", "decay", "exp_decay", "random", "frozen")  # pec.algorithms.mixgrpo
@@ -207,6 +208,14 @@ class PerceptualConfig:
     bank_steps: int = option(0, "also log the step's surprisal against a bank of the last N steps' features "
                                 "(perc_knn_bank/<space>, knn_entropy's reference mode); 0 = no bank", min=0,
                              note="0 = no bank")
+    video_pool: str = option("concat", f"video models (wan): a video's feature from its frames' features in each "
+                                       f"space, one of {VIDEO_POOLS}: 'concat' joins the features of "
+                                       f"perceptual.video_frames frames spread over the clip (so that motion "
+                                       f"counts: two clips of the same frames in another order differ), 'mean' "
+                                       f"averages them (what is shown, not when)")
+    video_frames: int = option(4, "video models (wan): frames spread evenly over each clip (first and last "
+                                  "included) whose features make the video's feature; at most the clip's frames "
+                                  "(0 = every frame)", min=0)
 
 
 @dataclasses.dataclass
@@ -390,6 +399,16 @@ class PathsConfig:
 
 
 @dataclasses.dataclass
+class RewardVideoConfig:
+    """How the rewards score a video model's clips (pec.rewards.VideoReward)."""
+
+    frames: int = option(4, "frames spread evenly over each clip (first and last included) that the rewards see "
+                            "(0 = every frame): an image reward scores each of them and the clip gets their mean; "
+                            "a video reward (temporal_smoothness, a video reward server behind 'http') gets them "
+                            "as the clip", min=0)
+
+
+@dataclasses.dataclass
 class RewardHttpConfig:
     """The client of the reward 'http' (its server's URL is --paths.reward_url; see pec.rewards.http)."""
 
@@ -497,6 +516,7 @@ class Config:
     dist: DistConfig = option(DistConfig(), "")
     paths: PathsConfig = option(PathsConfig(), "")
     reward_http: RewardHttpConfig = option(RewardHttpConfig(), "")
+    reward_video: RewardVideoConfig = option(RewardVideoConfig(), "")
     data: DataConfig = option(DataConfig(), "")
     mixgrpo: MixGrpoConfig = option(MixGrpoConfig(), "")
     flow_grpo_fast: FlowGrpoFastConfig = option(FlowGrpoFastConfig(), "")
@@ -515,6 +535,7 @@ class Config:
         _choice("pcgs.form", self.pcgs.form, PCGS_FORMS)
         _choice("dist.placement", self.dist.placement, PLACEMENTS)
         _choice("perceptual.scope", self.perceptual.scope, SCOPES)
+        _choice("perceptual.video_pool", self.perceptual.video_pool, VIDEO_POOLS)
         if self.perceptual.scope == "batch" and self.perceptual.estimator != "knn":
             raise ValueError("perceptual.scope batch uses the kNN estimator over the whole step: set "
                              "--perceptual.estimator knn")

@@ -68,13 +68,13 @@ from pec.metrics import (
     table_rows,
     vendi_score,
 )
-from pec.models import check_model_config
-from pec.perceptual import ENCODERS, EVAL_ONLY_SPACES, build_space, check_spaces
+from pec.models import check_model_config, is_video_model
+from pec.perceptual import ENCODERS, EVAL_ONLY_SPACES, check_spaces, space_for_run
 from pec.perceptual.networks import load_network
 from pec.perceptual.real import SPACES as REAL_SPACES
 from pec.policy import Policy, resolve_device
 from pec.regularizers import pcgs_guidance
-from pec.rewards import REWARDS, build_reward, check_reward_spec, parse_reward_spec
+from pec.rewards import REWARDS, check_reward_spec, parse_reward_spec, reward_for_run
 from pec.rewards.digit import DigitReward
 from pec.sampling import GuidanceFn, sample
 from pec.data.prompt_files import default_prompts
@@ -87,7 +87,7 @@ GOLD = "gold"  # the evaluation-only gold classifier's reward column
 FIDELITY_SPACE = EVAL_ONLY_SPACES[0]  # the unqualified precision / recall / coverage columns are measured here
 FIDELITY = ("precision", "recall", "coverage")
 MANIFOLD_K = 5
-EMBEDDED_REWARDS = ("digit", "contrast", "smoothness")  # they score the embedded world's 8x8 digits only
+EMBEDDED_REWARDS = ("digit",)  # it scores the embedded world's 8x8 digits only (the rule rewards take any size)
 # The paper's table columns (notes/paper.md 6.1) and the column of ours that measures each: a reward name
 # (quality), `dist/<space>` (within-prompt mean pairwise distance) or `vendi/<space>`; None: no local one.
 # STAND_INS: a column of ours that fills a paper column when its own is not in the table (its note says so).
@@ -242,8 +242,7 @@ def sampling_guidance(policy: Policy, cfg: Config) -> Callable[[int], tuple[Guid
         raise ValueError(f"eval.guidance needs a PCGS guided run (method pcgs, pcgs.form guided), got method "
                          f"{cfg.method!r}" + (f" form {cfg.pcgs.form!r}" if cfg.method == "pcgs" else ""))
     train_group = cfg.sampling.group_size
-    encoder = ENCODERS.build(cfg.perceptual.space, device=next(policy.model.parameters()).device,
-                             directory=cfg.assets)
+    encoder = space_for_run(cfg.perceptual.space, cfg, next(policy.model.parameters()).device)
 
     def for_group(group: int) -> tuple[GuidanceFn, torch.Tensor]:
         size = train_group if group % train_group == 0 else group
@@ -300,7 +299,8 @@ def plot_table(table, path: Path) -> None:
 
 def save_samples(images: torch.Tensor, per_prompt: int, path: Path, max_rows: int | None = None,
                  max_cols: int = 16) -> None:
-    """A PNG grid of `images` (B, C, H, W): one row per prompt (consecutive runs of `per_prompt` images)."""
+    """A PNG grid of `images` (B, C, H, W): one row per prompt (consecutive runs of `per_prompt` images); of
+    videos (B, F, C, H, W): frame strips, one row per video, and a GIF of the grid (`save_image_grid`)."""
     grid = images.reshape(-1, per_prompt, *images.shape[1:])[:max_rows, :min(per_prompt, max_cols)]
     save_image_grid(grid.flatten(0, 1), path, nrow=grid.shape[1])
 
@@ -349,14 +349,13 @@ def evaluate_embedded(runs: Sequence[str], names: Sequence[str], base: Config, o
 
 class RealEvaluator:
     """Scores a real model's images as they are sampled: each reward's per-image scores (quality) and each
-    perceptual space's within-prompt distance and Vendi score (diversity)."""
+    perceptual space's within-prompt distance and Vendi score (diversity). A video model's clips are scored
+    as in training: the rewards on `reward_video.frames` frames of each, the spaces pooling their frames'
+    features (`perceptual.video_pool`, `perceptual.video_frames`)."""
 
     def __init__(self, cfg: Config, rewards: Sequence[str], spaces: Sequence[str], device: torch.device) -> None:
-        self.rewards = {name: build_reward(name, device=device, directory=cfg.assets, paths=cfg.paths,
-                                         http=cfg.reward_http)
-                        for name in rewards}
-        self.spaces = {name: build_space(name, device=device, directory=cfg.assets, paths=cfg.paths)
-                       for name in spaces}
+        self.rewards = {name: reward_for_run(name, cfg, device) for name in rewards}
+        self.spaces = {name: space_for_run(name, cfg, device) for name in spaces}
 
     @torch.no_grad()
     def score(self, chunks: Iterable[tuple[list[str], torch.Tensor]], per_prompt: int) -> dict[str, float]:
@@ -392,7 +391,7 @@ def real_rewards(runs: Sequence[str], configs: Sequence[Config], base: Config, o
     if not names:
         raise ValueError("no reward to score: give --eval.rewards NAME ... (e.g. pickscore clipscore hpsv2 "
                          "aesthetic) or the --reward the runs were trained with")
-    check_reward_spec(",".join(names), base.paths)
+    check_reward_spec(",".join(names), base.paths, video=is_video_model(base.model.name), http=base.reward_http)
     return names
 
 

@@ -1,5 +1,5 @@
 """What a run writes besides checkpoints: per-step metrics (JSONL + TensorBoard), plots and sample grids
-(written atomically, `pec.atomic`).
+(written atomically, `pec.atomic`; a video model's grids are frame strips plus an animated GIF).
 
 Resuming is exact: `MetricsLog.open(path, keep_through=step)` drops rows of steps after the last
 checkpoint (they were computed but their checkpoint never landed, so they will be redone), and
@@ -7,6 +7,7 @@ TensorBoard's `purge_step` does the same for the event files. No row is lost or 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 from pec.atomic import atomic_write, atomic_write_text  # noqa: E402
 from pec.cli import warn  # noqa: E402
+from pec.video import check_videos, is_video, spread_frames  # noqa: E402
 
 
 class MetricsLog:
@@ -129,13 +131,43 @@ def save_figure(fig, path: str | Path, title: str | None = None) -> None:
         plt.close(fig)
 
 
+STRIP_FRAMES = 4  # frames across a video's row in a PNG grid
+GIF_FPS = 8
+
+
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4) -> None:
     """Save images (N, C, H, W) in [0, 1] as one PNG grid of `nrow` images per row (nearest upscaling),
-    atomically."""
-    from PIL import Image
+    atomically.
 
+    Videos (N, F, C, H, W) (a video model's samples): the PNG holds frame strips, one row per video with
+    `STRIP_FRAMES` frames spread over its clip (`pec.video.frame_indices`), and an animated GIF of the grid
+    (`nrow` videos a row, every frame, `GIF_FPS` frames a second) is written beside it (`path` with the suffix
+    .gif). The GIF comes from Pillow's own GIF writer, which the PNG needs anyway: no other dependency. If
+    Pillow cannot encode it, that is one warning and the frame strips stand alone; a failure to write either
+    file (a full disk) is an OSError, as for the PNG of images.
+    """
+    if not is_video(images):
+        _write_png(_grid(images, nrow, scale), path)
+        return
+    videos = check_videos(images).detach().float().cpu()
+    strips = spread_frames(videos, STRIP_FRAMES)
+    _write_png(_grid(strips.flatten(0, 1), strips.shape[1], scale), path)
+    gif = Path(path).with_suffix(".gif")
+    try:
+        data = _encode_gif([_grid(videos[:, f], nrow, scale) for f in range(videos.shape[1])])
+    except (ImportError, KeyError, OSError) as err:  # no GIF writer in this Pillow (KeyError: none registered)
+        warn(f"{gif}: not written, Pillow could not encode a GIF ({type(err).__name__}: {err}); the frame strips "
+             f"are in {path}")
+        return
+    atomic_write(gif, lambda fh: fh.write(data), binary=True)
+
+
+def _grid(images: torch.Tensor, nrow: int, scale: int) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] as one uint8 (rows, cols, C) grid of `nrow` images per row, 1-pixel white
+    borders, upscaled `scale` times (nearest)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W) or (N, F, 1 or 3, H, W), got "
+                         f"{tuple(images.shape)}")
     n, c, h, w = images.shape
     ncol = math.ceil(n / nrow)
     pad = 1
@@ -144,9 +176,27 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: in
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    arr = np.kron(arr, np.ones((scale, scale, 1), dtype=np.uint8))
-    image = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    return np.kron(arr, np.ones((scale, scale, 1), dtype=np.uint8))
+
+
+def _pil(arr: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+def _write_png(arr: np.ndarray, path: str | Path) -> None:
+    image = _pil(arr)
     atomic_write(path, lambda fh: image.save(fh, format="PNG"), binary=True)
+
+
+def _encode_gif(frames: Sequence[np.ndarray]) -> bytes:
+    """An animated GIF (looping, `GIF_FPS` frames a second) of uint8 frames, in memory."""
+    images = [_pil(arr) for arr in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / GIF_FPS),
+                   loop=0)
+    return buffer.getvalue()
 
 
 def _plain(value: Any) -> Any:

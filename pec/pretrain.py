@@ -42,6 +42,7 @@ from pec.atomic import atomic_write_text
 from pec.cli import command_parser, expected_errors
 from pec.data import Digits, augment, digit_prompt, load_digits, random_prompt, to_unit
 from pec.data.splits import heldout_splits
+from pec.models.base import FlowModel
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.perceptual import EMBEDDED_SPACES, ENCODERS
 from pec.perceptual.networks import NETWORKS, Autoencoder, SimCLREncoder, save_network
@@ -211,12 +212,13 @@ def train_autoencoder(train: Digits, val: Digits, cfg: PretrainConfig, out: Path
     return {"autoencoder_val_mse": mse, "autoencoder_1nn_accuracy": acc}
 
 
-def rectified_flow_loss(model: EmbeddedFlowModel, x0: torch.Tensor, prompts: list[str],
+def rectified_flow_loss(model: FlowModel, x0: torch.Tensor, prompts: list[str],
                         generator: torch.Generator) -> torch.Tensor:
-    """MSE between the predicted velocity and eps − x0 at x_σ = (1 − σ)x0 + σ·eps, σ ~ U(0, 1)."""
+    """MSE between the predicted velocity and eps − x0 at x_σ = (1 − σ)x0 + σ·eps, σ ~ U(0, 1), for latents
+    x0 (B, ...) of any rank (images, or video latents (B, C, F, h, w))."""
     eps = torch.randn(x0.shape, generator=generator)
     sigma = torch.rand(x0.shape[0], generator=generator)
-    s = sigma.view(-1, 1, 1, 1)
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
     v = model.velocity((1 - s) * x0 + s * eps, sigma, model.encode_prompts(prompts))
     return F.mse_loss(v, eps - x0)
 

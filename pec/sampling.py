@@ -116,7 +116,7 @@ class Rollout:
     latents:   (T+1, B, *sample_shape); latents[0] is the initial noise, latents[t+1] the result of step t.
     log_probs: (T, B) float32 log-probability of each recorded transition (0 at deterministic steps).
     sigmas:    (T+1,) float32 schedule, 1 down to 0.
-    images:    (B, C, H, W) decoded final latents, clamped to [0, 1].
+    images:    (B, C, H, W) decoded final latents, clamped to [0, 1] (a video model: frames (B, F, C, H, W)).
     prompts:   the B prompts (expanded); group_ids: (B,) int64 index of each sample's prompt.
     sde_steps: (T,) bool on the CPU (metadata the host branches on: no device read), which steps were
                sampled with noise and have a log-probability: inside the SDE window with a noise std

@@ -31,7 +31,8 @@ class Scorer:
         self._feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
 
     def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
-        """Score one chunk of images (B_chunk, C, H, W) in [0, 1] with their prompts (no grad)."""
+        """Score one chunk of images (B_chunk, C, H, W) in [0, 1] (a video model's clips: (B_chunk, F, C, H, W),
+        which its rewards and spaces take) with their prompts (no grad)."""
         with torch.no_grad():
             self._rewards.append(self.reward_fn(images, list(prompts)).float())
             for name, encoder in self.encoders.items():

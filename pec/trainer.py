@@ -7,7 +7,8 @@ A step reads as its four phases (`Trainer.train_step`):
    one (PCGS's guided form, `pec.methods`);
 2. scoring: the reward of every image and its features in each perceptual space (`pec.scoring`), the
    validity masks of run safety, and the step's perceptual statistics (per-group entropies, the
-   regulariser's surprisal);
+   regulariser's surprisal); a video model's samples are clips (B, F, C, H, W), which the rewards and
+   spaces take on a few frames of each (`pec.video`);
 3. reward shaping: the regulariser's shaped rewards, one column per advantage column of the algorithm,
    gathered over processes and turned into advantages (group-normalised, or the regulariser's own);
 4. update: the algorithm's optimizer updates on the step's `UpdateBatch`, with the regulariser's loss
@@ -60,10 +61,10 @@ from pec.grpo import group_advantages
 from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
 from pec.methods import build_method
 from pec.methods.base import GuidanceContext, ShapingInputs, StepContext, TermsInputs
-from pec.perceptual import build_space
+from pec.perceptual import space_for_run
 from pec.policy import Policy, latent_dim, resolve_device
 from pec.regularizers import policy_entropy
-from pec.rewards import build_reward
+from pec.rewards import reward_for_run
 from pec.run_safety import (
     BadStepGuard,
     Preempted,
@@ -123,10 +124,9 @@ class Trainer:
         self.policy = Policy(cfg, self.device, shard=self.dist.active,
                              reference=algorithm_class(cfg).needs_reference(cfg))
         self.model = self.policy.model
-        self.reward_fn = build_reward(cfg.reward, device=self.device, directory=cfg.assets, paths=cfg.paths,
-                                      http=cfg.reward_http)
-        self.encoders = {name: build_space(name, device=self.device, directory=cfg.assets, paths=cfg.paths)
-                         for name in cfg.perceptual.spaces}
+        # A video model's clips: the rewards see --reward_video.frames of their frames, the spaces pool theirs.
+        self.reward_fn = reward_for_run(cfg.reward, cfg, self.device)
+        self.encoders = {name: space_for_run(name, cfg, self.device) for name in cfg.perceptual.spaces}
         self.scorer = Scorer(self.reward_fn, self.encoders, cfg.train.micro_batch)
         self.perceptual = PerceptualStats(cfg, self.gather, self.dist.all_gather, self.spread, self.index)
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.train.lr,
@@ -438,7 +438,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ grids
     def save_grid(self, name: str) -> None:
-        """A PNG grid: `logging.grid_samples` samples (fixed seed) for each prompt, one row per prompt."""
+        """A PNG grid: `logging.grid_samples` samples (fixed seed) for each prompt, one row per prompt (a video
+        model: frame strips, one row per sample, and an animated GIF grid: `save_image_grid`)."""
         n = self.cfg.logging.grid_samples
         s = self.cfg.sampling
         self.model.eval()

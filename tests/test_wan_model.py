@@ -1,7 +1,7 @@
 """The Wan adapter (`--model.name wan`) on tiny random WanPipeline folders in the real on-disk layout (no
 downloads): Wan2.1 T2V, Wan2.2 T2V A14B (two experts) and Wan2.2 TI2V-5B, loaded through the code a user
-runs, against diffusers' own WanPipeline. No `pec.train` run yet: the trainer takes video latents once the
-lead wires them through it (velocity, decode, schedule and the expert hooks are tested directly)."""
+runs, against diffusers' own WanPipeline (velocity, decode, schedule and the expert hooks, tested directly;
+`pec.train` and `pec.evaluate` runs on these folders: tests/test_wan_train.py)."""
 import copy
 from pathlib import Path
 

@@ -22,6 +22,9 @@ from pec.registry import Registry
 MODELS: Registry[FlowModel] = Registry("model")
 ModelCheck = Callable[[ModelConfig, float], None]
 _CHECKS: dict[str, ModelCheck] = {}
+# The models that make videos: their `decode` gives frames (B, F, C, H, W), which the rewards, perceptual
+# spaces and grids take on a few frames of each clip (`pec.video`).
+VIDEO_MODELS = ("wan",)
 
 
 def register_model(name: str, check: ModelCheck | None = None
@@ -31,6 +34,11 @@ def register_model(name: str, check: ModelCheck | None = None
     if check is not None:
         _CHECKS[name] = check
     return MODELS.register(name)
+
+
+def is_video_model(name: str) -> bool:
+    """Whether the model `name` (`--model.name`) makes videos (`VIDEO_MODELS`), known before anything loads."""
+    return name in VIDEO_MODELS
 
 
 def check_model_config(cfg: ModelConfig, guidance_scale: float = 1.0) -> None:

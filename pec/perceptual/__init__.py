@@ -6,16 +6,22 @@
   the regulariser may not use it, so diversity measured there is out of the regulariser's reach);
 - real images: "dino" (DINOv2), "clip" (open_clip image tower), "pickscore" (PickScore's image tower),
   from local weights (`--paths.*`); `check_spaces` validates their paths from config files first.
+Videos (B, F, C, H, W): any of them wrapped in `VideoSpace` (`build_space(..., video_pool=...)`), which
+builds a video's feature from its frames' features.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
 
+import torch
 from torch import nn
 
+from pec.config import Config
+from pec.models import is_video_model
 from pec.perceptual.encoders import FeatureEncoder, build_encoder, check_images
 from pec.perceptual.real import CHECKS, SPACES, BackboneSpace
+from pec.perceptual.video import VideoSpace
 from pec.registry import Registry
 
 ENCODERS: Registry[nn.Module] = Registry("perceptual encoder")
@@ -37,10 +43,23 @@ def check_spaces(names: Sequence[str], paths: object = None) -> None:
             CHECKS[name](paths)
 
 
-def build_space(name: str, device: str = "cpu", directory: object = None, paths: object = None) -> nn.Module:
-    """The perceptual encoder `name` on `device` (embedded assets from `directory`, real weights from `paths`)."""
-    return ENCODERS.build_with_options(name, {"paths": paths}, device=device, directory=directory)
+def build_space(name: str, device: str = "cpu", directory: object = None, paths: object = None,
+                video_pool: str | None = None, video_frames: int = 4) -> nn.Module:
+    """The perceptual encoder `name` on `device` (embedded assets from `directory`, real weights from `paths`);
+    with `video_pool` ('mean' or 'concat', a video model's run) it takes videos: `VideoSpace` over
+    `video_frames` frames of each clip."""
+    space = ENCODERS.build_with_options(name, {"paths": paths}, device=device, directory=directory)
+    return space if video_pool is None else VideoSpace(space, video_pool, video_frames)
+
+
+def space_for_run(name: str, cfg: Config, device: str | torch.device) -> nn.Module:
+    """The perceptual space `name` as a run of `cfg` uses it (the trainer's and the evaluator's): its weights from
+    `cfg.assets` / `cfg.paths`, and for a video model pooled over frames (`perceptual.video_pool`,
+    `perceptual.video_frames`)."""
+    pool = ({"video_pool": cfg.perceptual.video_pool, "video_frames": cfg.perceptual.video_frames}
+            if is_video_model(cfg.model.name) else {})
+    return build_space(name, device=device, directory=cfg.assets, paths=cfg.paths, **pool)
 
 
 __all__ = ["ENCODERS", "EMBEDDED_SPACES", "EVAL_ONLY_SPACES", "build_space", "FeatureEncoder", "BackboneSpace", "build_encoder", "check_images",
-           "check_spaces"]
+           "check_spaces", "space_for_run", "VideoSpace"]

@@ -3,10 +3,14 @@ rewards with conflicting dependencies (GenEval) run in another process or on ano
 
 Protocol: POST `{"prompts": [...], "images": [base64 PNG, ...]}` (JSON) to the server's URL; the answer
 is `{"scores": [...]}` with one finite number per image, or an error status with `{"error": "..."}`.
-`python -m pec.rewards.serve NAME ...` serves any registered reward with this protocol.
+Videos (a video model's clips): `{"prompts": [...], "videos": [[base64 PNG, ...], ...]}`, each video the
+list of its frames in time order (the `--reward_video.frames` frames spread over the clip; one size and
+frame count a request), one score per video. A GET is the health check: `{"reward": NAME}`, with
+`"video": true` when the server's reward scores videos only (an image model is then refused before any
+model loads). `python -m pec.rewards.serve NAME ...` serves any registered reward with this protocol.
 
 The client (options `--reward_http.*`, the URL is `--paths.reward_url`):
-- images go `batch_size` at a time (default 32);
+- images go `batch_size` at a time (default 32), videos as many as hold `batch_size` frames (at least one);
 - each request has one deadline for all of it (`--reward_http.timeout`, default 60 s): connecting,
   sending, the server's scoring and reading the whole answer. A watchdog shuts the socket down at the
   deadline, so a server that trickles its answer byte by byte fails then; a per-read socket timeout (all
@@ -32,12 +36,15 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from pec.cli import one_line
 from pec.rewards.base import ImageReward
+from pec.rewards.digit import check_prompts
+from pec.video import check_videos, is_video
 
 TIMEOUT_S = 60.0
 RETRIES = 3
@@ -199,8 +206,24 @@ def check_server(url: str | None, timeout: float = 10.0, token: str | None = Non
                          f"the token it was started with (`serve --token`) with --reward_http.token or {TOKEN_ENV}")
 
 
+def server_needs_video(url: str | None, token: str | None = None, timeout: float = 10.0) -> bool:
+    """Whether the reward server at `url` scores videos only: its health check's `"video": true`. False when
+    it does not say so, or gives no such answer (`check_server` reports a server that does not answer)."""
+    if not url or not url.startswith(("http://", "https://")):
+        return False
+    try:
+        answer = request(url, token=token, timeout=timeout)
+        payload = json.loads(answer.body) if answer.status == 200 else None
+    except (TimeoutError, ConnectionError, ValueError, RecursionError):
+        return False
+    return isinstance(payload, dict) and payload.get("video") is True
+
+
 class HttpReward(ImageReward):
-    """Scores from a reward server (see the module docstring)."""
+    """Scores from a reward server (see the module docstring): of images (B, C, H, W), or of videos
+    (B, F, C, H, W), sent as `"videos"`."""
+
+    takes_video = True
 
     def __init__(self, url: str, *, batch_size: int = 32, timeout: float = TIMEOUT_S, retries: int = RETRIES,
                  backoff: float = BACKOFF_S, token: str | None = None) -> None:
@@ -216,9 +239,25 @@ class HttpReward(ImageReward):
         self.url, self.batch_size, self.timeout, self.retries, self.backoff = url, batch_size, timeout, retries, backoff
         self.token = token
 
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) scores of images (B, C, H, W), or of videos (B, F, C, H, W), as many a request as hold
+        `batch_size` frames (at least one)."""
+        if not is_video(images):
+            return super().forward(images, prompts)
+        check_videos(images)
+        check_prompts(images, prompts)
+        prompts, per = list(prompts), max(1, self.batch_size // images.shape[1])
+        out = [self.score(images[i:i + per], prompts[i:i + per]) for i in range(0, images.shape[0], per)]
+        return torch.cat(out).to(images.device)
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        body = json.dumps({"prompts": prompts, "images": [encode_png(im) for im in images]}).encode()
-        return parse_scores(self._post(body), len(prompts), self.url)
+        """(b,) scores of a batch of images, or of videos (one request)."""
+        if is_video(images):
+            payload = {"prompts": prompts, "videos": [[encode_png(frame) for frame in clip] for clip in images]}
+        else:
+            payload = {"prompts": prompts, "images": [encode_png(im) for im in images]}
+        return parse_scores(self._post(json.dumps(payload).encode()), len(prompts), self.url)
 
     def _post(self, body: bytes) -> bytes:
         """The body of the server's 200 answer to `body`, retrying failures to connect, timeouts and 5xx."""

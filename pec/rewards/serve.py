@@ -1,7 +1,12 @@
 """`python -m pec.rewards.serve NAME [--port 8000] [--host 127.0.0.1] [--token TOKEN] [--paths.X PATH ...]`:
 serve any registered reward (or a weighted spec such as `pickscore:1,jpeg:0.1`) over HTTP with the
-protocol of `pec.rewards.http`: POST `{"prompts": [...], "images": [base64 PNG, ...]}` -> `{"scores": [...]}`.
-A GET answers `{"reward": NAME}` (a health check). Prints `serving NAME on http://HOST:PORT/` once ready.
+protocol of `pec.rewards.http`: POST `{"prompts": [...], "images": [base64 PNG, ...]}` -> `{"scores": [...]}`,
+or `{"prompts": [...], "videos": [[base64 PNG frame, ...], ...]}` (each video its frames in time order; the
+videos of a request of one size and frame count) -> one score per video: a reward that scores videos
+(`takes_video`) gets them as clips (N, F, C, H, W), an image reward is averaged over every frame sent
+(`pec.rewards.VideoReward`). A GET answers `{"reward": NAME}` (a health check), with `"video": true` when the
+reward scores videos only (`needs_video`; such a server refuses "images"). Prints `serving NAME on
+http://HOST:PORT/` once ready.
 
 Stack: uvicorn (the ASGI server) running a starlette app. uvicorn does the HTTP parsing, keep-alive
 timeouts and the bound on concurrent connections (`--max-connections`, beyond which it answers 503);
@@ -12,8 +17,8 @@ event loop keeps answering (health checks, refusals) while a batch is scored.
 Limits, each with a safe default:
 - `--max-body-mb` (64): a bigger body is refused with 413 while it is read (or at once from its
   Content-Length);
-- `--max-pixels` (64 million): the pixels of all images of a request (and of all frames, once requests
-  carry videos), counted from the PNG headers before anything is decoded; more is a 400. Pillow's own
+- `--max-pixels` (64 million): the pixels of all images of a request (of every frame of every video),
+  counted from the PNG headers before anything is decoded; more is a 400. Pillow's own
   decompression-bomb check is a 400 as well;
 - `--deadline` (120 s): for the whole request, reading, decoding and scoring: a client that sends less
   than its Content-Length or trickles its body gets 408 and is dropped; one that trickles its request
@@ -60,6 +65,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pec.cli import command_parser, expected_errors, fail, one_line, signal_exit_code
 from pec.rewards.http import LIMIT, TOKEN_ENV, decode_png, resolve_token
+from pec.rewards import on_videos
+from pec.rewards.video import needs_video
 
 PROG = "pec.rewards.serve"
 MAX_BODY_MB = 64.0
@@ -113,51 +120,73 @@ def png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def count_pixels(pngs: Sequence[bytes], key: str = "images") -> int:
+def count_pixels(pngs: Sequence[bytes], key: str = '"images"') -> int:
     """Total pixels of the PNG payloads `pngs` (images, or every frame of a video), from their headers only.
-    A payload that is not a PNG is a 400 RequestError naming `key` and its index."""
+    A payload that is not a PNG is a 400 RequestError naming `key` (e.g. '"videos"[3]') and its index."""
     total = 0
     for i, data in enumerate(pngs):
         try:
             width, height = png_size(data)
         except ValueError as err:
-            raise RequestError(400, f'"{key}"[{i}] is {err}') from None
+            raise RequestError(400, f"{key}[{i}] is {err}") from None
         total += width * height
     return total
 
 
-def parse_request(body: bytes) -> tuple[list[str], list[bytes]]:
-    """The prompts and the PNG bytes of a request body `{"prompts": [str, ...], "images": [base64 PNG, ...]}`;
-    anything else is a 400 RequestError saying what is wrong."""
+def parse_request(body: bytes) -> tuple[list[str], list[bytes] | list[list[bytes]], str]:
+    """The prompts, the PNG bytes and their key of a request body: `{"prompts": [str, ...], "images": [base64 PNG,
+    ...]}` gives the images' PNGs and "images"; `{"prompts": [...], "videos": [[base64 PNG, ...], ...]}` each
+    video's frames and "videos". Anything else is a 400 RequestError saying what is wrong."""
     try:
         request = json.loads(body)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise RequestError(400, f"the body is not JSON ({type(err).__name__}: {one_line(err, 200)})") from None
     if not isinstance(request, dict):
-        raise RequestError(400, f'the body must be a JSON object {{"prompts": [...], "images": [...]}}, got a '
-                                f"{type(request).__name__}")
-    for key, what in (("prompts", "strings"), ("images", "base64 PNG strings")):
-        if key not in request:
-            raise RequestError(400, f'missing key "{key}" (a list of {what})')
-        value = request[key]
-        if not isinstance(value, list):
-            raise RequestError(400, f'"{key}" must be a list of {what}, got a {type(value).__name__}')
-        wrong = next((i for i, item in enumerate(value) if not isinstance(item, str)), None)
-        if wrong is not None:
-            raise RequestError(400, f'"{key}"[{wrong}] must be a string, got a {type(value[wrong]).__name__}')
-    prompts, images = request["prompts"], request["images"]
-    if not images:
-        raise RequestError(400, '"images" is empty')
-    if len(prompts) != len(images):
-        raise RequestError(400, f'"prompts" has {len(prompts)} entries but "images" has {len(images)}: give one '
-                                f"prompt per image")
-    pngs = []
-    for i, text in enumerate(images):
+        raise RequestError(400, f'the body must be a JSON object {{"prompts": [...], "images": [...]}} (or '
+                                f'"videos"), got a {type(request).__name__}')
+    if "images" in request and "videos" in request:
+        raise RequestError(400, 'give "images" or "videos", not both')
+    key = "videos" if "videos" in request else "images"
+    for name, what in (("prompts", "strings"), (key, "base64 PNG strings" if key == "images" else
+                                                 "videos, each the list of its frames as base64 PNG strings")):
+        if name not in request:
+            raise RequestError(400, f'missing key "{name}" (a list of {what})')
+        if not isinstance(request[name], list):
+            raise RequestError(400, f'"{name}" must be a list of {what}, got a {type(request[name]).__name__}')
+    prompts, samples = request["prompts"], request[key]
+    # Every string of the request, with its place: "images"[i], or "videos"[i][j] for frame j of video i.
+    strings = [("prompts", i, None, item) for i, item in enumerate(prompts)]
+    for i, item in enumerate(samples):
+        if key == "images":
+            strings.append((key, i, None, item))
+        elif not isinstance(item, list) or not item:
+            got = "no frames" if isinstance(item, list) else f"a {type(item).__name__}"
+            raise RequestError(400, f'"videos"[{i}] must be a non-empty list of its frames (base64 PNG strings), '
+                                    f"got {got}")
+        else:
+            strings += [(key, i, j, frame) for j, frame in enumerate(item)]
+    for name, i, j, item in strings:
+        if not isinstance(item, str):
+            raise RequestError(400, f'{_place(name, i, j)} must be a string, got a {type(item).__name__}')
+    if not samples:
+        raise RequestError(400, f'"{key}" is empty')
+    if len(prompts) != len(samples):
+        raise RequestError(400, f'"prompts" has {len(prompts)} entries but "{key}" has {len(samples)}: give one '
+                                f"prompt per {key[:-1]}")
+    pngs: dict[tuple[int, int | None], bytes] = {}
+    for name, i, j, text in strings[len(prompts):]:
         try:
-            pngs.append(base64.b64decode(text, validate=True))
+            pngs[i, j] = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as err:  # ValueError: non-ASCII text
-            raise RequestError(400, f'"images"[{i}] is not base64 ({err})') from None
-    return prompts, pngs
+            raise RequestError(400, f"{_place(name, i, j)} is not base64 ({err})") from None
+    if key == "images":
+        return prompts, [pngs[i, None] for i in range(len(samples))], key
+    return prompts, [[pngs[i, j] for j in range(len(video))] for i, video in enumerate(samples)], key
+
+
+def _place(key: str, i: int, j: int | None) -> str:
+    """Where a string of a request is: "images"[i], or "videos"[i][j] for frame j of video i."""
+    return f'"{key}"[{i}]' + ("" if j is None else f"[{j}]")
 
 
 class RewardApp:
@@ -166,6 +195,7 @@ class RewardApp:
     def __init__(self, reward: torch.nn.Module, name: str, *, device: str | torch.device = "cpu",
                  token: str | None = None, limits: Limits = Limits()) -> None:
         self.reward, self.name, self.device, self.token, self.limits = reward, name, device, token, limits
+        self.video_reward = on_videos(reward, 0)  # videos: each frame sent (an image reward's mean over them)
         self.lock = threading.Lock()  # one scoring at a time, held by the worker thread that scores
         # Workers of scoring jobs; one abandoned at the deadline keeps its worker until it ends (bounded:
         # it gives up waiting for the lock at its deadline and checks the deadline while decoding).
@@ -190,7 +220,7 @@ class RewardApp:
             return refuse(request, RequestError(401, "missing or wrong token: send the header "
                                                      "`Authorization: Bearer TOKEN` of the server's --token"))
         if request.method == "GET":
-            return JSONResponse({"reward": self.name})
+            return JSONResponse({"reward": self.name, **({"video": True} if needs_video(self.reward) else {})})
         deadline = time.monotonic() + self.limits.deadline
         try:
             body = await asyncio.wait_for(self.read_body(request), self.limits.deadline)
@@ -229,20 +259,27 @@ class RewardApp:
         return b"".join(chunks)
 
     def score(self, body: bytes, deadline: float) -> list[float]:
-        """Scores of a request body (in a worker thread): parse, count pixels, then decode and score under the
-        lock. RequestError for a bad request; TimeoutError past `deadline` (nobody waits for the answer then)."""
-        prompts, pngs = parse_request(body)
-        pixels = count_pixels(pngs)
+        """Scores of a request body (in a worker thread): parse, count pixels (every frame of every video), then
+        decode and score under the lock. RequestError for a bad request; TimeoutError past `deadline` (nobody
+        waits for the answer then)."""
+        prompts, pngs, key = parse_request(body)
+        videos = key == "videos"
+        if not videos and needs_video(self.reward):
+            raise RequestError(400, f'reward {self.name!r} scores videos only: send "videos" (each the list of its '
+                                    f'frames), not "images"')
+        pixels = (sum(count_pixels(frames, f'"videos"[{i}]') for i, frames in enumerate(pngs)) if videos
+                  else count_pixels(pngs))
         if pixels > self.limits.max_pixels:
-            raise RequestError(400, f"the images hold {pixels} pixels, over the limit of {self.limits.max_pixels} "
-                                    f"(--max-pixels); send fewer or smaller images a request")
+            raise RequestError(400, f"the {key} hold {pixels} pixels, over the limit of {self.limits.max_pixels} "
+                                    f"(--max-pixels); send fewer or smaller {key} a request")
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TimeoutError
         try:
-            images = decode_images(pngs, deadline)
+            images = decode_videos(pngs, deadline) if videos else decode_images(pngs, deadline)
+            reward = self.video_reward if videos else self.reward
             try:
                 with torch.no_grad():
-                    scores = self.reward(images.to(self.device), prompts)
+                    scores = reward(images.to(self.device), prompts)
             except (ValueError, TypeError) as err:  # the reward's own input checks
                 raise RequestError(400, f"reward {self.name!r} refused the images: {one_line(err, LIMIT)}") from None
         finally:
@@ -254,9 +291,10 @@ class RewardApp:
         return scores.tolist()
 
 
-def decode_images(pngs: Sequence[bytes], deadline: float = math.inf) -> torch.Tensor:
-    """(N, C, H, W) float32 images of PNG payloads of one size and channel count; a 400 RequestError for a
-    corrupt PNG, a bomb or mixed sizes; TimeoutError once `deadline` (time.monotonic) has passed."""
+def decode_images(pngs: Sequence[bytes], deadline: float = math.inf, key: str = '"images"') -> torch.Tensor:
+    """(N, C, H, W) float32 images of PNG payloads of one size and channel count; a 400 RequestError (naming
+    `key` and the index) for a corrupt PNG, a bomb or mixed sizes; TimeoutError once `deadline`
+    (time.monotonic) has passed."""
     images = []
     for i, data in enumerate(pngs):
         if time.monotonic() > deadline:
@@ -264,11 +302,24 @@ def decode_images(pngs: Sequence[bytes], deadline: float = math.inf) -> torch.Te
         try:
             images.append(decode_png(data))
         except ValueError as err:
-            raise RequestError(400, f'"images"[{i}] is {err}') from None
+            raise RequestError(400, f"{key}[{i}] is {err}") from None
         if images[i].shape != images[0].shape:
-            raise RequestError(400, f'"images"[{i}] is {_shape(images[i])} but "images"[0] is {_shape(images[0])}: '
+            raise RequestError(400, f"{key}[{i}] is {_shape(images[i])} but {key}[0] is {_shape(images[0])}: "
                                     f"the images of a request must have one size and channel count")
     return torch.stack(images)
+
+
+def decode_videos(videos: Sequence[Sequence[bytes]], deadline: float = math.inf) -> torch.Tensor:
+    """(N, F, C, H, W) float32 videos of each video's PNG frames (`decode_images` per video), all of one frame
+    count, size and channel count; a 400 RequestError naming the video otherwise."""
+    clips = []
+    for i, frames in enumerate(videos):
+        clips.append(decode_images(frames, deadline, key=f'"videos"[{i}]'))
+        if clips[i].shape != clips[0].shape:
+            first, this = (f"{c.shape[0]} frames of {_shape(c[0])}" for c in (clips[0], clips[i]))
+            raise RequestError(400, f'"videos"[{i}] has {this} but "videos"[0] has {first}: the videos of a '
+                                    f"request must have one frame count, size and channel count")
+    return torch.stack(clips)
 
 
 def _shape(image: torch.Tensor) -> str:
