@@ -10,6 +10,10 @@ metrics.jsonl rows on every key but `time/*`.
 and runs every case there as `python -m pec.train` with that tree first on PYTHONPATH, so it can compare
 any two commits, even ones that predate this script. Exit status 0 when every row is equal bit for bit.
 
+Shown on this project's 2-core CPU machine, 2026-12-06: `compare 7c92baa HEAD` (7c92baa: main after the
+trust issue, before the restructuring into algorithms; HEAD: with five algorithms, the sampler's experts,
+solvers and renorm, video and sharded loading merged) printed "20 cases, 40 rows: bit for bit equal".
+
 The recorded rows of the version before the trainer's restructuring live in
 tests/data/metrics_before_algorithms.json; tests/test_metrics_equivalence.py replays every case in CI and
 compares at rtol 1e-6 (CI may run on another CPU, which rounds differently).
