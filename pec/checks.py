@@ -1,9 +1,11 @@
 """Refusing a run before any model loads: every check that reads only the configuration and local files.
 
 `check_run` is what `pec.train` and the evaluator call on a configuration: the options on their own, the
-algorithm and regulariser pair, the options together (`Config.validate`), then the names and local paths
-of the model, the rewards, the perceptual spaces and the prompt file, each checked by the package that
-implements it. A wrong path or name is one ValueError naming the option, before any weight loads.
+algorithm and regulariser pair, the options together (`Config.validate`), then the names and paths of the
+model, the rewards, the perceptual spaces and the prompt file, each checked by the package that implements
+it. A path is a local one or a Hugging Face hub id, resolved there through huggingface_hub's cache
+(`pec.hub`: fetched into it unless HF_HUB_OFFLINE is set), so that a wrong id fails here too. A wrong path,
+id or name is one ValueError naming the option, before any weight loads.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pec.rewards import check_reward_spec
 def check_run(cfg: Config) -> Config:
     """Each option on its own, the algorithm and regulariser (each exists, accepts its options, and the pair
     composes: `pec.algorithms.check_algorithm`), the options together (`cfg.validate()`), then the model
-    folder, reward spec, perceptual spaces and prompt file; returns cfg. The algorithm speaks before the
+    folder, reward spec, perceptual spaces and prompt file; returns cfg, with the revision of a hub id
+    `--model.path` pinned to the commit it resolved to (`pec.models.check_model_config`). The algorithm speaks before the
     cross-option rules, which assume an algorithm that has the options they relate (e.g. Clip-Higher's
     minibatches): an option it refuses is named as such, not as half of a combination to fix."""
     check_options(cfg)
