@@ -9,9 +9,12 @@ id or name is one ValueError naming the option, before any weight loads.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pec.algorithms import check_algorithm
 from pec.config import Config, check_options
 from pec.data.prompt_files import load_prompt_splits
+from pec.hub import pin_revision
 from pec.models import check_model_config, is_video_model
 from pec.perceptual import EVAL_ONLY_SPACES, check_spaces
 from pec.rewards import check_reward_spec
@@ -20,16 +23,19 @@ from pec.rewards import check_reward_spec
 def check_run(cfg: Config) -> Config:
     """Each option on its own, the algorithm and regulariser (each exists, accepts its options, and the pair
     composes: `pec.algorithms.check_algorithm`), the options together (`cfg.validate()`), then the model
-    folder, reward spec, perceptual spaces and prompt file; returns cfg, with the revision of a hub id
-    `--model.path` pinned to the commit it resolved to (`pec.models.check_model_config`). The algorithm speaks before the
-    cross-option rules, which assume an algorithm that has the options they relate (e.g. Clip-Higher's
-    minibatches): an option it refuses is named as such, not as half of a combination to fix."""
+    folder, reward spec, perceptual spaces and prompt file; returns cfg, with each hub id pinned to the commit
+    it resolved to (`--model.revision`: `pec.models.check_model_config`; `--paths.*`: `pec.hub.pin_revision`),
+    which the run's config.yaml records. The algorithm speaks before the cross-option rules, which assume an
+    algorithm that has the options they relate (e.g. Clip-Higher's minibatches): an option it refuses is named
+    as such, not as half of a combination to fix."""
     check_options(cfg)
     check_algorithm(cfg)
     cfg.validate()
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths, video=is_video_model(cfg.model.name), http=cfg.reward_http)
     check_spaces(cfg.perceptual.spaces, cfg.paths)
+    for field in dataclasses.fields(cfg.paths):
+        setattr(cfg.paths, field.name, pin_revision(getattr(cfg.paths, field.name)))
     if cfg.perceptual.space in EVAL_ONLY_SPACES:
         raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "
                          f"judges claims there because no regulariser uses it): choose another of "

@@ -1,7 +1,8 @@
 """Model folders and weight files named by a local path or a Hugging Face hub id: `resolve_path`.
 
 Every option that names a model folder or a weight file (`--model.path` and the weights of `--paths.*`)
-goes through `resolve_path`, in the config-only checks and in the loaders alike:
+goes through `resolve_path` (`--model.path`: `resolve_model_path`), in the config-only checks and in the
+loaders alike:
 
 - a path that exists on this machine is used as it is: the fast path, where no hub code runs;
 - otherwise a hub id is looked up in huggingface_hub's cache (`HF_HOME`, or `HF_HUB_CACHE`) and fetched
@@ -9,6 +10,8 @@ goes through `resolve_path`, in the config-only checks and in the loaders alike:
   folder), `ORG/NAME/FILE` one file in it. The revision (a branch, a tag or a commit; empty = main) of
   `--model.path` is `--model.revision`; a `--paths.*` id takes it after a colon, `ORG/NAME:REVISION` (`@`
   already names a run's milestone, RUN@STEP). Both variables are read at each call.
+- a run records the commit each id resolved to (`--model.revision`; `pin_revision` for `--paths.*`), so
+  that its resume and `pec.evaluate` load the same snapshot.
 
 From the hub pec fetches and loads configuration files, tokenizer files and safetensors weights only:
 never pickled weights (`.bin`, `.pt`: unpickling can run code) and never code. A diffusers folder's
@@ -45,6 +48,7 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 FILE_LAYOUTS = ("open_clip", "file")  # the layouts whose option may name one file: ORG/NAME/FILE
 _NAME = r"[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?"
 HUB_ID = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?P<file>(?:/[^:/]+)+)?(?::(?P<revision>[^:\s]+))?$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a revision that is a commit names one snapshot for good
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,40 @@ def load_options(folder: str | Path, weights: bool = True) -> dict:
     safetensors only."""
     return {"local_files_only": True, "trust_remote_code": False,
             **({"use_safetensors": True} if weights and in_hub_cache(folder) else {})}
+
+
+def resolve_model_path(path: str | Path | None, revision: str | None = None, *, layout: str = "pipeline") -> Path:
+    """The local folder of the model that `--model.path` `path` names at `--model.revision` `revision`: `path`
+    itself where it exists on this machine (no hub code runs), else the snapshot of the hub id `path` in
+    huggingface_hub's cache (fetched into it unless HF_HUB_OFFLINE is set). The one place pec resolves a
+    model's folder: its checks and loaders call it, and so may any command that records or reloads a base
+    model (the revision a run recorded is a commit: `pec.models.check_model_config` pins it).
+
+    Args:
+        path: a local folder or a hub id ORG/NAME.
+        revision: a branch, tag or commit of a hub id; None = main. Refused for a local path.
+        layout: "pipeline" (a diffusers folder: sd3, flux, flux2, qwen_image, wan) or "model" (the embedded
+            model's folder: config.json + model.safetensors).
+
+    Raises:
+        ValueError: one line naming --model.path or --model.revision (`resolve_path`); for an empty `path` too.
+    """
+    folder = resolve_path(path, "--model.path", layout, revision=revision, revision_option="--model.revision")
+    if folder is None:
+        raise ValueError("--model.path is empty: give a local model folder or a hub id ORG/NAME")
+    return folder
+
+
+def pin_revision(value: str | None) -> str | None:
+    """A `--paths.*` hub id `ORG/NAME[/FILE][:REVISION]` with its revision (main where it names none) replaced by
+    the commit that revision names in huggingface_hub's cache, where `resolve_path` has just found or fetched
+    it: what a run's config.yaml records, so that its resume and `pec.evaluate` load the same snapshot. Any
+    other value (a local path, an id pinned already or not in the cache) comes back unchanged; no hub call."""
+    ref = parse_hub_id(str(value)) if is_hub_id(value) else None
+    if ref is None or COMMIT.match(ref.revision or ""):
+        return value
+    refs = _repo_folder(hub_cache(), ref.repo_id) / "refs" / (ref.revision or "main")
+    return f"{ref}:{refs.read_text().strip()}" if refs.is_file() else value
 
 
 def is_hub_id(value: str | Path | None) -> bool:
@@ -165,19 +203,19 @@ def _fetch(ref: HubRef, option: str, layout: str, revision_option: str | None) -
 
     cache, offline = hub_cache(), hub_offline()
     why_local = "HF_HUB_OFFLINE is set" if offline else None
-    revision = ref.revision
     try:
         if not offline:
             # One question to the hub first, which fails at once where it cannot be reached (huggingface_hub's
-            # downloads retry a lost connection for half a minute): the commit the revision names, which every
-            # fetch below then reads, or, unreachable, the cache alone.
+            # downloads retry a lost connection for half a minute): unreachable, the cache alone answers. The
+            # fetches below name the revision itself, not the commit it answers, so that the cache records
+            # the branch or tag (refs/) for a later run offline.
             try:
-                revision = huggingface_hub.HfApi().model_info(ref.repo_id, revision=ref.revision).sha
+                huggingface_hub.HfApi().model_info(ref.repo_id, revision=ref.revision)
             except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
                 raise
             except Exception as err:  # noqa: BLE001 (whatever kept the hub from answering: the cache may have it)
                 why_local = f"the hub cannot be reached ({_first_line(err)})"
-        where = {"revision": revision, "cache_dir": cache, "local_files_only": why_local is not None}
+        where = {"revision": ref.revision, "cache_dir": cache, "local_files_only": why_local is not None}
         if ref.filename:
             return Path(huggingface_hub.hf_hub_download(ref.repo_id, ref.filename, **where))
         patterns, weights = LAYOUTS[layout]
@@ -207,6 +245,11 @@ def _fetch(ref: HubRef, option: str, layout: str, revision_option: str | None) -
                          f"{ref.revision or 'main'}") from None
     except errors.HfHubHTTPError as err:
         raise OSError(f"{option}: the hub did not give {ref} ({_first_line(err)})") from None
+    if layout == "model" and (folder / "model_index.json").is_file():  # e.g. FLUX.1-dev with --model.name embedded
+        pipeline = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        choose = ": choose its model with --model.name (sd3, flux, ...)" if option == "--model.path" else ""
+        raise ValueError(f"{option}: {ref} is a diffusers pipeline ({pipeline}, model_index.json), not a model "
+                         f"folder (config.json + model.safetensors){choose}")
     missing = [pattern for pattern in weights if not any(folder.glob(pattern))] if layout == "pipeline" else \
         ([] if not weights or any((folder / w).is_file() for w in weights) else [" or ".join(weights)])
     if missing:
@@ -234,10 +277,15 @@ def _not_cached(ref: HubRef, option: str, revision_option: str | None, cache: Pa
 
 def _cached_revisions(cache: Path, repo_id: str) -> list[str]:
     """The refs (branches, tags) and commits the cache holds of `repo_id`, for an error message."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    repo = _repo_folder(cache, repo_id)
     refs = sorted(str(p.relative_to(repo / "refs")) for p in (repo / "refs").rglob("*") if p.is_file())
     commits = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
     return refs + [c[:12] for c in commits]
+
+
+def _repo_folder(cache: Path, repo_id: str) -> Path:
+    """The folder of the model repository `repo_id` in the hub cache `cache` (models--ORG--NAME)."""
+    return cache / ("models--" + repo_id.replace("/", "--"))
 
 
 def _first_line(err: BaseException) -> str:

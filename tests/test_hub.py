@@ -1,42 +1,58 @@
-"""Hub ids (`pec.hub`): `--model.path ORG/NAME` and `--paths.* ORG/NAME[:REVISION]` resolved offline from a
-Hugging Face cache that the test builds (tiny models, in huggingface_hub's layout: `_hub_cache`), through
-`python -m pec.train`'s main(argv); a revision the cache holds and one it does not; the offline-miss line; a
-local folder that never touches hub code. Every test runs with sockets refused: nothing downloads."""
+"""Hub ids (`pec.hub`): `--model.path ORG/NAME` and `--paths.* ORG/NAME[/FILE][:REVISION]` resolved offline from
+a Hugging Face cache that the test builds (tiny models, in huggingface_hub's layout: `_hub_cache`), through
+`python -m pec.train`'s and `python -m pec.evaluate`'s main(argv); the commits a run records, which its resume
+and evaluation load after main has moved; a revision the cache holds and one it does not; the offline-miss
+line; a local folder that never touches hub code. Every test runs with sockets refused: nothing downloads."""
 import ast
+import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from _hub_cache import cache_repo, commit_of, no_network  # noqa: E402,F401 (no_network: a fixture)
-from _tiny_diffusers import tiny_dino_folder, tiny_sd3_folder  # noqa: E402
+from _tiny_diffusers import tiny_clip_folder, tiny_dino_folder, tiny_sd3_folder  # noqa: E402
 
 import pec  # noqa: E402
 from pec.checks import check_run  # noqa: E402
 from pec.config import PathsConfig, parse_config  # noqa: E402
-from pec.hub import resolve_path  # noqa: E402
+from pec.evaluate import main as evaluate_main  # noqa: E402
+from pec.hub import resolve_model_path, resolve_path  # noqa: E402
+from pec.models import MODELS  # noqa: E402
+from pec.models.embedded import EMBEDDED_DIR  # noqa: E402
 from pec.perceptual import build_space, check_spaces  # noqa: E402
+from pec.rewards.aesthetic import AestheticHead  # noqa: E402
 from pec.train import main as train_main  # noqa: E402
 
-MAIN, V1, DINO = commit_of(1), commit_of(2), commit_of(3)
+MAIN, V1, DINO, CLIP, HEADS, DIGITS = (commit_of(n) for n in range(1, 7))
+REPOS = ("org/tiny-sd3", "org/tiny-dino", "org/tiny-clip", "org/heads")
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """HF_HOME with org/tiny-sd3 at main (MAIN) and at the tag v1 (V1), and org/tiny-dino at main; and the
-    local folders they were made from."""
+    """HF_HOME with org/tiny-sd3 at main (MAIN) and at the tag v1 (V1); org/tiny-dino, org/tiny-clip (a CLIP of
+    16-d embeddings), org/heads (a LAION aesthetic head for them, aesthetic.pth) and org/digits (the shipped
+    embedded model) at main; and the local folders they were made from."""
     tmp = tmp_path_factory.mktemp("hub")
-    sd3, dino = tiny_sd3_folder(tmp, t5=False), tiny_dino_folder(tmp)
+    sd3, dino, clip = tiny_sd3_folder(tmp, t5=False), tiny_dino_folder(tmp), tiny_clip_folder(tmp, "clip")
+    (tmp / "heads").mkdir()
+    torch.manual_seed(0)
+    torch.save(AestheticHead(16).state_dict(), tmp / "heads" / "aesthetic.pth")
     cache = tmp / "hf" / "hub"
     cache_repo(cache, "org/tiny-sd3", sd3, MAIN)
     cache_repo(cache, "org/tiny-sd3", sd3, V1, refs=("v1",))
     cache_repo(cache, "org/tiny-dino", dino, DINO)
-    return {"home": tmp / "hf", "sd3": sd3, "dino": dino}
+    cache_repo(cache, "org/tiny-clip", clip, CLIP)
+    cache_repo(cache, "org/heads", tmp / "heads", HEADS)
+    cache_repo(cache, "org/digits", EMBEDDED_DIR, DIGITS)
+    return {"home": tmp / "hf", "cache": cache, "sd3": sd3, "dino": dino}
 
 
 @pytest.fixture
@@ -66,18 +82,45 @@ def _refused(argv: list[str], capsys) -> str:
     return err.strip()
 
 
-def test_train_one_step_and_resume_from_hub_ids_offline(offline, tmp_path):
-    """SD3 from org/tiny-sd3 and the space dino from org/tiny-dino, one PEC step; config.yaml records the ids
-    and the commit main resolved to; a resume loads the same snapshot and accepts its checkpoint."""
+@contextlib.contextmanager
+def main_moved(cache: Path, repos: tuple[str, ...]):
+    """refs/main of each of `repos` names a commit the cache lacks, as after a push to the hub that a later
+    `hf download` would bring; restored on exit (the cache is the module's)."""
+    refs = [cache / ("models--" + repo.replace("/", "--")) / "refs" / "main" for repo in repos]
+    saved = [ref.read_text() for ref in refs]
+    try:
+        for ref in refs:
+            ref.write_text(commit_of(99))
+        yield
+    finally:
+        for ref, text in zip(refs, saved):
+            ref.write_text(text)
+
+
+def test_train_resume_and_evaluate_load_the_commits_the_run_recorded(offline, tmp_path, capsys):
+    """One PEC step of SD3 from org/tiny-sd3, the space dino from org/tiny-dino and the reward aesthetic from a
+    hub file (org/heads/aesthetic.pth) and a hub folder (org/tiny-clip); config.yaml keeps each id and records
+    the commit it resolved to. After main moves to a commit this cache lacks (so that main itself no longer
+    resolves), the resume and pec.evaluate still load those snapshots."""
     run = tmp_path / "run"
-    train_main(_sd3(run, "--method", "pec", "--paths.dino", "org/tiny-dino", "--perceptual.spaces", "dino",
-                    "--perceptual.space", "dino"))
+    train_main(_sd3(run, "--method", "pec", "--reward", "jpeg:1,aesthetic:0.5", "--paths.aesthetic",
+                    "org/heads/aesthetic.pth", "--paths.aesthetic_clip", "org/tiny-clip", "--paths.dino",
+                    "org/tiny-dino", "--perceptual.spaces", "dino", "--perceptual.space", "dino"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["path"] == "org/tiny-sd3" and saved["model"]["revision"] == MAIN
-    assert saved["paths"]["dino"] == "org/tiny-dino"
-    train_main(["--resume", "--run-dir", str(run), "--train.steps", "2"])
+    assert saved["paths"] == {**saved["paths"], "dino": f"org/tiny-dino:{DINO}",
+                              "aesthetic_clip": f"org/tiny-clip:{CLIP}", "aesthetic": f"org/heads/aesthetic.pth:{HEADS}"}
+    with main_moved(offline["cache"], REPOS):
+        with pytest.raises(ValueError, match="holds org/tiny-sd3 at .* but not at 'main'"):
+            resolve_model_path("org/tiny-sd3")
+        train_main(["--resume", "--run-dir", str(run), "--train.steps", "2"])
+        evaluate_main([str(run), "--out", str(tmp_path / "eval"), "--eval.max_prompts", "2",
+                       "--eval.images_per_prompt", "2", "--eval.batch", "4", "--eval.num_steps", "2"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["perc_knn/dino"] == r["perc_knn/dino"] for r in rows)
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["run"]
+    assert {"aesthetic", "dist/dino"} <= set(evaluated), evaluated
+    capsys.readouterr()
 
 
 def test_a_revision_the_cache_holds_and_one_it_does_not(offline, tmp_path, capsys):
@@ -131,6 +174,24 @@ def test_only_configs_tokenizers_and_safetensors_are_fetched(offline, monkeypatc
     assert {p.split("/")[0] for p in asked[1][1:]} == {"transformer", "vae", "text_encoder", "text_encoder_2",
                                                        "tokenizer", "tokenizer_2", "scheduler"}
     assert all(p.endswith((".json", ".safetensors", ".txt", ".model")) for p in asked[1])
+
+
+def test_resolve_model_path_reads_hf_hub_cache_and_the_embedded_model_loads_from_an_id(offline, tmp_path,
+                                                                                        monkeypatch):
+    """`pec.hub.resolve_model_path`, which the loaders and other commands share: HF_HUB_CACHE wins over HF_HOME
+    (as in huggingface_hub), a revision picks its snapshot, a local folder comes back as it is. The embedded
+    model (a "model" folder: config.json + model.safetensors) from the hub id org/digits, through check_run
+    (which pins its revision) and the model registry."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(offline["cache"], moved, symlinks=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(moved))
+    assert resolve_model_path("org/tiny-sd3", "v1") == moved / "models--org--tiny-sd3" / "snapshots" / V1
+    assert resolve_model_path(str(offline["sd3"])) == offline["sd3"]
+    cfg = check_run(parse_config(["--model.path", "org/digits", "--device", "cpu"]))
+    assert cfg.model.revision == DIGITS
+    model = MODELS.build(cfg.model.name, cfg=cfg.model, device=torch.device("cpu"))
+    assert model.weights_dir == moved / "models--org--digits" / "snapshots" / DIGITS
 
 
 def test_a_local_folder_never_touches_hub_code(offline, tmp_path, monkeypatch):

@@ -16,10 +16,9 @@ pipelines it does not use.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
 
 from pec.config import ModelConfig
 from pec.hub import is_hub_id

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pec.hub import load_options, resolve_path
+from pec.hub import load_options, resolve_model_path
 from pec.models.base import FlowModel, PromptBatch, WeightFiles
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -53,7 +53,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def check_pipeline_folder(path: str | Path | None, *, model_name: str, pipeline_classes: Sequence[str],
                           transformer_class: str, required: Sequence[str], revision: str | None = None) -> Path:
-    """Check that `path` (a local folder, or a hub id at `revision`: `pec.hub.resolve_path`) is a diffusers
+    """Check that `path` (a local folder, or a hub id at `revision`: `pec.hub.resolve_model_path`) is a diffusers
     folder of the expected pipeline; return its local folder.
 
     Reads only JSON files, so a wrong folder fails in milliseconds, before any weights load. The error names
@@ -65,7 +65,7 @@ def check_pipeline_folder(path: str | Path | None, *, model_name: str, pipeline_
             f"--model.name {model_name}")
     if not path:
         raise ValueError(f"{hint}; it is empty")
-    folder = resolve_path(path, "--model.path", "pipeline", revision=revision, revision_option="--model.revision")
+    folder = resolve_model_path(path, revision)
     if not folder.is_dir():
         raise ValueError(f"{hint}; {folder} is not a folder")
     index_file = folder / "model_index.json"
@@ -163,9 +163,9 @@ def load_pipeline(pipeline_class: type, path: str | Path, dtype: str | torch.dty
 
 def model_kwargs(cfg: object) -> dict:
     """The options of a `ModelConfig` that `from_pretrained` of every diffusers model takes, as keyword arguments."""
-    return {"revision": cfg.revision, "dtype": cfg.dtype, "resolution": cfg.resolution, "max_sequence_length": cfg.max_sequence_length,
+    return {"dtype": cfg.dtype, "resolution": cfg.resolution, "max_sequence_length": cfg.max_sequence_length,
             "gradient_checkpointing": cfg.gradient_checkpointing, "vae_batch": cfg.vae_batch,
-            "text_encoders": cfg.text_encoders, "prompt_cache": cfg.prompt_cache}
+            "text_encoders": cfg.text_encoders, "prompt_cache": cfg.prompt_cache, "revision": cfg.revision}
 
 
 class PromptCache:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pec.data.digits import IMAGE_SHAPE, to_unit
-from pec.hub import resolve_path
+from pec.hub import resolve_model_path
 from pec.models.base import FlowModel, PromptBatch, WeightFiles, to_device
 from pec.models.prompt_encoder import PromptEncoder
 
@@ -114,8 +114,7 @@ class EmbeddedFlowModel(FlowModel):
         """The local folder of a model folder (config.json + model.safetensors): `directory` itself, or a hub
         id at `revision` resolved through huggingface_hub's cache (`pec.hub`); FileNotFoundError without its
         weights file, ValueError (naming --model.path) for an id that does not resolve."""
-        directory = resolve_path(directory, "--model.path", "model", revision=revision,
-                                 revision_option="--model.revision")
+        directory = resolve_model_path(directory, revision, layout="model")
         if not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}; run `python -m pec.pretrain`")
         return directory

@@ -98,8 +98,8 @@ class FluxFlowModel(DiffusersFlowModel):
                         resolution: int = 512, empty_transformer: bool = False, revision: str | None = None,
                         **kwargs) -> FluxFlowModel:
         """Load a FLUX.1 checkpoint directory (diffusers layout): a local folder, or a hub id at `revision`
-        (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
-        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+        (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full
+        fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import FluxPipeline
 
         folder = cls.check_path(path, revision)

@@ -98,12 +98,13 @@ class Flux2FlowModel(FluxFlowModel):
                         resolution: int = 512, empty_transformer: bool = False, revision: str | None = None,
                         **kwargs) -> Flux2FlowModel:
         """Load a FLUX.2 dev or klein checkpoint directory (diffusers layout): a local folder, or a hub id at
-        `revision` (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
-        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+        `revision` (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread
+        (full fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         import diffusers
 
         folder = cls.check_path(path, revision)
-        pipeline_class = diffusers.Flux2Pipeline if cls.folder_variant(folder) == "dev" else diffusers.Flux2KleinPipeline
+        dev = cls.folder_variant(folder) == "dev"
+        pipeline_class = diffusers.Flux2Pipeline if dev else diffusers.Flux2KleinPipeline
         pipe = load_pipeline(pipeline_class, folder, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
         return to_device(model, device)  # the transformer and the VAE; the text encoder moves when it encodes

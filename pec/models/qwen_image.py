@@ -1,6 +1,7 @@
 """Qwen-Image (diffusers `QwenImagePipeline`) as a `FlowModel`, for training on GPUs.
 
-From a diffusers folder (`--model.path /data/Qwen-Image`, or the hub id Qwen/Qwen-Image: `pec.hub`). What differs from SD3 and FLUX:
+From a diffusers folder (`--model.path /data/Qwen-Image`, or the hub id Qwen/Qwen-Image: `pec.hub`). What differs
+from SD3 and FLUX:
 - Prompts: the last hidden states of a Qwen2.5-VL text encoder on the prompt under the pipeline's chat
   template (the template's 34 leading tokens dropped), with an attention mask and no pooled embedding;
   prompts keep their own token counts, so a batch of them is padded and masked (`PromptBatch.mask`).
@@ -94,8 +95,8 @@ class QwenImageFlowModel(DiffusersFlowModel):
                         resolution: int = 512, empty_transformer: bool = False, revision: str | None = None,
                         **kwargs) -> QwenImageFlowModel:
         """Load a Qwen-Image checkpoint directory (diffusers layout): a local folder, or a hub id at `revision`
-        (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
-        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+        (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full
+        fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import QwenImagePipeline
 
         folder = cls.check_path(path, revision)

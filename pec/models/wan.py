@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from pec.config import WAN_EXPERTS
-from pec.hub import load_options, resolve_path
+from pec.hub import load_options, resolve_model_path
 from pec.models.base import PromptBatch, to_device
 from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, load_pipeline
 
@@ -226,8 +226,8 @@ class WanFlowModel(DiffusersFlowModel):
                    guidance_scale_2: float | None = None, revision: str | None = None) -> Path:
         """ValueError (naming the option) unless `path` (a local folder, or a hub id at `revision`) is a
         WanPipeline folder these options fit; reads only its JSON files; returns its local folder."""
-        local = resolve_path(path, "--model.path", "pipeline", revision=revision, revision_option="--model.revision")
-        two = bool(local) and _read_json(local / "model_index.json").get("boundary_ratio") is not None
+        local = resolve_model_path(path, revision) if path else None
+        two = local is not None and _read_json(local / "model_index.json").get("boundary_ratio") is not None
         required = WAN_REQUIRED + (("transformer_2",) if two else ())
         folder = check_pipeline_folder(local or path, model_name="wan", pipeline_classes=WAN_PIPELINES,
                                        transformer_class=WAN_TRANSFORMER, required=required)

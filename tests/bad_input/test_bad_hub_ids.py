@@ -18,10 +18,11 @@ from pec.config import parse_config  # noqa: E402
 from pec.train import main as train_main  # noqa: E402
 
 SD3_PARTS = {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": [None, None], "tokenizer_3": [None, None],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+             "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": [None, None],
+             "tokenizer_3": [None, None], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
 
 
 def _pipeline(folder: Path, parts: dict, transformer_weights: str) -> Path:
@@ -35,7 +36,8 @@ def _pipeline(folder: Path, parts: dict, transformer_weights: str) -> Path:
             weights = transformer_weights if name == "transformer" else "model.safetensors"
             (folder / name / weights).write_bytes(b"weights")
         else:
-            (folder / name / ("scheduler_config.json" if name == "scheduler" else "tokenizer_config.json")).write_text("{}")
+            config = "scheduler_config.json" if name == "scheduler" else "tokenizer_config.json"
+            (folder / name / config).write_text("{}")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **parts}))
     return folder
 
@@ -91,6 +93,11 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
       "org/pickled-dino"],
      "--paths.dino: org/pickled-dino (commit {}) has no safetensors weights (model.safetensors or "
      "model.safetensors.index.json)".format(commit_of(4))),
+    (["--model.path", "org/pickled-dino"],  # the embedded model's folder: config.json + model.safetensors
+     "--model.path: org/pickled-dino (commit {}) has no safetensors weights".format(commit_of(4))),
+    (["--model.path", "org/tiny"],  # a pipeline id without its --model.name: the embedded model's folder
+     "--model.path: org/tiny is a diffusers pipeline (StableDiffusion3Pipeline, model_index.json), not a model "
+     "folder (config.json + model.safetensors): choose its model with --model.name"),
 ])
 def test_a_bad_hub_id_is_one_line_naming_the_option(hub, capsys, argv, expected):
     line = _refused(argv, hub, capsys)
