@@ -253,18 +253,25 @@ def _fetch(ref: HubRef, option: str, layout: str, revision_option: str | None) -
     missing = [pattern for pattern in weights if not any(folder.glob(pattern))] if layout == "pipeline" else \
         ([] if not weights or any((folder / w).is_file() for w in weights) else [" or ".join(weights)])
     if missing:
+        # Not fetched now (offline), the cache may lack only what a partial `hf download` left out.
+        partial = f"; if the hub has them, fetch them with `{_fetch_command(ref)}` ({why_local})" if why_local else ""
         raise ValueError(f"{option}: {ref} (commit {folder.name}) has no safetensors weights "
-                         f"({', '.join(missing)}): pec takes only safetensors from the hub (pickled .bin weights "
-                         f"can run code); choose a revision that has them, or convert them into a local folder")
+                         f"({', '.join(missing)}){f' in the Hugging Face cache {cache}' if why_local else ''}: pec "
+                         f"takes only safetensors from the hub (pickled .bin weights can run code); choose a "
+                         f"revision that has them, or convert them into a local folder{partial}")
     return folder
+
+
+def _fetch_command(ref: HubRef) -> str:
+    """The `hf` command that fetches `ref` into the hub cache (the whole repository, for a folder)."""
+    return f"hf download {ref.repo_id}" + (f" {ref.filename}" if ref.filename else "") + \
+        (f" --revision {ref.revision}" if ref.revision else "")
 
 
 def _not_cached(ref: HubRef, option: str, revision_option: str | None, cache: Path, why: str) -> str:
     """The one line of an id that is neither on this machine nor fetchable now: what the cache holds of
     the repository, why nothing was fetched, and the command that fetches it."""
-    fetch = f"hf download {ref.repo_id}" + (f" {ref.filename}" if ref.filename else "") + \
-        (f" --revision {ref.revision}" if ref.revision else "")
-    how = f"fetch it into that cache with `{fetch}` (or run pec once where the hub is reachable)"
+    how = f"fetch it into that cache with `{_fetch_command(ref)}` (or run pec once where the hub is reachable)"
     what = "file" if ref.filename else "folder"
     held = [] if ref.filename else _cached_revisions(cache, ref.repo_id)
     if held:

@@ -78,8 +78,10 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
 
 @pytest.mark.parametrize("argv,expected", [
     (["--model.name", "sd3", "--model.t5", "false", "--model.path", "org/pickled"],
-     "--model.path: org/pickled (commit {}) has no safetensors weights (transformer/*.safetensors): pec takes only "
-     "safetensors from the hub".format(commit_of(1))),
+     "--model.path: org/pickled (commit {}) has no safetensors weights (transformer/*.safetensors) in the Hugging "
+     "Face cache {{cache}}: pec takes only safetensors from the hub (pickled .bin weights can run code); choose a "
+     "revision that has them, or convert them into a local folder; if the hub has them, fetch them with "
+     "`hf download org/pickled` (HF_HUB_OFFLINE is set)".format(commit_of(1))),
     (["--model.name", "sd3", "--model.t5", "false", "--model.path", "org/custom-code"],
      "has components of other libraries than diffusers and transformers ({'transformer': 'my_code'}"),
     (["--model.name", "sd3", "--model.t5", "false", "--model.path", "org/tiny:v1"],
@@ -101,7 +103,7 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
 ])
 def test_a_bad_hub_id_is_one_line_naming_the_option(hub, capsys, argv, expected):
     line = _refused(argv, hub, capsys)
-    assert expected in line, line
+    assert expected.replace("{cache}", str(hub / "hf" / "hub")) in line, line
 
 
 def test_a_safetensors_pipeline_id_passes_the_checks(hub):
