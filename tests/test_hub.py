@@ -9,6 +9,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,8 +109,9 @@ def test_train_resume_and_evaluate_load_the_commits_the_run_recorded(offline, tm
                     "org/tiny-dino", "--perceptual.spaces", "dino", "--perceptual.space", "dino"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["path"] == "org/tiny-sd3" and saved["model"]["revision"] == MAIN
-    assert saved["paths"] == {**saved["paths"], "dino": f"org/tiny-dino:{DINO}",
-                              "aesthetic_clip": f"org/tiny-clip:{CLIP}", "aesthetic": f"org/heads/aesthetic.pth:{HEADS}"}
+    assert {k: saved["paths"][k] for k in ("dino", "aesthetic_clip", "aesthetic")} == {
+        "dino": f"org/tiny-dino:{DINO}", "aesthetic_clip": f"org/tiny-clip:{CLIP}",
+        "aesthetic": f"org/heads/aesthetic.pth:{HEADS}"}
     with main_moved(offline["cache"], REPOS):
         with pytest.raises(ValueError, match="holds org/tiny-sd3 at .* but not at 'main'"):
             resolve_model_path("org/tiny-sd3")
@@ -159,21 +161,31 @@ def test_without_a_network_the_cache_serves_and_a_miss_says_why(offline, monkeyp
 
 def test_only_configs_tokenizers_and_safetensors_are_fetched(offline, monkeypatch):
     """What a pipeline id asks huggingface_hub for: model_index.json, then the files of the components it
-    names, each limited to configs, tokenizer files and safetensors (no pickles, no root checkpoints)."""
+    names, each limited to configs, tokenizer files and safetensors (no pickles, no root checkpoints). Where
+    the hub answers (its answer stubbed here), the first fetch names the tag itself, so that huggingface_hub
+    records it in the cache's refs/ for a later run offline, and the second the commit the first gave."""
     import huggingface_hub
 
     asked, real = [], huggingface_hub.snapshot_download
 
     def recording(repo_id, **kwargs):
-        asked.append(kwargs["allow_patterns"])
-        return real(repo_id, **kwargs)
+        asked.append(dict(kwargs))
+        return real(repo_id, **{**kwargs, "local_files_only": True})  # nothing downloads in a test
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
     folder = resolve_path("org/tiny-sd3", "--model.path", "pipeline", revision="v1")
-    assert folder.name == V1 and asked[0] == ["model_index.json"]
-    assert {p.split("/")[0] for p in asked[1][1:]} == {"transformer", "vae", "text_encoder", "text_encoder_2",
-                                                       "tokenizer", "tokenizer_2", "scheduler"}
-    assert all(p.endswith((".json", ".safetensors", ".txt", ".model")) for p in asked[1])
+    assert folder.name == V1 and asked[0]["allow_patterns"] == ["model_index.json"]
+    assert {p.split("/")[0] for p in asked[1]["allow_patterns"][1:]} == {
+        "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+    assert all(p.endswith((".json", ".safetensors", ".txt", ".model")) for p in asked[1]["allow_patterns"])
+    assert all(a["local_files_only"] for a in asked)
+
+    asked.clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, revision=None: SimpleNamespace(sha=V1))
+    assert resolve_path("org/tiny-sd3", "--model.path", "pipeline", revision="v1").name == V1
+    assert [(a["revision"], a["local_files_only"]) for a in asked] == [("v1", False), (V1, False)]
 
 
 def test_resolve_model_path_reads_hf_hub_cache_and_the_embedded_model_loads_from_an_id(offline, tmp_path,
