@@ -109,6 +109,7 @@ setup(
         "numpy",
         "safetensors",
         "diffusers>=0.30",
+        "huggingface_hub>=0.34",  # hub ids (pec.hub): its cache, snapshot_download, and the `hf` command it names
         # Models built with parameters on the meta device (full fine-tuning's shard-by-shard loading), as
         # diffusers' own from_pretrained builds them.
         "accelerate",

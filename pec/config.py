@@ -73,9 +73,15 @@ class ModelConfig:
     name: str = option("embedded", "flow model: 'embedded' (the tiny digits model shipped with the package), "
                                    "'sd3' (SD3 / SD3.5-M / SD3.5-L), 'flux' (FLUX.1-dev), 'flux2' (FLUX.2 dev or "
                                    "klein: the folder's pipeline class decides), 'qwen_image' (Qwen-Image) or 'wan' "
-                                   "(Wan2.1 / Wan2.2 text-to-video), from a local diffusers folder (--model.path)")
-    path: str | None = option(None, "model weights: a folder (embedded) or a local diffusers folder (the others); "
-                                    "empty = the embedded weights shipped with the package")
+                                   "(Wan2.1 / Wan2.2 text-to-video), from a diffusers folder (--model.path)")
+    path: str | None = option(None, "model weights: a folder (embedded) or a diffusers folder (the others), either "
+                                    "local or a Hugging Face hub id ORG/NAME, taken from the hub cache (HF_HOME; "
+                                    "fetched there unless HF_HUB_OFFLINE is set; configs, tokenizers and "
+                                    "safetensors weights only, never code); empty = the embedded weights shipped "
+                                    "with the package")
+    revision: str | None = option(None, "revision of a hub id --model.path: a branch, tag or commit; empty = main. "
+                                        "The run's config.yaml records the commit it resolved to, so that a resume "
+                                        "or pec.evaluate loads the same snapshot")
     resolution: int = option(512, "image (or video frame) side in pixels (sd3, flux, wan; a multiple of 16)", min=16)
     compile: bool = option(False, "compile the transformer with torch.compile (on GPUs; the first steps pay the "
                                   "compile time, and new batch shapes recompile)")
@@ -373,27 +379,35 @@ class DataConfig:
 
 @dataclasses.dataclass
 class PathsConfig:
-    """Local weights of the real rewards and perceptual spaces (nothing is downloaded)."""
+    """Weights of the real rewards and perceptual spaces: each a local path or a Hugging Face hub id (`pec.hub`),
+    ORG/NAME for a folder, ORG/NAME/FILE for a file, with an optional revision after a colon (ORG/NAME:REVISION),
+    taken from the hub cache (HF_HOME; fetched there unless HF_HUB_OFFLINE is set)."""
 
-    pickscore: str | None = option(None, "PickScore_v1: a transformers CLIPModel folder (reward and space 'pickscore')")
-    pickscore_processor: str | None = option(None, "the CLIPProcessor folder PickScore uses (laion/CLIP-ViT-H-14-"
-                                                   "laion2B-s32B-b79K's tokenizer + preprocessor config); empty = "
+    pickscore: str | None = option(None, "PickScore_v1: a transformers CLIPModel folder or hub id (yuvalkirstain/"
+                                         "PickScore_v1) (reward and space 'pickscore')")
+    pickscore_processor: str | None = option(None, "the CLIPProcessor folder or hub id PickScore uses (laion/CLIP-ViT-"
+                                                   "H-14-laion2B-s32B-b79K's tokenizer + preprocessor config); empty = "
                                                    "the pickscore folder")
-    clip: str | None = option(None, "open_clip model of the reward 'clipscore' and the space 'clip': a folder with "
-                                    "open_clip_config.json + weights, or a checkpoint file with --paths.clip_arch")
+    clip: str | None = option(None, "open_clip model of the reward 'clipscore' and the space 'clip': a folder (or hub "
+                                    "id ORG/NAME) with open_clip_config.json + weights, or a checkpoint file (or "
+                                    "ORG/NAME/FILE) with --paths.clip_arch")
     clip_arch: str | None = option(None, "open_clip architecture of a --paths.clip file: a built-in name "
                                          "(ViT-L-14, ViT-H-14, ...) or a model-config JSON file")
-    hpsv2: str | None = option(None, "HPSv2 / v2.1 checkpoint (HPS_v2.1_compressed.pt) or an open_clip folder")
+    hpsv2: str | None = option(None, "HPSv2 / v2.1 checkpoint (HPS_v2.1_compressed.pt, or the hub id xswu/HPSv2/"
+                                     "HPS_v2.1_compressed.pt) or an open_clip folder")
     hpsv2_arch: str | None = option("ViT-H-14", "open_clip architecture of a --paths.hpsv2 file")
-    aesthetic: str | None = option(None, "LAION aesthetic head (sac+logos+ava1-l14-linearMSE.pth)")
-    aesthetic_clip: str | None = option(None, "transformers CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) "
-                                              "the aesthetic head reads")
-    aesthetic_v25: str | None = option(None, "Aesthetic Predictor v2.5 head (aesthetic_predictor_v2_5.pth of "
-                                             "discus0434/aesthetic-predictor-v2-5), the reward 'aesthetic_v25'")
-    aesthetic_v25_siglip: str | None = option(None, "transformers SigLIP folder the v2.5 head reads "
+    aesthetic: str | None = option(None, "LAION aesthetic head file (sac+logos+ava1-l14-linearMSE.pth; a hub file: "
+                                         "ORG/NAME/FILE)")
+    aesthetic_clip: str | None = option(None, "transformers CLIP ViT-L/14 folder or hub id (openai/clip-vit-large-"
+                                              "patch14) the aesthetic head reads")
+    aesthetic_v25: str | None = option(None, "Aesthetic Predictor v2.5 head file (aesthetic_predictor_v2_5.pth of "
+                                             "discus0434/aesthetic-predictor-v2-5; a hub file: ORG/NAME/FILE), the "
+                                             "reward 'aesthetic_v25'")
+    aesthetic_v25_siglip: str | None = option(None, "transformers SigLIP folder or hub id the v2.5 head reads "
                                                     "(google/siglip-so400m-patch14-384, with its "
                                                     "preprocessor_config.json)")
-    dino: str | None = option(None, "DINOv2: a transformers Dinov2Model folder (space 'dino'), e.g. dinov2-base")
+    dino: str | None = option(None, "DINOv2: a transformers Dinov2Model folder or hub id (space 'dino'), e.g. "
+                                    "facebook/dinov2-base")
     reward_url: str | None = option(None, "URL of the reward server of the reward 'http' "
                                           "(`python -m pec.rewards.serve NAME --port PORT`)")
 

@@ -20,8 +20,9 @@ from pec.distributed import (full_model_state, full_optimizer_state, load_full_m
 from pec.models import MODELS
 from pec.models.base import FlowModel
 
-# Config fields a checkpoint must share with the run that loads it (they fix the trainable state).
-STATE_KEYS = ("model.name", "model.path", "train.lora", "train.lora_rank", "train.lora_alpha")
+# Config fields a checkpoint must share with the run that loads it (they fix the trainable state and the base
+# weights it applies to: model.revision is the commit a hub id resolved to, `pec.models.check_model_config`).
+STATE_KEYS = ("model.name", "model.path", "model.revision", "train.lora", "train.lora_rank", "train.lora_alpha")
 
 
 def resolve_device(name: str) -> torch.device:

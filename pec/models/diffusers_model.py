@@ -1,9 +1,10 @@
 """What the real diffusers models (`sd3`, `flux`) share: local-folder checks, the prompt-embedding
 cache, the scheduler's sigma schedule, gradient checkpointing and micro-batched VAE decoding.
 
-Nothing here downloads: a model comes from a local diffusers folder (`model_index.json`,
-`transformer/`, `vae/`, `text_encoder*/`, `tokenizer*/`, `scheduler/`), as `save_pretrained` writes it
-and as the hub repositories of SD3.5 and FLUX.1-dev ship it.
+A model comes from a diffusers folder (`model_index.json`, `transformer/`, `vae/`, `text_encoder*/`,
+`tokenizer*/`, `scheduler/`), as `save_pretrained` writes it and as the hub repositories of SD3.5 and
+FLUX.1-dev ship it: a local folder, or a hub id resolved through huggingface_hub's cache (`pec.hub`:
+offline with HF_HUB_OFFLINE, safetensors only, never remote code).
 
 Text encoders are not submodules of the FlowModel: `FlowModel.to(device)` moves only the transformer
 and the VAE. With `text_encoders="offload"` the encoders stay on the CPU and visit the GPU only to
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pec.hub import load_options, resolve_model_path
 from pec.models.base import FlowModel, PromptBatch, WeightFiles
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -36,6 +38,8 @@ TEXT_ENCODER_PLACEMENTS = ("offload", "gpu")
 # The pipeline components that are denoising transformers (Wan2.2 A14B has a second one, its low-noise expert).
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# The libraries a pipeline's components may come from (model_index.json): any other is code the folder ships.
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -48,18 +52,20 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def check_pipeline_folder(path: str | Path | None, *, model_name: str, pipeline_classes: Sequence[str],
-                          transformer_class: str, required: Sequence[str]) -> Path:
-    """Check that `path` is a local diffusers folder of the expected pipeline; return it as a Path.
+                          transformer_class: str, required: Sequence[str], revision: str | None = None) -> Path:
+    """Check that `path` (a local folder, or a hub id at `revision`: `pec.hub.resolve_model_path`) is a diffusers
+    folder of the expected pipeline; return its local folder.
 
-    Reads only JSON files, so a wrong folder fails in milliseconds, before any weights load. The
-    error names `--model.path` and says what the folder must hold.
+    Reads only JSON files, so a wrong folder fails in milliseconds, before any weights load. The error names
+    `--model.path` and says what the folder must hold. Every component must come from diffusers or
+    transformers: a folder that names another library would have diffusers import code it ships.
     """
-    hint = (f"--model.path must be a local diffusers folder of a {' / '.join(pipeline_classes)} (as "
-            f"`save_pretrained` writes it, with model_index.json, transformer/, vae/, ...) for "
+    hint = (f"--model.path must be a diffusers folder of a {' / '.join(pipeline_classes)} (a local folder or a hub "
+            f"id ORG/NAME, as `save_pretrained` writes it, with model_index.json, transformer/, vae/, ...) for "
             f"--model.name {model_name}")
     if not path:
         raise ValueError(f"{hint}; it is empty")
-    folder = Path(path).expanduser()
+    folder = resolve_model_path(path, revision)
     if not folder.is_dir():
         raise ValueError(f"{hint}; {folder} is not a folder")
     index_file = folder / "model_index.json"
@@ -69,6 +75,11 @@ def check_pipeline_folder(path: str | Path | None, *, model_name: str, pipeline_
     found = index.get("_class_name")
     if found not in pipeline_classes:
         raise ValueError(f"{hint}; {folder} holds a {found} (model_index.json): choose the matching --model.name")
+    foreign = {name: entry[0] for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)
+               and entry[:1] != [None] and entry[0] not in COMPONENT_LIBRARIES}
+    if foreign:
+        raise ValueError(f"--model.path: {folder} has components of other libraries than diffusers and transformers "
+                         f"({foreign}, model_index.json): pec never runs code a model folder ships")
     missing = [name for name in required if not (folder / name).is_dir() or index.get(name, [None])[0] is None]
     if missing:
         raise ValueError(f"{hint}; {folder} lacks the component folder(s) {missing}")
@@ -136,24 +147,25 @@ def component_weights(folder: Path) -> WeightFiles:
 
 def load_pipeline(pipeline_class: type, path: str | Path, dtype: str | torch.dtype, *, empty_transformer: bool = False,
                   **components: object):
-    """`pipeline_class.from_pretrained(path)` from local files only, in `dtype`, with `components` given
-    instead of loaded. With `empty_transformer`, every transformer of the folder (`TRANSFORMER_COMPONENTS`)
-    comes from `empty_model` instead: nothing of it is read; `pec.distributed.load_sharded_transformer`
-    loads it later, shard by shard."""
+    """`pipeline_class.from_pretrained(path)` from the local folder `path` (checked: `check_pipeline_folder`), in
+    `dtype`, with `components` given instead of loaded; never remote code, and safetensors only for a folder
+    of the hub cache (`pec.hub.load_options`). With `empty_transformer`, every transformer of the folder
+    (`TRANSFORMER_COMPONENTS`) comes from `empty_model` instead: nothing of it is read;
+    `pec.distributed.load_sharded_transformer` loads it later, shard by shard."""
     dtype = resolve_dtype(dtype)
     if empty_transformer:
         index = json.loads((Path(path) / "model_index.json").read_text())
         for name in TRANSFORMER_COMPONENTS:
             if index.get(name, [None])[0] is not None:
                 components[name] = empty_model(Path(path) / name, dtype)
-    return pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **components)
+    return pipeline_class.from_pretrained(path, torch_dtype=dtype, **load_options(path), **components)
 
 
 def model_kwargs(cfg: object) -> dict:
-    """The options of a `ModelConfig` that `from_pretrained` of `sd3` and `flux` take, as keyword arguments."""
+    """The options of a `ModelConfig` that `from_pretrained` of every diffusers model takes, as keyword arguments."""
     return {"dtype": cfg.dtype, "resolution": cfg.resolution, "max_sequence_length": cfg.max_sequence_length,
             "gradient_checkpointing": cfg.gradient_checkpointing, "vae_batch": cfg.vae_batch,
-            "text_encoders": cfg.text_encoders, "prompt_cache": cfg.prompt_cache}
+            "text_encoders": cfg.text_encoders, "prompt_cache": cfg.prompt_cache, "revision": cfg.revision}
 
 
 class PromptCache:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pec.data.digits import IMAGE_SHAPE, to_unit
+from pec.hub import resolve_model_path
 from pec.models.base import FlowModel, PromptBatch, WeightFiles, to_device
 from pec.models.prompt_encoder import PromptEncoder
 
@@ -108,16 +109,25 @@ class EmbeddedFlowModel(FlowModel):
             return super().transformer_weights()
         return {"": WeightFiles((self.weights_dir / WEIGHTS_FILE,), "transformer.")}
 
+    @staticmethod
+    def check_path(directory: str | Path, revision: str | None = None) -> Path:
+        """The local folder of a model folder (config.json + model.safetensors): `directory` itself, or a hub
+        id at `revision` resolved through huggingface_hub's cache (`pec.hub`); FileNotFoundError without its
+        weights file, ValueError (naming --model.path) for an id that does not resolve."""
+        directory = resolve_model_path(directory, revision, layout="model")
+        if not (directory / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}; run `python -m pec.pretrain`")
+        return directory
+
     @classmethod
     def from_pretrained(cls, directory: str | Path = EMBEDDED_DIR, device: str | torch.device = "cpu",
-                        empty_transformer: bool = False) -> EmbeddedFlowModel:
-        """Load the shipped (or a `pec.pretrain --out` produced) model; eval mode, on `device`. With
-        `empty_transformer` the transformer is built on the meta device and none of its tensors is read
-        (full fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
-        directory = Path(directory)
+                        empty_transformer: bool = False, revision: str | None = None) -> EmbeddedFlowModel:
+        """Load the shipped (or a `pec.pretrain --out` produced) model, from a folder or a hub id at `revision`
+        (`check_path`); eval mode, on `device`. With `empty_transformer` the transformer is built on the meta
+        device and none of its tensors is read (full fine-tuning on several processes:
+        `pec.distributed.load_sharded_transformer` loads its shards)."""
+        directory = cls.check_path(directory, revision)
         weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}; run `python -m pec.pretrain`")
         config = EmbeddedConfig(**json.loads((directory / CONFIG_FILE).read_text()))
         model = cls(config, empty_transformer=empty_transformer)
         model.weights_dir = directory

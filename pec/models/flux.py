@@ -1,6 +1,7 @@
 """FLUX.1-dev (diffusers `FluxPipeline`) as a `FlowModel`, for training on GPUs.
 
-From a local diffusers folder only (`--model.path /data/FLUX.1-dev`). What differs from SD3:
+From a diffusers folder (`--model.path /data/FLUX.1-dev`, or the hub id black-forest-labs/FLUX.1-dev:
+`pec.hub`). What differs from SD3:
 - Guidance-distilled: the guidance scale (`--model.guidance`, 3.5 as Flow-GRPO's FLUX configs) is an
   input of the transformer's guidance embedding; there is no CFG forward, so the sampler runs with
   `sampling.guidance_scale` 1 (one forward per step).
@@ -13,6 +14,8 @@ From a local diffusers folder only (`--model.path /data/FLUX.1-dev`). What diffe
 - The VAE's shift and scale factors map latents to the VAE's space.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -83,21 +86,24 @@ class FluxFlowModel(DiffusersFlowModel):
         return self.sample_shape[0]
 
     @classmethod
-    def check_path(cls, path: str | None) -> None:
-        """ValueError (naming --model.path) unless `path` is a local FLUX diffusers folder."""
-        check_pipeline_folder(path, model_name="flux", pipeline_classes=FLUX_PIPELINES,
-                              transformer_class="FluxTransformer2DModel", required=FLUX_REQUIRED)
+    def check_path(cls, path: str | None, revision: str | None = None) -> Path:
+        """ValueError (naming --model.path) unless `path` (a local folder, or a hub id at `revision`) is a FLUX
+        diffusers folder; its local folder."""
+        return check_pipeline_folder(path, model_name="flux", pipeline_classes=FLUX_PIPELINES,
+                                     transformer_class="FluxTransformer2DModel", required=FLUX_REQUIRED,
+                                     revision=revision)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, empty_transformer: bool = False, **kwargs) -> FluxFlowModel:
-        """Load a local FLUX.1 checkpoint directory (diffusers layout); nothing is fetched from a hub.
-        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
-        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+                        resolution: int = 512, empty_transformer: bool = False, revision: str | None = None,
+                        **kwargs) -> FluxFlowModel:
+        """Load a FLUX.1 checkpoint directory (diffusers layout): a local folder, or a hub id at `revision`
+        (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full
+        fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import FluxPipeline
 
-        cls.check_path(path)
-        pipe = load_pipeline(FluxPipeline, path, dtype, empty_transformer=empty_transformer)
+        folder = cls.check_path(path, revision)
+        pipe = load_pipeline(FluxPipeline, folder, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
         return to_device(model, device)  # the transformer and the VAE; text encoders move when they encode
 

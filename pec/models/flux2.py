@@ -27,6 +27,7 @@ and flattens the grid; the channels come out in the same (c, 2, 2) order); the t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,22 +81,31 @@ class Flux2FlowModel(FluxFlowModel):
                              persistent=False)
 
     @classmethod
-    def check_path(cls, path: str | None) -> str:
-        """ValueError (naming --model.path) unless `path` is a local FLUX.2 diffusers folder; its variant."""
-        folder = check_pipeline_folder(path, model_name="flux2", pipeline_classes=FLUX2_PIPELINES,
-                                       transformer_class="Flux2Transformer2DModel", required=FLUX2_REQUIRED)
+    def check_path(cls, path: str | None, revision: str | None = None) -> Path:
+        """ValueError (naming --model.path) unless `path` (a local folder, or a hub id at `revision`) is a
+        FLUX.2 diffusers folder; its local folder (`folder_variant` says which FLUX.2 it holds)."""
+        return check_pipeline_folder(path, model_name="flux2", pipeline_classes=FLUX2_PIPELINES,
+                                     transformer_class="Flux2Transformer2DModel", required=FLUX2_REQUIRED,
+                                     revision=revision)
+
+    @staticmethod
+    def folder_variant(folder: Path) -> str:
+        """The variant ('dev', 'klein', 'klein-base') of a checked FLUX.2 folder, from its model_index.json."""
         return flux2_variant(json.loads((folder / "model_index.json").read_text()))
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, empty_transformer: bool = False, **kwargs) -> Flux2FlowModel:
-        """Load a local FLUX.2 dev or klein checkpoint directory (diffusers layout); nothing is fetched.
-        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
-        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+                        resolution: int = 512, empty_transformer: bool = False, revision: str | None = None,
+                        **kwargs) -> Flux2FlowModel:
+        """Load a FLUX.2 dev or klein checkpoint directory (diffusers layout): a local folder, or a hub id at
+        `revision` (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread
+        (full fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         import diffusers
 
-        pipeline_class = diffusers.Flux2Pipeline if cls.check_path(path) == "dev" else diffusers.Flux2KleinPipeline
-        pipe = load_pipeline(pipeline_class, path, dtype, empty_transformer=empty_transformer)
+        folder = cls.check_path(path, revision)
+        dev = cls.folder_variant(folder) == "dev"
+        pipeline_class = diffusers.Flux2Pipeline if dev else diffusers.Flux2KleinPipeline
+        pipe = load_pipeline(pipeline_class, folder, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
         return to_device(model, device)  # the transformer and the VAE; the text encoder moves when it encodes
 

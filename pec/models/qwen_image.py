@@ -1,6 +1,7 @@
 """Qwen-Image (diffusers `QwenImagePipeline`) as a `FlowModel`, for training on GPUs.
 
-From a local diffusers folder only (`--model.path /data/Qwen-Image`). What differs from SD3 and FLUX:
+From a diffusers folder (`--model.path /data/Qwen-Image`, or the hub id Qwen/Qwen-Image: `pec.hub`). What differs
+from SD3 and FLUX:
 - Prompts: the last hidden states of a Qwen2.5-VL text encoder on the prompt under the pipeline's chat
   template (the template's 34 leading tokens dropped), with an attention mask and no pooled embedding;
   prompts keep their own token counts, so a batch of them is padded and masked (`PromptBatch.mask`).
@@ -18,6 +19,8 @@ From a local diffusers folder only (`--model.path /data/Qwen-Image`). What diffe
   gradient (the pipeline's own decode, kept as it is).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -80,21 +83,24 @@ class QwenImageFlowModel(DiffusersFlowModel):
         return self.sample_shape[0]
 
     @classmethod
-    def check_path(cls, path: str | None) -> None:
-        """ValueError (naming --model.path) unless `path` is a local Qwen-Image diffusers folder."""
-        check_pipeline_folder(path, model_name="qwen_image", pipeline_classes=QWEN_IMAGE_PIPELINES,
-                              transformer_class="QwenImageTransformer2DModel", required=QWEN_IMAGE_REQUIRED)
+    def check_path(cls, path: str | None, revision: str | None = None) -> Path:
+        """ValueError (naming --model.path) unless `path` (a local folder, or a hub id at `revision`) is a
+        Qwen-Image diffusers folder; its local folder."""
+        return check_pipeline_folder(path, model_name="qwen_image", pipeline_classes=QWEN_IMAGE_PIPELINES,
+                                     transformer_class="QwenImageTransformer2DModel", required=QWEN_IMAGE_REQUIRED,
+                                     revision=revision)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
-                        resolution: int = 512, empty_transformer: bool = False, **kwargs) -> QwenImageFlowModel:
-        """Load a local Qwen-Image checkpoint directory (diffusers layout); nothing is fetched from a hub.
-        With `empty_transformer` the transformer is built on the meta device, unread (full fine-tuning on
-        several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
+                        resolution: int = 512, empty_transformer: bool = False, revision: str | None = None,
+                        **kwargs) -> QwenImageFlowModel:
+        """Load a Qwen-Image checkpoint directory (diffusers layout): a local folder, or a hub id at `revision`
+        (`pec.hub`). With `empty_transformer` the transformer is built on the meta device, unread (full
+        fine-tuning on several processes: `pec.distributed.load_sharded_transformer` loads its shards)."""
         from diffusers import QwenImagePipeline
 
-        cls.check_path(path)
-        pipe = load_pipeline(QwenImagePipeline, path, dtype, empty_transformer=empty_transformer)
+        folder = cls.check_path(path, revision)
+        pipe = load_pipeline(QwenImagePipeline, folder, dtype, empty_transformer=empty_transformer)
         model = cls(pipe, resolution=resolution, **kwargs)
         return to_device(model, device)  # the transformer and the VAE; the text encoder moves when it encodes
 

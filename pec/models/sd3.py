@@ -1,13 +1,16 @@
 """Stable Diffusion 3 / 3.5 (diffusers) as a `FlowModel`, for training on GPUs.
 
-The weights are never downloaded here: pass a local directory (`--model.path /data/sd3.5-medium`) or an
-already-built `StableDiffusion3Pipeline`. The trainer talks to it exactly as to the embedded model:
+Pass a local directory (`--model.path /data/sd3.5-medium`), a hub id resolved through huggingface_hub's
+cache (`--model.path stabilityai/stable-diffusion-3.5-medium`, `pec.hub`) or an already-built
+`StableDiffusion3Pipeline`. The trainer talks to it exactly as to the embedded model:
 SD3's transformer predicts v = eps - x0 in the same flow convention (DESIGN.md §2), its latents are
 the VAE's scaled latents (16, H/8, W/8), `decode` runs the VAE, and the sigma schedule carries the
 shift of the folder's scheduler config (3.0 for SD3.5). The full pipeline's three text encoders
 (CLIP-L, CLIP-G, T5-XXL) encode prompts; T5 is optional (`--model.t5 false` drops it, as SD3 allows).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -33,12 +36,14 @@ class SD3FlowModel(DiffusersFlowModel):
         self.sample_shape = (self.transformer.config.in_channels, cells, cells)
 
     @classmethod
-    def check_path(cls, path: str | None, t5: bool = True) -> None:
-        """ValueError (naming --model.path) unless `path` is a local SD3 diffusers folder."""
+    def check_path(cls, path: str | None, t5: bool = True, revision: str | None = None) -> Path:
+        """ValueError (naming --model.path) unless `path` (a local folder, or a hub id at `revision`) is an SD3
+        diffusers folder; its local folder."""
         required = SD3_REQUIRED + (("text_encoder_3", "tokenizer_3") if t5 else ())
         try:
-            check_pipeline_folder(path, model_name="sd3", pipeline_classes=SD3_PIPELINES,
-                                  transformer_class="SD3Transformer2DModel", required=required)
+            return check_pipeline_folder(path, model_name="sd3", pipeline_classes=SD3_PIPELINES,
+                                         transformer_class="SD3Transformer2DModel", required=required,
+                                         revision=revision)
         except ValueError as err:
             if t5 and "text_encoder_3" in str(err):
                 raise ValueError(f"{err}; run without T5 with --model.t5 false") from None
@@ -47,8 +52,9 @@ class SD3FlowModel(DiffusersFlowModel):
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
                         resolution: int = 512, t5: bool = True, empty_transformer: bool = False,
-                        **kwargs) -> SD3FlowModel:
-        """Load a local SD3/SD3.5 checkpoint directory (diffusers layout); nothing is fetched from a hub.
+                        revision: str | None = None, **kwargs) -> SD3FlowModel:
+        """Load an SD3/SD3.5 checkpoint directory (diffusers layout): a local folder, or a hub id at `revision`
+        from huggingface_hub's cache (fetched there unless offline: `pec.hub`).
 
         The transformer and VAE go to `device`; the text encoders go there to encode (and stay with
         text_encoders='gpu', or return to the CPU with 'offload'). With `empty_transformer` the transformer
@@ -57,9 +63,9 @@ class SD3FlowModel(DiffusersFlowModel):
         """
         from diffusers import StableDiffusion3Pipeline
 
-        cls.check_path(path, t5)
+        folder = cls.check_path(path, t5, revision)
         extra = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = load_pipeline(StableDiffusion3Pipeline, path, dtype, empty_transformer=empty_transformer, **extra)
+        pipe = load_pipeline(StableDiffusion3Pipeline, folder, dtype, empty_transformer=empty_transformer, **extra)
         model = cls(pipe, resolution=resolution, **kwargs)
         return to_device(model, device)  # the transformer and the VAE; text encoders move when they encode
 

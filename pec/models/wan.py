@@ -1,7 +1,8 @@
 """Wan text-to-video (diffusers `WanPipeline`) as a `FlowModel`: Wan2.1 T2V 1.3B / 14B, Wan2.2 T2V A14B
 (two experts) and Wan2.2 TI2V-5B in its text-to-video mode.
 
-From a local diffusers folder only (`--model.path /data/Wan2.1-T2V-1.3B-Diffusers`). What differs from SD3:
+From a diffusers folder (`--model.path /data/Wan2.1-T2V-1.3B-Diffusers`, or the hub id
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers: `pec.hub`). What differs from SD3:
 - Video latents: one sample is (C, F, H/s, W/s) with F = (frames - 1) / 4 + 1 latent frames (the causal
   3D VAE keeps the first frame and compresses each next 4 into one), C = 16 and s = 8 for the Wan2.1 VAE
   (Wan2.1 and Wan2.2 A14B), C = 48 and s = 16 for the Wan2.2 VAE of TI2V-5B. `--model.frames` must be
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 from pec.config import WAN_EXPERTS
+from pec.hub import load_options, resolve_model_path
 from pec.models.base import PromptBatch, to_device
 from pec.models.diffusers_model import DiffusersFlowModel, check_pipeline_folder, load_pipeline
 
@@ -221,14 +223,13 @@ class WanFlowModel(DiffusersFlowModel):
 
     @classmethod
     def check_path(cls, path: str | None, *, frames: int = 81, resolution: int = 480, train_experts: str = "both",
-                   guidance_scale_2: float | None = None) -> None:
-        """ValueError (naming the option) unless `path` is a local WanPipeline folder these options fit;
-        reads only its JSON files."""
-        two = False
-        if path and (Path(path).expanduser() / "model_index.json").is_file():
-            two = _read_json(Path(path).expanduser() / "model_index.json").get("boundary_ratio") is not None
+                   guidance_scale_2: float | None = None, revision: str | None = None) -> Path:
+        """ValueError (naming the option) unless `path` (a local folder, or a hub id at `revision`) is a
+        WanPipeline folder these options fit; reads only its JSON files; returns its local folder."""
+        local = resolve_model_path(path, revision) if path else None
+        two = local is not None and _read_json(local / "model_index.json").get("boundary_ratio") is not None
         required = WAN_REQUIRED + (("transformer_2",) if two else ())
-        folder = check_pipeline_folder(path, model_name="wan", pipeline_classes=WAN_PIPELINES,
+        folder = check_pipeline_folder(local or path, model_name="wan", pipeline_classes=WAN_PIPELINES,
                                        transformer_class=WAN_TRANSFORMER, required=required)
         if two and _read_json(folder / "transformer_2" / "config.json").get("_class_name") != WAN_TRANSFORMER:
             raise ValueError(f"--model.path: {folder / 'transformer_2'} holds no {WAN_TRANSFORMER} (config.json), "
@@ -237,22 +238,25 @@ class WanFlowModel(DiffusersFlowModel):
                           _read_json(folder / "transformer" / "config.json"),
                           _read_json(folder / "scheduler" / "scheduler_config.json").get("_class_name"), frames=frames,
                           resolution=resolution, train_experts=train_experts, guidance_scale_2=guidance_scale_2)
+        return folder
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | torch.dtype = torch.bfloat16, device: str = "cuda",
                         resolution: int = 480, frames: int = 81, train_experts: str = "both",
                         guidance_scale_2: float | None = None, empty_transformer: bool = False,
-                        **kwargs) -> WanFlowModel:
-        """Load a local Wan checkpoint directory (diffusers layout); nothing is fetched from a hub. The
+                        revision: str | None = None, **kwargs) -> WanFlowModel:
+        """Load a Wan checkpoint directory (diffusers layout): a local folder, or a hub id at `revision`
+        (`pec.hub`). The
         transformer(s) and the text encoder in `dtype`, the VAE in float32. With `empty_transformer` the
         transformer(s) are built on the meta device, unread (full fine-tuning on several processes:
         `pec.distributed.load_sharded_transformer` loads their shards)."""
         from diffusers import AutoencoderKLWan, WanPipeline
 
-        cls.check_path(path, frames=frames, resolution=resolution, train_experts=train_experts,
-                       guidance_scale_2=guidance_scale_2)
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
-        pipe = load_pipeline(WanPipeline, path, dtype, empty_transformer=empty_transformer, vae=vae)
+        folder = cls.check_path(path, frames=frames, resolution=resolution, train_experts=train_experts,
+                                guidance_scale_2=guidance_scale_2, revision=revision)
+        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32,
+                                               **load_options(folder))
+        pipe = load_pipeline(WanPipeline, folder, dtype, empty_transformer=empty_transformer, vae=vae)
         model = cls(pipe, resolution=resolution, frames=frames, train_experts=train_experts,
                     guidance_scale_2=guidance_scale_2, **kwargs)
         return to_device(model, device)  # the transformer(s) and the VAE; the text encoder moves when it encodes

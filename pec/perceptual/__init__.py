@@ -1,11 +1,12 @@
 """Perceptual spaces: frozen encoders images (B, C, H, W) in [0, 1] -> (B, D) float32, differentiable.
 
-`ENCODERS.build(name, device=..., directory=..., paths=...)` (never downloads):
+`ENCODERS.build(name, device=..., directory=..., paths=...)`:
 - the embedded world's "classifier", "simclr", "autoencoder" (8x8 digits, shipped weights), and
   "simclr_eval", a second SimCLR encoder (another seed) that only evaluation uses (`EVAL_ONLY_SPACES`:
   the regulariser may not use it, so diversity measured there is out of the regulariser's reach);
 - real images: "dino" (DINOv2), "clip" (open_clip image tower), "pickscore" (PickScore's image tower),
-  from local weights (`--paths.*`); `check_spaces` validates their paths from config files first.
+  from local weights or hub ids (`--paths.*`, `pec.hub`); `check_spaces` validates their paths from config
+  files first.
 Videos (B, F, C, H, W): any of them wrapped in `VideoSpace` (`build_space(..., video_pool=...)`), which
 builds a video's feature from its frames' features.
 """

@@ -1,4 +1,4 @@
-"""Real image (and text) backbones from local weights, shared by the real rewards and perceptual spaces.
+"""Real image (and text) backbones, shared by the real rewards and perceptual spaces.
 
 - transformers CLIP (`CLIPModel` + `CLIPProcessor` folder: PickScore_v1, openai/clip-vit-large-patch14);
 - open_clip (any architecture: a local hf-hub-style folder with open_clip_config.json + weights, or a
@@ -9,8 +9,10 @@ Image preprocessing is done in torch (resize of the short side, centre crop, nor
 features are differentiable in the images and run batched on the GPU. It follows the models' own
 processors up to interpolation details (PIL's bicubic vs torch's antialiased bicubic).
 
-`check_*` functions read only config files: they validate a path before any weights load.
-Nothing here downloads; heavy imports (transformers, open_clip) happen inside the loaders.
+Weights come from a local folder or file, or a Hugging Face hub id resolved through huggingface_hub's cache
+(`pec.hub.resolve_path`: ORG/NAME for a folder, ORG/NAME/FILE for a file, ORG/NAME:REVISION; safetensors only
+from the hub, never remote code). `check_*` functions read only config files: they validate a path (and
+resolve an id) before any weights load. Heavy imports (transformers, open_clip) happen inside the loaders.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pec.hub import load_options, resolve_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -74,12 +78,14 @@ class Preprocess:
         return (x - mean) / std
 
 
-def _folder(path: str | Path | None, option: str, what: str) -> Path:
+def _folder(path: str | Path | None, option: str, what: str, layout: str = "model") -> Path:
+    """The local folder of `path` (a folder, or a hub id of the `pec.hub` `layout`); ValueError naming `option`."""
     if not path:
-        raise ValueError(f"{option} is empty: give the local folder of {what}")
-    folder = Path(path).expanduser()
+        raise ValueError(f"{option} is empty: give the folder (local, or a hub id ORG/NAME) of {what}")
+    folder = resolve_path(path, option, layout)
     if not folder.is_dir():
-        raise ValueError(f"{option}: {folder} is not a folder; it must be the local folder of {what}")
+        raise ValueError(f"{option}: {folder} is not a folder; it must be the folder (local, or a hub id ORG/NAME) "
+                         f"of {what}")
     return folder
 
 
@@ -100,17 +106,24 @@ def _config(folder: Path, option: str, what: str, model_types: Sequence[str]) ->
 
 def check_hf_clip(path: str | Path | None, option: str, what: str = "a transformers CLIPModel (config.json + "
                   "weights)", processor: str | Path | None = None) -> Path:
-    """Validate a transformers CLIP folder (and its processor folder, default the same) from config files."""
+    """Validate a transformers CLIP folder (and its processor folder, default the same) from config files;
+    return the model's local folder."""
+    return _hf_clip_folders(path, option, what, processor)[0]
+
+
+def _hf_clip_folders(path: str | Path | None, option: str, what: str = "a transformers CLIPModel (config.json + "
+                     "weights)", processor: str | Path | None = None) -> tuple[Path, Path]:
+    """`check_hf_clip`, returning the local folders of the model and of its processor."""
     folder = _folder(path, option, what)
     _config(folder, option, what, ("clip",))
-    proc = Path(processor).expanduser() if processor else folder
+    proc = resolve_path(processor, f"{option}_processor", "processor") or folder
     if not any((proc / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")) or not any(
             (proc / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise ValueError(f"{option}: {proc} lacks the CLIPProcessor files (preprocessor_config.json or "
                          f"processor_config.json, and the "
                          f"tokenizer); PickScore_v1 uses those of laion/CLIP-ViT-H-14-laion2B-s32B-b79K: save "
                          f"them to a folder and pass it with {option}_processor")
-    return folder
+    return folder, proc
 
 
 class FrozenBackbone(nn.Module):
@@ -171,9 +184,9 @@ def load_hf_clip(path: str | Path, option: str, device: str | torch.device = "cp
     """Load a transformers CLIPModel + CLIPProcessor folder (PickScore_v1's layout), frozen, on `device`."""
     import transformers
 
-    folder = check_hf_clip(path, option, processor=processor)
-    proc = transformers.CLIPProcessor.from_pretrained(str(processor or folder), local_files_only=True)
-    model = transformers.CLIPModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    folder, proc_folder = _hf_clip_folders(path, option, processor=processor)
+    proc = transformers.CLIPProcessor.from_pretrained(str(proc_folder), **load_options(proc_folder, weights=False))
+    model = transformers.CLIPModel.from_pretrained(str(folder), torch_dtype=dtype, **load_options(folder))
     ip = proc.image_processor
     size = ip.size.get("shortest_edge", ip.size.get("height"))
     crop = ip.crop_size["height"] if getattr(ip, "crop_size", None) else size
@@ -204,11 +217,16 @@ def _open_clip_arch_config(arch: str, option: str) -> dict:
 
 def check_open_clip(path: str | Path | None, option: str, arch: str | None = None) -> dict:
     """Validate an open_clip checkpoint (folder or file + arch) from config files; return its model config."""
-    what = "an open_clip model: a folder with open_clip_config.json and weights, or a checkpoint file with " \
-           f"{option}_arch"
+    return _open_clip_source(path, option, arch)[1]
+
+
+def _open_clip_source(path: str | Path | None, option: str, arch: str | None = None) -> tuple[Path, dict]:
+    """`check_open_clip`, returning the local folder or file too (a hub id resolved: `pec.hub`)."""
+    what = "an open_clip model: a folder (or hub id ORG/NAME) with open_clip_config.json and weights, or a " \
+           f"checkpoint file (or ORG/NAME/FILE) with {option}_arch"
     if not path:
         raise ValueError(f"{option} is empty: give {what}")
-    p = Path(path).expanduser()
+    p = resolve_path(path, option, "open_clip")
     if p.is_dir():
         file = p / "open_clip_config.json"
         if not file.is_file():
@@ -218,12 +236,12 @@ def check_open_clip(path: str | Path | None, option: str, arch: str | None = Non
             raise ValueError(f"{option}: {file} has no 'model_cfg'; it must be {what}")
         if not any((p / w).is_file() for w in OPEN_CLIP_WEIGHTS):
             raise ValueError(f"{option}: {p} holds no weights (one of {list(OPEN_CLIP_WEIGHTS)})")
-        return config["model_cfg"]
+        return p, config["model_cfg"]
     if not p.is_file():
         raise ValueError(f"{option}: {p} does not exist; it must be {what}")
     if not arch:
         raise ValueError(f"{option} is a checkpoint file: give its architecture with {option}_arch (e.g. ViT-H-14)")
-    return _open_clip_arch_config(arch, option)
+    return p, _open_clip_arch_config(arch, option)
 
 
 class OpenClip(FrozenBackbone):
@@ -257,8 +275,7 @@ def load_open_clip(path: str | Path, option: str, arch: str | None = None, devic
     """
     import open_clip
 
-    model_cfg = check_open_clip(path, option, arch)
-    p = Path(path).expanduser()
+    p, model_cfg = _open_clip_source(path, option, arch)
     if p.is_dir():
         name, pretrained = f"local-dir:{p}", None
     elif arch.endswith(".json"):
@@ -288,7 +305,7 @@ def load_open_clip(path: str | Path, option: str, arch: str | None = None, devic
 
 
 def check_dino(path: str | Path | None, option: str = "--paths.dino") -> Path:
-    """Validate a transformers DINOv2 folder from its config.json."""
+    """Validate a transformers DINOv2 folder (or hub id) from its config.json; return its local folder."""
     what = "a transformers DINOv2 model (e.g. facebook/dinov2-base: config.json + weights)"
     folder = _folder(path, option, what)
     _config(folder, option, what, ("dinov2",))
@@ -313,7 +330,7 @@ def load_dino(path: str | Path, option: str = "--paths.dino", device: str | torc
     import transformers
 
     folder = check_dino(path, option)
-    model = transformers.Dinov2Model.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    model = transformers.Dinov2Model.from_pretrained(str(folder), torch_dtype=dtype, **load_options(folder))
     size, crop, mean, std = 256, 224, IMAGENET_MEAN, IMAGENET_STD
     proc_file = folder / "preprocessor_config.json"
     if proc_file.is_file():

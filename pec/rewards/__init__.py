@@ -3,12 +3,13 @@
 Registered names (`REWARDS`):
 - the embedded world's: "digit" (learned, preference-like; 8x8 digits), "contrast", "smoothness" (rules);
 - real images: "pickscore", "clipscore", "hpsv2", "aesthetic" (LAION v2), "aesthetic_v25" (Aesthetic Predictor
-  v2.5, the paper's) (weights from local paths, `--paths.*`),
+  v2.5, the paper's) (weights from local paths or hub ids, `--paths.*`: `pec.hub`),
   "jpeg" / "jpeg_incompressibility" (rules, any size), "http" (a reward server, `--paths.reward_url`);
 - videos only: "temporal_smoothness" (a rule: 1 − the mean change between consecutive frames).
 
 `build_reward("pickscore:1.0,jpeg:0.1", ...)` builds a weighted sum; `check_reward_spec` validates names,
-weights and paths from config files only, before any model loads. Nothing downloads.
+weights and paths from config files only, before any model loads (a hub id is resolved there: from the hub
+cache, fetched into it unless HF_HUB_OFFLINE is set).
 
 Videos (a video model's frames (B, F, C, H, W)): `build_reward(..., video_frames=N)` wraps each term in
 `VideoReward` (`pec.rewards.video`): an image reward is averaged over N frames spread over the clip, a reward
@@ -120,7 +121,7 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 
 def check_reward_spec(spec: str, paths: object = None, *, video: bool = False,
                       http: object = None) -> list[tuple[str, float]]:
-    """Validate a reward spec and the local paths its rewards need (config files only); return its terms.
+    """Validate a reward spec and the paths its rewards need (config files only); return its terms.
     Unless `video` (the model makes videos), a reward that scores videos only is refused (`http`: the client
     settings, whose token the health check of an `http` reward's server may need)."""
     terms = parse_reward_spec(spec)
@@ -177,7 +178,7 @@ def build_reward(spec: str, device: str | torch.device = "cpu", directory: str |
         spec: 'name' or 'name:weight,name:weight,...' (see `parse_reward_spec`).
         device: where scoring runs.
         directory: the embedded world's assets folder (--assets).
-        paths: local weights of the real rewards (a `pec.config.PathsConfig`).
+        paths: weights of the real rewards, local or hub ids (a `pec.config.PathsConfig`).
         http: the `http` reward's client settings (a `pec.config.RewardHttpConfig`; None = defaults), passed
             only to the factories whose signature takes `http`.
         video_frames: None for an image model; for a video model the frames of each clip the rewards see

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pec.hub import resolve_path
 from pec.perceptual.backbones import backbone_dtype, check_hf_clip, load_hf_clip
 from pec.rewards.base import ImageReward
 
@@ -48,10 +49,11 @@ class AestheticHead(nn.Module):
 
 
 def check_aesthetic_head(path: str | Path | None, option: str = "--paths.aesthetic", what: str = LAION_HEAD) -> Path:
-    """ValueError (naming `option` and `what` it must be) unless `path` is a head checkpoint file."""
+    """ValueError (naming `option` and `what` it must be) unless `path` is a head checkpoint file (local, or a
+    hub file ORG/NAME/FILE[:REVISION] resolved through huggingface_hub's cache: `pec.hub`); its local path."""
     if not path:
         raise ValueError(f"{option} is empty: give {what}")
-    file = Path(path).expanduser()
+    file = resolve_path(path, option, "file")
     if not file.is_file():
         raise ValueError(f"{option}: {file} is not a file; it must be {what}")
     return file

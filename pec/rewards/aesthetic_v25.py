@@ -3,8 +3,9 @@
 SigLIP vision tower google/siglip-so400m-patch14-384, as that package's `AestheticPredictorV2_5Model`
 computes it. Scores are on its 1-10 scale (5.5+ reads as good).
 
-Both parts come from local paths: --paths.aesthetic_v25 (the head file) and --paths.aesthetic_v25_siglip (a
-transformers folder of the SigLIP model or its vision tower, with its preprocessor_config.json). The SigLIP
+Both parts come from local paths or hub ids (`pec.hub`): --paths.aesthetic_v25 (the head file) and
+--paths.aesthetic_v25_siglip (a transformers folder of the SigLIP model or its vision tower, with its
+preprocessor_config.json). The SigLIP
 preprocessing runs in torch: resize to the processor's height x width (no crop; antialiased bicubic, where
 the processor resizes with PIL's bicubic), clamp to [0, 1], normalise with the processor's mean / std.
 The tower runs in bf16 on a GPU, its pooled output and the head in float32. Tables made with this reward
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pec.hub import load_options
 from pec.perceptual.backbones import FrozenBackbone, _config, _folder, backbone_dtype, check_real_images
 from pec.rewards.aesthetic import AestheticReward, check_aesthetic_head, head_state, load_head, scoring_mlp
 
@@ -83,7 +85,7 @@ def check_siglip(path: str | Path | None, option: str = SIGLIP_OPTION) -> Siglip
 
     folder = _folder(path, option, SIGLIP)
     _config(folder, option, SIGLIP, SIGLIP_TYPES)
-    config = transformers.SiglipVisionConfig.from_pretrained(str(folder), local_files_only=True)
+    config = transformers.SiglipVisionConfig.from_pretrained(str(folder), **load_options(folder, weights=False))
     if not getattr(config, "vision_use_head", True):
         raise ValueError(f"{option}: {folder} has vision_use_head false (no pooled output); it must be {SIGLIP}")
     file = folder / "preprocessor_config.json"
@@ -119,7 +121,7 @@ def load_siglip(path: str | Path, option: str = SIGLIP_OPTION, device: str | tor
 
     folder = check_siglip(path, option)
     model, info = transformers.SiglipVisionModel.from_pretrained(str(folder.path), torch_dtype=dtype,
-                                                                 local_files_only=True, output_loading_info=True)
+                                                                 output_loading_info=True, **load_options(folder.path))
     if info["missing_keys"] or info["mismatched_keys"]:
         lacking = sorted(info["missing_keys"]) + [str(k[0] if isinstance(k, tuple) else k)
                                                   for k in info["mismatched_keys"]]

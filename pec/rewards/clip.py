@@ -3,8 +3,9 @@ Preference Score v2 / v2.1: an open_clip ViT-H-14 fine-tuned on human preference
 
 Both are the cosine similarity of the normalised image and prompt embeddings: HPSv2's score as its
 reference code computes it (about 0.2-0.35), and CLIPScore without its 2.5 * max(., 0) rescaling.
-The models load from a local hf-hub-style folder (open_clip_config.json + weights) or a checkpoint
-file plus its architecture (`--paths.hpsv2 HPS_v2.1_compressed.pt --paths.hpsv2_arch ViT-H-14`).
+The models load from an hf-hub-style folder (open_clip_config.json + weights; local or a hub id) or a
+checkpoint file (local or ORG/NAME/FILE) plus its architecture (`--paths.hpsv2 HPS_v2.1_compressed.pt
+--paths.hpsv2_arch ViT-H-14`).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
 
 @pytest.mark.parametrize("pipeline,transformer,expected", [
     ("StableDiffusion3Pipeline", "SD3Transformer2DModel",
-     r"--model.path must be a local diffusers folder of a QwenImagePipeline .*holds a StableDiffusion3Pipeline"),
+     r"--model.path must be a diffusers folder of a QwenImagePipeline .*holds a StableDiffusion3Pipeline"),
     ("QwenImagePipeline", "FluxTransformer2DModel",
      r"--model.path .*its transformer is a FluxTransformer2DModel, not a QwenImageTransformer2DModel"),
 ])

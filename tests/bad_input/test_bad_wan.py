@@ -18,7 +18,7 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize("name,folder,extra,expected", [
     ("wan", "wan", ["--model.frames", "6"], "--model.frames must be 1 + a multiple of 4"),
-    ("wan", "sd3", [], "--model.path must be a local diffusers folder of a WanPipeline"),
+    ("wan", "sd3", [], "--model.path must be a diffusers folder of a WanPipeline"),
     ("sd3", "wan", [], "holds a WanPipeline (model_index.json): choose the matching --model.name"),
     ("wan", "wan", ["--model.train_experts", "low"], "--model.train_experts low needs a two-expert model"),
 ])
