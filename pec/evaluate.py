@@ -151,6 +151,7 @@ def load_policy(run: str, cfg: Config, device: torch.device) -> Policy:
         ckpt = (load_checkpoint(folder, map_location=device, check=check, on_skip=skipped) if step is None
                 else checkpoint_at(folder, step, device, check=check))
         policy.load_trainable_state(ckpt["model"])
+        policy.checkpoint = (int(ckpt["step"]), Path(ckpt["path"]))
     policy.model.eval()
     return policy
 
@@ -256,12 +257,14 @@ def eval_steps(cfg: Config) -> int:
     return cfg.eval.num_steps or cfg.sampling.num_steps
 
 
-def sample_chunks(policy: Policy, cfg: Config, prompts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+def sample_chunks(policy: Policy, cfg: Config, prompts: Sequence[str],
+                  guidance: Callable[[int], tuple[GuidanceFn | None, torch.Tensor | float]] | None = None
+                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(prompt of each image, images) of each sampling call (`sampling_calls`): `eval.images_per_prompt`
     images per prompt, prompt by prompt, on the held-out seed `eval.seed`, with the model's own schedule
-    (and the run's guidance with `eval.guidance`, `sampling_guidance`)."""
+    (and the run's guidance with `eval.guidance`: `guidance`, or else `sampling_guidance` built here)."""
     e, s = cfg.eval, cfg.sampling
-    guidance = sampling_guidance(policy, cfg)
+    guidance = guidance or sampling_guidance(policy, cfg)
     for start, stop, group, offset in sampling_calls(len(prompts), e.images_per_prompt, e.batch):
         chunk = list(prompts[start:stop])
         guide, weight = guidance(group)
