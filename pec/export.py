@@ -13,9 +13,11 @@ of step STEP (`--logging.milestone_every`). What DIR receives:
   Wan2.2 A14B (two experts) follows diffusers' convention for the second transformer: each expert's LoRA is a
   file of its own with the same `transformer.` names, and WanPipeline's loader puts a file into the low-noise
   expert when called with `load_into_transformer_2=True`. The high-noise expert's (transformer) is DIR's
-  file, the low-noise expert's (transformer_2) is DIR/transformer_2/pytorch_lora_weights.safetensors:
+  file, the low-noise expert's (transformer_2) is DIR/transformer_2/pytorch_lora_weights.safetensors, named by
+  `weight_name` (diffusers reads a top-level file of the default name before a `subfolder`'s):
       pipe.load_lora_weights(DIR)
-      pipe.load_lora_weights(DIR, subfolder="transformer_2", load_into_transformer_2=True)
+      pipe.load_lora_weights(DIR, weight_name="transformer_2/pytorch_lora_weights.safetensors",
+                             load_into_transformer_2=True)
   (with --model.train_experts low only the second file exists: `load_lora_weights(DIR)` then finds nothing,
   rather than putting the low-noise expert's LoRA into the high-noise expert).
 - --merge (a LoRA run), or a full-fine-tuning run (whatever --merge): a whole pipeline folder that
@@ -93,7 +95,8 @@ def trained_modules(model: FlowModel) -> dict[str, nn.Module]:
 
 def lora_file(component: str) -> str:
     """Where a component's LoRA lies in an export: the transformer's at the top (what `load_lora_weights(DIR)`
-    finds), any other's (Wan2.2's transformer_2) in a subfolder of its name (`subfolder=` of load_lora_weights)."""
+    finds), any other's (Wan2.2's transformer_2) in a subfolder of its name, where only a `weight_name` naming
+    that path finds it."""
     return LORA_WEIGHTS if component == "transformer" else f"{component}/{LORA_WEIGHTS}"
 
 
@@ -364,7 +367,7 @@ def _usage(cfg: dict[str, Any], manifest: dict[str, Any], out: Path) -> list[str
                  f"pipe = {pipeline}.from_pretrained({model['path']!r}, torch_dtype={dtype}{revision})",
                  f"pipe.load_lora_weights({str(out)!r})"]
         if "transformer_2" in manifest["lora_files"]:
-            code += [f"pipe.load_lora_weights({str(out)!r}, subfolder=\"transformer_2\", "
+            code += [f"pipe.load_lora_weights({str(out)!r}, weight_name={manifest['lora_files']['transformer_2']!r}, "
                      f"load_into_transformer_2=True)  # the low-noise expert"]
     else:
         code += ["from diffusers import DiffusionPipeline", "",

@@ -1,0 +1,200 @@
+"""`python -m pec.export` on tiny runs of every real model in the real on-disk layouts (no downloads), each export
+loaded by diffusers' own pipeline class and compared with our sampler on the same noise and ODE schedule.
+
+Each model trains one step with LoRA through `pec.train`'s main (in-process, a high learning rate so that the
+adapters move the samples far more than the tolerance: a test that a missing or mis-scaled LoRA would fail),
+then:
+- the LoRA export goes into `PipelineClass.from_pretrained(base).load_lora_weights(export)` (Wan2.2 A14B: the
+  low-noise expert's file too, `weight_name="transformer_2/..."` with `load_into_transformer_2=True`), and the merged export into
+  `DiffusionPipeline.from_pretrained(export)`;
+- both pipelines run 2 Euler steps (Wan's UniPC swapped for FlowMatchEulerDiscreteScheduler at its flow shift,
+  as tests/test_wan_model.py does, and our sampler given the same sigmas) from our initial noise, CFG off,
+  `output_type="latent"`; their final latents must equal ours (the run's checkpoint in the trainer's Policy,
+  `pec.sampling.sample` at eta 0) within TOL, in float32.
+SD3, FLUX.1, FLUX.2 klein (Flux2KleinPipeline; FLUX.2-dev's Flux2Pipeline shares its LoRA loader), Qwen-Image
+and Wan2.2 A14B (two experts) are tested with both the LoRA and the merged export. `pec.sample` on the exports:
+tests/test_sample.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from _tiny_diffusers import tiny_dino_folder, tiny_flux_folder, tiny_sd3_folder  # noqa: E402
+from _tiny_flux2 import tiny_flux2_folder  # noqa: E402
+from _tiny_qwen import tiny_qwen_image_folder  # noqa: E402
+from _tiny_wan import tiny_wan_folder  # noqa: E402
+
+from pec.evaluate import load_policy, run_config  # noqa: E402
+from pec.export import LORA_WEIGHTS, export, main as export_main  # noqa: E402
+from pec.sampling import sample  # noqa: E402
+from pec.train import main as train_main  # noqa: E402
+
+PROMPT = "a photo of a cat"
+STEPS = 2
+# float32 on both sides: the LoRA export matches bit for bit or nearly (the same modules run); the merged one
+# differs by rounding only (W + s B A applied once instead of W x + s B (A x)).
+TOL = 1e-5
+EFFECT = 100 * TOL  # the trained adapters must move the pipeline's latents by more than this
+
+
+@dataclass
+class Spec:
+    """How one model trains tiny, and how its pipeline takes our noise and gives back latents."""
+
+    build: Callable[[Path], Path]
+    resolution: int
+    pipeline: str
+    train: list[str] = field(default_factory=list)
+    call: dict = field(default_factory=dict)
+    to_input: Callable[[torch.Tensor, object], torch.Tensor] = lambda x, model: x
+    to_output: Callable[[torch.Tensor, object], torch.Tensor] = lambda x, model: x
+    euler: bool = False  # swap the pipeline's scheduler for FlowMatchEulerDiscreteScheduler at its flow shift
+
+
+def _flux2_input(x, model):
+    """Packed tokens (1, h*w, C) -> Flux2KleinPipeline's `latents` (1, C, h, w) (it packs them itself)."""
+    side = int(x.shape[1] ** 0.5)
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
+
+SPECS = {
+    "sd3": Spec(lambda tmp: tiny_sd3_folder(tmp), 16, "StableDiffusion3Pipeline",
+                ["--model.max_sequence_length", "8"], {"guidance_scale": 1.0, "max_sequence_length": 8}),
+    "flux": Spec(tiny_flux_folder, 32, "FluxPipeline", ["--model.max_sequence_length", "8"],
+                 {"guidance_scale": 3.5, "max_sequence_length": 8}),  # FLUX.1's distilled guidance = --model.guidance
+    "flux2": Spec(lambda tmp: tiny_flux2_folder(tmp, "klein"), 32, "Flux2KleinPipeline",
+                  ["--model.max_sequence_length", "32"], {"guidance_scale": 1.0, "max_sequence_length": 32},
+                  to_input=_flux2_input,
+                  # its "latent" output: unpacked, batch-norm statistics undone (what our decode feeds the VAE)
+                  to_output=lambda x, model: model._vae_latents(x)),
+    "qwen_image": Spec(tiny_qwen_image_folder, 32, "QwenImagePipeline", [], {"true_cfg_scale": 1.0}),
+    "wan": Spec(lambda tmp: tiny_wan_folder(tmp, "wan22"), 32, "WanPipeline",
+                ["--model.max_sequence_length", "8", "--model.frames", "5"],
+                {"guidance_scale": 1.0, "num_frames": 5, "max_sequence_length": 8}, euler=True),
+}
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory):
+    return tiny_dino_folder(tmp_path_factory.mktemp("dino"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dino):
+    """name -> (base folder, run folder, LoRA export, merged export), each model trained once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            spec, tmp = SPECS[name], tmp_path_factory.mktemp(name)
+            base = spec.build(tmp)
+            run = tmp / "run"
+            train_main(["--model.name", name, "--model.path", str(base), "--model.resolution", str(spec.resolution),
+                        "--model.dtype", "float32", *spec.train, "--device", "cpu", "--reward", "contrast",
+                        "--paths.dino", str(dino), "--perceptual.spaces", "dino", "--perceptual.space", "dino",
+                        "--perceptual.k", "1", "--method", "none", "--sampling.prompts_per_step", "1",
+                        "--sampling.group_size", "2", "--sampling.num_steps", "2", "--train.steps", "1",
+                        "--train.lr", "0.05", "--logging.progress", "false", "--logging.tensorboard", "false",
+                        "--logging.grid_samples", "1", "--run-dir", str(run)])
+            export_main([str(run), "--out", str(tmp / "lora")])
+            export_main([str(run), "--out", str(tmp / "merged"), "--merge"])
+            cache[name] = base, run, tmp / "lora", tmp / "merged"
+        return cache[name]
+
+    return get
+
+
+def _ours(name: str, run: Path):
+    """Our sampler on the run's checkpoint: (initial noise, final latents in the pipeline's output layout, sigmas
+    given to the sampler or None for the model's own schedule)."""
+    spec = SPECS[name]
+    cfg = run_config(str(run), {})
+    model = load_policy(str(run), cfg, torch.device("cpu")).model
+    noise = torch.randn(STEPS + 1, 1, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    sigmas = None
+    if spec.euler:
+        euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=model.scheduler_config["flow_shift"])
+        euler.set_timesteps(STEPS)
+        sigmas = euler.sigmas
+    with torch.no_grad():
+        final = sample(model, [PROMPT], num_steps=STEPS, guidance_scale=1.0, eta=0.0, noise=noise,
+                       sigmas=sigmas).latents[-1]
+        return spec.to_input(noise[0], model), spec.to_output(final, model)
+
+
+def _pipeline(name: str, folder: Path, cls=None):
+    """`cls.from_pretrained(folder)` (default: the model's pipeline class) in float32, its scheduler swapped for
+    Euler at its flow shift where the model's ships another (Wan's UniPC)."""
+    pipe = (cls or getattr(diffusers, SPECS[name].pipeline)).from_pretrained(str(folder), torch_dtype=torch.float32,
+                                                                             local_files_only=True)
+    if SPECS[name].euler:
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
+    return pipe
+
+
+def _run(name: str, pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The pipeline's own call from `latents`, CFG off, `output_type="latent"`."""
+    size = SPECS[name].resolution
+    return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=STEPS, latents=latents.clone(),
+                output_type="latent", return_dict=False, **SPECS[name].call)[0]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_diffusers_loads_the_lora_and_the_merged_export(trained, name):
+    base, run, lora, merged = trained(name)
+    latents, ours = _ours(name, run)
+    pipe = _pipeline(name, base)
+    before = _run(name, pipe, latents)
+    pipe.load_lora_weights(str(lora))
+    two = name == "wan"  # Wan2.2 A14B: the low-noise expert's LoRA, diffusers' load_into_transformer_2 convention
+    if two:
+        high_only = _run(name, pipe, latents)
+        pipe.load_lora_weights(str(lora), weight_name=f"transformer_2/{LORA_WEIGHTS}", load_into_transformer_2=True)
+    theirs = _run(name, pipe, latents)
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max() <= TOL, (theirs - ours).abs().max()
+    assert (before - ours).abs().max() > EFFECT, "the adapters barely moved the samples: the test would not see them"
+    if two:
+        assert (high_only - ours).abs().max() > EFFECT  # the second file matters
+    whole = _pipeline(name, merged, diffusers.DiffusionPipeline)
+    assert type(whole) is type(pipe)
+    theirs = _run(name, whole, latents)
+    assert (theirs - ours).abs().max() <= TOL, (theirs - ours).abs().max()
+
+
+def test_lora_export_layout_and_manifest(trained):
+    base, run, lora, merged = trained("wan")
+    manifest = json.loads((lora / "export.json").read_text())
+    assert manifest["kind"] == "lora" and manifest["pipeline"] == "WanPipeline" and manifest["step"] == 1
+    assert manifest["model"] == {"name": "wan", "path": str(base), "revision": None}
+    assert manifest["lora_files"] == {"transformer": LORA_WEIGHTS, "transformer_2": f"transformer_2/{LORA_WEIGHTS}"}
+    assert sorted(p.name for p in lora.iterdir()) == ["README.md", "config.yaml", "export.json", LORA_WEIGHTS,
+                                                      "transformer_2"]
+    assert (lora / "config.yaml").read_text() == (run / "config.yaml").read_text()
+    card = (lora / "README.md").read_text()
+    assert "load_into_transformer_2=True" in card and "WanPipeline.from_pretrained" in card
+    # The merged folder: both experts written, every other component copied (not linked) from the base.
+    whole = json.loads((merged / "export.json").read_text())
+    assert whole["kind"] == "model" and whole["merged"] and whole["components"] == ["transformer", "transformer_2"]
+    for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for path in (merged / component).iterdir():
+            assert not os.path.samefile(path, base / component / path.name)
+    assert "DiffusionPipeline.from_pretrained" in (merged / "README.md").read_text()
+
+
+def test_link_hard_links_the_base_components(trained, tmp_path):
+    base, run, _, _ = trained("sd3")
+    export(str(run), tmp_path / "linked", merge=True, link=True)
+    vae = tmp_path / "linked" / "vae" / "diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(vae, base / "vae" / vae.name)
+    assert not os.path.samefile(tmp_path / "linked" / "transformer" / vae.name, base / "transformer" / vae.name)
