@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg, policy, guidance, scorer = prepare(args.source, prompts, args.n, args.sample_seed, args.sample_reward,
                                                 overrides)
     # The bar unless this command says otherwise: the run's own --logging.progress was about training.
-    progress = overrides.get("logging", {}).get("progress", True)
+    progress = "progress" not in overrides.get("logging", {}) or cfg.logging.progress
     with expected_errors(PROG):
         record = sample_prompts(cfg, policy, guidance, scorer, prompts, out, progress=progress)
     mean = f"; mean reward {record['reward_mean']:.4f}" if "reward_mean" in record else ""
