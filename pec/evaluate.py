@@ -243,11 +243,22 @@ def sampling_guidance(policy: Policy, cfg: Config) -> Callable[[int], tuple[Guid
         raise ValueError(f"eval.guidance needs a PCGS guided run (method pcgs, pcgs.form guided), got method "
                          f"{cfg.method!r}" + (f" form {cfg.pcgs.form!r}" if cfg.method == "pcgs" else ""))
     train_group = cfg.sampling.group_size
+
+    def size(group: int) -> int:
+        return train_group if group % train_group == 0 else group
+
+    # The guidance compares a call's images of a prompt with each other: refuse, before any sampling, calls
+    # that hold too few of them (a prompt's last piece when eval.batch splits its images).
+    sizes = sorted({size(g) for _, _, g, _ in sampling_calls(1, cfg.eval.images_per_prompt, cfg.eval.batch)})
+    if sizes[0] <= cfg.perceptual.k:
+        raise ValueError(f"eval.guidance compares each sampling call's images of a prompt, so every call needs more "
+                         f"than perceptual.k = {cfg.perceptual.k} of them: {cfg.eval.images_per_prompt} images a "
+                         f"prompt in calls of eval.batch {cfg.eval.batch} leave a call with {sizes[0]}; sample more "
+                         f"images a prompt or raise eval.batch")
     encoder = space_for_run(cfg.perceptual.space, cfg, next(policy.model.parameters()).device)
 
     def for_group(group: int) -> tuple[GuidanceFn, torch.Tensor]:
-        size = train_group if group % train_group == 0 else group
-        return pcgs_guidance(cfg, policy.model.decode, encoder, size, eval_steps(cfg))
+        return pcgs_guidance(cfg, policy.model.decode, encoder, size(group), eval_steps(cfg))
 
     return for_group
 

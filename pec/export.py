@@ -57,7 +57,7 @@ from pec import __version__
 from pec.atomic import atomic_write_text
 from pec.checkpoint import has_checkpoint
 from pec.cli import command_parser, expected_errors
-from pec.config import Config, to_dict
+from pec.config import Config, merge_dicts, to_dict
 from pec.evaluate import load_policy, run_config, split_run
 from pec.models.base import FlowModel
 from pec.models.diffusers_model import resolve_dtype
@@ -132,16 +132,38 @@ def check_out(out: str | Path, force: bool) -> Path:
     return out
 
 
+def run_folder(run: str, name: str = "RUN", expected: str = f"not a run folder of pec.train (no {CONFIG})"
+               ) -> tuple[Path, int | None]:
+    """RUN or RUN@STEP as (folder, step) (`pec.evaluate.split_run`), refused in one line naming `name` when STEP
+    is not a step number, or (saying `expected`) when the folder is not a run of pec.train (no config.yaml)."""
+    folder, step = split_run(run)
+    if not (Path(folder) / CONFIG).is_file():
+        head, at, tail = run.rpartition("@")
+        if at and (Path(head) / CONFIG).is_file():
+            raise ValueError(f"{name} {run}: @STEP must be a step number (e.g. {head}@40), got {tail!r}")
+        raise ValueError(f"{name} {run}: {expected}")
+    return Path(folder), step
+
+
+def check_base(cfg: Config, source: str) -> None:
+    """Refuse in one line naming --model.path a base model given as a local path (absolute, ./ or ~/) that is
+    not there (moved, or trained on another machine): loading it would fail deep in a loader. A relative name
+    may be a hub id, which the model loader resolves."""
+    path = cfg.model.path
+    if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        raise ValueError(f"--model.path {path}: the base model of {source} is not there; pass --model.path with "
+                         f"its folder (or hub id) on this machine")
+
+
 def load_run(run: str, device: str | torch.device = "cpu") -> tuple[Config, Policy]:
     """The run's config (its config.yaml) and its policy with the weights of RUN's newest valid checkpoint, or
     of step STEP for RUN@STEP; ValueError (one line) for a folder that is not a run or has no such checkpoint."""
-    folder = Path(split_run(run)[0])
-    if not (folder / CONFIG).is_file():
-        raise ValueError(f"RUN {run}: not a run folder of pec.train (no {CONFIG})")
+    folder, _ = run_folder(run)
     if not has_checkpoint(folder):
         raise ValueError(f"RUN {run}: no checkpoint (checkpoints/step-*.pt or milestones/step-*.pt): nothing to "
                          f"export; runs write one every --logging.checkpoint_every steps")
     cfg = run_config(run, {"device": str(device)})
+    check_base(cfg, f"RUN {run}")
     loading = copy.deepcopy(cfg)
     loading.model.compile = False  # nothing here runs the transformer in a loop
     return cfg, load_policy(run, loading, resolve_device(loading.device))
@@ -175,7 +197,7 @@ def write_export(run: str, cfg: Config, policy: Policy, out: Path, *, merge: boo
             "training": "lora" if policy.lora else "full",
             "model": base_model(cfg), "pipeline": None if isinstance(model, EmbeddedFlowModel) else lora_writer(model).__name__,
             "dtype": cfg.model.dtype, "run": str(folder), "step": step,
-            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
             "components": sorted(trained), "lora_files": files,
             "lora": {"rank": cfg.train.lora_rank, "alpha": cfg.train.lora_alpha,
                      "targets": list(model.lora_targets)} if policy.lora else None,
@@ -228,9 +250,13 @@ def write_model(model: FlowModel, trained: dict[str, nn.Module], out: Path, link
 
 
 def base_model(cfg: Config) -> dict[str, Any]:
-    """The base model an export applies to: --model.name, --model.path (a folder or a hub id; None: the embedded
-    weights shipped with the package) and --model.revision where the config has one."""
-    return {"name": cfg.model.name, "path": cfg.model.path, "revision": getattr(cfg.model, "revision", None)}
+    """The base model an export applies to: --model.name, --model.path (a local folder as an absolute path, so
+    that the export samples from any working folder; a hub id as it is; None: the embedded weights shipped with
+    the package) and --model.revision where the config has one."""
+    path = cfg.model.path
+    if path and Path(path).expanduser().is_dir():
+        path = str(Path(path).expanduser().resolve())
+    return {"name": cfg.model.name, "path": path, "revision": getattr(cfg.model, "revision", None)}
 
 
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:
@@ -403,9 +429,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def export_config(cfg: Config, folder: str | Path, manifest: dict[str, Any]) -> Config:
-    """The config that samples an export (its config.yaml as `cfg`): a whole-model export is itself the model
-    folder (--model.path DIR, nothing to adapt); a LoRA export applies to the base model its config names."""
+def export_config(folder: str | Path, manifest: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """The config that samples an export: its config.yaml with `overrides` (command-line options). A LoRA
+    export applies to the base model its manifest names (an absolute path; `--model.path` may name another
+    copy); a whole-model export is itself the model folder (--model.path DIR, nothing to adapt), so
+    `--model.path` is refused there."""
+    model_overrides = overrides.get("model", {})
+    if manifest["kind"] == "model" and "path" in model_overrides:
+        raise ValueError(f"--model.path: {folder} is a whole-model export, itself the model; drop --model.path")
+    base = {} if "path" in model_overrides else {"model": {"path": manifest["model"]["path"]}}
+    cfg = run_config(str(folder), merge_dicts(base, overrides))
     if manifest["kind"] == "model":
         cfg.model.path = str(Path(folder).resolve())
         if hasattr(cfg.model, "revision"):  # the base model's revision, which a local folder has none of

@@ -32,7 +32,7 @@ from pec.config import Config, add_config_arguments, load_yaml, merge_dicts, ove
 from pec.data.prompt_files import read_prompts
 from pec.evaluate import (eval_steps, load_policy, run_config, sample_chunks, sampling_calls, sampling_guidance,
                           save_samples, split_run)
-from pec.export import MANIFEST, export_config, load_export, read_manifest
+from pec.export import MANIFEST, check_base, export_config, load_export, read_manifest, run_folder
 from pec.logging_utils import save_sample
 from pec.models import check_model_config, is_video_model
 from pec.policy import Policy, resolve_device
@@ -52,10 +52,13 @@ def source_config(source: str, overrides: dict[str, Any]) -> tuple[Config, dict[
         if step is not None:
             raise ValueError(f"SOURCE {source}: an export holds one model; @STEP names a run's checkpoint")
         manifest = read_manifest(folder)
-        return export_config(run_config(folder, overrides), folder, manifest), manifest
-    if not (Path(folder) / "config.yaml").is_file():
-        raise ValueError(f"SOURCE {source}: neither a run folder (config.yaml) nor an export of pec.export ({MANIFEST})")
-    return run_config(source, overrides), None
+        cfg = export_config(folder, manifest, overrides)
+    else:
+        run_folder(source, "SOURCE", f"neither a run folder of pec.train (config.yaml) nor an export of pec.export "
+                                     f"({MANIFEST})")
+        cfg, manifest = run_config(source, overrides), None
+    check_base(cfg, f"SOURCE {source}")
+    return cfg, manifest
 
 
 def prompt_list(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:

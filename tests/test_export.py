@@ -50,19 +50,20 @@ STEPS = 2
 # differs by rounding only (W + s B A applied once instead of W x + s B (A x)).
 TOL = 1e-5
 EFFECT = 100 * TOL  # the trained adapters must move the pipeline's latents by more than this
+IMAGE_TOL = 1e-5  # images in [0, 1], decoded by the pipeline's VAE code and by ours from those latents
 
 
 @dataclass
 class Spec:
     """How one model trains tiny, and how its pipeline takes our noise and gives back latents."""
 
+    model: str  # --model.name
     build: Callable[[Path], Path]
     resolution: int
     pipeline: str
     train: list[str] = field(default_factory=list)
     call: dict = field(default_factory=dict)
     to_input: Callable[[torch.Tensor, object], torch.Tensor] = lambda x, model: x
-    to_output: Callable[[torch.Tensor, object], torch.Tensor] = lambda x, model: x
     euler: bool = False  # swap the pipeline's scheduler for FlowMatchEulerDiscreteScheduler at its flow shift
 
 
@@ -72,20 +73,24 @@ def _flux2_input(x, model):
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
 
 
+_WAN = dict(train=["--model.max_sequence_length", "8", "--model.frames", "5"],
+            call={"guidance_scale": 1.0, "num_frames": 5, "max_sequence_length": 8}, euler=True)
 SPECS = {
-    "sd3": Spec(lambda tmp: tiny_sd3_folder(tmp), 16, "StableDiffusion3Pipeline",
+    "sd3": Spec("sd3", lambda tmp: tiny_sd3_folder(tmp), 16, "StableDiffusion3Pipeline",
                 ["--model.max_sequence_length", "8"], {"guidance_scale": 1.0, "max_sequence_length": 8}),
-    "flux": Spec(tiny_flux_folder, 32, "FluxPipeline", ["--model.max_sequence_length", "8"],
+    "flux": Spec("flux", tiny_flux_folder, 32, "FluxPipeline", ["--model.max_sequence_length", "8"],
                  {"guidance_scale": 3.5, "max_sequence_length": 8}),  # FLUX.1's distilled guidance = --model.guidance
-    "flux2": Spec(lambda tmp: tiny_flux2_folder(tmp, "klein"), 32, "Flux2KleinPipeline",
-                  ["--model.max_sequence_length", "32"], {"guidance_scale": 1.0, "max_sequence_length": 32},
-                  to_input=_flux2_input,
-                  # its "latent" output: unpacked, batch-norm statistics undone (what our decode feeds the VAE)
-                  to_output=lambda x, model: model._vae_latents(x)),
-    "qwen_image": Spec(tiny_qwen_image_folder, 32, "QwenImagePipeline", [], {"true_cfg_scale": 1.0}),
-    "wan": Spec(lambda tmp: tiny_wan_folder(tmp, "wan22"), 32, "WanPipeline",
-                ["--model.max_sequence_length", "8", "--model.frames", "5"],
-                {"guidance_scale": 1.0, "num_frames": 5, "max_sequence_length": 8}, euler=True),
+    # FLUX.2 dev: distilled guidance as FLUX.1's; its prompt follows FLUX.2's system message (54 tiny tokens)
+    "flux2-dev": Spec("flux2", lambda tmp: tiny_flux2_folder(tmp, "dev"), 32, "Flux2Pipeline",
+                      ["--model.max_sequence_length", "64"], {"guidance_scale": 3.5, "max_sequence_length": 64},
+                      to_input=_flux2_input),
+    "flux2-klein": Spec("flux2", lambda tmp: tiny_flux2_folder(tmp, "klein"), 32, "Flux2KleinPipeline",
+                        ["--model.max_sequence_length", "32"], {"guidance_scale": 1.0, "max_sequence_length": 32},
+                        to_input=_flux2_input),
+    "qwen_image": Spec("qwen_image", tiny_qwen_image_folder, 32, "QwenImagePipeline", [], {"true_cfg_scale": 1.0}),
+    "wan21": Spec("wan", lambda tmp: tiny_wan_folder(tmp, "wan21"), 32, "WanPipeline", **_WAN),
+    "wan22": Spec("wan", lambda tmp: tiny_wan_folder(tmp, "wan22"), 32, "WanPipeline", **_WAN),  # A14B: 2 experts
+    "ti2v": Spec("wan", lambda tmp: tiny_wan_folder(tmp, "ti2v"), 32, "WanPipeline", **_WAN),  # TI2V-5B, text only
 }
 
 
@@ -96,32 +101,38 @@ def dino(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, dino):
-    """name -> (base folder, run folder, LoRA export, merged export), each model trained once."""
+    """(name, lora) -> (base folder, run folder, export, merged export), each run trained once: a LoRA run's LoRA
+    export and its --merge export; a full-fine-tuning run's one export (no --merge) and None."""
     cache = {}
 
-    def get(name: str):
-        if name not in cache:
+    def get(name: str, lora: bool = True):
+        if (name, lora) not in cache:
             spec, tmp = SPECS[name], tmp_path_factory.mktemp(name)
             base = spec.build(tmp)
             run = tmp / "run"
-            train_main(["--model.name", name, "--model.path", str(base), "--model.resolution", str(spec.resolution),
-                        "--model.dtype", "float32", *spec.train, "--device", "cpu", "--reward", "contrast",
-                        "--paths.dino", str(dino), "--perceptual.spaces", "dino", "--perceptual.space", "dino",
-                        "--perceptual.k", "1", "--method", "none", "--sampling.prompts_per_step", "1",
-                        "--sampling.group_size", "2", "--sampling.num_steps", "2", "--train.steps", "1",
-                        "--train.lr", "0.05", "--logging.progress", "false", "--logging.tensorboard", "false",
+            train_main(["--model.name", spec.model, "--model.path", str(base), "--model.resolution",
+                        str(spec.resolution), "--model.dtype", "float32", *spec.train, "--device", "cpu",
+                        "--reward", "contrast", "--paths.dino", str(dino), "--perceptual.spaces", "dino",
+                        "--perceptual.space", "dino", "--perceptual.k", "1", "--method", "none",
+                        "--sampling.prompts_per_step", "1", "--sampling.group_size", "2", "--sampling.num_steps", "2",
+                        "--train.steps", "1", "--train.lora", str(lora).lower(), "--train.lr", "0.05" if lora else "0.01",
+                        "--logging.progress", "false", "--logging.tensorboard", "false",
                         "--logging.grid_samples", "1", "--run-dir", str(run)])
-            export_main([str(run), "--out", str(tmp / "lora")])
-            export_main([str(run), "--out", str(tmp / "merged"), "--merge"])
-            cache[name] = base, run, tmp / "lora", tmp / "merged"
-        return cache[name]
+            if lora:
+                export_main([str(run), "--out", str(tmp / "lora")])
+                export_main([str(run), "--out", str(tmp / "merged"), "--merge"])
+                cache[name, lora] = base, run, tmp / "lora", tmp / "merged"
+            else:
+                export_main([str(run), "--out", str(tmp / "full")])
+                cache[name, lora] = base, run, tmp / "full", None
+        return cache[name, lora]
 
     return get
 
 
 def _ours(name: str, run: Path):
-    """Our sampler on the run's checkpoint: (initial noise, final latents in the pipeline's output layout, sigmas
-    given to the sampler or None for the model's own schedule)."""
+    """Our sampler on the run's checkpoint: (initial noise in the pipeline's input layout, final latents, the
+    images our model decodes from them, clamped to [0, 1] as the pipeline's are)."""
     spec = SPECS[name]
     cfg = run_config(str(run), {})
     model = load_policy(str(run), cfg, torch.device("cpu")).model
@@ -134,7 +145,7 @@ def _ours(name: str, run: Path):
     with torch.no_grad():
         final = sample(model, [PROMPT], num_steps=STEPS, guidance_scale=1.0, eta=0.0, noise=noise,
                        sigmas=sigmas).latents[-1]
-        return spec.to_input(noise[0], model), spec.to_output(final, model)
+        return spec.to_input(noise[0], model), final, model.decode(final).clamp(0, 1)
 
 
 def _pipeline(name: str, folder: Path, cls=None):
@@ -147,38 +158,66 @@ def _pipeline(name: str, folder: Path, cls=None):
     return pipe
 
 
-def _run(name: str, pipe, latents: torch.Tensor) -> torch.Tensor:
-    """The pipeline's own call from `latents`, CFG off, `output_type="latent"`."""
-    size = SPECS[name].resolution
-    return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=STEPS, latents=latents.clone(),
-                output_type="latent", return_dict=False, **SPECS[name].call)[0]
+def _run(name: str, pipe, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's own call from `latents`, CFG off: (its latents after the last step, as its
+    callback_on_step_end sees them: our layout, e.g. FLUX's packed tokens; its images in [0, 1], a video
+    pipeline's frames)."""
+    size, seen = SPECS[name].resolution, {}
+
+    def last(pipe, i, t, tensors):
+        seen["latents"] = tensors["latents"].clone()
+        return {}
+
+    images = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=STEPS, latents=latents.clone(),
+                  output_type="pt", callback_on_step_end=last, return_dict=False, **SPECS[name].call)[0]
+    return seen["latents"], images
+
+
+def _same_as_ours(name: str, pipe, latents: torch.Tensor, ours: torch.Tensor, images: torch.Tensor) -> None:
+    """The pipeline's final latents are ours within TOL, and its images (decoded by its own VAE code) ours within
+    IMAGE_TOL."""
+    theirs, pictures = _run(name, pipe, latents)
+    assert theirs.shape == ours.shape and pictures.shape == images.shape
+    assert (theirs - ours).abs().max() <= TOL, (theirs - ours).abs().max()
+    assert (pictures - images).abs().max() <= IMAGE_TOL, (pictures - images).abs().max()
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_diffusers_loads_the_lora_and_the_merged_export(trained, name):
     base, run, lora, merged = trained(name)
-    latents, ours = _ours(name, run)
+    latents, ours, images = _ours(name, run)
     pipe = _pipeline(name, base)
-    before = _run(name, pipe, latents)
-    pipe.load_lora_weights(str(lora))
-    two = name == "wan"  # Wan2.2 A14B: the low-noise expert's LoRA, diffusers' load_into_transformer_2 convention
-    if two:
-        high_only = _run(name, pipe, latents)
-        pipe.load_lora_weights(str(lora), weight_name=f"transformer_2/{LORA_WEIGHTS}", load_into_transformer_2=True)
-    theirs = _run(name, pipe, latents)
-    assert theirs.shape == ours.shape
-    assert (theirs - ours).abs().max() <= TOL, (theirs - ours).abs().max()
+    before = _run(name, pipe, latents)[0]
     assert (before - ours).abs().max() > EFFECT, "the adapters barely moved the samples: the test would not see them"
+    pipe.load_lora_weights(str(lora))
+    two = name == "wan22"  # Wan2.2 A14B: the low-noise expert's LoRA, diffusers' load_into_transformer_2 convention
     if two:
+        high_only = _run(name, pipe, latents)[0]
         assert (high_only - ours).abs().max() > EFFECT  # the second file matters
+        pipe.load_lora_weights(str(lora), weight_name=f"transformer_2/{LORA_WEIGHTS}", load_into_transformer_2=True)
+    _same_as_ours(name, pipe, latents, ours, images)
     whole = _pipeline(name, merged, diffusers.DiffusionPipeline)
     assert type(whole) is type(pipe)
-    theirs = _run(name, whole, latents)
-    assert (theirs - ours).abs().max() <= TOL, (theirs - ours).abs().max()
+    _same_as_ours(name, whole, latents, ours, images)
+
+
+def test_full_fine_tuning_exports_the_trained_transformers(trained):
+    """A full-fine-tuning run of Wan2.2 A14B (both experts trained) exports a whole pipeline folder without
+    --merge: both transformers as trained, the rest the base's; DiffusionPipeline loads it and samples ours."""
+    base, run, full, _ = trained("wan22", lora=False)
+    manifest = json.loads((full / "export.json").read_text())
+    assert (manifest["kind"], manifest["training"], manifest["merged"]) == ("model", "full", False)
+    assert manifest["components"] == ["transformer", "transformer_2"] and manifest["lora"] is None
+    assert "full fine-tuning" in (full / "README.md").read_text()
+    latents, ours, images = _ours("wan22", run)
+    assert (_run("wan22", _pipeline("wan22", base), latents)[0] - ours).abs().max() > EFFECT
+    whole = _pipeline("wan22", full, diffusers.DiffusionPipeline)
+    assert type(whole) is diffusers.WanPipeline
+    _same_as_ours("wan22", whole, latents, ours, images)
 
 
 def test_lora_export_layout_and_manifest(trained):
-    base, run, lora, merged = trained("wan")
+    base, run, lora, merged = trained("wan22")
     manifest = json.loads((lora / "export.json").read_text())
     assert manifest["kind"] == "lora" and manifest["pipeline"] == "WanPipeline" and manifest["step"] == 1
     assert manifest["model"] == {"name": "wan", "path": str(base), "revision": None}
@@ -212,7 +251,7 @@ def _pixels(folder: Path) -> dict[str, torch.Tensor]:
             for p in sorted(folder.glob("p*-k*.*"))}
 
 
-@pytest.mark.parametrize("name,export_kind", [("sd3", "merged"), ("wan", "lora")])
+@pytest.mark.parametrize("name,export_kind", [("sd3", "merged"), ("wan22", "lora")])
 def test_pec_sample_on_an_export_is_the_runs_sampler(trained, tmp_path, name, export_kind):
     """`pec.sample EXPORT` needs nothing but the export (its config, and the base model its manifest names) and
     samples what `pec.sample RUN` samples: the LoRA export exactly, the merged one within one step of 8 bits (the
@@ -223,10 +262,10 @@ def test_pec_sample_on_an_export_is_the_runs_sampler(trained, tmp_path, name, ex
     sample_main([str(run), *args, "--out", str(tmp_path / "run")])
     sample_main([str(source), *args, "--out", str(tmp_path / "export")])
     ours, theirs = _pixels(tmp_path / "run"), _pixels(tmp_path / "export")
-    assert list(ours) == list(theirs) == ([f"p000-k00{k}.gif" for k in range(2)] if name == "wan" else
+    assert list(ours) == list(theirs) == ([f"p000-k00{k}.gif" for k in range(2)] if name == "wan22" else
                                           [f"p000-k00{k}.png" for k in range(2)])
     for key in ours:
         difference = (ours[key] - theirs[key]).abs().max()
         assert difference == 0 if export_kind == "lora" else difference <= 1, (key, difference)
     assert (tmp_path / "export" / "grid.png").is_file()
-    assert (tmp_path / "export" / "grid.gif").is_file() == (name == "wan")
+    assert (tmp_path / "export" / "grid.gif").is_file() == (name == "wan22")

@@ -141,3 +141,40 @@ def test_exports_of_a_two_process_run_and_of_a_milestone(world, tmp_path):
         _sample(out, tmp_path / f"from-export-{step}")
         assert _difference(_pixels(tmp_path / f"run-{step}"), _pixels(tmp_path / f"from-export-{step}")) == 0
     assert _difference(_pixels(tmp_path / "run-1"), _pixels(tmp_path / "run-2")) > 0
+
+
+def test_full_fine_tuning_export_is_the_packages_model_folder(world, tmp_path, capsys):
+    """An embedded full-fine-tuning run exports, with or without --merge, EmbeddedFlowModel's folder of the trained
+    transformer; `pec.sample` on it samples the run's images (the same weights, bit for bit), with its bar."""
+    run = tmp_path / "full"
+    Trainer(tiny_config(world, run, train={"lora": False, "lr": 0.01})).run()
+    export_main([str(run), "--out", str(tmp_path / "export")])
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert (manifest["kind"], manifest["training"], manifest["merged"], manifest["lora_files"]) == (
+        "model", "full", False, {})
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "export").iterdir()}
+    assert "full fine-tuning" in (tmp_path / "export" / "README.md").read_text()
+    trained = EmbeddedFlowModel.from_pretrained(tmp_path / "export").state_dict()
+    base = EmbeddedFlowModel.from_pretrained(manifest["model"]["path"]).state_dict()
+    assert max((t - base[k]).abs().max() for k, t in trained.items()) > 1e-3
+    _sample(run, tmp_path / "run")
+    capsys.readouterr()
+    sample_main([str(tmp_path / "export"), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--n", "3",
+                 "--eval.batch", "2", "--out", str(tmp_path / "from-export")])
+    assert "pec.sample: 100%" in capsys.readouterr().err  # the progress bar, on unless --logging.progress false
+    assert _difference(_pixels(tmp_path / "from-export"), _pixels(tmp_path / "run")) == 0
+
+
+def test_eval_guidance_samples_a_guided_run_with_its_guidance(world, tmp_path):
+    """`--eval.guidance true` (the evaluator's option) turns a PCGS guided run's guidance on: other images than the
+    policy alone, recorded in samples.json, and the same from the run's export as from the run."""
+    run = tmp_path / "guided"
+    Trainer(tiny_config(world, run, method="pcgs", pcgs={"form": "guided"})).run()
+    export_main([str(run), "--out", str(tmp_path / "export")])
+    # Calls of 3 images a prompt: the guidance compares them with each other (a lone image: nothing to compare).
+    alone = _sample(run, tmp_path / "alone", "--eval.batch", "3")
+    guided = _sample(run, tmp_path / "guided-run", "--eval.guidance", "true", "--eval.batch", "3")
+    _sample(tmp_path / "export", tmp_path / "guided-export", "--eval.guidance", "true", "--eval.batch", "3")
+    assert (alone["guidance"], guided["guidance"]) == (False, True)
+    assert _difference(_pixels(tmp_path / "alone"), _pixels(tmp_path / "guided-run")) > 0
+    assert _difference(_pixels(tmp_path / "guided-export"), _pixels(tmp_path / "guided-run")) == 0
