@@ -464,6 +464,8 @@ def load_export(folder: str | Path, cfg: Config, device: torch.device) -> Policy
         if sorted(files) != adapted:
             raise ValueError(f"{folder}: its LoRA files are for {sorted(files)}, but its config adapts {adapted}")
         for component, name in files.items():
+            if not (Path(folder) / name).is_file():
+                raise ValueError(f"{folder}: its LoRA file {name} (named in {MANIFEST}) is missing")
             state = load_file(str(Path(folder) / name))
             if not all(k.startswith(LORA_PREFIX) for k in state):
                 raise ValueError(f"{Path(folder) / name}: not a diffusers transformer LoRA (names must start with "
@@ -521,6 +523,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with expected_errors(PROG, before_work=True):
         out = check_out(args.out, args.force)
         cfg, policy = load_run(args.run, args.device)
+        if args.link and policy.lora and not args.merge:
+            raise ValueError("--link: a LoRA export copies nothing from the base model; --link applies with --merge "
+                             "or to a full-fine-tuning run")
         table = run_table(args.run, policy, args.table)
     with expected_errors(PROG):
         manifest = write_export(args.run, cfg, policy, out, merge=args.merge, link=args.link, table=table)

@@ -115,7 +115,8 @@ def trained(tmp_path_factory, dino):
                         "--reward", "contrast", "--paths.dino", str(dino), "--perceptual.spaces", "dino",
                         "--perceptual.space", "dino", "--perceptual.k", "1", "--method", "none",
                         "--sampling.prompts_per_step", "1", "--sampling.group_size", "2", "--sampling.num_steps", "2",
-                        "--train.steps", "1", "--train.lora", str(lora).lower(), "--train.lr", "0.05" if lora else "0.01",
+                        "--train.steps", "1", "--train.lora", str(lora).lower(),
+                        "--train.lr", "0.05" if lora else "0.01",
                         "--logging.progress", "false", "--logging.tensorboard", "false",
                         "--logging.grid_samples", "1", "--run-dir", str(run)])
             if lora:
