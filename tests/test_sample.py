@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from pec.checkpoint import checkpoint_at
 from pec.config import to_dict
+from pec.evaluate import main as evaluate_main
 from pec.experiments.tiny_world import write_tiny_world
 from pec.export import LORA_WEIGHTS, main as export_main
 from pec.models.embedded import EmbeddedFlowModel
@@ -85,7 +86,10 @@ def test_sample_writes_images_grid_seeds_and_scores(tiny_run, tmp_path, capsys):
 def test_embedded_exports_sample_what_the_run_samples(tiny_run, tmp_path):
     """The LoRA export (diffusers' SD3 LoRA names: the embedded transformer is an SD3Transformer2DModel) on the
     base the manifest names, and the merged one in EmbeddedFlowModel's own folder format, sample the run's images
-    (the LoRA exactly, the merged within one 8-bit step); the base model samples others."""
+    (the LoRA exactly, the merged within one 8-bit step); the base model samples others. Their model cards hold
+    the evaluation table that `pec.evaluate` wrote beside the run, with the run's row named."""
+    evaluate_main([str(tiny_run), "--out", str(tiny_run.parent / "evals"), "--eval.images_per_prompt", "6",
+                   "--eval.batch", "30"])
     export_main([str(tiny_run), "--out", str(tmp_path / "lora")])
     export_main([str(tiny_run), "--out", str(tmp_path / "merged"), "--merge"])
     manifest = json.loads((tmp_path / "lora" / "export.json").read_text())
@@ -96,6 +100,7 @@ def test_embedded_exports_sample_what_the_run_samples(tiny_run, tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "no diffusers pipeline" in card and "pec.sample" in card and "pec.lambda" in card
+    assert "## Evaluation" in card and "this export's row is `lora-run`" in card and "| lora-run |" in card
     _sample(tiny_run, tmp_path / "run")
     _sample(tmp_path / "lora", tmp_path / "from-lora")
     _sample(tmp_path / "merged", tmp_path / "from-merged")
