@@ -400,7 +400,7 @@ def _usage(cfg: dict[str, Any], manifest: dict[str, Any], out: Path) -> list[str
                  f"pipe = DiffusionPipeline.from_pretrained({str(out)!r}, torch_dtype={dtype})  # a {pipeline}"]
     s = cfg["sampling"]
     call = f"pipe({prompt!r}, num_inference_steps={s['num_steps']}"
-    if model["name"] == "flux" or (model["name"] == "flux2" and s["guidance_scale"] == 1):
+    if pipeline in ("FluxPipeline", "Flux2Pipeline"):  # guidance-distilled: --model.guidance, no CFG forward
         call += f", guidance_scale={cfg['model']['guidance']}"
     elif model["name"] == "qwen_image":
         call += f", true_cfg_scale={s['guidance_scale']}, negative_prompt={cfg['model']['negative_prompt']!r}"
