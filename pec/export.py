@@ -132,8 +132,8 @@ def check_out(out: str | Path, force: bool) -> Path:
     return out
 
 
-def run_folder(run: str, name: str = "RUN", expected: str = f"not a run folder of pec.train (no {CONFIG})"
-               ) -> tuple[Path, int | None]:
+def run_argument(run: str, name: str = "RUN", expected: str = f"not a run folder of pec.train (no {CONFIG})"
+                 ) -> tuple[Path, int | None]:
     """RUN or RUN@STEP as (folder, step) (`pec.evaluate.split_run`), refused in one line naming `name` when STEP
     is not a step number, or (saying `expected`) when the folder is not a run of pec.train (no config.yaml)."""
     folder, step = split_run(run)
@@ -158,7 +158,7 @@ def check_base(cfg: Config, source: str) -> None:
 def load_run(run: str, device: str | torch.device = "cpu") -> tuple[Config, Policy]:
     """The run's config (its config.yaml) and its policy with the weights of RUN's newest valid checkpoint, or
     of step STEP for RUN@STEP; ValueError (one line) for a folder that is not a run or has no such checkpoint."""
-    folder, _ = run_folder(run)
+    folder, _ = run_argument(run)
     if not has_checkpoint(folder):
         raise ValueError(f"RUN {run}: no checkpoint (checkpoints/step-*.pt or milestones/step-*.pt): nothing to "
                          f"export; runs write one every --logging.checkpoint_every steps")

@@ -32,7 +32,7 @@ from pec.config import Config, add_config_arguments, load_yaml, merge_dicts, ove
 from pec.data.prompt_files import read_prompts
 from pec.evaluate import (eval_steps, load_policy, run_config, sample_chunks, sampling_calls, sampling_guidance,
                           save_samples, split_run)
-from pec.export import MANIFEST, check_base, export_config, load_export, read_manifest, run_folder
+from pec.export import MANIFEST, check_base, export_config, load_export, read_manifest, run_argument
 from pec.logging_utils import save_sample
 from pec.models import check_model_config, is_video_model
 from pec.policy import Policy, resolve_device
@@ -54,8 +54,8 @@ def source_config(source: str, overrides: dict[str, Any]) -> tuple[Config, dict[
         manifest = read_manifest(folder)
         cfg = export_config(folder, manifest, overrides)
     else:
-        run_folder(source, "SOURCE", f"neither a run folder of pec.train (config.yaml) nor an export of pec.export "
-                                     f"({MANIFEST})")
+        run_argument(source, "SOURCE", f"neither a run folder of pec.train (config.yaml) nor an export of "
+                                       f"pec.export ({MANIFEST})")
         cfg, manifest = run_config(source, overrides), None
     check_base(cfg, f"SOURCE {source}")
     return cfg, manifest

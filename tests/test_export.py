@@ -201,7 +201,8 @@ def test_diffusers_loads_the_lora_and_the_merged_export(trained, name):
     _same_as_ours(name, whole, latents, ours, images)
     # The model card's snippet: this pipeline class, the LoRA, and the guidance the run sampled with.
     card = (lora / "README.md").read_text()
-    assert f"{SPECS[name].pipeline}.from_pretrained({str(base)!r}" in card and f"load_lora_weights({str(lora)!r})" in card
+    assert f"{SPECS[name].pipeline}.from_pretrained({str(base)!r}" in card
+    assert f"load_lora_weights({str(lora)!r})" in card
     for key in ("guidance_scale", "true_cfg_scale"):
         if key in SPECS[name].call:
             assert f"{key}={SPECS[name].call[key]}" in card, card
