@@ -73,8 +73,9 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME
 KINDS = ("lora", "model")  # LoRA files on the base model, or a whole model folder
 LORA_PREFIX = "transformer."  # the prefix diffusers' writers give a transformer's LoRA names
 # The config section of each regulariser's options (its lambda), for the model card.
-METHOD_SECTIONS = {"pec": "pec", "pcgs": "pcgs", "entropy_bonus": "entropy_bonus", "perc_entropy_bonus": "entropy_bonus",
-                   "entropy_sample": "entropy_bonus", "clip_cov": "cov", "kl_cov": "cov"}
+METHOD_SECTIONS = {"pec": "pec", "pcgs": "pcgs", "entropy_bonus": "entropy_bonus",
+                   "perc_entropy_bonus": "entropy_bonus", "entropy_sample": "entropy_bonus", "clip_cov": "cov",
+                   "kl_cov": "cov"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -195,7 +196,8 @@ def write_export(run: str, cfg: Config, policy: Policy, out: Path, *, merge: boo
         manifest = {
             "format": FORMAT, "pec_version": __version__, "kind": kind, "merged": policy.lora and kind == "model",
             "training": "lora" if policy.lora else "full",
-            "model": base_model(cfg), "pipeline": None if isinstance(model, EmbeddedFlowModel) else lora_writer(model).__name__,
+            "model": base_model(cfg),
+            "pipeline": None if isinstance(model, EmbeddedFlowModel) else lora_writer(model).__name__,
             "dtype": cfg.model.dtype, "run": str(folder), "step": step,
             "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
             "components": sorted(trained), "lora_files": files,
@@ -365,8 +367,8 @@ def model_card(cfg: dict[str, Any], manifest: dict[str, Any], out: Path, table: 
             ("run", f"`{manifest['run']}` (checkpoint `{manifest['checkpoint']}`)")]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(manifest['run']).name} (step {manifest['step']})", "",
-             f"{what[0].upper() + what[1:]} of `{base}`, trained with pec {manifest['pec_version']} (perceptual-entropy RL "
-             f"for flow-matching models).", "", "| | |", "|---|---|"]
+             f"{what[0].upper() + what[1:]} of `{base}`, trained with pec {manifest['pec_version']} "
+             f"(perceptual-entropy RL for flow-matching models).", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", "## Use", "", *_usage(cfg, manifest, out), "",
               "config.yaml holds the run's whole configuration; export.json what this folder holds."]
