@@ -3,7 +3,8 @@ own prompts from a trained model.
 
 SOURCE is a run folder of `python -m pec.train` (its newest valid checkpoint), RUN@STEP (its checkpoint or
 milestone of step STEP) or a folder written by `python -m pec.export` (a LoRA on its base model, a whole
-model, or an embedded model's export: export.json says which). The model samples as `pec.evaluate` samples it:
+model, or an embedded model's export: export.json says which; a LoRA export loads the base model recorded there,
+a folder or a hub id, or the copy `--model.path` names). The model samples as `pec.evaluate` samples it:
 the run's schedule, CFG scale and SDE kind, the ODE sampler by default (`--eval.eta`, `--eval.num_steps`), and
 with `--eval.guidance true` a PCGS guided run's guidance on (its "policy plus guidance" reading). Every other
 option of `pec.train` may override the run's config (e.g. `--device cuda:1`, `--model.text_encoders gpu`, the
