@@ -1,5 +1,5 @@
-"""Exit codes and one-line errors, shared by every command (`pec.train`, `pec.evaluate`, `pec.pretrain`,
-`pec.experiments.*`, `pec.rewards.serve`).
+"""Exit codes and one-line errors, shared by every command (`pec.train`, `pec.evaluate`, `pec.sample`,
+`pec.export`, `pec.pretrain`, `pec.experiments.*`, `pec.rewards.serve`).
 
 | code    | meaning                                                                                    |
 |---------|--------------------------------------------------------------------------------------------|

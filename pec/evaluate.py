@@ -151,6 +151,7 @@ def load_policy(run: str, cfg: Config, device: torch.device) -> Policy:
         ckpt = (load_checkpoint(folder, map_location=device, check=check, on_skip=skipped) if step is None
                 else checkpoint_at(folder, step, device, check=check))
         policy.load_trainable_state(ckpt["model"])
+        policy.checkpoint = (int(ckpt["step"]), Path(ckpt["path"]))
     policy.model.eval()
     return policy
 
@@ -242,11 +243,22 @@ def sampling_guidance(policy: Policy, cfg: Config) -> Callable[[int], tuple[Guid
         raise ValueError(f"eval.guidance needs a PCGS guided run (method pcgs, pcgs.form guided), got method "
                          f"{cfg.method!r}" + (f" form {cfg.pcgs.form!r}" if cfg.method == "pcgs" else ""))
     train_group = cfg.sampling.group_size
+
+    def size(group: int) -> int:
+        return train_group if group % train_group == 0 else group
+
+    # The guidance compares a call's images of a prompt with each other: refuse, before any sampling, calls
+    # that hold too few of them (a prompt's last piece when eval.batch splits its images).
+    sizes = sorted({size(g) for _, _, g, _ in sampling_calls(1, cfg.eval.images_per_prompt, cfg.eval.batch)})
+    if sizes[0] <= cfg.perceptual.k:
+        raise ValueError(f"eval.guidance compares each sampling call's images of a prompt, so every call needs more "
+                         f"than perceptual.k = {cfg.perceptual.k} of them: {cfg.eval.images_per_prompt} images a "
+                         f"prompt in calls of eval.batch {cfg.eval.batch} leave a call with {sizes[0]}; sample more "
+                         f"images a prompt or raise eval.batch")
     encoder = space_for_run(cfg.perceptual.space, cfg, next(policy.model.parameters()).device)
 
     def for_group(group: int) -> tuple[GuidanceFn, torch.Tensor]:
-        size = train_group if group % train_group == 0 else group
-        return pcgs_guidance(cfg, policy.model.decode, encoder, size, eval_steps(cfg))
+        return pcgs_guidance(cfg, policy.model.decode, encoder, size(group), eval_steps(cfg))
 
     return for_group
 
@@ -256,12 +268,14 @@ def eval_steps(cfg: Config) -> int:
     return cfg.eval.num_steps or cfg.sampling.num_steps
 
 
-def sample_chunks(policy: Policy, cfg: Config, prompts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+def sample_chunks(policy: Policy, cfg: Config, prompts: Sequence[str],
+                  guidance: Callable[[int], tuple[GuidanceFn | None, torch.Tensor | float]] | None = None
+                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(prompt of each image, images) of each sampling call (`sampling_calls`): `eval.images_per_prompt`
     images per prompt, prompt by prompt, on the held-out seed `eval.seed`, with the model's own schedule
-    (and the run's guidance with `eval.guidance`, `sampling_guidance`)."""
+    (and the run's guidance with `eval.guidance`: `guidance`, or else `sampling_guidance` built here)."""
     e, s = cfg.eval, cfg.sampling
-    guidance = sampling_guidance(policy, cfg)
+    guidance = guidance or sampling_guidance(policy, cfg)
     for start, stop, group, offset in sampling_calls(len(prompts), e.images_per_prompt, e.batch):
         chunk = list(prompts[start:stop])
         guide, weight = guidance(group)

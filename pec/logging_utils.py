@@ -162,6 +162,25 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: in
     atomic_write(gif, lambda fh: fh.write(data), binary=True)
 
 
+def save_sample(sample: torch.Tensor, path: str | Path) -> Path:
+    """Save one sample in [0, 1] at its own size, atomically: an image (C, H, W) as a PNG, a video (F, C, H, W) as
+    an animated GIF of every frame (`GIF_FPS` a second); `path`'s suffix is replaced by .png / .gif, and the path
+    written is returned."""
+    if sample.dim() not in (3, 4) or sample.shape[-3] not in (1, 3):
+        raise ValueError(f"a sample must have shape (C, H, W) or (F, C, H, W) with C = 1 or 3, got "
+                         f"{tuple(sample.shape)}")
+    frames = sample.detach().float().cpu().clamp(0, 1)
+    frames = frames if frames.dim() == 4 else frames[None]
+    arrays = [(f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for f in frames]
+    if sample.dim() == 3:
+        path = Path(path).with_suffix(".png")
+        _write_png(arrays[0], path)
+        return path
+    path = Path(path).with_suffix(".gif")
+    data = _encode_gif(arrays)
+    return atomic_write(path, lambda fh: fh.write(data), binary=True)
+
+
 def _grid(images: torch.Tensor, nrow: int, scale: int) -> np.ndarray:
     """Images (N, C, H, W) in [0, 1] as one uint8 (rows, cols, C) grid of `nrow` images per row, 1-pixel white
     borders, upscaled `scale` times (nearest)."""

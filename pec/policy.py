@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,9 @@ class Policy:
         fine-tuning keeps the frozen reference copy when `--train.kl_beta` > 0 or `reference` asks for it
         (an algorithm's own pull toward the base model, e.g. DiffusionNFT's velocity penalty)."""
         self.lora = cfg.train.lora
+        # The checkpoint whose weights were loaded (step, file): set by `pec.evaluate.load_policy`, None for
+        # the base model; what `pec.export` records.
+        self.checkpoint: tuple[int, Path] | None = None
         self.sharded = shard and not self.lora  # FSDP2 (full fine-tuning on several processes)
         self.replicated = shard and self.lora  # DDP over the adapters
         if self.sharded:

@@ -120,7 +120,7 @@ def test_write_error_finds_the_oserror_behind_a_serializers_own_error():
 
 
 @pytest.mark.parametrize("module", ["pec.train", "pec.evaluate", "pec.pretrain", "pec.checkpoint",
-                                    "pec.rewards.serve", "pec.experiments.paper_table",
+                                    "pec.export", "pec.sample", "pec.rewards.serve", "pec.experiments.paper_table",
                                     "pec.experiments.guidance_sweep"])
 def test_every_command_says_its_version(module, capsys):
     import importlib

@@ -269,13 +269,18 @@ class DiffusersFlowModel(FlowModel):
             raise ValueError(f"--model.resolution must be a multiple of {multiple} for this model "
                              f"(VAE factor x patch size), got {self.resolution}")
 
+    def source_folder(self, purpose: str = "its transformer cannot load shard by shard") -> Path:
+        """The local diffusers folder the pipeline was loaded from (a hub id's cache folder); ValueError,
+        ending with `purpose` (what needs the folder), for a pipeline built in memory."""
+        folder = self.pipeline.name_or_path
+        if not folder or not Path(folder).is_dir():
+            raise ValueError(f"this model's pipeline was built in memory, not loaded from a folder: {purpose}")
+        return Path(folder)
+
     def transformer_weights(self) -> dict[str, WeightFiles]:
         """The safetensors files of each transformer component in the folder the pipeline was loaded from."""
-        folder = self.pipeline.name_or_path
-        if not folder:
-            raise ValueError("this model's pipeline was built in memory, not loaded from a folder: its transformer "
-                             "cannot load shard by shard")
-        return {name: component_weights(Path(folder) / component)
+        folder = self.source_folder()
+        return {name: component_weights(folder / component)
                 for name, component in self.transformer_components.items()}
 
     def _text_encoders(self) -> list[nn.Module]:
