@@ -42,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -59,6 +58,7 @@ from pec.checkpoint import has_checkpoint
 from pec.cli import command_parser, expected_errors
 from pec.config import Config, merge_dicts, to_dict
 from pec.evaluate import load_policy, run_config, split_run
+from pec.hub import is_hub_id
 from pec.models.base import FlowModel
 from pec.models.diffusers_model import resolve_dtype
 from pec.models.embedded import EmbeddedFlowModel
@@ -76,7 +76,6 @@ LORA_PREFIX = "transformer."  # the prefix diffusers' writers give a transformer
 METHOD_SECTIONS = {"pec": "pec", "pcgs": "pcgs", "entropy_bonus": "entropy_bonus",
                    "perc_entropy_bonus": "entropy_bonus", "entropy_sample": "entropy_bonus", "clip_cov": "cov",
                    "kl_cov": "cov"}
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def transformer_modules(model: FlowModel) -> dict[str, nn.Module]:
@@ -337,7 +336,7 @@ def model_card(cfg: dict[str, Any], manifest: dict[str, Any], out: Path, table: 
     load it, and the evaluation table where one was found."""
     model, pipeline, kind = manifest["model"], manifest["pipeline"], manifest["kind"]
     path = model["path"]
-    hub_id = isinstance(path, str) and bool(_HUB_ID.match(path)) and not Path(path).expanduser().exists()
+    hub_id = is_hub_id(path)
     front = {"library_name": "diffusers" if pipeline else "pec",
              "tags": ["pec", "text-to-video" if model["name"] == "wan" else "text-to-image", model["name"],
                       "lora" if kind == "lora" else "merged" if manifest["merged"] else "full-fine-tuning"]}
