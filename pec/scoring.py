@@ -12,9 +12,12 @@ Overlapped scoring (`--train.overlap_scoring`, the trainer passes `submit` to `p
 submission order, while the caller goes on sampling; on a GPU the worker runs on its own CUDA stream, which
 waits for the images and which `collect` waits for. A reward with a non-blocking `submit` (the `http`
 reward: its requests go out and the worker goes on to the perceptual features and the next chunk) is only
-waited for in `collect`. The chunks, their order and every computation are those of the serial path, so the
-scores and features are the same bit for bit; nothing mutable is shared with the worker: each job gets its
-chunk and returns its results, and only the caller's thread touches the list of pending jobs.
+waited for in `collect`. The chunks, their order and every computation are those of the serial path, with the
+caller's number of intra-op threads, so the scores and features are the same bit for bit; nothing mutable is
+shared with the worker: each job gets its chunk and returns its results, and only the caller's thread touches
+the list of pending jobs. Rewards and spaces are deterministic functions of their images (none draws from
+the global generators) and the sampler draws only from its own generator, so running them concurrently
+changes no random stream.
 """
 from __future__ import annotations
 
@@ -66,10 +69,16 @@ class Scorer:
             ready.record()  # the images are complete once the caller's stream gets here
             if self.stream is None:
                 self.stream = torch.cuda.Stream(images.device)
-        self._pending.append(self.worker.submit(self._score, images, prompts, ready))
+        self._pending.append(self.worker.submit(self._score, images, prompts, ready, torch.get_num_threads()))
 
-    def _score(self, images: torch.Tensor, prompts: list[str], ready: torch.cuda.Event | None) -> _Scored:
-        """One chunk's (reward, features, the event that ends their computation on the worker's stream)."""
+    def _score(self, images: torch.Tensor, prompts: list[str], ready: torch.cuda.Event | None,
+               threads: int | None = None) -> _Scored:
+        """One chunk's (reward, features, the event that ends their computation on the worker's stream), with
+        `threads` intra-op threads (the caller's count)."""
+        # A thread keeps the count it started with, and BLAS and reductions may round by the count: the worker
+        # follows the caller's (--threads, or a later torch.set_num_threads), so its results are the serial path's.
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if ready is None:
             return *self._compute(images, prompts), None
         with torch.cuda.stream(self.stream):
@@ -80,7 +89,8 @@ class Scorer:
             done.record(self.stream)
         return reward, feats, done
 
-    def _compute(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor | Pending, dict[str, torch.Tensor]]:
+    def _compute(self, images: torch.Tensor, prompts: list[str]
+                 ) -> tuple[torch.Tensor | Pending, dict[str, torch.Tensor]]:
         with torch.no_grad():  # thread-local: the worker sets its own
             reward = (self.submit_reward(images, prompts) if self.submit_reward is not None
                       else self.reward_fn(images, prompts).float())

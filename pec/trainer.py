@@ -58,7 +58,7 @@ from pec.config import Config, save_yaml, to_dict
 from pec.data.prompt_files import default_prompts
 from pec.distributed import DistContext, gather_order, minibatch_plan, sample_noise
 from pec.grpo import group_advantages
-from pec.logging_utils import MetricsLog, TensorBoardLog, WandbLog, plot_metrics, save_image_grid
+from pec.logging_utils import MetricsLog, TensorBoardLog, WandbLog, check_wandb, plot_metrics, save_image_grid
 from pec.methods import build_method
 from pec.methods.base import GuidanceContext, ShapingInputs, StepContext, TermsInputs
 from pec.perceptual import space_for_run
@@ -98,6 +98,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, prompts: Sequence[str] | None = None) -> None:
         self.cfg = check_run(cfg)
+        check_wandb(cfg.logging)  # before any model loads
         s = cfg.sampling
         self.dist = DistContext.from_env(cfg.device, cfg.dist.timeout)
         self.dist.check_layout(s.prompts_per_step, s.group_size, cfg.dist.placement, cfg.method, cfg.pcgs.form,
