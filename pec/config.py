@@ -698,6 +698,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def secret_values(cfg: Any) -> list[str]:
+    """The values of the secret options (`option(..., secret=True)`) that are set, as text: what `to_dict` leaves
+    out, for what records the command line (W&B, `pec.logging_utils.WandbLog`) to hide."""
+    out: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += secret_values(value)
+        elif f.metadata.get("secret") and value not in (None, ""):
+            out.append(str(value))
+    return out
+
+
 def apply_dict(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set fields of `cfg` from a nested dict (YAML names); unknown keys raise ValueError."""
     fields = {public_name(f.name): f for f in dataclasses.fields(cfg)}

@@ -10,11 +10,13 @@ already holds, whose values the redone steps reproduce (resuming is exact; only 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,7 @@ class WandbLog:
     """
 
     def __init__(self, run_dir: str | Path, logging: LoggingConfig, config: dict[str, Any], enabled: bool,
-                 resume: bool = False) -> None:
+                 resume: bool = False, secrets: Sequence[str] = ()) -> None:
         self.run = None
         self.state_path = Path(run_dir) / WANDB_STATE
         if not (enabled and logging.wandb):
@@ -150,10 +152,12 @@ class WandbLog:
 
         state = _read_state(self.state_path) if resume else {}
         try:
-            self.run = wandb.init(
-                project=logging.wandb, entity=logging.wandb_entity, name=logging.wandb_name or Path(run_dir).name,
-                mode=logging.wandb_mode, config=config, id=state.get("id"), resume="allow" if state else None,
-                dir=None if os.environ.get("WANDB_DIR") else str(run_dir), settings=wandb.Settings(console="off"))
+            with _argv_without(secrets):  # W&B records the command line, which may hold a secret option's value
+                self.run = wandb.init(
+                    project=logging.wandb, entity=logging.wandb_entity,
+                    name=logging.wandb_name or Path(run_dir).name, mode=logging.wandb_mode, config=config,
+                    id=state.get("id"), resume="allow" if state else None,
+                    dir=None if os.environ.get("WANDB_DIR") else str(run_dir), settings=wandb.Settings(console="off"))
         except wandb.errors.Error as err:
             raise ValueError(f"--logging.wandb {logging.wandb}: W&B could not start the run ({one_line(err)}); log "
                              f"in with `wandb login` (or set WANDB_API_KEY), or log offline with "
@@ -187,6 +191,20 @@ class WandbLog:
 
     def _save(self) -> None:
         atomic_write_text(self.state_path, json.dumps({"id": self.run.id, "step": self.step}) + "\n")
+
+
+@contextlib.contextmanager
+def _argv_without(secrets: Sequence[str]) -> Iterator[None]:
+    """sys.argv with every value of `secrets` replaced by ***, for the duration of the block."""
+    saved = sys.argv
+    argv = list(saved)
+    for secret in secrets:
+        argv = [arg.replace(secret, "***") for arg in argv]
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _read_state(path: Path) -> dict[str, Any]:

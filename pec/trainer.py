@@ -54,7 +54,7 @@ from pec.checkpoint import (
     set_rng_state,
 )
 from pec.cli import best_effort
-from pec.config import Config, save_yaml, to_dict
+from pec.config import Config, save_yaml, secret_values, to_dict
 from pec.data.prompt_files import default_prompts
 from pec.distributed import DistContext, gather_order, minibatch_plan, sample_noise
 from pec.grpo import group_advantages
@@ -148,7 +148,8 @@ class Trainer:
                         else MetricsLog(self.run_dir / METRICS_FILE, []))
         self.tb = TensorBoardLog(self.run_dir / "tensorboard", cfg.logging.tensorboard and main,
                                  purge_step=self.start_step + 1 if cfg.resume else None)
-        self.wandb = WandbLog(self.run_dir, cfg.logging, to_dict(cfg), enabled=main, resume=cfg.resume)
+        self.wandb = WandbLog(self.run_dir, cfg.logging, to_dict(cfg), enabled=main, resume=cfg.resume,
+                              secrets=secret_values(cfg))
         self.dist.barrier()  # nobody starts step 1 before every rank has checked the run folder
         # What start-up built (models, encoders, optimizer) lives for the whole run: keep it out of the
         # cyclic garbage collector's full passes, which would otherwise walk it every few steps.
