@@ -45,14 +45,15 @@ _Scored = tuple["torch.Tensor | Pending", dict[str, torch.Tensor], "torch.cuda.E
 
 class Scorer:
     """Rewards and perceptual features of a step's images (see the module docstring); `overlap`: score on a
-    worker thread (call `close` when done)."""
+    worker thread, started by the first `submit` (`close` stops it; a later `submit` starts another)."""
 
     def __init__(self, reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
                  encoders: dict[str, torch.nn.Module], micro_batch: int, overlap: bool = False) -> None:
         self.reward_fn, self.encoders, self.micro_batch = reward_fn, encoders, micro_batch
         # A reward that answers later (the http reward's requests): the worker sends them and goes on.
         self.submit_reward = getattr(reward_fn, "submit", None) if overlap else None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pec-scoring") if overlap else None
+        self.overlap = overlap
+        self.worker: ThreadPoolExecutor | None = None
         self.stream: torch.cuda.Stream | None = None  # the worker's CUDA stream, made on the first CUDA chunk
         self._pending: list[Future[_Scored] | _Scored] = []
 
@@ -60,9 +61,11 @@ class Scorer:
         """Score one chunk of images (B_chunk, C, H, W) in [0, 1] (a video model's clips: (B_chunk, F, C, H, W),
         which its rewards and spaces take) with their prompts (no grad); with `overlap`, on the worker."""
         prompts = list(prompts)
-        if self.worker is None:
+        if not self.overlap:
             self._pending.append(self._score(images, prompts, None))
             return
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pec-scoring")
         ready = None
         if images.is_cuda:
             ready = torch.cuda.Event()
@@ -130,6 +133,7 @@ class Scorer:
         self.discard()
         if self.worker is not None:
             self.worker.shutdown(wait=True)
+            self.worker = None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`submit` every micro-batch of `images`, then `collect`."""

@@ -79,7 +79,7 @@ def test_each_micro_batch_is_handed_on_once_decoded_and_the_rollout_is_unchanged
     assert handed[0][2] == expected and handed[-1][2] == total
 
 
-def test_the_scoring_worker_follows_the_callers_thread_count():
+def test_the_scoring_worker_follows_the_callers_thread_count_and_restarts_after_close():
     seen = []
 
     class Threads(torch.nn.Module):
@@ -94,10 +94,12 @@ def test_the_scoring_worker_follows_the_callers_thread_count():
         scorer.score(torch.rand(2, 1, 4, 4), ["a", "b"])  # the worker thread starts with `before`
         torch.set_num_threads(other)
         scorer.score(torch.rand(2, 1, 4, 4), ["a", "b"])
+        scorer.close()
+        scorer.score(torch.rand(2, 1, 4, 4), ["a", "b"])  # a closed scorer starts another worker
     finally:
         torch.set_num_threads(before)
         scorer.close()
-    assert seen == [before, other]
+    assert seen == [before, other, other]
 
 
 class HeldServer(ThreadingHTTPServer):
