@@ -1,15 +1,17 @@
 """Weights & Biases beside TensorBoard (`--logging.wandb`, issue 20), in W&B's offline mode (nothing reaches the
 network; every W&B folder is under the test's tmp_path): a run writes its W&B files with the config (without
 its secrets), every step's scalars as metrics.jsonl has them and the sample grids as images; a resumed run
-continues the same W&B run id. The W&B run log is read back with the record format W&B writes
+continues the same W&B run id; a rank but 0 logs nothing. The W&B run log is read back with the record format W&B writes
 (LevelDB-style blocks of `wandb.proto` records). Needs the wandb extra, which CI installs."""
 import json
 import struct
+import sys
 
 import pytest
 
 from pec.experiments.tiny_world import write_tiny_world
-from pec.logging_utils import read_metrics
+from pec.config import LoggingConfig
+from pec.logging_utils import WandbLog, read_metrics
 from pec.train import main
 
 wandb = pytest.importorskip("wandb", reason='the wandb extra: pip install -e ".[wandb]"')
@@ -106,3 +108,11 @@ def test_a_run_logs_offline_and_its_resumption_continues_the_same_wandb_run(tmp_
     assert config["reward_http"]["token"] is None  # a secret option never reaches W&B
     for path in [*offline.rglob("*"), *run.rglob("*")]:
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_only_rank_0_logs(tmp_path, offline, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail: a rank but 0 must not touch W&B
+    log = WandbLog(tmp_path, LoggingConfig(wandb="pec-test"), {}, enabled=False)
+    log.log({"reward_mean": 1.0}, step=1)
+    log.close()
+    assert log.run is None and not (tmp_path / "wandb.json").exists()
