@@ -90,7 +90,8 @@ def test_overlapped_scoring_with_a_slow_http_reward(benchmark, result_table):
            [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows["overlapped"]]
     assert same, "the overlapped steps' metrics differ from the serial steps'"
     for name, seconds in medians.items():
-        phases = {key: statistics.median(row[f"time/{key}"] for row in rows[name]) * 1e3 for key in ("rollout", "reward")}
+        phases = {key: statistics.median(row[f"time/{key}"] for row in rows[name]) * 1e3
+                  for key in ("rollout", "reward")}
         result_table.add(case, f"{name} (Trainer.train_step)", Measurement(seconds * 1e3),
                          f"median phases: rollout {phases['rollout']:.0f} ms, then waiting for rewards "
                          f"{phases['reward']:.0f} ms")

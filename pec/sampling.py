@@ -258,9 +258,10 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
 
     `on_decoded(images, prompts)` (the trainer's overlapped scoring, `pec.scoring.Scorer.submit`): called with
     each micro-batch of `batch_size` rows, in order, its images (clamped to [0, 1]) and their prompts, as soon
-    as they are decoded, so that the caller can score them while the sampler goes on. Without guidance the micro-batches are then sampled one
-    after the other, each through every step, and each is decoded (in the chunks of `FlowModel.decode_chunk`)
-    once its rows are sampled: the next micro-batch samples while the caller scores this one. With guidance,
+    as they are decoded, so that the caller can score them while the sampler goes on. Without guidance the
+    micro-batches are then sampled one after the other, each through every step, and each is decoded (in the
+    chunks of `FlowModel.decode_chunk`) once its rows are sampled: the next micro-batch samples while the
+    caller scores this one. With guidance,
     which couples a group's samples, the whole batch steps together as without `on_decoded`, and is then
     decoded chunk by chunk, each micro-batch handed on as soon as it is decoded. Either way the rollout is the
     one of the call without it, bit for bit: the forwards see the same chunks, the step kernels work row by

@@ -1,8 +1,8 @@
 """Weights & Biases beside TensorBoard (`--logging.wandb`, issue 20), in W&B's offline mode (nothing reaches the
 network; every W&B folder is under the test's tmp_path): a run writes its W&B files with the config (without
 its secrets), every step's scalars as metrics.jsonl has them and the sample grids as images; a resumed run
-continues the same W&B run id; a rank but 0 logs nothing. The W&B run log is read back with the record format W&B writes
-(LevelDB-style blocks of `wandb.proto` records). Needs the wandb extra, which CI installs."""
+continues the same W&B run id; a rank but 0 logs nothing. The W&B run log is read back with the record
+format W&B writes (LevelDB-style blocks of `wandb.proto` records). Needs the wandb extra, which CI installs."""
 import json
 import struct
 import sys
