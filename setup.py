@@ -131,7 +131,9 @@ setup(
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"],
                     # CPU anchors of benchmarks/bench_knn_cpu_anchors.py (not needed by the package or tests)
-                    "bench": ["pytest-benchmark", "faiss-cpu", "scikit-learn"]},
+                    "bench": ["pytest-benchmark", "faiss-cpu", "scikit-learn"],
+                    # --logging.wandb (pec.logging_utils.WandbLog); CI installs it to test the offline mode
+                    "wandb": ["wandb>=0.19"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -35,12 +35,13 @@ export PEC_REQUIRE_EXTENSION=1
 # Includes tests/test_compile.py's GPU cases (opcheck of every torch.ops.pec op, an Inductor fullgraph step
 # on the CUDA ops: its compilation takes a while), the kNN memory bound and the SDE batch past 65,535.
 run gpu_tests 240 python -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests/
-# The CPU suites (faiss-cpu/scikit-learn anchors, the CPU iteration benchmark) do not spend the GPU
-# machine's time: run them on a CPU machine with `pytest benchmarks/ --benchmark-only`. The real-size
-# model cases (bench_models.py) have their own script and budget: benchmarks/gpu_models.sh.
+# The CPU suites (faiss-cpu/scikit-learn anchors, the CPU iteration benchmark, overlapped scoring with a
+# slow http reward) do not spend the GPU machine's time: run them on a CPU machine with
+# `pytest benchmarks/ --benchmark-only`. The real-size model cases (bench_models.py) have their own script
+# and budget: benchmarks/gpu_models.sh.
 run benchmarks 400 python -m pytest benchmarks/ --benchmark-only -q -s -p no:cacheprovider \
   --ignore=benchmarks/bench_knn_cpu_anchors.py --ignore=benchmarks/bench_iteration.py \
-  --ignore=benchmarks/bench_models.py \
+  --ignore=benchmarks/bench_models.py --ignore=benchmarks/bench_overlap.py \
   --benchmark-json="$LOG_DIR/benchmarks.json"
 # Last, as the longest: the end-to-end iteration at SD3.5-M size (issue 11 item 7, GPU part; torch.compile of
 # a 2.2B transformer takes a minute or two). Its table lands next to the others.

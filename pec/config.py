@@ -43,6 +43,7 @@ VIDEO_POOLS = ("mean", "concat")  # a video's feature from its frames' (`pec.per
 WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.models.wan`)
 NFT_SOLVERS = ("dpm2", "euler")  # DiffusionNFT's rollout solver (`pec.sampling.sample`'s solver)
 MIXGRPO_STRATEGIES = ("progressive", "decay", "exp_decay", "random", "frozen")  # pec.algorithms.mixgrpo
+WANDB_MODES = ("online", "offline", "disabled")  # Weights & Biases' modes (`pec.logging_utils.WandbLog`)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -163,6 +164,13 @@ class TrainConfig:
                                   "logical batch (prompts_per_step x group_size) fits in memory. The default holds "
                                   "the embedded world's whole batch: fewer, larger forwards are faster on a CPU; "
                                   "lower it for real models", min=1)
+    overlap_scoring: bool = option(True, "score each rollout micro-batch while the next one samples: without "
+                                         "guidance the micro-batches are sampled one after the other and each "
+                                         "is decoded and scored (rewards and perceptual features, on a worker "
+                                         "thread and a CUDA side stream; the http reward's requests in flight "
+                                         "meanwhile) as soon as it is done. The step still waits for every "
+                                         "reward before its advantages, and the metrics equal those of false "
+                                         "(score after the whole rollout) bit for bit")
     minibatches: int = option(1, "optimizer updates per rollout batch; the batch is split into this many shuffled "
                                  "minibatches (the first update is exactly on-policy, later ones are clipped)", min=1)
     timestep_fraction: float = option(1.0, "Flow-GRPO's train.timestep_fraction: train the SDE steps among the first "
@@ -331,6 +339,16 @@ class LoggingConfig:
                                      "(for evaluation along training); 0 = none", min=0, note="0 = no milestones")
     grid_samples: int = option(8, "samples per prompt in the start / end PNG sample grids", min=1)
     progress: bool = option(True, "show a tqdm progress bar")
+    wandb: str | None = option(None, "Weights & Biases project to log to as well, beside TensorBoard: every step's "
+                                     "scalars, the start / end sample grids and the run's config, from rank 0 "
+                                     "only; a resumed run continues the same W&B run (its id is kept in "
+                                     "RUN/wandb.json). Needs the extra: pip install -e \".[wandb]\". Empty = off")
+    wandb_entity: str | None = option(None, "W&B entity (user or team) of the project; empty = your default entity")
+    wandb_name: str | None = option(None, "W&B run name; empty = the run folder's name")
+    wandb_mode: str | None = option(None, f"W&B mode, one of {WANDB_MODES}: offline writes the run under RUN/wandb "
+                                          "(or $WANDB_DIR) for a later `wandb sync`; empty = the environment "
+                                          "variable WANDB_MODE, else online (which needs `wandb login` or "
+                                          "WANDB_API_KEY)")
 
 
 @dataclasses.dataclass
@@ -435,6 +453,8 @@ class RewardHttpConfig:
                                      "environment variable PEC_REWARD_TOKEN. A secret: never written to the run's "
                                      "config.yaml or checkpoints, so give it again (or set the variable) to resume",
                                secret=True)
+    in_flight: int = option(4, "requests to the reward server in flight at once (the batches of a scoring call, "
+                               "sent together; with --train.overlap_scoring, those of several micro-batches)", min=1)
 
 
 @dataclasses.dataclass
@@ -557,6 +577,8 @@ class Config:
         _choice("train.kl_units", self.train.kl_units, KL_UNITS)
         _choice("cov.variant", self.cov.variant, COV_VARIANTS)
         _choice("nft.solver", self.nft.solver, NFT_SOLVERS)
+        if self.logging.wandb_mode is not None:
+            _choice("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
         if self.train.kl_units == "flow_grpo" and self.sampling.kind == "dance":
             raise ValueError("train.kl_units flow_grpo is defined for sampling.kind flow and cps only (Flow-GRPO has "
                              "no KL for DanceGRPO's SDE): use --train.kl_units exact with --sampling.kind dance")
@@ -687,6 +709,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     for f in dataclasses.fields(cfg):
         value = None if f.metadata.get("secret") else getattr(cfg, f.name)
         out[public_name(f.name)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def secret_values(cfg: Any) -> list[str]:
+    """The values of the secret options (`option(..., secret=True)`) that are set, as text: what `to_dict` leaves
+    out, for what records the command line (W&B, `pec.logging_utils.WandbLog`) to hide."""
+    out: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += secret_values(value)
+        elif f.metadata.get("secret") and value not in (None, ""):
+            out.append(str(value))
     return out
 
 

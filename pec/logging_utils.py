@@ -1,17 +1,22 @@
-"""What a run writes besides checkpoints: per-step metrics (JSONL + TensorBoard), plots and sample grids
-(written atomically, `pec.atomic`; a video model's grids are frame strips plus an animated GIF).
+"""What a run writes besides checkpoints: per-step metrics (JSONL + TensorBoard, and Weights & Biases with
+`--logging.wandb`), plots and sample grids (written atomically, `pec.atomic`; a video model's grids are frame
+strips plus an animated GIF).
 
 Resuming is exact: `MetricsLog.open(path, keep_through=step)` drops rows of steps after the last
 checkpoint (they were computed but their checkpoint never landed, so they will be redone), and
-TensorBoard's `purge_step` does the same for the event files. No row is lost or duplicated.
+TensorBoard's `purge_step` does the same for the event files. No row is lost or duplicated. W&B cannot
+drop what it was sent: a resumed run continues the same W&B run (`WandbLog`) and skips the redone steps it
+already holds, whose values the redone steps reproduce (resuming is exact; only `time/*` differ).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pec.atomic import atomic_write, atomic_write_text  # noqa: E402
-from pec.cli import warn  # noqa: E402
+from pec.cli import one_line, warn  # noqa: E402
+from pec.config import LoggingConfig  # noqa: E402
 from pec.video import check_videos, is_video, spread_frames  # noqa: E402
 
 
@@ -93,15 +99,126 @@ class TensorBoardLog:
         """Write every numeric entry of `row` at `step`."""
         if self.writer is None:
             return
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key, value, step)
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def close(self) -> None:
         """Close the event file."""
         if self.writer is not None:
             self.writer.close()
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics row but its "step": what the trackers log."""
+    return {key: value for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+
+
+WANDB_EXTRA = 'pip install -e ".[wandb]"'
+WANDB_STATE = "wandb.json"  # in the run folder: the W&B run's id and the last step sent to it
+
+
+def check_wandb(logging: LoggingConfig) -> None:
+    """ValueError (one line) when `--logging.wandb` is set but the wandb package does not import."""
+    if not logging.wandb:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"--logging.wandb {logging.wandb}: the wandb package is not installed ({one_line(err)}); "
+                         f"install the extra with {WANDB_EXTRA}, or drop --logging.wandb") from None
+
+
+class WandbLog:
+    """Weights & Biases beside TensorBoard, the same shape: `log` sends a metrics row's scalars at its step,
+    `log_image` a sample grid, and the run's config goes with `wandb.init`; a no-op when disabled (no
+    `--logging.wandb` project, or not rank 0).
+
+    The W&B run's id is kept in RUN/wandb.json with the last step sent, so a resumed run continues the same
+    W&B run (`resume="allow"`: one written offline and never synced continues too) and skips the redone steps
+    that run already holds. The W&B files go under RUN/wandb, or under $WANDB_DIR when it is set; the
+    console is not captured (the run folder keeps the record). A W&B run that cannot start (online without
+    `wandb login`, a project W&B refuses) is a ValueError that says what to do.
+    """
+
+    def __init__(self, run_dir: str | Path, logging: LoggingConfig, config: dict[str, Any], enabled: bool,
+                 resume: bool = False, secrets: Sequence[str] = ()) -> None:
+        self.run = None
+        self.state_path = Path(run_dir) / WANDB_STATE
+        if not (enabled and logging.wandb):
+            return
+        import wandb
+
+        state = _read_state(self.state_path) if resume else {}
+        try:
+            with _argv_without(secrets):  # W&B records the command line, which may hold a secret option's value
+                self.run = wandb.init(
+                    project=logging.wandb, entity=logging.wandb_entity,
+                    name=logging.wandb_name or Path(run_dir).name, mode=logging.wandb_mode, config=config,
+                    id=state.get("id"), resume="allow" if state else None,
+                    dir=None if os.environ.get("WANDB_DIR") else str(run_dir), settings=wandb.Settings(console="off"))
+        except wandb.errors.Error as err:
+            raise ValueError(f"--logging.wandb {logging.wandb}: W&B could not start the run ({one_line(err)}); log "
+                             f"in with `wandb login` (or set WANDB_API_KEY), or log offline with "
+                             f"--logging.wandb_mode offline") from None
+        self.step = int(state.get("step", -1))  # the last step the W&B run holds
+        self._save()
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        """Send every numeric entry of `row` at `step` (not a step the W&B run already holds)."""
+        if self.run is None or step <= self.step:
+            return
+        self.run.log(scalars(row), step=step)
+        self.step = step
+        self._save()
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        """Send the PNG at `path` as image `key` at `step` (with that step's scalars when it has them)."""
+        if self.run is None or step < self.step:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))}, step=step)
+        self.step = step
+        self._save()
+
+    def close(self, failed: bool = False) -> None:
+        """Finish the W&B run (marked failed when the run ends with an error)."""
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
+
+    def _save(self) -> None:
+        atomic_write_text(self.state_path, json.dumps({"id": self.run.id, "step": self.step}) + "\n")
+
+
+@contextlib.contextmanager
+def _argv_without(secrets: Sequence[str]) -> Iterator[None]:
+    """sys.argv with every value of `secrets` replaced by ***, for the duration of the block."""
+    saved = sys.argv
+    argv = list(saved)
+    for secret in secrets:
+        argv = [arg.replace(secret, "***") for arg in argv]
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """RUN/wandb.json, or {} when absent (a run that logged no W&B run before) or unreadable (one warning)."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        if isinstance(state, dict) and isinstance(state.get("id"), str) and isinstance(state.get("step"), int):
+            return state
+    except (OSError, ValueError):
+        pass
+    warn(f"{path}: not the W&B run's id and step; this resumed run starts a new W&B run")
+    return {}
 
 
 def plot_metrics(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str | Path,

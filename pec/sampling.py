@@ -228,7 +228,8 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
            guidance_weight: float | Sequence[float] | torch.Tensor = 0.0, batch_size: int | None = None,
            shift: float | None = None, sigmas: torch.Tensor | None = None,
            backend: str = "auto", noise: torch.Tensor | None = None, solver: str = "euler",
-           record_means: bool = False) -> Rollout:
+           record_means: bool = False, on_decoded: Callable[[torch.Tensor, list[str]], None] | None = None
+           ) -> Rollout:
     """Sample `group_size` images per prompt and record the trajectories (no grad).
 
     Each sample draws its own initial noise and per-step noise from `generator` (or a fresh one
@@ -254,6 +255,17 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     DiffusionNFT samples with. Experts (`FlowModel.expert_at`) are chosen per step from the host-side
     schedule, with each expert's CFG scale; `FlowModel.cfg_renorm` rescales the CFG velocity as the model's
     pipeline does. `record_means` keeps each step's mean (`Rollout.means`).
+
+    `on_decoded(images, prompts)` (the trainer's overlapped scoring, `pec.scoring.Scorer.submit`): called with
+    each micro-batch of `batch_size` rows, in order, its images (clamped to [0, 1]) and their prompts, as soon
+    as they are decoded, so that the caller can score them while the sampler goes on. Without guidance the
+    micro-batches are then sampled one after the other, each through every step, and each is decoded (in the
+    chunks of `FlowModel.decode_chunk`) once its rows are sampled: the next micro-batch samples while the
+    caller scores this one. With guidance,
+    which couples a group's samples, the whole batch steps together as without `on_decoded`, and is then
+    decoded chunk by chunk, each micro-batch handed on as soon as it is decoded. Either way the rollout is the
+    one of the call without it, bit for bit: the forwards see the same chunks, the step kernels work row by
+    row, and the decoder sees the chunks one call on the whole batch makes.
     """
     _check_sample_args(prompts, group_size, guidance_scale, eta, batch_size)
     if solver not in SOLVERS:
@@ -278,74 +290,164 @@ def sample(model: FlowModel, prompts: Sequence[str], *, group_size: int = 1, num
     uncond = model.encode_prompts([""]).repeat_interleave(b)
     shape = (b, *model.sample_shape)
     if noise is None:
-        x = torch.randn(shape, generator=generator, device=device)
-        noise = torch.randn((num_steps, *shape), generator=generator, device=device)
+        x_init = torch.randn(shape, generator=generator, device=device)
+        step_noise = torch.randn((num_steps, *shape), generator=generator, device=device)
     else:
         if noise.shape != (num_steps + 1, *shape):
             raise ValueError(f"noise must have shape (num_steps + 1, B, *sample_shape) = {(num_steps + 1, *shape)}, "
                              f"got {tuple(noise.shape)}")
-        x, noise = noise[0].to(device), noise[1:].to(device)
+        x_init, step_noise = noise[0].to(device), noise[1:].to(device)
     weights = _step_weights(guidance_weight, num_steps) if guidance_fn is not None else torch.zeros(num_steps)
-
-    latents, log_probs, guidance, means = [x], [], [], []
     sigma_max = step_sigmas(sigmas, 0).sigma_max
     experts = [model.expert_at(float(host_sigmas[t])) for t in range(num_steps)]
     scales = [model.expert_guidance_scale(e, guidance_scale) for e in experts]
-    x0_prev = None  # the previous step's data prediction, for the multistep ODE solver
-    for t in range(num_steps):
-        sig = step_sigmas(sigmas, torch.full((b,), t, device=device))
-        scale = scales[t]
-        with model.use_expert(experts[t]):
-            v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond, uncond, batch_size, scale)
-        g = None
-        if guidance_fn is not None:
-            v_cfg = combined_velocity(model, v_uncond, v_cond, scale)
-            if weights[t] != 0:
-                with torch.enable_grad():
-                    direction = guidance_fn(x, sig.sigma, v_cfg)
-                if direction.shape != x.shape:
-                    raise ValueError(f"guidance_fn must return a tensor of shape {tuple(x.shape)}, "
-                                     f"got {tuple(direction.shape)}")
-                g = guidance_shift(direction, v_cfg, float(weights[t]))
-            else:
-                g = torch.zeros_like(x)
-            guidance.append(g)
-        if solver == "dpm2" and not sde_steps[t]:
-            v = combined_velocity(model, v_uncond, v_cond, scale)
-            v = v if g is None else v + g
-            x0 = x - sig.sigma.reshape(-1, *([1] * (x.dim() - 1))) * v
-            order = 1 if x0_prev is None else 2
-            x_next = dpm_solver_step(x, x0, x0_prev, host_sigmas[t - 1].item() if t else None,
-                                     host_sigmas[t].item(), host_sigmas[t + 1].item(), order=order)
-            x0_prev = x0
-            log_probs.append(torch.zeros(b, device=device))
-            if record_means:
-                means.append(x_next)
-            x = x_next.to(x.dtype)
+
+    def denoise(rows: slice) -> _Trajectory:
+        """Every step for the samples `rows`, from their initial noise."""
+        x = x_init[rows]
+        n = x.shape[0]
+        cond_rows, uncond_rows = (cond, uncond) if n == b else (cond.index(rows), uncond.index(rows))
+        latents, log_probs, guidance, means = [x], [], [], []
+        x0_prev = None  # the previous step's data prediction, for the multistep ODE solver
+        for t in range(num_steps):
+            sig = step_sigmas(sigmas, torch.full((n,), t, device=device))
+            scale = scales[t]
+            with model.use_expert(experts[t]):
+                v_uncond, v_cond = cfg_velocities(model, x, sig.sigma, cond_rows, uncond_rows, batch_size, scale)
+            g = None
+            if guidance_fn is not None:
+                v_cfg = combined_velocity(model, v_uncond, v_cond, scale)
+                if weights[t] != 0:
+                    with torch.enable_grad():
+                        direction = guidance_fn(x, sig.sigma, v_cfg)
+                    if direction.shape != x.shape:
+                        raise ValueError(f"guidance_fn must return a tensor of shape {tuple(x.shape)}, "
+                                         f"got {tuple(direction.shape)}")
+                    g = guidance_shift(direction, v_cfg, float(weights[t]))
+                else:
+                    g = torch.zeros_like(x)
+                guidance.append(g)
+            if solver == "dpm2" and not sde_steps[t]:
+                v = combined_velocity(model, v_uncond, v_cond, scale)
+                v = v if g is None else v + g
+                x0 = x - sig.sigma.reshape(-1, *([1] * (x.dim() - 1))) * v
+                order = 1 if x0_prev is None else 2
+                x_next = dpm_solver_step(x, x0, x0_prev, host_sigmas[t - 1].item() if t else None,
+                                         host_sigmas[t].item(), host_sigmas[t + 1].item(), order=order)
+                x0_prev = x0
+                log_probs.append(torch.zeros(n, device=device))
+                if record_means:
+                    means.append(x_next)
+                x = x_next.to(x.dtype)
+                latents.append(x)
+                continue
+            out = guided_sde_step(x, v_uncond, v_cond, scale, sig.sigma, sig.sigma_next, guidance=g,
+                                  guidance_weight=1.0, noise=step_noise[t, rows], eta=eta if sde_steps[t] else 0.0,
+                                  kind=kind, sigma_max=sigma_max, backend=backend, cfg_renorm=model.cfg_renorm,
+                                  return_mean=record_means)
+            if solver == "dpm2":  # an SDE step inside a DPM-solved trajectory still feeds the solver's history
+                v = combined_velocity(model, v_uncond, v_cond, scale)
+                x0_prev = x - sig.sigma.reshape(-1, *([1] * (x.dim() - 1))) * (v if g is None else v + g)
+            x = out.prev_sample
             latents.append(x)
-            continue
-        out = guided_sde_step(x, v_uncond, v_cond, scale, sig.sigma, sig.sigma_next, guidance=g,
-                              guidance_weight=1.0, noise=noise[t], eta=eta if sde_steps[t] else 0.0,
-                              kind=kind, sigma_max=sigma_max, backend=backend, cfg_renorm=model.cfg_renorm,
-                              return_mean=record_means)
-        if solver == "dpm2":  # an SDE step inside a DPM-solved trajectory still feeds the solver's history
-            v = combined_velocity(model, v_uncond, v_cond, scale)
-            x0_prev = x - sig.sigma.reshape(-1, *([1] * (x.dim() - 1))) * (v if g is None else v + g)
-        x = out.prev_sample
-        latents.append(x)
-        log_probs.append(out.log_prob.float())
-        if record_means:
-            means.append(out.mean)
+            log_probs.append(out.log_prob.float())
+            if record_means:
+                means.append(out.mean)
+        return _Trajectory(torch.stack(latents), torch.stack(log_probs),
+                           torch.stack(guidance) if guidance_fn is not None else None,
+                           torch.stack(means) if record_means else None)
+
+    if on_decoded is None:
+        path = denoise(slice(0, b))
+        images = model.decode(path.latents[-1]).float().clamp(0, 1)
+    else:
+        # Guidance couples a group's samples (and the processes' shares of it): the whole batch steps together.
+        micro = batch_size or b
+        pieces = [slice(0, b)] if guidance_fn is not None else [slice(i, min(i + micro, b)) for i in range(0, b, micro)]
+        decoder = _Decoder(model, expanded, micro, on_decoded)
+        parts = []
+        for rows in pieces:
+            parts.append(denoise(rows))
+            decoder.push(parts[-1].latents[-1])
+        path = _Trajectory.cat(parts)
+        images = decoder.images()
 
     return Rollout(
-        latents=torch.stack(latents), log_probs=torch.stack(log_probs), sigmas=sigmas,
-        images=model.decode(x).float().clamp(0, 1), prompts=expanded,
+        latents=path.latents, log_probs=path.log_probs, sigmas=sigmas, images=images, prompts=expanded,
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-        sde_steps=sde_steps, step_std=step_std, guidance=torch.stack(guidance) if guidance_fn is not None else None,
+        sde_steps=sde_steps, step_std=step_std, guidance=path.guidance,
         cond=cond, uncond=uncond, eta=float(eta), kind=kind, guidance_scale=float(guidance_scale),
         guidance_weight=weights.to(device, non_blocking=True), group_size=group_size, sigma_max=sigma_max,
-        step_expert=experts, step_guidance=scales, solver=solver,
-        means=torch.stack(means) if record_means else None)
+        step_expert=experts, step_guidance=scales, solver=solver, means=path.means)
+
+
+@dataclass
+class _Trajectory:
+    """What `sample` records for some samples: latents (T+1, n, ...), log_probs (T, n), guidance and means
+    (T, n, ...) or None."""
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    guidance: torch.Tensor | None
+    means: torch.Tensor | None
+
+    @staticmethod
+    def cat(parts: Sequence[_Trajectory]) -> _Trajectory:
+        """The samples of every part, in order (one part: itself)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(field: str) -> torch.Tensor | None:
+            values = [getattr(p, field) for p in parts]
+            return None if values[0] is None else torch.cat(values, dim=1)
+
+        return _Trajectory(join("latents"), join("log_probs"), join("guidance"), join("means"))
+
+
+class _Decoder:
+    """`sample`'s decoding with `on_decoded`: the final latents arrive in order, some rows at a time (`push`); each
+    chunk of `model.decode_chunk` rows (every `micro` rows when each row decodes alone; the whole batch when the
+    model decodes it at once) is decoded as soon as all its rows are there, and each micro-batch of `micro` rows
+    is handed to `on_decoded(images, prompts)` as soon as all its rows are decoded. The decoder thus sees the
+    chunks that one `model.decode` of the whole batch makes, and the images are the same, bit for bit."""
+
+    def __init__(self, model: FlowModel, prompts: list[str], micro: int,
+                 on_decoded: Callable[[torch.Tensor, list[str]], None]) -> None:
+        self.model, self.prompts, self.micro, self.on_decoded = model, prompts, micro, on_decoded
+        self.total = len(prompts)
+        chunk = model.decode_chunk
+        self.piece = self.total if chunk is None else micro if chunk == 1 else chunk
+        self.latents: list[torch.Tensor] = []  # final latents of the rows sampled but not decoded yet
+        self.decoded: list[torch.Tensor] = []  # images of the decoded rows, in chunks
+        self.waiting: list[torch.Tensor] = []  # images decoded but not handed on yet
+        self.sampled = self.done = self.handed = 0
+
+    def push(self, latents: torch.Tensor) -> None:
+        """The final latents of the next rows: decode and hand on what is complete."""
+        self.latents.append(latents)
+        self.sampled += latents.shape[0]
+        while self.done < self.total and min(self.done + self.piece, self.total) <= self.sampled:
+            pending = torch.cat(self.latents) if len(self.latents) > 1 else self.latents[0]
+            count = min(self.piece, self.total - self.done)
+            images = self.model.decode(pending[:count]).float().clamp(0, 1)
+            self.latents = [pending[count:]] if count < pending.shape[0] else []
+            self.decoded.append(images)
+            self.waiting.append(images)
+            self.done += count
+            self.hand_on()
+
+    def hand_on(self) -> None:
+        """Hand every complete micro-batch of decoded images to `on_decoded` (the last one may be shorter)."""
+        while self.handed < self.done and (self.done - self.handed >= self.micro or self.done == self.total):
+            ready = torch.cat(self.waiting) if len(self.waiting) > 1 else self.waiting[0]
+            count = min(self.micro, self.done - self.handed)
+            self.on_decoded(ready[:count], self.prompts[self.handed:self.handed + count])
+            self.waiting = [ready[count:]] if count < ready.shape[0] else []
+            self.handed += count
+
+    def images(self) -> torch.Tensor:
+        """Every row's images, once every row was pushed."""
+        return torch.cat(self.decoded) if len(self.decoded) > 1 else self.decoded[0]
 
 
 def combined_velocity(model: FlowModel, v_uncond: torch.Tensor, v_cond: torch.Tensor,

@@ -6,11 +6,24 @@ per-sample surprisal, the whole batch's kNN entropy and a bank of earlier steps'
 `collect()` returns the step's rewards and features, concatenated in submission order. Chunks are the
 rollout's micro-batches of `train.micro_batch` images: bounded memory with real reward models, and the same
 batch shapes whatever the number of processes (BLAS rounds a row by its batch).
+
+Overlapped scoring (`--train.overlap_scoring`, the trainer passes `submit` to `pec.sampling.sample` as its
+`on_decoded`): `submit` returns at once and the chunk is scored on one worker thread, chunk after chunk in
+submission order, while the caller goes on sampling; on a GPU the worker runs on its own CUDA stream, which
+waits for the images and which `collect` waits for. A reward with a non-blocking `submit` (the `http`
+reward: its requests go out and the worker goes on to the perceptual features and the next chunk) is only
+waited for in `collect`. The chunks, their order and every computation are those of the serial path, with the
+caller's number of intra-op threads, so the scores and features are the same bit for bit; nothing mutable is
+shared with the worker: each job gets its chunk and returns its results, and only the caller's thread touches
+the list of pending jobs. Rewards and spaces are deterministic functions of their images (none draws from
+the global generators) and the sampler draws only from its own generator, so running them concurrently
+changes no random stream.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 import torch
 
@@ -21,29 +34,106 @@ from pec.run_safety import zero_invalid
 from pec_kernels import knn_entropy
 
 
+class Pending(Protocol):
+    """Scores on their way (`HttpReward.submit`'s): `result()` waits for them."""
+
+    def result(self) -> torch.Tensor: ...
+
+
+_Scored = tuple["torch.Tensor | Pending", dict[str, torch.Tensor], "torch.cuda.Event | None"]
+
+
 class Scorer:
-    """Rewards and perceptual features of a step's images (see the module docstring)."""
+    """Rewards and perceptual features of a step's images (see the module docstring); `overlap`: score on a
+    worker thread, started by the first `submit` (`close` stops it; a later `submit` starts another)."""
 
     def __init__(self, reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
-                 encoders: dict[str, torch.nn.Module], micro_batch: int) -> None:
+                 encoders: dict[str, torch.nn.Module], micro_batch: int, overlap: bool = False) -> None:
         self.reward_fn, self.encoders, self.micro_batch = reward_fn, encoders, micro_batch
-        self._rewards: list[torch.Tensor] = []
-        self._feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+        # A reward that answers later (the http reward's requests): the worker sends them and goes on.
+        self.submit_reward = getattr(reward_fn, "submit", None) if overlap else None
+        self.overlap = overlap
+        self.worker: ThreadPoolExecutor | None = None
+        self.stream: torch.cuda.Stream | None = None  # the worker's CUDA stream, made on the first CUDA chunk
+        self._pending: list[Future[_Scored] | _Scored] = []
 
     def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
         """Score one chunk of images (B_chunk, C, H, W) in [0, 1] (a video model's clips: (B_chunk, F, C, H, W),
-        which its rewards and spaces take) with their prompts (no grad)."""
-        with torch.no_grad():
-            self._rewards.append(self.reward_fn(images, list(prompts)).float())
-            for name, encoder in self.encoders.items():
-                self._feats[name].append(encoder(images).float())
+        which its rewards and spaces take) with their prompts (no grad); with `overlap`, on the worker."""
+        prompts = list(prompts)
+        if not self.overlap:
+            self._pending.append(self._score(images, prompts, None))
+            return
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pec-scoring")
+        ready = None
+        if images.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # the images are complete once the caller's stream gets here
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(images.device)
+        self._pending.append(self.worker.submit(self._score, images, prompts, ready, torch.get_num_threads()))
+
+    def _score(self, images: torch.Tensor, prompts: list[str], ready: torch.cuda.Event | None,
+               threads: int | None = None) -> _Scored:
+        """One chunk's (reward, features, the event that ends their computation on the worker's stream), with
+        `threads` intra-op threads (the caller's count)."""
+        # A thread keeps the count it started with, and BLAS and reductions may round by the count: the worker
+        # follows the caller's (--threads, or a later torch.set_num_threads), so its results are the serial path's.
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if ready is None:
+            return *self._compute(images, prompts), None
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            images.record_stream(self.stream)  # the caller may free the images before this stream reads them
+            reward, feats = self._compute(images, prompts)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return reward, feats, done
+
+    def _compute(self, images: torch.Tensor, prompts: list[str]
+                 ) -> tuple[torch.Tensor | Pending, dict[str, torch.Tensor]]:
+        with torch.no_grad():  # thread-local: the worker sets its own
+            reward = (self.submit_reward(images, prompts) if self.submit_reward is not None
+                      else self.reward_fn(images, prompts).float())
+            feats = {name: encoder(images).float() for name, encoder in self.encoders.items()}
+        return reward, feats
 
     def collect(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The rewards (B,) and (B, D) features in each space of every chunk submitted since the last call."""
-        rewards = torch.cat(self._rewards)
-        feats = {name: torch.cat(chunks) for name, chunks in self._feats.items()}
-        self._rewards, self._feats = [], {name: [] for name in self.encoders}
-        return rewards, feats
+        """The rewards (B,) and (B, D) features in each space of every chunk submitted since the last call
+        (waiting for the worker, and raising the first error of a chunk)."""
+        pending, self._pending = self._pending, []
+        rewards: list[torch.Tensor] = []
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.encoders}
+        for job in pending:
+            reward, chunk_feats, done = job.result() if isinstance(job, Future) else job
+            if not isinstance(reward, torch.Tensor):
+                reward = reward.result().float()
+            if done is not None:  # the caller's stream uses the worker's results from here on
+                stream = torch.cuda.current_stream()
+                stream.wait_event(done)
+                for t in (reward, *chunk_feats.values()):
+                    t.record_stream(stream)
+            rewards.append(reward)
+            for name, f in chunk_feats.items():
+                feats[name].append(f)
+        return torch.cat(rewards), {name: torch.cat(chunks) for name, chunks in feats.items()}
+
+    def discard(self) -> None:
+        """Drop the chunks submitted since the last `collect` (a step abandoned mid-way), after the worker is done
+        with them."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            if isinstance(job, Future) and not job.cancel():
+                job.exception()  # wait; its error, if any, belongs to the abandoned step
+
+    def close(self) -> None:
+        """Stop the worker thread (after the chunks it holds)."""
+        self.discard()
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+            self.worker = None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`submit` every micro-batch of `images`, then `collect`."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +54,11 @@ from pec.checkpoint import (
     set_rng_state,
 )
 from pec.cli import best_effort
-from pec.config import Config, save_yaml, to_dict
+from pec.config import Config, save_yaml, secret_values, to_dict
 from pec.data.prompt_files import default_prompts
 from pec.distributed import DistContext, gather_order, minibatch_plan, sample_noise
 from pec.grpo import group_advantages
-from pec.logging_utils import MetricsLog, TensorBoardLog, plot_metrics, save_image_grid
+from pec.logging_utils import MetricsLog, TensorBoardLog, WandbLog, check_wandb, plot_metrics, save_image_grid
 from pec.methods import build_method
 from pec.methods.base import GuidanceContext, ShapingInputs, StepContext, TermsInputs
 from pec.perceptual import space_for_run
@@ -98,6 +98,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, prompts: Sequence[str] | None = None) -> None:
         self.cfg = check_run(cfg)
+        check_wandb(cfg.logging)  # before any model loads
         s = cfg.sampling
         self.dist = DistContext.from_env(cfg.device, cfg.dist.timeout)
         self.dist.check_layout(s.prompts_per_step, s.group_size, cfg.dist.placement, cfg.method, cfg.pcgs.form,
@@ -127,7 +128,7 @@ class Trainer:
         # A video model's clips: the rewards see --reward_video.frames of their frames, the spaces pool theirs.
         self.reward_fn = reward_for_run(cfg.reward, cfg, self.device)
         self.encoders = {name: space_for_run(name, cfg, self.device) for name in cfg.perceptual.spaces}
-        self.scorer = Scorer(self.reward_fn, self.encoders, cfg.train.micro_batch)
+        self.scorer = Scorer(self.reward_fn, self.encoders, cfg.train.micro_batch, overlap=cfg.train.overlap_scoring)
         self.perceptual = PerceptualStats(cfg, self.gather, self.dist.all_gather, self.spread, self.index)
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
@@ -147,6 +148,8 @@ class Trainer:
                         else MetricsLog(self.run_dir / METRICS_FILE, []))
         self.tb = TensorBoardLog(self.run_dir / "tensorboard", cfg.logging.tensorboard and main,
                                  purge_step=self.start_step + 1 if cfg.resume else None)
+        self.wandb = WandbLog(self.run_dir, cfg.logging, to_dict(cfg), enabled=main, resume=cfg.resume,
+                              secrets=secret_values(cfg))
         self.dist.barrier()  # nobody starts step 1 before every rank has checked the run folder
         # What start-up built (models, encoders, optimizer) lives for the whole run: keep it out of the
         # cyclic garbage collector's full passes, which would otherwise walk it every few steps.
@@ -167,10 +170,11 @@ class Trainer:
         cfg = self.cfg
         main = self.dist.is_main
         if self.start_step == 0:
-            self.save_grid("samples_start.png")
+            self.save_grid("samples_start.png", 0)
         last = min(cfg.train.steps, self.start_step + (cfg.train.stop_after or cfg.train.steps))
         bar = tqdm(range(self.start_step + 1, last + 1), initial=self.start_step, total=cfg.train.steps,
                    desc=f"{cfg.method}", disable=not (cfg.logging.progress and main), dynamic_ncols=True)
+        finished = False
         try:
             with self.preemption:
                 try:
@@ -189,6 +193,7 @@ class Trainer:
                     # Another rank took the signal first and left a collective this rank was in.
                     self.checkpoint_last_complete()
                     raise Preempted(self.preemption.signum) from err
+            finished = True
         finally:
             # Cleanup never replaces the error that ends the run (a full disk fails this plot too).
             bar.close()
@@ -197,8 +202,13 @@ class Trainer:
                     plot_metrics(self.metrics.rows, PLOT_KEYS, self.run_dir / "curves.png", title=self.run_dir.name)
             with best_effort("closing the TensorBoard log"):
                 self.tb.close()
+            self.scorer.close()
+            if not finished:  # the run ends with an error: W&B marks its run failed
+                with best_effort("finishing the W&B run"):
+                    self.wandb.close(failed=True)
         if last == cfg.train.steps:
-            self.save_grid("samples_end.png")
+            self.save_grid("samples_end.png", last)
+        self.wandb.close()
         return self.metrics.rows
 
     def finish_step(self, step: int, row: dict[str, Any], last: int) -> None:
@@ -210,6 +220,7 @@ class Trainer:
         else:
             self.metrics.rows.append(row)
         self.tb.log(row, step)
+        self.wandb.log(row, step)
         self.last_complete, self.last_rng = step, rng_state()
         self.preemption.committed = False
         self.guard.record(step, causes)
@@ -293,17 +304,26 @@ class Trainer:
         Until its first optimizer update the step may be abandoned by a SIGTERM/SIGINT (`Preempted`).
         Host syncs (`pec.syncs`): one decision per optimizer update (finiteness, and whether it has a valid
         sample) and one read of the logged scalars at the end; the validity mask stays on the device.
+        With `train.overlap_scoring` the micro-batches are scored while the rollout goes on (`pec.scoring`):
+        time/rollout then includes handing them to the scorer, and time/reward is what is left to wait for.
         """
         times: dict[str, float] = {}
+        overlap = self.cfg.train.overlap_scoring
         with self.preemption.abandonable():
             t0 = time.perf_counter()
             self.model.eval()
-            rollout = self.rollout(step, self.algorithm.plan(step))
-            times["rollout"] = time.perf_counter() - t0
+            try:
+                rollout = self.rollout(step, self.algorithm.plan(step),
+                                       on_decoded=self.scorer.submit if overlap else None)
+                times["rollout"] = time.perf_counter() - t0
 
-            t = time.perf_counter()
-            rewards, feats = self.scorer.score(rollout.images, rollout.prompts)
-            times["reward"] = time.perf_counter() - t
+                t = time.perf_counter()
+                rewards, feats = (self.scorer.collect() if overlap
+                                  else self.scorer.score(rollout.images, rollout.prompts))
+                times["reward"] = time.perf_counter() - t
+            except BaseException:  # an abandoned step leaves nothing for the next one to collect
+                self.scorer.discard()
+                raise
 
             t = time.perf_counter()
             masks = self.mask_invalid(rollout, rewards, feats)
@@ -317,9 +337,11 @@ class Trainer:
             times["step"] = time.perf_counter() - t0
         return self.step_row(step, rewards, shaped, masks, perc_row, train_row, causes, times)
 
-    def rollout(self, step: int, plan: RolloutPlan | None = None) -> Rollout:
+    def rollout(self, step: int, plan: RolloutPlan | None = None,
+                on_decoded: Callable[[torch.Tensor, list[str]], None] | None = None) -> Rollout:
         """Phase 1: sample one batch of groups for `step` as `plan` (default: the algorithm's) says, seeded by
-        the step, so resuming reproduces it."""
+        the step, so resuming reproduces it; `on_decoded(images, prompts)` gets each micro-batch as soon as it
+        is decoded (`pec.sampling.sample`)."""
         cfg, s = self.cfg, self.cfg.sampling
         plan = self.algorithm.plan(step) if plan is None else plan
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
@@ -340,7 +362,7 @@ class Trainer:
                           guidance_scale=s.guidance_scale, eta=s.eta if plan.eta is None else plan.eta, kind=s.kind,
                           sde_window=plan.sde_window, noise=noise, guidance_fn=guidance_fn,
                           guidance_weight=guidance_weight, batch_size=cfg.train.micro_batch, solver=plan.solver,
-                          record_means=plan.record_means)
+                          record_means=plan.record_means, on_decoded=on_decoded)
 
     def mask_invalid(self, rollout: Rollout, rewards: torch.Tensor, feats: dict[str, torch.Tensor]) -> _Masks:
         """Phase 2's run safety: which samples the step may learn from, over the global batch (identical
@@ -437,9 +459,10 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------------------------------ grids
-    def save_grid(self, name: str) -> None:
+    def save_grid(self, name: str, step: int) -> None:
         """A PNG grid: `logging.grid_samples` samples (fixed seed) for each prompt, one row per prompt (a video
-        model: frame strips, one row per sample, and an animated GIF grid: `save_image_grid`)."""
+        model: frame strips, one row per sample, and an animated GIF grid: `save_image_grid`); to W&B as an image
+        at `step`."""
         n = self.cfg.logging.grid_samples
         s = self.cfg.sampling
         self.model.eval()
@@ -448,6 +471,7 @@ class Trainer:
                          guidance_scale=s.guidance_scale, eta=s.eta, kind=s.kind, seed=step_seed(self.cfg.seed, 0, 3))
         if self.dist.is_main:  # every rank samples: under FSDP2 each forward is a collective
             save_image_grid(out.images, self.run_dir / name, nrow=n)
+            self.wandb.log_image(Path(name).stem, self.run_dir / name, step)
 
 
 @dataclass

@@ -139,6 +139,11 @@ class FlowModel(nn.Module, abc.ABC):
     sample_shape: tuple[int, ...]
     lora_targets: list[str] = SD3_LORA_TARGETS
     cfg_renorm: bool = False
+    # How many rows `decode` decodes together: it splits a batch into chunks of this many from the first row, and
+    # a row's image may depend on its chunk (BLAS rounds a row by its batch). 1: each row alone (any split gives
+    # the same images); None: the whole batch at once (the default: no split is assumed exact). The sampler's
+    # per-micro-batch decoding (`pec.sampling.sample(on_decoded=...)`) decodes these same chunks.
+    decode_chunk: int | None = None
 
     def schedule(self, num_steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """The (num_steps + 1,) float32 sigmas the sampler uses, from 1 down to a terminal 0.

@@ -344,6 +344,11 @@ class DiffusersFlowModel(FlowModel):
         else:
             scheduler.set_timesteps(num_steps, device="cpu")
 
+    @property
+    def decode_chunk(self) -> int | None:
+        """`vae_batch` rows a VAE call (None: the whole batch, vae_batch 0)."""
+        return self.vae_batch or None
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents into images in [0, 1] (unclamped, differentiable), `vae_batch` at a time.
 

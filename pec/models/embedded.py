@@ -91,6 +91,8 @@ class EmbeddedFlowModel(FlowModel):
                                 pooled_projections=prompts.pooled, timestep=sigma * NUM_TRAIN_TIMESTEPS,
                                 return_dict=False)[0]
 
+    decode_chunk = 1  # an elementwise map: each row decodes alone
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (not clamped): pixel space, so just the affine map from [-1, 1]."""
         return to_unit(latents)

@@ -11,6 +11,9 @@ model loads). `python -m pec.rewards.serve NAME ...` serves any registered rewar
 
 The client (options `--reward_http.*`, the URL is `--paths.reward_url`):
 - images go `batch_size` at a time (default 32), videos as many as hold `batch_size` frames (at least one);
+- the requests of a batch go out together, up to `--reward_http.in_flight` (default 4) at a time, and
+  `HttpReward.submit` does not wait for them: it returns at once with the pending scores, so the trainer
+  (`pec.scoring.Scorer` with `--train.overlap_scoring`) keeps sampling and scoring while they are in flight;
 - each request has one deadline for all of it (`--reward_http.timeout`, default 60 s): connecting,
   sending, the server's scoring and reading the whole answer. A watchdog shuts the socket down at the
   deadline, so a server that trickles its answer byte by byte fails then; a per-read socket timeout (all
@@ -37,17 +40,20 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 
 from pec.cli import one_line
+from pec.perceptual.backbones import check_real_images
 from pec.rewards.base import ImageReward
 from pec.rewards.digit import check_prompts
 from pec.video import check_videos, is_video
 
 TIMEOUT_S = 60.0
 RETRIES = 3
+IN_FLIGHT = 4
 BACKOFF_S = 1.0
 TOKEN_ENV = "PEC_REWARD_TOKEN"
 MAX_ANSWER_BYTES = 8 * 2**20  # scores (and error texts) are small; a bigger answer is not one
@@ -226,30 +232,49 @@ class HttpReward(ImageReward):
     takes_video = True
 
     def __init__(self, url: str, *, batch_size: int = 32, timeout: float = TIMEOUT_S, retries: int = RETRIES,
-                 backoff: float = BACKOFF_S, token: str | None = None) -> None:
+                 backoff: float = BACKOFF_S, token: str | None = None, in_flight: int = IN_FLIGHT) -> None:
         super().__init__()
         checks = {"batch_size": (batch_size, type(batch_size) is int and batch_size >= 1, "an integer >= 1"),
                   "--reward_http.timeout": (timeout, _is_finite_number(timeout) and timeout > 0,
                                             "a finite number of seconds > 0"),
                   "--reward_http.retries": (retries, type(retries) is int and retries >= 0, "an integer >= 0"),
-                  "backoff": (backoff, _is_finite_number(backoff) and backoff >= 0, "a finite number >= 0")}
+                  "backoff": (backoff, _is_finite_number(backoff) and backoff >= 0, "a finite number >= 0"),
+                  "--reward_http.in_flight": (in_flight, type(in_flight) is int and in_flight >= 1, "an integer >= 1")}
         for name, (value, ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {value!r}")
         self.url, self.batch_size, self.timeout, self.retries, self.backoff = url, batch_size, timeout, retries, backoff
-        self.token = token
+        self.token, self.in_flight = token, in_flight
+        self._pool: ThreadPoolExecutor | None = None  # the requests' threads, started by the first `submit`
+        self._pool_lock = threading.Lock()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) scores of images (B, C, H, W), or of videos (B, F, C, H, W), as many a request as hold
-        `batch_size` frames (at least one)."""
-        if not is_video(images):
-            return super().forward(images, prompts)
-        check_videos(images)
+        `batch_size` frames (at least one): `submit`, then wait."""
+        return self.submit(images, prompts).result()
+
+    def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> PendingScores:
+        """Send the requests of `forward` and return at once: the scores come with `.result()`. Inputs are checked
+        (and copied to the CPU) here; the requests go `in_flight` at a time from worker threads, which encode
+        the PNGs. A failed request raises its error from `.result()`."""
+        if is_video(images):
+            check_videos(images)
+            per = max(1, self.batch_size // images.shape[1])
+        else:
+            check_real_images(images)
+            per = self.batch_size
         check_prompts(images, prompts)
-        prompts, per = list(prompts), max(1, self.batch_size // images.shape[1])
-        out = [self.score(images[i:i + per], prompts[i:i + per]) for i in range(0, images.shape[0], per)]
-        return torch.cat(out).to(images.device)
+        prompts, host = list(prompts), images.detach().cpu()
+        pool = self._requests_pool()
+        parts = [pool.submit(self.score, host[i:i + per], prompts[i:i + per]) for i in range(0, host.shape[0], per)]
+        return PendingScores(parts, images.device)
+
+    def _requests_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="pec-reward-http")
+            return self._pool
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(b,) scores of a batch of images, or of videos (one request)."""
@@ -286,6 +311,18 @@ class HttpReward(ImageReward):
                               f"({last}){hint}")
 
 
+class PendingScores:
+    """The scores of `HttpReward.submit`: `result()` waits for every request and returns the (B,) float32 scores
+    in order, on the images' device."""
+
+    def __init__(self, parts: list[Future], device: torch.device) -> None:
+        self.parts, self.device = parts, device
+
+    def result(self) -> torch.Tensor:
+        """The scores (raises the first failed request's error)."""
+        return torch.cat([part.result() for part in self.parts]).to(self.device)
+
+
 def build_http_reward(device: str | torch.device = "cpu", directory: object = None, paths: object = None,
                       http: object = None) -> HttpReward:
     """The http reward on --paths.reward_url, with the client settings of `http` (a
@@ -294,4 +331,4 @@ def build_http_reward(device: str | torch.device = "cpu", directory: object = No
     token = resolve_token(getattr(http, "token", None))
     check_server(url, token=token, check_token=True)
     return HttpReward(url, timeout=getattr(http, "timeout", TIMEOUT_S), retries=getattr(http, "retries", RETRIES),
-                      token=token)
+                      token=token, in_flight=getattr(http, "in_flight", IN_FLIGHT))
