@@ -239,6 +239,10 @@ class PecConfig:
     lambda_: float = option(0.5, "weight of the perceptual surprisal bonus. Scale it to the reward: the paper's "
                                  "0.05-0.10 suit PickScore/26 (group std ~0.02); the embedded digit reward's "
                                  "spread is ~10x larger", min=0)
+    lambda_end: float | None = option(None, "lambda at the last step: lambda moves linearly from pec.lambda at "
+                                            "step 1 to this at train.steps (e.g. 0 lets the reward climb as far as "
+                                            "plain RL's by the end while the bonus keeps diversity early); empty = "
+                                            "constant", min=0)
     omega: str = option("uniform", f"per-step weight omega_t, one of {OMEGAS}")
 
 

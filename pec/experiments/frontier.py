@@ -92,21 +92,26 @@ def overlap_levels(curve_a: Curve | np.ndarray, curve_b: Curve | np.ndarray, n_l
 
 
 def _difference(curve_a: Curve | np.ndarray, curve_b: Curve | np.ndarray, n_levels: int,
-                names: tuple[str, str]) -> float:
-    levels = overlap_levels(curve_a, curve_b, n_levels, names)
+                names: tuple[str, str], top: int | None = None) -> float:
+    if top is not None and not 1 <= top <= n_levels:
+        raise ValueError(f"top must be in [1, n_levels={n_levels}], got {top}")
+    levels = overlap_levels(curve_a, curve_b, n_levels, names)[-(top or n_levels):]
     diff = envelope_at(curve_a, levels, names[0]) - envelope_at(curve_b, levels, names[1])
     return float(diff.mean())
 
 
-def frontier_difference(curve_a: Curve | np.ndarray, curve_b: Curve | np.ndarray, n_levels: int = N_LEVELS) -> float:
-    """Mean over `n_levels` shared reward levels of diversity(a) - diversity(b), both read through
-    their upper envelopes: > 0 means `a` keeps more diversity than `b` at equal reward (one seed)."""
-    return _difference(curve_a, curve_b, n_levels, ("curve_a", "curve_b"))
+def frontier_difference(curve_a: Curve | np.ndarray, curve_b: Curve | np.ndarray, n_levels: int = N_LEVELS,
+                        top: int | None = None) -> float:
+    """Mean over `n_levels` shared reward levels (or over the highest `top` of them: the high-reward end,
+    where the whole-range mean is diluted by the low end every curve starts from) of diversity(a) -
+    diversity(b), both read through their upper envelopes: > 0 means `a` keeps more diversity than `b`
+    at equal reward (one seed)."""
+    return _difference(curve_a, curve_b, n_levels, ("curve_a", "curve_b"), top)
 
 
 def frontier_differences(curves_a: Mapping[int, Curve], curves_b: Mapping[int, Curve],
-                         n_levels: int = N_LEVELS) -> dict[int, float]:
-    """`frontier_difference` per seed: seed -> mean diversity(a) - diversity(b) at equal reward. The two
+                         n_levels: int = N_LEVELS, top: int | None = None) -> dict[int, float]:
+    """`frontier_difference` (with its `top`) per seed: seed -> mean diversity(a) - diversity(b) at equal reward. The two
     methods must have been run on the same seeds (paired comparison)."""
     if not curves_a:
         raise ValueError("curves_a must hold at least one seed")
@@ -114,7 +119,7 @@ def frontier_differences(curves_a: Mapping[int, Curve], curves_b: Mapping[int, C
         raise ValueError(f"curves_a and curves_b must have the same seeds, got {sorted(curves_a)} and "
                          f"{sorted(curves_b)}")
     return {seed: _difference(curves_a[seed], curves_b[seed], n_levels,
-                              (f"curves_a[{seed!r}]", f"curves_b[{seed!r}]"))
+                              (f"curves_a[{seed!r}]", f"curves_b[{seed!r}]"), top)
             for seed in curves_a}
 
 

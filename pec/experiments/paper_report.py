@@ -17,10 +17,18 @@ mean paired difference against two standard errors).
    The "+guidance" readings are sampled differently from their start, so they are in the table only.
 3. Overall (min-max over the rows) is higher for PEC than for GRPO, judged per seed on that seed's own
    normalisation, in the full table and in the paper's own row subset.
+4. At equal gold reward PEC keeps more held-out diversity than the field's diversity methods (GARDO,
+   DiverseGRPO), each run in the regulariser space PEC uses; read as claim 2.
+5. Under DiffusionNFT and under MixGRPO, PEC keeps more held-out diversity than the algorithm alone, at equal
+   gold reward; read as claim 2.
+Frontier claims are read over the whole shared reward range (the verdict) and at its high-reward end (the
+highest `TOP_LEVELS` of the 10 levels, where the whole-range mean is not diluted by the low end every curve
+starts from). A verdict whose bound lies within half an SE of 0 is marked fragile (`pec.experiments.verdicts`):
+a slower or different CPU can flip it, so it is not a finding on its own. Everything is read from the kept
+results (`pec.experiments.results`), not from the run folders.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +36,7 @@ from pathlib import Path
 from pec.atomic import atomic_write_text
 from pec.config import PerceptualConfig
 from pec.evaluate import PRETRAINED
+from pec.experiments import results as results_store
 from pec.experiments.frontier import Curve, plot_frontiers
 from pec.experiments.rows import (
     ALIASES,
@@ -35,7 +44,6 @@ from pec.experiments.rows import (
     Mode,
     guided,
     milestone_steps,
-    seed_dir,
 )
 from pec.experiments.verdicts import (
     HOLDS,
@@ -45,7 +53,7 @@ from pec.experiments.verdicts import (
     paper_subset,
     table_claim_full_and_subset,
 )
-from pec.logging_utils import plt, read_metrics, save_figure
+from pec.logging_utils import plt, save_figure
 from pec.metrics import NormalisedTable, minmax_table, table_markdown
 from pec.perceptual import EVAL_ONLY_SPACES
 
@@ -57,8 +65,14 @@ QUALITY = ("digit", "gold", "contrast", "precision")
 DIVERSITY = (*(f"dist/{s}" for s in JUDGE_SPACES), *(f"vendi/{s}" for s in JUDGE_SPACES), "recall", "coverage")
 BASELINES = ("grpo", "grpo_kl")  # claim 2 compares against these
 PCGS_STANDIN = "pcgs_policy"  # the PCGS row in the paper's row subset
-FRONTIER_PLOT_ROWS = ("grpo", "grpo_kl", "pec_lambda0.5", "pcgs_policy", "pcgs_guided_w0.05", "clip_higher", "kl_cov")
-GRID_ROWS = (PRETRAINED, "grpo", "pec_lambda0.5", "pcgs_policy")
+PEC_STANDIN = "pec_lambda0.5"  # the PEC row claim 4 compares (every PEC row is reported)
+FIELD_METHODS = ("gardo", "diverse_grpo")  # claim 4
+ALGORITHM_PAIRS = (("nft_pec", "nft"), ("mixgrpo_pec", "mixgrpo"))  # claim 5: (with PEC, alone)
+TOP_LEVELS = 3  # the high-reward reading: the highest 3 of the 10 shared reward levels
+FRONTIER_PLOT_ROWS = ("grpo", "grpo_kl", "pec_lambda0.5", "pec_decay", "pcgs_policy", "pcgs_guided_w0.05",
+                      "clip_higher", "kl_cov", *FIELD_METHODS)
+ALGORITHM_PLOT_ROWS = tuple(row for pair in ALGORITHM_PAIRS for row in pair)
+GRID_ROWS = (PRETRAINED, "grpo", "pec_lambda0.5", "pcgs_policy", *FIELD_METHODS)
 REWARDS = {"gold": "gold reward", "digit": "training reward (digit)"}
 
 Points = dict[int, dict[str, dict[int, dict[str, float]]]]  # seed -> row -> step -> metrics
@@ -69,24 +83,37 @@ def regularised(row: str) -> bool:
     return row.startswith(("pec", "pcgs")) and not row.endswith(GUIDANCE_SUFFIX)
 
 
-def _read_evaluation(folder: Path) -> dict[int, dict[str, float]]:
-    """step -> metrics of one run's milestone evaluation (rows named `<run>@<step>` by `pec.evaluate`)."""
-    raw = json.loads((folder / "metrics.json").read_text())
-    return {int(name.rpartition("@")[2]): metrics for name, metrics in raw.items()}
+class Ledger:
+    """Every verdict a report judged, by label, so that the fragile ones can be listed at its end."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[tuple[str, PairedVerdict]] = []
+
+    def add(self, label: str, verdict: PairedVerdict | str) -> PairedVerdict | str:
+        """Record `verdict` (a string: not comparable, not recorded) under `label`; return it."""
+        if isinstance(verdict, PairedVerdict):
+            self.verdicts.append((label, verdict))
+        return verdict
+
+    def fragile_lines(self) -> list[str]:
+        """The report's closing lines: how many verdicts are fragile, and which."""
+        fragile = [(label, v) for label, v in self.verdicts if v.fragile]
+        return [f"Fragile verdicts (a bound within half an SE of 0; another machine's rounding can flip them): "
+                f"{len(fragile)} of {len(self.verdicts)}", *(f"   - {label}: {_cell(v)}" for label, v in fragile)]
 
 
-def load_points(out: Path, mode: Mode) -> tuple[dict[str, float], Points]:
-    """(the pretrained model's metrics, every run's milestone metrics), "+guidance" readings as rows of their
-    own and aliases (`ALIASES`) as copies of their run."""
-    pretrained = json.loads((out / PRETRAINED / "metrics.json").read_text())[PRETRAINED]
+def load_points(results: Path, mode: Mode) -> tuple[dict[str, float], Points]:
+    """(the pretrained model's metrics, every run's milestone metrics) from the kept results, "+guidance"
+    readings as rows of their own and aliases (`ALIASES`) as copies of their run."""
+    pretrained = results_store.read(results_store.pretrained_file(results))["metrics"]
     points: Points = {}
     for seed in mode.seeds:
         runs: dict[str, dict[int, dict[str, float]]] = {}
         for row in mode.rows:
-            run = seed_dir(out, seed) / row
-            runs[row] = _read_evaluation(run / "eval")
+            kept = results_store.read(results_store.run_file(results, seed, row))
+            runs[row] = results_store.evaluations(kept, "eval")
             if guided(row):
-                runs[row + GUIDANCE_SUFFIX] = _read_evaluation(run / "eval_guided")
+                runs[row + GUIDANCE_SUFFIX] = results_store.evaluations(kept, "eval_guided")
             runs.update({alias: runs[row] for alias, target in ALIASES.items() if target == row})  # next to it
         points[seed] = runs
     return pretrained, points
@@ -150,31 +177,34 @@ def regulariser_space_table(tables: Mapping[int, Mapping[str, Mapping[str, float
 
 
 def _cell(verdict: PairedVerdict | str) -> str:
-    """A verdict as a short table cell: 'holds (+0.41, 2se 0.20)'."""
+    """A verdict as a short table cell: 'holds (+0.41, 2se 0.20)', 'holds (+0.02, 2se 0.03, fragile)'."""
     if isinstance(verdict, str):
         return verdict
     spread = "" if math.isnan(verdict.se) else f", 2se {2 * verdict.se:.3f}"
-    return f"{verdict.verdict} ({verdict.mean:+.3f}{spread})"
+    return f"{verdict.verdict} ({verdict.mean:+.3f}{spread}{', fragile' if verdict.fragile else ''})"
 
 
 def _frontier_verdict(pretrained: Mapping[str, float], points: Points, row: str, base: str, reward: str,
-                      diversity: str) -> PairedVerdict | str:
+                      diversity: str, ledger: Ledger, top: int | None = None) -> PairedVerdict | str:
     try:
-        return frontier_claim(curves(pretrained, points, row, reward, diversity),
-                              curves(pretrained, points, base, reward, diversity))
+        verdict = frontier_claim(curves(pretrained, points, row, reward, diversity),
+                                 curves(pretrained, points, base, reward, diversity), top=top)
     except ValueError as err:  # e.g. no shared reward range in some seed
         return f"not comparable ({err})"
+    where = f", top {top} levels" if top else ""
+    return ledger.add(f"{row} vs {base} at equal {reward} reward ({diversity}{where})", verdict)
 
 
-def claim_one(out: Path, pretrained: Mapping[str, float], points: Points, last: int) -> tuple[bool, list[str]]:
+def claim_one(results: Path, pretrained: Mapping[str, float], points: Points, last: int, ledger: Ledger
+              ) -> tuple[bool, list[str]]:
     """Claim 1 (module docstring): (holds, report lines)."""
     lines, constant_all, rises = [], True, {}
     for seed in points:
-        rows = read_metrics(seed_dir(out, seed) / "grpo" / "metrics.jsonl")
-        window = max(1, len(rows) // 5)
-        first = sum(r["reward_mean"] for r in rows[:window]) / window
-        end = sum(r["reward_mean"] for r in rows[-window:]) / window
-        entropies = [r["policy_entropy"] for r in rows]
+        training = results_store.read(results_store.run_file(results, seed, "grpo"))["training"]
+        rewards, entropies = training["reward_mean"], training["policy_entropy"]
+        window = max(1, len(rewards) // 5)
+        first = sum(rewards[:window]) / window
+        end = sum(rewards[-window:]) / window
         spread = max(entropies) - min(entropies)
         constant = spread <= 1e-6 * max(1.0, abs(entropies[0]))
         constant_all &= constant
@@ -182,52 +212,74 @@ def claim_one(out: Path, pretrained: Mapping[str, float], points: Points, last: 
         lines.append(f"   - seed {seed}: training reward, first / last {window} steps {first:.4f} -> {end:.4f}; policy "
                      f"entropy {entropies[0]:.6f} over {len(entropies)} steps, max - min {spread:.3g} "
                      f"({'constant' if constant else 'NOT constant'})")
-    reward_up = paired_verdict({s: v[0] for s, v in rises.items()}, {s: v[1] for s, v in rises.items()})
+    reward_up = ledger.add("GRPO's training reward rises",
+                           paired_verdict({s: v[0] for s, v in rises.items()}, {s: v[1] for s, v in rises.items()}))
     lines.append(f"   - training reward rises (last window > first): {reward_up.describe(4)}")
-    gold = paired_verdict({s: r["grpo"][last]["gold"] for s, r in points.items()}, {s: pretrained["gold"] for s in points})
+    gold = ledger.add("GRPO's gold reward rises", paired_verdict({s: r["grpo"][last]["gold"] for s, r in points.items()},
+                                                                  {s: pretrained["gold"] for s in points}))
     lines.append(f"   - gold reward rises (GRPO > pretrained, last milestone): {gold.describe(4)}")
     falls = {}
     for space in JUDGE_SPACES:
         key = f"dist/{space}"
-        falls[space] = paired_verdict({s: pretrained[key] for s in points}, {s: r["grpo"][last][key] for s, r in points.items()})
+        falls[space] = ledger.add(f"GRPO's {key} falls", paired_verdict(
+            {s: pretrained[key] for s in points}, {s: r["grpo"][last][key] for s, r in points.items()}))
         lines.append(f"   - {key} falls (pretrained {pretrained[key]:.4f} > GRPO): {falls[space].describe(4)}")
     holds = constant_all and reward_up.verdict == HOLDS and falls[JUDGE_SPACES[0]].verdict == HOLDS
     return holds, lines
 
 
-def claim_two(pretrained: Mapping[str, float], points: Points) -> tuple[dict[str, bool], list[str]]:
+def _holds(verdict: PairedVerdict | str) -> bool:
+    return isinstance(verdict, PairedVerdict) and verdict.verdict == HOLDS
+
+
+def frontier_table(pretrained: Mapping[str, float], points: Points, pairs: Sequence[tuple[str, str]], ledger: Ledger
+                   ) -> tuple[dict[tuple[str, str], bool], list[str]]:
+    """Held-out diversity at equal reward for each (row, baseline) of `pairs`: the gold reward over the whole
+    shared range (the verdict) and at its top `TOP_LEVELS` levels, and the training reward over the whole range.
+    Returns ((row, baseline) -> the gold whole-range verdict holds, markdown table lines)."""
+    header = ["gold reward", f"gold, top {TOP_LEVELS} levels", "training reward (digit)"]
+    lines = ["   | row | baseline | " + " | ".join(header) + " |", "   |" + "---|" * (len(header) + 2)]
+    held = {}
+    for row, base in pairs:
+        cells = [_frontier_verdict(pretrained, points, row, base, "gold", HELDOUT_DIVERSITY, ledger),
+                 _frontier_verdict(pretrained, points, row, base, "gold", HELDOUT_DIVERSITY, ledger, TOP_LEVELS),
+                 _frontier_verdict(pretrained, points, row, base, "digit", HELDOUT_DIVERSITY, ledger)]
+        held[row, base] = _holds(cells[0])
+        lines.append(f"   | {row} | {base} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return held, lines
+
+
+def claim_two(pretrained: Mapping[str, float], points: Points, ledger: Ledger) -> tuple[dict[str, bool], list[str]]:
     """Claim 2 (module docstring): (row -> holds against both baselines with the gold reward in the held-out
     space, report lines: a verdict table, then the other judged spaces)."""
-    rows = [r for r in next(iter(points.values())) if regularised(r)]
-    bases = [b for b in BASELINES if b in next(iter(points.values()))]
-    header = [f"vs {b} ({reward})" for reward in REWARDS for b in bases]
-    lines = [f"   Diversity {HELDOUT_DIVERSITY} at equal reward, mean paired difference over seeds (row − baseline):", "",
-             "   | row | " + " | ".join(header) + " |", "   |" + "---|" * (len(header) + 1)]
-    verdicts: dict[str, bool] = {}
+    present = next(iter(points.values()))
+    rows = [r for r in present if regularised(r)]
+    bases = [b for b in BASELINES if b in present]
+    held, table = frontier_table(pretrained, points, [(r, b) for r in rows for b in bases], ledger)
+    verdicts = {row: all(held[row, b] for b in bases) for row in rows}
+    lines = [f"   Diversity {HELDOUT_DIVERSITY} at equal reward, mean paired difference over seeds (row − baseline):",
+             "", *table, "", "   In the other spaces no regulariser used (gold reward, whole range):", "",
+             "   | row | " + " | ".join(f"vs {b} (dist/{s})" for s in JUDGE_SPACES[1:] for b in bases) + " |",
+             "   |" + "---|" * (len(bases) * (len(JUDGE_SPACES) - 1) + 1)]
     for row in rows:
-        cells = {(reward, b): _frontier_verdict(pretrained, points, row, b, reward, HELDOUT_DIVERSITY)
-                 for reward in REWARDS for b in bases}
-        verdicts[row] = all(isinstance(cells["gold", b], PairedVerdict) and cells["gold", b].verdict == HOLDS
-                            for b in bases)
-        lines.append(f"   | {row} | " + " | ".join(_cell(cells[key]) for key in cells) + " |")
-    lines += ["", "   In the other spaces no regulariser used (gold reward):", "",
-              "   | row | " + " | ".join(f"vs {b} (dist/{s})" for s in JUDGE_SPACES[1:] for b in bases) + " |",
-              "   |" + "---|" * (len(bases) * (len(JUDGE_SPACES) - 1) + 1)]
-    for row in rows:
-        lines.append(f"   | {row} | " + " | ".join(_cell(_frontier_verdict(pretrained, points, row, b, "gold", f"dist/{s}"))
-                                              for s in JUDGE_SPACES[1:] for b in bases) + " |")
+        lines.append(f"   | {row} | " + " | ".join(
+            _cell(_frontier_verdict(pretrained, points, row, b, "gold", f"dist/{s}", ledger))
+            for s in JUDGE_SPACES[1:] for b in bases) + " |")
     return verdicts, lines
 
 
-def claim_three(tables: Mapping[int, Mapping[str, Mapping[str, float]]]) -> tuple[dict[str, bool], list[str]]:
+def claim_three(tables: Mapping[int, Mapping[str, Mapping[str, float]]], ledger: Ledger
+                ) -> tuple[dict[str, bool], list[str]]:
     """Claim 3 (module docstring): (row -> holds in the full table and the subset, report lines), for every
     PEC row; PCGS rows are reported too."""
     names = list(next(iter(tables.values())))
     lines, verdicts = [], {}
     for row in (r for r in names if r.startswith(("pec", "pcgs"))):
-        subset = [r for r in paper_subset(row if row.startswith("pec") else "pec_lambda0.5",
+        subset = [r for r in paper_subset(row if row.startswith("pec") else PEC_STANDIN,
                                           row if row.startswith("pcgs") else PCGS_STANDIN) if r in names]
         both = table_claim_full_and_subset(tables, QUALITY, DIVERSITY, row, "grpo", subset)
+        for table, verdict in both.items():
+            ledger.add(f"Overall {row} > grpo ({table} table)", verdict)
         if row.startswith("pec"):
             verdicts[row] = all(v.verdict == HOLDS for v in both.values())
         lines.append(f"   - {row} − grpo: full table {_cell(both['full'])}; paper's rows ({len(subset)}) "
@@ -235,21 +287,45 @@ def claim_three(tables: Mapping[int, Mapping[str, Mapping[str, float]]]) -> tupl
     return verdicts, lines
 
 
+def claim_four(pretrained: Mapping[str, float], points: Points, ledger: Ledger) -> tuple[dict[str, bool], list[str]]:
+    """Claim 4 (module docstring): (field method -> PEC's row keeps more than it, report lines); every PEC row
+    is compared, the verdict is `PEC_STANDIN`'s."""
+    present = next(iter(points.values()))
+    methods = [m for m in FIELD_METHODS if m in present]
+    pecs = [r for r in present if r.startswith("pec") and not r.endswith(GUIDANCE_SUFFIX)]
+    held, table = frontier_table(pretrained, points, [(p, m) for m in methods for p in pecs], ledger)
+    return {m: held.get((PEC_STANDIN, m), False) for m in methods}, table
+
+
+def claim_five(pretrained: Mapping[str, float], points: Points, ledger: Ledger) -> tuple[dict[str, bool], list[str]]:
+    """Claim 5 (module docstring): (algorithm -> PEC keeps more than it alone, report lines)."""
+    present = next(iter(points.values()))
+    pairs = [(with_pec, alone) for with_pec, alone in ALGORITHM_PAIRS if with_pec in present and alone in present]
+    held, table = frontier_table(pretrained, points, pairs, ledger)
+    return {alone: held[with_pec, alone] for with_pec, alone in pairs}, table
+
+
 def plot_frontier(pretrained: Mapping[str, float], points: Points, path: Path) -> None:
-    """Gold and training reward against held-out diversity, one curve per method (`FRONTIER_PLOT_ROWS`)."""
-    present = [r for r in FRONTIER_PLOT_ROWS if r in next(iter(points.values()))]
-    panels = {label: {row: curves(pretrained, points, row, reward, HELDOUT_DIVERSITY) for row in present}
+    """Gold and training reward against held-out diversity, one curve per method (`FRONTIER_PLOT_ROWS`), and the
+    other algorithms alone and with PEC (`ALGORITHM_PLOT_ROWS`, gold reward) in a panel of their own."""
+    present = next(iter(points.values()))
+    panels = {label: {row: curves(pretrained, points, row, reward, HELDOUT_DIVERSITY)
+                      for row in FRONTIER_PLOT_ROWS if row in present}
               for reward, label in REWARDS.items()}
+    algorithms = {row: curves(pretrained, points, row, "gold", HELDOUT_DIVERSITY)
+                  for row in ALGORITHM_PLOT_ROWS if row in present}
+    if algorithms:
+        panels[f"{REWARDS['gold']} (DiffusionNFT, MixGRPO)"] = algorithms
     plot_frontiers(panels, path, diversity_label=f"held-out diversity ({HELDOUT_DIVERSITY})",
                    title="Reward vs diversity along training (pretrained, then every 20% of the run)")
 
 
-def plot_grids(out: Path, seed: int, last: int, path: Path) -> None:
+def plot_grids(results: Path, seed: int, last: int, path: Path) -> None:
     """The sample grids of `GRID_ROWS` side by side: same prompts, same noise, the last milestone of `seed`."""
-    files = {row: (out / PRETRAINED / f"samples_{PRETRAINED}.png" if row == PRETRAINED else
-                   seed_dir(out, seed) / row / "eval" / f"samples_{row}@{last}.png") for row in GRID_ROWS}
+    files = {row: (results_store.pretrained_file(results) if row == PRETRAINED else
+                   results_store.run_file(results, seed, row)).with_suffix(".png") for row in GRID_ROWS}
     files = {row: f for row, f in files.items() if f.exists()}
-    cols = 2 if len(files) > 2 else len(files)  # 2 x 2: large enough to tell the digits apart
+    cols = 2 if len(files) <= 4 else 3  # large enough to tell the digits apart
     rows = -(-len(files) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7.0 * cols, 4.8 * rows), squeeze=False)
     for ax in axes.flat[len(files):]:
@@ -261,39 +337,77 @@ def plot_grids(out: Path, seed: int, last: int, path: Path) -> None:
     save_figure(fig, path, f"Evaluation samples, seed {seed}: one row per digit prompt, the same noise in every panel")
 
 
-def write_report(out: Path, mode: Mode) -> str:
-    """Write table.md, table_seed<s>.md, frontier.png and grids.png into `out`; return the claims (markdown)."""
+def _summary(held: Mapping[str, bool], what: str) -> str:
+    names = [r for r, ok in held.items() if ok]
+    return f"holds for {len(names)}/{len(held)} {what}" + (f" ({', '.join(names)})" if names else "")
+
+
+def write_report(results: Path, mode: Mode, report_dir: Path) -> str:
+    """Write table.md, table_seed<s>.md, frontier.png and grids.png into `report_dir` from the kept `results`;
+    return the claims (markdown)."""
     last = milestone_steps(mode.steps)[-1]
-    pretrained, points = load_points(out, mode)
+    pretrained, points = load_points(results, mode)
     tables = final_tables(pretrained, points, last)
     names = list(next(iter(tables.values())))
     normalised = [minmax_table(t, QUALITY, DIVERSITY) for t in tables.values()]
     for seed, table in zip(tables, normalised):
-        atomic_write_text(out / f"table_seed{seed}.md", table_markdown(table))
+        atomic_write_text(report_dir / f"table_seed{seed}.md", table_markdown(table))
     n = len(tables)
     atomic_write_text(
-        out / "table.md",
+        report_dir / "table.md",
         f"Last milestone (step {last}), {n} seed{'s' * (n != 1)} ({', '.join(map(str, tables))}); raw columns are means, "
         f"Q-norm / D-norm / Overall mean ± sd of each seed's min-max over these rows. Diversity and fidelity in the "
         f"spaces no regulariser used ({', '.join(JUDGE_SPACES)}; recall / coverage / precision in {JUDGE_SPACES[0]}, "
         f"against held-out digits).\n\n" + mean_table(normalised, names)
         + f"\nNot judged on: the regulariser's own space ({REGULARISED_SPACE}) and the proxy-gold gap.\n\n"
         + regulariser_space_table(tables, names))
-    plot_frontier(pretrained, points, out / "frontier.png")
-    plot_grids(out, mode.seeds[0], last, out / "grids.png")
-    one, lines1 = claim_one(out, pretrained, points, last)
-    two, lines2 = claim_two(pretrained, points)
-    three, lines3 = claim_three(tables)
+    plot_frontier(pretrained, points, report_dir / "frontier.png")
+    plot_grids(results, mode.seeds[0], last, report_dir / "grids.png")
+    ledger = Ledger()
+    one, lines1 = claim_one(results, pretrained, points, last, ledger)
+    two, lines2 = claim_two(pretrained, points, ledger)
+    three, lines3 = claim_three(tables, ledger)
+    four, lines4 = claim_four(pretrained, points, ledger)
+    five, lines5 = claim_five(pretrained, points, ledger)
     verdict = {True: "**holds**", False: "**does not hold / undecided**"}
-    held2 = [r for r, ok in two.items() if ok]
-    held3 = [r for r, ok in three.items() if ok]
     return "\n".join([
         "# The paper's claims on the embedded world", "",
         f"{n} seed{'s' * (n != 1)}, {mode.steps} steps, verdicts paired over seeds (mean ± 2 SE of the paired "
-        f"differences; 'undecided' when the interval straddles 0, always with one seed).", "",
+        f"differences; 'undecided' when the interval straddles 0, always with one seed; 'fragile' when a bound lies "
+        f"within half an SE of 0). Frontier verdicts are read over the whole shared gold-reward range; the top "
+        f"{TOP_LEVELS} of its 10 levels are shown beside it.", "",
         f"1. Under GRPO the reward rises, the policy entropy is constant, held-out diversity falls: {verdict[one]}",
         *lines1, "",
-        f"2. At equal gold reward PEC and PCGS keep more held-out diversity than GRPO and GRPO + KL: holds for "
-        f"{len(held2)}/{len(two)} rows" + (f" ({', '.join(held2)})" if held2 else ""), "", *lines2, "",
-        f"3. Overall is higher for PEC than for GRPO (full table and the paper's rows): holds for "
-        f"{len(held3)}/{len(three)} PEC rows" + (f" ({', '.join(held3)})" if held3 else ""), *lines3, ""])
+        f"2. At equal gold reward PEC and PCGS keep more held-out diversity than GRPO and GRPO + KL: "
+        f"{_summary(two, 'rows')}", "", *lines2, "",
+        f"3. Overall is higher for PEC than for GRPO (full table and the paper's rows): {_summary(three, 'PEC rows')}",
+        *lines3, "",
+        f"4. At equal gold reward PEC ({PEC_STANDIN}) keeps more held-out diversity than the field's diversity "
+        f"methods: {_summary(four, 'methods') if four else 'not run (no GARDO or DiverseGRPO row)'}", "", *lines4, "",
+        f"5. Under DiffusionNFT and MixGRPO, PEC keeps more held-out diversity than the algorithm alone: "
+        f"{_summary(five, 'algorithms') if five else 'not run (no algorithm pair)'}", "", *lines5, "",
+        *ledger.fragile_lines(), ""])
+
+
+def write_sweep(results: Path, mode: Mode) -> str:
+    """The sweep's report (markdown): per swept setting, its last-milestone gold reward and held-out diversity and
+    its frontier against GRPO (held-out diversity at equal gold reward, whole range and top levels), and the
+    chosen setting: the largest mean whole-range frontier difference."""
+    last = milestone_steps(mode.steps)[-1]
+    pretrained, points = load_points(results, mode)
+    ledger = Ledger()
+    swept = [r for r in mode.rows if r != "grpo"]
+    lines = ["| setting | gold (last) | held-out diversity (last) | vs grpo at equal gold | top levels |",
+             "|---|---|---|---|---|"]
+    score = {}
+    for row in swept:
+        whole = _frontier_verdict(pretrained, points, row, "grpo", "gold", HELDOUT_DIVERSITY, ledger)
+        top = _frontier_verdict(pretrained, points, row, "grpo", "gold", HELDOUT_DIVERSITY, ledger, TOP_LEVELS)
+        score[row] = whole.mean if isinstance(whole, PairedVerdict) else -math.inf
+        gold = _stats([runs[row][last]["gold"] for runs in points.values()])[0]
+        div = _stats([runs[row][last][HELDOUT_DIVERSITY] for runs in points.values()])[0]
+        lines.append(f"| {row} | {gold:.4f} | {div:.3f} | {_cell(whole)} | {_cell(top)} |")
+    chosen = max(score, key=score.get) if score else None
+    return "\n".join(["# DiverseGRPO's setting sweep", "",
+                      f"{len(points)} seeds, {mode.steps} steps; the regulariser space is PEC's ({REGULARISED_SPACE}).",
+                      "", *lines, "", f"Chosen: {chosen} (the largest mean frontier difference against GRPO).", ""])

@@ -25,6 +25,14 @@ ROWS: dict[str, list[str]] = {
     "clip_cov_native": ["--method", "clip_cov", "--cov.variant", "native"],
     "kl_cov": ["--method", "kl_cov", "--cov.variant", "perceptual"],
     "kl_cov_native": ["--method", "kl_cov", "--cov.variant", "native"],
+    # PEC with lambda falling linearly to 0: the bonus keeps diversity early, and the reward can climb as far
+    # as GRPO's by the end, so the frontier is read at GRPO's high-reward end too.
+    "pec_decay": ["--method", "pec", "--pec.lambda", "0.5", "--pec.lambda_end", "0"],
+    # The other RL algorithms alone and with PEC at pec_lambda0.5's lambda (claim 5).
+    "nft": ["--algorithm", "nft", "--method", "none"],
+    "nft_pec": ["--algorithm", "nft", "--method", "pec", "--pec.lambda", "0.5"],
+    "mixgrpo": ["--algorithm", "mixgrpo", "--method", "none"],
+    "mixgrpo_pec": ["--algorithm", "mixgrpo", "--method", "pec", "--pec.lambda", "0.5"],
 }
 COMMON = ["--train.minibatches", "2"]
 ALIASES = {"entropy_bonus": "grpo"}  # table row -> the run it is by construction
@@ -34,7 +42,8 @@ MILESTONES = 5  # evaluated checkpoints per run: every 20% of it
 
 def guided(row: str) -> bool:
     """Whether `row` is a PCGS guided run (evaluated twice: alone and with its guidance)."""
-    return "--pcgs.form" in ROWS[row] and ROWS[row][ROWS[row].index("--pcgs.form") + 1] == "guided"
+    options = options_of(row)
+    return "--pcgs.form" in options and options[options.index("--pcgs.form") + 1] == "guided"
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,25 @@ class Mode:
     budget_min: float
 
 
-MODES = {"quick": Mode(seeds=(0, 1), steps=100, rows=tuple(ROWS), budget_min=45),
-         "full": Mode(seeds=(0, 1, 2), steps=250, rows=tuple(ROWS), budget_min=100)}
+# --quick: the rows each claim needs at least once (GRPO and GRPO + KL, one PEC and one PCGS row, the field's
+# methods, the other algorithms with and without PEC); --full: every row. Budgets are on 2 idle cores; the
+# modes are sized to take at most ~2/3 of them on this project's machine, since another 2-core machine took
+# 1.5x as long.
+# DiverseGRPO's open choices (cluster count, sigma, regularised steps), swept once at --quick's seeds and steps
+# by `--sweep`; the setting it chooses is ROWS["diverse_grpo"].
+SWEEP: dict[str, list[str]] = {}
+
+
+def options_of(row: str) -> list[str]:
+    """The training options of a table or sweep row."""
+    return ROWS[row] if row in ROWS else SWEEP[row]
+
+
+QUICK_ROWS = ("grpo", "grpo_kl", "pec_lambda0.5", "pcgs_policy", "nft", "nft_pec", "mixgrpo", "mixgrpo_pec")
+MODES = {"quick": Mode(seeds=(0, 1), steps=100, rows=QUICK_ROWS, budget_min=45),
+         "full": Mode(seeds=(0, 1, 2), steps=250, rows=tuple(ROWS), budget_min=150),
+         "sweep": Mode(seeds=(0, 1), steps=100, rows=("grpo", *SWEEP), budget_min=45)}
+HEADROOM = 1.5  # slower machine / this machine, measured: a mode's time here must stay under budget / HEADROOM
 
 
 def milestone_steps(steps: int) -> list[int]:

@@ -10,6 +10,9 @@ difference PEC - GRPO against 0); for a claim that something is lower, pass the 
                     analytic entropy bonus, which is GRPO by construction, does not beat GRPO;
 - "undecided":      otherwise, the interval straddles 0 (a difference within the seed noise);
 - one seed:         always "undecided", whatever d is, since one seed cannot estimate the seed noise.
+- fragile:          a verdict whose deciding bound lies within half an SE of the threshold,
+                    |m - 2 se| < se / 2 or |m + 2 se| < se / 2: another machine's rounding (RL amplifies
+                    it) can move it across, so the report marks it. One seed, or se = 0, is never fragile.
 Differences are taken as given, with no tolerance: runs that differ only by floating-point noise are
 judged on that noise (a constant difference of 1e-12 in every seed "holds").
 Two standard errors is the issue's rule, not a 95% interval: with 3 seeds (2 degrees of freedom)
@@ -45,12 +48,21 @@ class PairedVerdict:
     mean: float
     se: float
 
+    @property
+    def fragile(self) -> bool:
+        """Whether a bound of the interval lies within half an SE of 0 (the module's rule)."""
+        if not self.se > 0:  # one seed (nan) or identical runs (0)
+            return False
+        return min(abs(self.mean - 2 * self.se), abs(self.mean + 2 * self.se)) < self.se / 2
+
     def describe(self, digits: int = 3) -> str:
         """One line for a report, e.g. 'holds: mean a - b +0.031, 2 se 0.012 (3 seeds: ...)'."""
         n = len(self.differences)
         seeds = ", ".join(f"{d:+.{digits}f}" for d in self.differences.values())
         spread = "no seed noise estimate" if n < 2 else f"2 se {2 * self.se:.{digits}f}"
-        return f"{self.verdict}: mean a - b {self.mean:+.{digits}f}, {spread} ({n} seed{'s' * (n != 1)}: {seeds})"
+        flag = " (fragile)" if self.fragile else ""
+        return (f"{self.verdict}{flag}: mean a - b {self.mean:+.{digits}f}, {spread} ({n} seed{'s' * (n != 1)}: "
+                f"{seeds})")
 
 
 def verdict_from_differences(differences: Mapping[int, float]) -> PairedVerdict:
@@ -77,10 +89,11 @@ def paired_verdict(a: Mapping[int, float], b: Mapping[int, float]) -> PairedVerd
 
 
 def frontier_claim(curves_a: Mapping[int, Curve], curves_b: Mapping[int, Curve],
-                   n_levels: int = N_LEVELS) -> PairedVerdict:
+                   n_levels: int = N_LEVELS, top: int | None = None) -> PairedVerdict:
     """Judge "a keeps more diversity than b at equal reward" over seeds: the per-seed frontier
-    differences (`pec.experiments.frontier.frontier_differences`) against 0."""
-    return verdict_from_differences(frontier_differences(curves_a, curves_b, n_levels))
+    differences (`pec.experiments.frontier.frontier_differences`, over the highest `top` levels when
+    given) against 0."""
+    return verdict_from_differences(frontier_differences(curves_a, curves_b, n_levels, top))
 
 
 def paper_subset(pec_row: str, pcgs_row: str, baselines: Sequence[str] = PAPER_BASELINES) -> list[str]:

@@ -2,7 +2,8 @@
 
 - `none` (also spelled `grpo`, its name before algorithms other than Flow-GRPO existed): the reward
   itself in every column.
-- `pec` (DESIGN.md 2.4): R~_t = R + lambda * omega_t * surprisal (`pec.regularizers.pec_reward`).
+- `pec` (DESIGN.md 2.4): R~_t = R + lambda * omega_t * surprisal (`pec.regularizers.pec_reward`); lambda
+  constant, or linear over the run to `pec.lambda_end`.
 - `entropy_bonus`: the analytic policy entropy in the loss, -coef * H(pi_t) per trained step. H depends on
   the schedule only, so the term is a constant with no gradient: the run equals plain RL (the paper's
   diagnosis). Needs Gaussian SDE steps.
@@ -34,9 +35,16 @@ class PEC(Method):
 
     name = "pec"
 
+    def lam(self, step: int) -> float:
+        """lambda at training step `step` (1-based): pec.lambda, or its linear schedule to pec.lambda_end."""
+        start, end, steps = self.cfg.pec.lambda_, self.cfg.pec.lambda_end, self.cfg.train.steps
+        if end is None or steps <= 1:
+            return start
+        return start + (end - start) * (min(step, steps) - 1) / (steps - 1)
+
     def shape(self, inputs: ShapingInputs, ctx: StepContext) -> torch.Tensor:
         omega = omega_weights(self.cfg.pec.omega, inputs.columns, device=inputs.rewards.device)
-        return pec_reward(inputs.rewards, inputs.surprisal, self.cfg.pec.lambda_, omega)
+        return pec_reward(inputs.rewards, inputs.surprisal, self.lam(ctx.step), omega)
 
 
 class _EntropyBonusTerms(LossTerms):
