@@ -26,6 +26,12 @@ def check_run(cfg: Config) -> Config:
     cfg.validate()
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths, video=is_video_model(cfg.model.name), http=cfg.reward_http)
+    if cfg.method == "gardo" and cfg.gardo.aux_rewards:  # scored by GARDO's gate beside the trained reward
+        try:
+            check_reward_spec(",".join(cfg.gardo.aux_rewards), cfg.paths, video=is_video_model(cfg.model.name),
+                              http=cfg.reward_http)
+        except ValueError as err:
+            raise ValueError(str(err).replace("--reward", "--gardo.aux_rewards", 1)) from None
     check_spaces(cfg.perceptual.spaces, cfg.paths)
     if cfg.perceptual.space in EVAL_ONLY_SPACES:
         raise ValueError(f"perceptual.space {cfg.perceptual.space!r} is an evaluation-only space (the paper table "

@@ -66,7 +66,7 @@ def valid_pairs(valid: torch.Tensor) -> torch.Tensor:
     return valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=valid.device)
 
 
-def gaussian_affinity(features: torch.Tensor, valid: torch.Tensor | None = None, *, sigma_scale: float = 1.0
+def gaussian_affinity(features: torch.Tensor, valid: torch.Tensor | None = None, *, sigma_scale: float = 0.5
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The affinity W_ij = exp(-d_ij^2 / (2 sigma^2)) of each group's samples, in float64.
 
@@ -156,6 +156,7 @@ def _kmeans(rows: torch.Tensor, valid: torch.Tensor, active: torch.Tensor, itera
     g, n, top = rows.shape
     far = torch.finfo(rows.dtype).max
     batch = torch.arange(g, device=rows.device)
+    centre_ids = torch.arange(top, device=rows.device)
     first = valid.double().argmax(dim=1)  # the first valid sample (0 for an empty group)
     centres = [rows[batch, first]]
     nearest = (rows - centres[0][:, None, :]).square().sum(dim=2)
@@ -168,7 +169,7 @@ def _kmeans(rows: torch.Tensor, valid: torch.Tensor, active: torch.Tensor, itera
     for step in range(iterations + 1):
         distance = torch.cdist(rows, centre).masked_fill(~active[:, None, :], far)
         labels = distance.argmin(dim=2)
-        member = torch.nn.functional.one_hot(labels, top).double() * valid[..., None]
+        member = ((labels[..., None] == centre_ids) & valid[..., None]).double()  # one_hot would read its range
         counts = member.sum(dim=1)
         if step == iterations:
             break
