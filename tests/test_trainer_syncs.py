@@ -23,7 +23,8 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method,algorithm", [("grpo", "flow_grpo"), ("pec", "flow_grpo"), ("pec", "grpo_guard")])
+@pytest.mark.parametrize("method,algorithm", [("grpo", "flow_grpo"), ("pec", "flow_grpo"), ("pec", "grpo_guard"),
+                                              ("gardo", "flow_grpo"), ("diverse_grpo", "flow_grpo")])
 def test_an_embedded_step_syncs_only_where_documented(world, tmp_path, method, algorithm):
     trainer = Trainer(tiny_config(world, tmp_path, method=method, algorithm=algorithm, device="cuda",
                                   train={"steps": 3}))

@@ -44,6 +44,7 @@ from pec.methods.base import LossTerms, Method, ShapingInputs, StepContext, Term
 from pec.methods.reference_kl import ReferenceKLTerms
 from pec.methods.registry import METHODS
 from pec.methods.spectral import valid_pairs
+from pec.rewards import reward_for_run
 from pec_kernels import check_tensor
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def ranks(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each column's descending rank among the valid rows (1 = best; ties by row order), as float64; masked
     rows rank after every valid one. values: (B,) or (B, A)."""
     v = values.double().reshape(values.shape[0], -1)
-    key = torch.where(valid[:, None], v, v.new_tensor(-torch.inf))
+    key = torch.where(valid[:, None], v, -torch.inf)
     order = torch.argsort(key, dim=0, descending=True, stable=True)
     position = torch.arange(1, v.shape[0] + 1, dtype=torch.float64, device=v.device)[:, None].expand_as(v)
     out = torch.empty_like(v).scatter_(0, order, position)
@@ -150,7 +151,7 @@ def gardo_gate(main: torch.Tensor, aux: torch.Tensor, valid: torch.Tensor, fract
     check_tensor("aux", aux, ndims=(2,))
     u = ranks(aux, valid).mean(dim=1) - ranks(main, valid)
     positive = valid & (u > 0)
-    key = torch.where(positive, u, u.new_tensor(-torch.inf))
+    key = torch.where(positive, u, -torch.inf)
     place = ranks(key, positive)  # 1 = the largest u among the positive ones
     quota = torch.ceil(fraction * positive.double().sum())
     return positive & (place <= quota)
@@ -207,8 +208,6 @@ class GARDO(Method):
 
     def _aux_rewards(self, inputs: ShapingInputs) -> list[torch.Tensor]:
         """This rank's auxiliary rewards (B_local,) each, scored in micro-batches like the main reward."""
-        from pec.rewards import reward_for_run
-
         cfg = self.cfg
         if self._aux is None:
             self._aux = {name: reward_for_run(name, cfg, inputs.rewards.device) for name in cfg.gardo.aux_rewards}

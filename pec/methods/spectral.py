@@ -161,7 +161,7 @@ def _kmeans(rows: torch.Tensor, valid: torch.Tensor, active: torch.Tensor, itera
     centres = [rows[batch, first]]
     nearest = (rows - centres[0][:, None, :]).square().sum(dim=2)
     for _ in range(1, top):  # K - 1 picks, a fixed count: no loop over groups
-        nearest = torch.where(valid, nearest, nearest.new_tensor(-1.0))
+        nearest = torch.where(valid, nearest, -1.0)
         pick = rows[batch, nearest.argmax(dim=1)]
         centres.append(pick)
         nearest = torch.minimum(nearest, (rows - pick[:, None, :]).square().sum(dim=2))
