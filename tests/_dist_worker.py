@@ -3,7 +3,7 @@ rewards and advantages, the reduced gradient of every update, and the metric row
 
 Run in-process (`run_and_capture`) for the one-process reference, or under torchrun:
     torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py WORLD OUT PLACEMENT STEPS [lora|full]
-        [pec|guided|mixgrpo|diverse_grpo] [PROMPTS]
+        [pec|guided|mixgrpo] [PROMPTS]
 Not a test module (pytest collects only test_*.py).
 """
 import sys
@@ -26,9 +26,7 @@ SIZES = {"sampling": {"prompts_per_step": 2, "group_size": 4}, "train": {"micro_
 METHODS = {"pec": {"method": "pec"}, "guided": {"method": "pcgs", "pcgs": {"form": "guided"}},
            # MixGRPO with PEC: the window [0, 1) at step 1, [1, 2) at step 2, one initial noise per group
            "mixgrpo": {"method": "pec", "algorithm": "mixgrpo",
-                       "mixgrpo": {"window_size": 1, "shift_interval": 1, "limit": 2}},
-           # DiverseGRPO's clusters over whole groups (gathered under spread) and its early-step KL
-           "diverse_grpo": {"method": "diverse_grpo", "diverse_grpo": {"reg_steps": 1, "clusters": 2}}}
+                       "mixgrpo": {"window_size": 1, "shift_interval": 1, "limit": 2}}}
 
 
 def dist_config(world: Path, run_dir: Path, placement: str, steps: int, method: str = "pec", prompts: int = 2,

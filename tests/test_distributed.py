@@ -78,12 +78,10 @@ ROLLOUT_KEYS = ("reward_mean", "reward_group_std", "shaped_reward_mean", "mask/i
                 "mask/masked_samples", "mask/masked_groups")
 
 
-@pytest.mark.parametrize("placement, method", [("contiguous", "pec"), ("spread", "guided"), ("spread", "mixgrpo"),
-                                               ("spread", "diverse_grpo")])
+@pytest.mark.parametrize("placement, method", [("contiguous", "pec"), ("spread", "guided"), ("spread", "mixgrpo")])
 def test_two_processes_match_one(world, single, tmp_path, placement, method):
-    # Under spread, the PCGS guided form's entropy gradient flows through a differentiable gather,
-    # MixGRPO's groups share their initial noise across ranks, and DiverseGRPO clusters whole groups gathered
-    # from both ranks.
+    # Under spread, the PCGS guided form's entropy gradient flows through a differentiable gather, and
+    # MixGRPO's groups share their initial noise across ranks.
     if method != "pec":
         single = run_and_capture(world, tmp_path / "single", placement, 2, "lora", method)
     ranks = _two_process_capture(world, tmp_path / "two", placement, method=method)
