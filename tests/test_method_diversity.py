@@ -7,7 +7,7 @@ seeds (16 images of each digit prompt) in the evaluation-only space simclr_eval:
 - each method, at its defaults in the regulariser's space (simclr), keeps more (over the two seeds: GARDO's
   novelty weights move little per step, about +1% here), at a training reward no more than 0.01 below GRPO's,
   so that the diversity is not bought by not learning.
-Each seed is a process of its own, two at a time (about 35 s on two idle cores)."""
+Each seed is a process of its own, two at a time (25 s each on this project's CPU machine)."""
 import json
 import subprocess
 import sys

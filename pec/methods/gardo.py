@@ -25,7 +25,8 @@ What is built, and its defaults:
   (`pec.policy.Policy.track_reference`, the starting policy at first), reset to the current policy before a
   step when the previous step's mean gated KL exceeded `--gardo.reset_kl` (3e-4) or `--gardo.reset_every` (15)
   steps have passed since the last reset. The decision stays on the device (`Policy.reset_reference`); the copy,
-  the last reset and the last KL are checkpointed. false = the reference is the base model (adapters off).
+  the last reset and the last KL are checkpointed. --train.kl_beta's KL, if set too, uses the same reference.
+  false = the reference is the base model (adapters off, or the frozen copy under full fine-tuning).
 The authors also weight each step's policy loss by its noise std over the steps' mean; that is Flow-GRPO's
 loss, which this regulariser does not change.
 
