@@ -483,10 +483,10 @@ class GardoConfig:
     scale: str = option("none", f"one of {GARDO_SCALES}: 'none' = the paper's advantage (r - group mean) x w, in "
                                 f"the reward's units (no std division); 'global' = divided by the batch's reward "
                                 f"std + 1e-4, i.e. GRPO's step size with --train.global_std")
-    kl_coef: float = option(0.0, "weight of the gated KL to the reference (the KL of --train.kl_units, on the gated "
-                                 "samples only, averaged over the batch); 0 = off (default: the advantage alone). "
-                                 "The authors' 0.01-0.07 are in Flow-GRPO's units (--train.kl_units flow_grpo). "
-                                 "Needs --gardo.aux_rewards", min=0)
+    kl_coef: float = option(0.0, "weight of the gated KL to the reference (the KL of --train.kl_units, averaged over "
+                                 "the gated samples of each micro-batch, as the authors' beta); 0 = off (default: "
+                                 "the advantage alone). The authors' 0.01-0.07 are in Flow-GRPO's units "
+                                 "(--train.kl_units flow_grpo). Needs --gardo.aux_rewards", min=0)
     aux_rewards: list[str] | None = option(None, "auxiliary rewards (pec.rewards names, scored on every sample and "
                                                  "never trained on) whose ranks the gate compares with the main "
                                                  "reward's, e.g. 'contrast smoothness' on the embedded world (the "

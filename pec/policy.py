@@ -225,6 +225,7 @@ class Policy:
                                  "algorithm needs one")
             yield self._reference
 
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 parameter (a DTensor), written in place through; `t` otherwise."""
     from torch.distributed.tensor import DTensor

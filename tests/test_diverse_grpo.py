@@ -123,6 +123,8 @@ def test_the_regulariser_weights_the_kl_of_exactly_its_columns():
     assert terms.piece_loss(0, loss, step, idx).item() == pytest.approx(0.5 * (0.2 + 0.4) / 3)
     terms.piece_loss(2, loss, step, idx)
     assert terms.counts()["reg"].item() == pytest.approx((0.2 + 0.4) * 2 / 4)  # the masked sample's 7 left out
+    gated = ReferenceKLTerms(0.5, valid.float(), [0], lambda t: t, "gated", over_weighted=True)  # GARDO's mean
+    assert gated.piece_loss(0, loss, step, idx).item() == pytest.approx(0.5 * (0.2 + 0.4) / 2)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ What is built, and its defaults:
   Their gate fraction adapts within [0.02, 0.2] from 0.1 (`RiskCompensator`); here it is fixed (the option).
   Without auxiliary rewards there is nothing to disagree with: the gated KL is refused (`Config.validate`), and
   --train.kl_beta is the ungated KL. The KL is the fused step KL of `--train.kl_units` (the authors':
-  mean (mu - mu_ref)^2 / (2 std_dev_t^2), Flow-GRPO's units), weighted per piece like --train.kl_beta, so an
-  ungated sample adds 0 to the piece's mean (the authors average over the gated samples only).
+  mean (mu - mu_ref)^2 / (2 std_dev_t^2), Flow-GRPO's units), averaged in each (trained step, micro-batch)
+  piece over its gated samples, as the authors do, so that --gardo.kl_coef is their beta.
 - the reference reset (`--gardo.reset_reference`, on with the gated KL): the reference is a copy of the policy
   (`pec.policy.Policy.track_reference`, the starting policy at first), reset to the current policy before a
   step when the previous step's mean gated KL exceeded `--gardo.reset_kl` (3e-4) or `--gardo.reset_every` (15)
@@ -243,7 +243,7 @@ class GARDO(Method):
             self._reset(ctx.step)
         weight = self._step["gate"][ctx.index].float()
         self._terms = ReferenceKLTerms(self.cfg.gardo.kl_coef, weight, range(inputs.log_probs.shape[1]), ctx.gather,
-                                       "gardo/kl_gated")
+                                       "gardo/kl_gated", over_weighted=True)
         return self._terms
 
     def _previous_kl(self) -> torch.Tensor | None:
