@@ -33,6 +33,12 @@ def check_run(cfg: Config) -> Config:
     cfg.validate()
     check_model_config(cfg.model, cfg.sampling.guidance_scale)
     check_reward_spec(cfg.reward, cfg.paths, video=is_video_model(cfg.model.name), http=cfg.reward_http)
+    if cfg.method == "gardo" and cfg.gardo.aux_rewards:  # scored by GARDO's gate beside the trained reward
+        try:
+            check_reward_spec(",".join(cfg.gardo.aux_rewards), cfg.paths, video=is_video_model(cfg.model.name),
+                              http=cfg.reward_http)
+        except ValueError as err:
+            raise ValueError(str(err).replace("--reward", "--gardo.aux_rewards", 1)) from None
     check_spaces(cfg.perceptual.spaces, cfg.paths)
     for field in dataclasses.fields(cfg.paths):
         setattr(cfg.paths, field.name, pin_revision(getattr(cfg.paths, field.name)))

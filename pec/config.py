@@ -44,6 +44,7 @@ WAN_EXPERTS = ("both", "high", "low")  # which Wan2.2 A14B experts train (`pec.m
 NFT_SOLVERS = ("dpm2", "euler")  # DiffusionNFT's rollout solver (`pec.sampling.sample`'s solver)
 MIXGRPO_STRATEGIES = ("progressive", "decay", "exp_decay", "random", "frozen")  # pec.algorithms.mixgrpo
 WANDB_MODES = ("online", "offline", "disabled")  # Weights & Biases' modes (`pec.logging_utils.WandbLog`)
+GARDO_SCALES = ("none", "global")  # GARDO's advantage: unscaled (the paper's) or over the batch std (pec.methods.gardo)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -513,6 +514,62 @@ class GrpoGuardConfig:
 
 
 @dataclasses.dataclass
+class GardoConfig:
+    """GARDO (--method gardo, arXiv 2512.24138; pec.methods.gardo): the diversity-aware advantage in
+    --perceptual.space, and its optional gated KL with reference resets. The default is the advantage alone."""
+
+    scale: str = option("none", f"one of {GARDO_SCALES}: 'none' = the paper's advantage (r - group mean) x w, in "
+                                f"the reward's units (no std division); 'global' = divided by the batch's reward "
+                                f"std + 1e-4, i.e. GRPO's step size with --train.global_std")
+    kl_coef: float = option(0.0, "weight of the gated KL to the reference (the KL of --train.kl_units, averaged over "
+                                 "the gated samples of each micro-batch, as the authors' beta); 0 = off (default: "
+                                 "the advantage alone). The authors' 0.01-0.07 are in Flow-GRPO's units "
+                                 "(--train.kl_units flow_grpo). Needs --gardo.aux_rewards", min=0)
+    aux_rewards: list[str] | None = option(None, "auxiliary rewards (pec.rewards names, scored on every sample and "
+                                                 "never trained on) whose ranks the gate compares with the main "
+                                                 "reward's, e.g. 'contrast smoothness' on the embedded world (the "
+                                                 "authors: aesthetic imagereward)")
+    gate_fraction: float = option(0.1, "the gate keeps this top fraction of the samples whose main reward ranks "
+                                       "better than their auxiliary rewards (by the rank gap): the authors' starting "
+                                       "kl_perc 0.1 (they adapt it within [0.02, 0.2])", positive=True, max=1)
+    reset_reference: bool = option(True, "with the gated KL: the reference is a copy of the policy, reset to the "
+                                         "policy when the previous step's gated KL exceeded --gardo.reset_kl or "
+                                         "--gardo.reset_every steps have passed; false = the base model")
+    reset_kl: float = option(3e-4, "reset the reference after a step whose mean gated KL (in --train.kl_units) "
+                                   "exceeded this (the authors' kl_thres 3e-4, in Flow-GRPO's units)", positive=True)
+    reset_every: int = option(15, "reset the reference when this many steps have passed since the last reset (the "
+                                  "authors' reset_freq 15; their check `> 15` resets on the 16th)", min=1)
+
+
+@dataclasses.dataclass
+class DiverseGrpoConfig:
+    """DiverseGRPO (--method diverse_grpo, arXiv 2512.21514; pec.methods.diverse_grpo): R = Q + beta sqrt(N / n_c)
+    with n_c the size of the sample's spectral cluster in its group (--perceptual.space), plus a KL to the
+    reference on the first denoising steps. Its code is not public: the cluster count, sigma, the features'
+    normalisation and the regularised steps are this project's choices (defaults below; sweep them)."""
+
+    beta: float = option(3.0, "weight of the cluster-size bonus sqrt(N / n_c) added to the reward (the paper's 3)",
+                         min=0)
+    clusters: int = option(0, "clusters per group: 0 = each group's largest eigengap of its normalised Laplacian "
+                              "among 1 .. max_clusters (a collapsed group is then one cluster: no bonus spread); "
+                              "k > 0 = k for every group (at most sampling.group_size)", min=0)
+    max_clusters: int = option(4, "the most clusters the eigengap may choose (clamped to group_size - 1)", min=1)
+    sigma_scale: float = option(0.5, "sigma of the affinity exp(-d^2 / (2 sigma^2)) = this x the median distance "
+                                     "between the group's samples (0.5: recovers 2-4 separated clusters of 24 and "
+                                     "splits no single Gaussian blob of 4+ dimensions in our checks; 1.0 merges "
+                                     "them)", positive=True)
+    normalize: bool = option(True, "L2-normalise the features before the distances (cosine geometry, as CLIP / "
+                                   "DINO features are compared); false = raw Euclidean")
+    kmeans_iters: int = option(10, "Lloyd iterations of the k-means on the spectral embedding (fixed: no "
+                                   "convergence test, no host read)", min=1)
+    reg_coef: float = option(0.04, "weight of the early-step regulariser: the KL ||mu_theta - mu_ref||^2 / (2 s^2) "
+                                   "of --train.kl_units to the reference on the first --diverse_grpo.reg_steps "
+                                   "denoising steps; 0 = off (the bonus alone, which --algorithm nft needs)", min=0)
+    reg_steps: int = option(3, "the regulariser acts on denoising steps 0 .. reg_steps - 1 that are trained (3 of "
+                               "10: where the layout forms)", min=1)
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a training run needs; saved as config.yaml in the run folder."""
 
@@ -527,8 +584,10 @@ class Config:
                                 "entropy_bonus / perc_entropy_bonus (the policy / perceptual entropy, analytic: "
                                 "constants with no gradient), entropy_sample (per-sample -log pi reward bonus; pec "
                                 "is the perceptual per-sample reading), clip_cov / kl_cov (Cui et al.'s Clip-Cov and "
-                                "KL-Cov, --cov.*). GRPO + KL is none with --train.kl_beta > 0, Clip-Higher is none "
-                                "with --train.clip_range_high > --train.clip_range")
+                                "KL-Cov, --cov.*), gardo (GARDO's diversity-aware advantage, --gardo.*), diverse_grpo "
+                                "(DiverseGRPO's spectral-cluster bonus and early-step KL, --diverse_grpo.*). GRPO + KL "
+                                "is none with --train.kl_beta > 0, Clip-Higher is none with --train.clip_range_high > "
+                                "--train.clip_range")
     reward: str = option("digit", "training reward (pec.rewards.REWARDS), or a weighted sum of several: "
                                   "'pickscore:1.0,jpeg:0.1'")
     assets: str | None = option(None, "folder of the reward and perceptual-encoder weights; empty = the ones "
@@ -559,6 +618,8 @@ class Config:
     mixgrpo: MixGrpoConfig = option(MixGrpoConfig(), "")
     flow_grpo_fast: FlowGrpoFastConfig = option(FlowGrpoFastConfig(), "")
     grpo_guard: GrpoGuardConfig = option(GrpoGuardConfig(), "")
+    gardo: GardoConfig = option(GardoConfig(), "")
+    diverse_grpo: DiverseGrpoConfig = option(DiverseGrpoConfig(), "")
 
     def validate(self) -> Config:
         """Raise ValueError, saying what to change, for options that cannot run together; return self.
@@ -583,6 +644,7 @@ class Config:
         _choice("nft.solver", self.nft.solver, NFT_SOLVERS)
         if self.logging.wandb_mode is not None:
             _choice("logging.wandb_mode", self.logging.wandb_mode, WANDB_MODES)
+        _choice("gardo.scale", self.gardo.scale, GARDO_SCALES)
         if self.train.kl_units == "flow_grpo" and self.sampling.kind == "dance":
             raise ValueError("train.kl_units flow_grpo is defined for sampling.kind flow and cps only (Flow-GRPO has "
                              "no KL for DanceGRPO's SDE): use --train.kl_units exact with --sampling.kind dance")
@@ -617,6 +679,13 @@ class Config:
         if t.minibatches > s.prompts_per_step * s.group_size:
             raise ValueError(f"train.minibatches ({t.minibatches}) cannot exceed the batch size "
                              f"prompts_per_step x group_size = {s.prompts_per_step * s.group_size}")
+        if self.method == "gardo" and self.gardo.kl_coef > 0 and not self.gardo.aux_rewards:
+            raise ValueError("gardo.kl_coef gates the KL to the samples whose main reward ranks better than their "
+                             "auxiliary rewards, and there are none: name them with --gardo.aux_rewards (e.g. contrast "
+                             "smoothness), or use --train.kl_beta for an ungated KL")
+        if self.diverse_grpo.clusters > s.group_size:
+            raise ValueError(f"diverse_grpo.clusters ({self.diverse_grpo.clusters}) cannot exceed sampling.group_size "
+                             f"({s.group_size}): a group has that many samples to cluster")
         if self.resume and not self.run_dir:
             raise ValueError("--resume needs --run-dir: the run folder to continue")
         return self

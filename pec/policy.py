@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import nn
 from pec.checkpoint import config_mismatch
 from pec.config import Config, to_dict
 from pec.distributed import (full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state,
-                             load_sharded_transformer, replicate_transformer, uniform_trainable_dtype)
+                             load_sharded_transformer, replicate_transformer, reshard, uniform_trainable_dtype)
 from pec.models import MODELS
 from pec.models.base import FlowModel
 
@@ -37,7 +37,9 @@ class Policy:
 
     With LoRA (peft through diffusers' adapter API) only the adapters train and the reference is the
     same network with the adapters disabled; with full fine-tuning the transformer trains and the
-    reference is a frozen copy (made only when a KL term needs it).
+    reference is a frozen copy (made only when a KL term needs it). A regulariser may instead make the
+    reference a copy of the policy that it resets along training (`track_reference`, GARDO's): the
+    reference is then the model holding those values (`holding`).
 
     Memory with several processes: with LoRA every rank loads the whole base model (frozen, as with one
     process) and DDP averages the adapters' gradients. With full fine-tuning no rank ever holds a whole
@@ -101,6 +103,10 @@ class Policy:
         if cfg.model.compile:
             # In place (nn.Module.compile): the adapters' and diffusers' attributes stay reachable.
             self.model.transformer.compile()
+        # The trainable parameters as the optimizer gets them (under FSDP2 the sharded ones, which a forward
+        # swaps for unsharded views), and the values of a tracked reference (`track_reference`).
+        self.params = self.trainable_parameters()
+        self._tracked: list[torch.Tensor] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates."""
@@ -151,9 +157,68 @@ class Policy:
         load_full_model_state(self.model, state)
 
     @contextlib.contextmanager
+    def holding(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Within the context the trainable parameters (`params`) hold `values` (one tensor like each, e.g.
+        DiffusionNFT's old policy); on exit they hold theta again, bit for bit (in-place copies: FSDP2's shards
+        and DDP's parameters stay the same tensors)."""
+        with torch.no_grad():
+            stash = [p.detach().clone() for p in self.params]
+        self._write(values)
+        try:
+            yield
+        finally:
+            self._write(stash)
+
+    def _write(self, values: Sequence[torch.Tensor]) -> None:
+        """Copy `values` into the trainable parameters. Under FSDP2 the parameters are this rank's shards, and
+        the root module keeps its gathered parameters after a forward: drop them, or the next forward would
+        run on the values from before the copy."""
+        with torch.no_grad():
+            for p, value in zip(self.params, values):
+                p.copy_(value)
+        if self.sharded:
+            reshard(self.model.transformer)
+
+    def values_state(self, values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`values` of the trainable parameters as a `trainable_state` (by name, whole, on the CPU; a
+        collective under FSDP2: every rank calls it)."""
+        with self.holding(values):
+            return self.trainable_state()
+
+    def load_values_state(self, values: Sequence[torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        """Load a `values_state` into `values` (sharded again where the parameters are)."""
+        with self.holding(values):
+            self.load_trainable_state(state)
+            with torch.no_grad():
+                for value, p in zip(values, self.params):
+                    value.copy_(p)
+
+    def track_reference(self) -> list[torch.Tensor]:
+        """Make the reference a copy of the policy as it is now: from here on `reference()` gives the model
+        holding these values (adapters enabled), which `reset_reference` moves to the policy. Returns them
+        (for a checkpoint: `values_state`, `load_values_state`)."""
+        with torch.no_grad():
+            self._tracked = [p.detach().clone() for p in self.params]
+        return self._tracked
+
+    def reset_reference(self, flag: torch.Tensor) -> None:
+        """Where the 0-dim bool `flag` is true, the tracked reference becomes the policy (a copy of theta); the
+        flag stays on the device (no host read). Only after `track_reference`."""
+        if self._tracked is None:
+            raise ValueError("reset_reference needs a tracked reference: call track_reference first")
+        with torch.no_grad():
+            for value, p in zip(self._tracked, self.params):
+                local, current = _local(value), _local(p)
+                local.copy_(torch.where(flag, current, local))
+
+    @contextlib.contextmanager
     def reference(self) -> Iterator[FlowModel]:
-        """Context giving the reference model: adapters disabled (LoRA) or the frozen copy."""
-        if self.lora:
+        """Context giving the reference model: the model holding the tracked reference (`track_reference`),
+        else adapters disabled (LoRA) or the frozen copy."""
+        if self._tracked is not None:
+            with self.holding(self._tracked):
+                yield self.model
+        elif self.lora:
             self.model.transformer.disable_adapters()
             try:
                 yield self.model
@@ -164,6 +229,14 @@ class Policy:
                 raise ValueError("full fine-tuning keeps a reference copy only when --train.kl_beta > 0 or the "
                                  "algorithm needs one")
             yield self._reference
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor), written in place through; `t` otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
 
 def latent_dim(model: FlowModel) -> int:
     """Number of elements D of one latent (the dimension of each step's Gaussian policy)."""

@@ -1,11 +1,13 @@
 """The trainer's host synchronisations, named in one place.
 
-A training step reads device values on the host at exactly these two points, each wrapped in
+A training step reads device values on the host at exactly these points, each wrapped in
 `documented_sync`, and nowhere else (a GPU test runs a step under
 `torch.cuda.set_sync_debug_mode("error")`, which these contexts lift):
 - the decision of each optimizer update, once per update, in one read: whether its loss and gradient
   norm are finite and whether its minibatch (and the step) holds a valid sample;
-- the logged scalars, once per step, in one read.
+- the logged scalars, once per step, in one read;
+- with `--method diverse_grpo`, torch's convergence check of the step's one batched `torch.linalg.eigh` (all
+  groups' Laplacians at once, `pec.methods.spectral`): torch offers no unchecked eigh on a GPU.
 The step's validity mask (`pec.run_safety`) is never read on the host: the entropy estimators, the
 diversity metric, the advantages and the losses take it on the device as a mask of fixed shape.
 """

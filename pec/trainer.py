@@ -122,8 +122,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.prompts = list(prompts) if prompts is not None else default_prompts(cfg.data.prompts)
+        self.method = build_method(cfg)
         self.policy = Policy(cfg, self.device, shard=self.dist.active,
-                             reference=algorithm_class(cfg).needs_reference(cfg))
+                             reference=algorithm_class(cfg).needs_reference(cfg) or self.method.needs_reference())
         self.model = self.policy.model
         # A video model's clips: the rewards see --reward_video.frames of their frames, the spaces pool theirs.
         self.reward_fn = reward_for_run(cfg.reward, cfg, self.device)
@@ -135,9 +136,9 @@ class Trainer:
         self.start_step = 0
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
         self.preemption = PreemptionHandler()  # installed for the duration of `run`
-        self.method = build_method(cfg)
         self.algorithm = build_algorithm(cfg, Learner(cfg, self.policy, self.optimizer, self.dist, self.device,
                                                       self.preemption))
+        self.method.bind(self.policy)
         if cfg.resume:
             self.resume()
         self.last_complete, self.last_saved, self.last_rng = self.start_step, self.start_step, rng_state()
@@ -239,6 +240,7 @@ class Trainer:
         model_state = self.policy.trainable_state()
         optimizer_state = self.policy.optimizer_state(self.optimizer)
         algorithm_state = self.algorithm.state_dict()  # on every rank too: it may gather a sharded state
+        method_state = self.method.state_dict()  # likewise
         try:
             if not self.dist.is_main:
                 bad = nonfinite_entries({"model": model_state, "optimizer": optimizer_state})
@@ -246,7 +248,7 @@ class Trainer:
                     raise NonFiniteStateError(f"the state of step {step} holds NaN/Inf in {bad[0]}")
             else:
                 extra = {"guard": self.guard.state(), **self.perceptual.state_dict(),
-                         "algorithm": algorithm_state}
+                         "algorithm": algorithm_state, "method": method_state}
                 save_checkpoint(self.run_dir, step=step, model_state=model_state, optimizer_state=optimizer_state,
                                 config=to_dict(self.cfg), rng=self.last_rng, extra=extra,
                                 keep=self.cfg.logging.keep_checkpoints, milestone=milestone)
@@ -292,6 +294,7 @@ class Trainer:
         self.guard.load_state(extra.get("guard", {}))
         self.perceptual.load_state_dict(extra, self.device)
         self.algorithm.load_state_dict(extra.get("algorithm", {}))
+        self.method.load_state_dict(extra.get("method", {}))
         self.start_step = ckpt["step"]
         if self.dist.is_main:
             print(f"pec.train: resuming from {ckpt['path']} (step {self.start_step})", file=sys.stderr)
@@ -331,7 +334,8 @@ class Trainer:
             times["perceptual"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            batch, rewards, shaped = self.shape(step, rollout, masks, rewards, surprisal)
+            batch, rewards, shaped = self.shape(step, rollout, masks, rewards, surprisal,
+                                                feats[self.cfg.perceptual.space])
             train_row, causes = self.algorithm.update(batch)
             times["train"] = time.perf_counter() - t
             times["step"] = time.perf_counter() - t0
@@ -388,17 +392,18 @@ class Trainer:
             rollout.means = zero_invalid(rollout.means, local_valid, dim=1)
         return _Masks(trained, rows, finite, valid, local_valid)
 
-    def shape(self, step: int, rollout: Rollout, masks: _Masks, rewards: torch.Tensor, surprisal: torch.Tensor
-              ) -> tuple[UpdateBatch, torch.Tensor, torch.Tensor]:
+    def shape(self, step: int, rollout: Rollout, masks: _Masks, rewards: torch.Tensor, surprisal: torch.Tensor,
+              features: torch.Tensor) -> tuple[UpdateBatch, torch.Tensor, torch.Tensor]:
         """Phase 3: the regulariser's shaped rewards (B_local, C), gathered with the rewards over the global
         batch, and the advantages (group-normalised, or the regulariser's own); returns the update's batch
-        and the global rewards (B,) and shaped rewards (B, C) for the metrics."""
+        and the global rewards (B,) and shaped rewards (B, C) for the metrics. `features` are this rank's
+        (B_local, D) in the regulariser's space."""
         cfg = self.cfg
         ctx = StepContext(step, cfg, self.gather, self.index)
         columns = self.algorithm.columns(masks.trained)
         log_probs = rollout.log_probs[masks.rows].T.float() if "log_probs" in self.algorithm.provides else None
         shaped = self.method.shape(ShapingInputs(rewards, surprisal, log_probs, rollout.latents[-1], masks.local_valid,
-                                                 columns), ctx)
+                                                 columns, features, rollout.images, rollout.prompts), ctx)
         # Group statistics need every reward of a group: gather [R, R~] (B x (1 + C) floats).
         both = self.gather(torch.cat([rewards[:, None], shaped], dim=1))
         rewards, shaped = both[:, 0], both[:, 1:]
@@ -413,7 +418,7 @@ class Trainer:
             step_entropy = (policy_entropy(rollout.step_std[masks.trained], latent_dim(self.model)).tolist()
                             if "policy_entropy" in self.algorithm.provides else [])
             terms = self.method.loss_terms(TermsInputs(log_probs, surprisal, advantages, masks.valid, step_entropy,
-                                                       latent_dim(self.model)), ctx)
+                                                       latent_dim(self.model), masks.trained), ctx)
         batch = UpdateBatch(step, rollout, masks.trained, advantages[self.index], masks.local_valid, masks.valid,
                             self.minibatches(step), terms)
         return batch, rewards, shaped
@@ -450,6 +455,7 @@ class Trainer:
             "mask/invalid_samples": (~masks.finite).sum(), "mask/masked_samples": (~valid).sum(),
             "mask/masked_groups": (group_ok == 0).sum()}
         scalars.update(perc_row)
+        scalars.update(self.method.metrics())
         scalars.update(train_row)
         row: dict[str, Any] = {"step": step}
         row.update(read_scalars(scalars))

@@ -53,7 +53,7 @@ def results(tmp_path_factory):
 def test_the_algorithm_collapses_diversity_and_pec_keeps_more(results, algorithm):
     for seed in SEEDS:
         r = results[(algorithm, seed)]
-        start, alone, pec = r["pretrained"], r["alone"], r["pec"]
+        start, alone, pec = r["pretrained"], r["none"], r["pec"]
         assert alone["gold"] > start["gold"], (seed, start["gold"], alone["gold"])
         assert alone["dist/simclr_eval"] <= 0.95 * start["dist/simclr_eval"], (
             seed, start["dist/simclr_eval"], alone["dist/simclr_eval"])

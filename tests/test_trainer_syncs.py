@@ -23,7 +23,8 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method,algorithm", [("grpo", "flow_grpo"), ("pec", "flow_grpo"), ("pec", "grpo_guard")])
+@pytest.mark.parametrize("method,algorithm", [("grpo", "flow_grpo"), ("pec", "flow_grpo"), ("pec", "grpo_guard"),
+                                              ("gardo", "flow_grpo"), ("diverse_grpo", "flow_grpo")])
 def test_an_embedded_step_syncs_only_where_documented(world, tmp_path, method, algorithm):
     trainer = Trainer(tiny_config(world, tmp_path, method=method, algorithm=algorithm, device="cuda",
                                   train={"steps": 3}))
@@ -91,8 +92,12 @@ class _HostReadsOutsideDocumentedSyncs(TorchDispatchMode):
 
 @pytest.mark.parametrize("method,extra", [("pec", {}), ("pcgs", {"pcgs": {"generation_density": "latent_group"}}),
                                           ("pec", {"perceptual": {"k": 1, "bank_steps": 2, "batch_metric": True}}),
-                                          ("pec", {"algorithm": "nft"}), ("pec", {"algorithm": "grpo_guard"})],
-                         ids=["pec", "pcgs_latent_group", "pec_batch_and_bank", "nft_pec", "pec_grpo_guard"])
+                                          ("pec", {"algorithm": "nft"}), ("pec", {"algorithm": "grpo_guard"}),
+                                          ("gardo", {"gardo": {"kl_coef": 0.1, "aux_rewards": ["contrast"],
+                                                               "reset_every": 1}}),
+                                          ("diverse_grpo", {"diverse_grpo": {"reg_steps": 1}})],
+                         ids=["pec", "pcgs_latent_group", "pec_batch_and_bank", "nft_pec", "pec_grpo_guard",
+                              "gardo_gated_reset", "diverse_grpo"])
 def test_a_step_with_masked_samples_reads_nothing_outside_the_documented_syncs(world, tmp_path, monkeypatch,
                                                                                method, extra):
     """Step 3 of the "nan_at_call3" reward masks sample 0 and a whole group: the masked estimators, metrics

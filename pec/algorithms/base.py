@@ -14,7 +14,9 @@ algorithm decides the first and the last:
 
 `provides` names what its update offers the regularisers (`pec.methods`): "log_probs" (per-step
 log-probabilities of the behaviour policy), "ratio" (a PPO ratio and its clip), "policy_entropy"
-(Gaussian steps whose entropy is fixed by the schedule). A regulariser that needs one of them is refused
+(Gaussian steps whose entropy is fixed by the schedule), "reference_kl" (each trained step's KL
+||mu_theta - mu_ref||^2 / (2 s^2) to the reference policy, evaluated for the pieces whose
+`LossTerms.wants_reference` asks for it). A regulariser that needs one of them is refused
 with an algorithm that lacks it, before any model loads (`check_pair`).
 
 A new algorithm is one module: subclass `Algorithm` (or `pec.algorithms.flow_grpo.FlowGRPO` for a variant
@@ -46,6 +48,7 @@ CAPABILITIES = {
     "log_probs": "per-step log-probabilities of the sampled transitions",
     "ratio": "PPO ratio with its clip",
     "policy_entropy": "Gaussian SDE steps whose entropy the schedule fixes",
+    "reference_kl": "per-step KL of its SDE steps to the reference policy",
 }
 
 

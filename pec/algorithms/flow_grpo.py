@@ -37,7 +37,7 @@ class FlowGRPO(Algorithm):
     """Flow-GRPO (see the module docstring)."""
 
     name = "flow_grpo"
-    provides = frozenset({"log_probs", "ratio", "policy_entropy"})
+    provides = frozenset({"log_probs", "ratio", "policy_entropy", "reference_kl"})
 
     def plan(self, step: int) -> RolloutPlan:
         window = self.cfg.sampling.sde_window
@@ -112,7 +112,7 @@ class FlowGRPO(Algorithm):
                     surrogate = loss.detach()
                     if out.kl is not None and cfg.train.kl_beta > 0:
                         loss = loss + cfg.train.kl_beta * (out.kl * keep).mean()
-                    extra = terms.piece_loss(col, loss, out) if terms is not None else None
+                    extra = terms.piece_loss(col, loss, out, idx_dev) if terms is not None else None
                     if extra is not None:
                         loss = loss + extra
                     scaled = loss * len(idx) / pieces

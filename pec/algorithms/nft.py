@@ -69,7 +69,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -77,7 +77,7 @@ import torch
 from pec.algorithms.base import Algorithm, Learner, RolloutPlan, UpdateBatch
 from pec.algorithms.registry import ALGORITHMS
 from pec.config import Config
-from pec.distributed import plain_tensor, reshard, sample_noise
+from pec.distributed import plain_tensor, sample_noise
 from pec.seeding import step_seed
 from pec_kernels import check_tensor
 
@@ -350,28 +350,10 @@ class DiffusionNFT(Algorithm):
     def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
         return self.old_policy()
 
-    @contextlib.contextmanager
-    def old_policy(self) -> Iterator[None]:
+    def old_policy(self) -> contextlib.AbstractContextManager[None]:
         """Within the context the trainable parameters hold the old policy's values; θ is restored on
-        exit, bit for bit (in-place copies: FSDP2's shards and DDP's parameters stay the same tensors)."""
-        params = self.learner.params
-        with torch.no_grad():
-            stash = [p.detach().clone() for p in params]
-            self._write(self.old)
-        try:
-            yield
-        finally:
-            self._write(stash)
-
-    def _write(self, values: list[torch.Tensor]) -> None:
-        """Copy `values` into the trainable parameters. Under FSDP2 the parameters are this rank's shards,
-        and the root module keeps its gathered parameters after a forward: drop them, or the next forward
-        would run on the values from before the copy."""
-        with torch.no_grad():
-            for p, value in zip(self.learner.params, values):
-                p.copy_(value)
-        if self.learner.policy.sharded:
-            reshard(self.learner.policy.model.transformer)
+        exit, bit for bit (`pec.policy.Policy.holding`)."""
+        return self.learner.policy.holding(self.old)
 
     def columns(self, trained: list[int]) -> int:
         return 1
@@ -489,9 +471,7 @@ class DiffusionNFT(Algorithm):
     def state_dict(self) -> dict[str, Any]:
         """{"old": the old policy's trainable parameters by name, whole and on the CPU (gathered like
         `Policy.trainable_state`: a collective under FSDP2, every rank calls it), "optimizer_steps": int}."""
-        with self.old_policy():
-            old = self.learner.policy.trainable_state()
-        return {"old": old, "optimizer_steps": self.optimizer_steps}
+        return {"old": self.learner.policy.values_state(self.old), "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; an empty state (a checkpoint written by another algorithm) starts the old
@@ -505,9 +485,5 @@ class DiffusionNFT(Algorithm):
         if set(state) != {"old", "optimizer_steps"} or not isinstance(state["optimizer_steps"], int):
             raise ValueError(f"the checkpoint's DiffusionNFT state must hold 'old' and an int 'optimizer_steps', "
                              f"got {sorted(state)}")
-        with self.old_policy():  # load into the model's parameters (sharded where they are), keep them as θ_old
-            self.learner.policy.load_trainable_state(state["old"])
-            with torch.no_grad():
-                for old, p in zip(self.old, self.learner.params):
-                    old.copy_(p)
+        self.learner.policy.load_values_state(self.old, state["old"])  # sharded where the parameters are
         self.optimizer_steps = state["optimizer_steps"]

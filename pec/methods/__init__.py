@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pec.config import Config
-from pec.methods import bonuses, covariance, pcgs  # noqa: F401  (each module registers its methods)
+from pec.methods import bonuses, covariance, diverse_grpo, gardo, pcgs  # noqa: F401  (each registers its methods)
 from pec.methods.base import Method
 from pec.methods.registry import METHODS
 
@@ -34,4 +34,8 @@ VARIANTS: dict[str, dict] = {
     "kl_cov (native)": {"method": "kl_cov", "cov": {"variant": "native"}, "train": {"minibatches": 2}},
     "Clip-Higher": {"method": "none", "train": {"minibatches": 2, "clip_range_high": 1.4e-3}},
     "KL to the reference": {"method": "none", "train": {"kl_beta": 0.04}},
+    "gardo": {"method": "gardo"},
+    "gardo + gated KL": {"method": "gardo", "gardo": {"kl_coef": 0.04, "aux_rewards": ["contrast", "smoothness"]}},
+    "diverse_grpo": {"method": "diverse_grpo"},
+    "diverse_grpo (bonus only)": {"method": "diverse_grpo", "diverse_grpo": {"reg_coef": 0.0}},
 }

@@ -10,7 +10,11 @@ method acts through these hooks, whatever the algorithm (`pec.algorithms`):
   columns (one per trained step for the policy-gradient family, one for DiffusionNFT);
 - `advantages(...)`: advantages of the method's own (None: the group-normalised ones of `pec.grpo`);
 - `loss_terms(inputs)`: terms added to each (trained step, micro-batch) piece of a policy-gradient loss
-  (Clip-Cov's detached entries, KL-Cov's penalty, the analytic entropy bonus), or none.
+  (Clip-Cov's detached entries, KL-Cov's penalty, the analytic entropy bonus, GARDO's gated KL,
+  DiverseGRPO's early-step regulariser), or none;
+- `metrics()`: what the method did this step, for the metrics row (0-dim tensors, read with the row);
+- `needs_reference()`, `bind(policy)`, `state_dict()` / `load_state_dict()`: a method whose loss terms
+  evaluate the reference policy, or that moves the reference (GARDO's reset), and its checkpoint state.
 
 `needs` maps what the method needs from the algorithm (a capability of `pec.algorithms.base.CAPABILITIES`)
 to why; `check_pair` refuses a method whose needs the algorithm does not provide, with one line.
@@ -19,13 +23,16 @@ A new regulariser is one module in this package: subclass `Method`, register it 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from pec.config import Config
+
+if TYPE_CHECKING:
+    from pec.policy import Policy
 
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,7 +68,10 @@ class ShapingInputs:
     rewards: (B,) task rewards; surprisal: (B,) perceptual surprisal in the regulariser's space (0 where
     invalid); log_probs: (B, C) the behaviour policy's log-probs of the trained steps, or None when the
     algorithm has none; latents: (B, ...) final latents (zeroed where invalid); valid: (B,) mask;
-    columns: C.
+    columns: C; features: (B, D) features in the regulariser's space (`--perceptual.space`; invalid rows
+    may hold NaN); images: (B, ...) the decoded images in [0, 1] the rewards scored (invalid rows may hold
+    NaN) and prompts: their B prompts. Rows of this rank: a method that needs whole groups gathers them
+    (`StepContext.gather`).
     """
 
     rewards: torch.Tensor
@@ -70,13 +80,17 @@ class ShapingInputs:
     latents: torch.Tensor
     valid: torch.Tensor
     columns: int
+    features: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    prompts: Sequence[str] = ()
 
 
 @dataclass
 class TermsInputs:
     """What `Method.loss_terms` may read: the step's rollout log-probs of the trained steps (B_local, C),
     the surprisal (B_local,), the global advantages and validity mask ((B, C), (B,)), each trained step's
-    analytic policy entropy (C,) (host floats) and the latent dimension D."""
+    analytic policy entropy (C,) (host floats), the latent dimension D and the trained steps (C indices
+    into the sampler's steps, in denoising order: column c trains step trained[c])."""
 
     log_probs: torch.Tensor
     surprisal: torch.Tensor
@@ -84,6 +98,7 @@ class TermsInputs:
     valid: torch.Tensor
     step_entropy: list[float]
     latent_dim: int
+    trained: list[int] = field(default_factory=list)
 
 
 class LossTerms:
@@ -103,10 +118,11 @@ class LossTerms:
         without --train.kl_beta."""
         return False
 
-    def piece_loss(self, col: int, loss: torch.Tensor, step: Any) -> torch.Tensor | None:
+    def piece_loss(self, col: int, loss: torch.Tensor, step: Any, idx: torch.Tensor) -> torch.Tensor | None:
         """A term added to the piece's loss after the KL (same dtype and device as `loss`), if any. `step` is
         the piece's re-evaluated `pec_kernels.SdeStep` (its `kl` holds ||mu_theta - mu_ref||^2 / (2 s^2)
-        per sample when the reference was evaluated)."""
+        per sample, in `--train.kl_units`, when the reference was evaluated); `idx` are the piece's rows of
+        this rank's batch (on the device)."""
         return None
 
     def counts(self) -> dict[str, Any]:
@@ -143,3 +159,24 @@ class Method:
     def loss_terms(self, inputs: TermsInputs, ctx: StepContext) -> LossTerms | None:
         """The step's per-piece loss terms (default: none)."""
         return None
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """What the method did in the step just shaped, for its metrics row: 0-dim tensors over the global
+        batch, identical on every process (default: nothing)."""
+        return {}
+
+    def needs_reference(self) -> bool:
+        """Whether its loss terms evaluate the reference policy, so that full fine-tuning keeps the frozen
+        base copy (`pec.policy.Policy`; default: no)."""
+        return False
+
+    def bind(self, policy: Policy) -> None:
+        """Called once by the trainer with the policy being trained, before any step or resume (default:
+        nothing; GARDO's reference reset tracks a copy of the policy there)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra checkpoint state (tensors and plain values only; every rank calls it, rank 0's is written)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` (an empty dict: a fresh run, or a checkpoint without this state)."""

@@ -53,7 +53,7 @@ class _EntropyBonusTerms(LossTerms):
     def __init__(self, coef: float, step_entropy: list[float]) -> None:
         self.coef, self.step_entropy = coef, step_entropy
 
-    def piece_loss(self, col: int, loss: torch.Tensor, step: object) -> torch.Tensor:
+    def piece_loss(self, col: int, loss: torch.Tensor, step: object, idx: torch.Tensor) -> torch.Tensor:
         # The analytic policy entropy depends on the schedule only: this term adds a constant to the loss
         # and nothing to the gradient.
         return -(self.coef * loss.new_full((), self.step_entropy[col]))
