@@ -75,7 +75,7 @@ LORA_PREFIX = "transformer."  # the prefix diffusers' writers give a transformer
 # The config section of each regulariser's options (its lambda), for the model card.
 METHOD_SECTIONS = {"pec": "pec", "pcgs": "pcgs", "entropy_bonus": "entropy_bonus",
                    "perc_entropy_bonus": "entropy_bonus", "entropy_sample": "entropy_bonus", "clip_cov": "cov",
-                   "kl_cov": "cov"}
+                   "kl_cov": "cov", "gardo": "gardo", "diverse_grpo": "diverse_grpo"}
 
 
 def transformer_modules(model: FlowModel) -> dict[str, nn.Module]:
