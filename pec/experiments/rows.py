@@ -28,6 +28,12 @@ ROWS: dict[str, list[str]] = {
     # PEC with lambda falling linearly to 0: the bonus keeps diversity early, and the reward can climb as far
     # as GRPO's by the end, so the frontier is read at GRPO's high-reward end too.
     "pec_decay": ["--method", "pec", "--pec.lambda", "0.5", "--pec.lambda_end", "0"],
+    # The field's diversity methods (claim 4), in PEC's regulariser space (perceptual.space's default). GARDO: its
+    # diversity-aware advantage alone (the gated KL and reference reset are built, pec.methods.gardo, but take
+    # auxiliary rewards the paper's setting has and this world lacks a counterpart of). DiverseGRPO: the
+    # setting `--sweep` chose (sweep.md), with its early-step regulariser at the method's defaults.
+    "gardo": ["--method", "gardo"],
+    "diverse_grpo": ["--method", "diverse_grpo", "--diverse_grpo.beta", "0.3", "--diverse_grpo.clusters", "3"],
     # The other RL algorithms alone and with PEC at pec_lambda0.5's lambda (claim 5).
     "nft": ["--algorithm", "nft", "--method", "none"],
     "nft_pec": ["--algorithm", "nft", "--method", "pec", "--pec.lambda", "0.5"],
@@ -62,7 +68,14 @@ class Mode:
 # 1.5x as long.
 # DiverseGRPO's open choices (cluster count, sigma, regularised steps), swept once at --quick's seeds and steps
 # by `--sweep`; the setting it chooses is ROWS["diverse_grpo"].
-SWEEP: dict[str, list[str]] = {}
+# The bonus's weight beta is swept on the reward's scale, as PEC's lambda is: the digit reward's within-group std
+# is ~0.2, and with k = 3 clusters of a group of 8 the bonus sqrt(N / n_c) spreads by ~0.6, so beta 0.1-1 puts
+# it from a third of the reward's spread to three times it; the paper's beta 3 with the eigengap's cluster count
+# is swept too (here the eigengap finds 1-1.5 clusters a group, so that bonus acts on few groups).
+SWEEP: dict[str, list[str]] = {
+    f"diverse_grpo_b{beta}_k{k}": ["--method", "diverse_grpo", "--diverse_grpo.beta", beta,
+                                   "--diverse_grpo.clusters", k]
+    for beta, k in (("0.1", "3"), ("0.3", "3"), ("1", "3"), ("0.3", "0"), ("3", "0"))}
 
 
 def options_of(row: str) -> list[str]:
@@ -70,7 +83,8 @@ def options_of(row: str) -> list[str]:
     return ROWS[row] if row in ROWS else SWEEP[row]
 
 
-QUICK_ROWS = ("grpo", "grpo_kl", "pec_lambda0.5", "pcgs_policy", "nft", "nft_pec", "mixgrpo", "mixgrpo_pec")
+QUICK_ROWS = ("grpo", "grpo_kl", "pec_lambda0.5", "pcgs_policy", "gardo", "diverse_grpo", "nft", "nft_pec", "mixgrpo",
+              "mixgrpo_pec")
 MODES = {"quick": Mode(seeds=(0, 1), steps=100, rows=QUICK_ROWS, budget_min=45),
          "full": Mode(seeds=(0, 1, 2), steps=250, rows=tuple(ROWS), budget_min=150),
          "sweep": Mode(seeds=(0, 1), steps=100, rows=("grpo", *SWEEP), budget_min=45)}
