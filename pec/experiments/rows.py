@@ -5,6 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# DiverseGRPO's open choices (its bonus weight beta on this world's reward scale, and the cluster count), swept once at
+# --quick's seeds and steps
+# by `--sweep` (docs/paper_table/sweep/sweep.md); the setting it chose is ROWS["diverse_grpo"].
+# The bonus's weight beta is swept on the reward's scale, as PEC's lambda is: the digit reward's within-group std
+# is ~0.2, and with k = 3 clusters of a group of 8 the bonus sqrt(N / n_c) spreads by ~0.6, so beta 0.1-1 puts
+# it from a third of the reward's spread to three times it; the paper's beta 3 with the eigengap's cluster count
+# is swept too (here the eigengap finds 1-1.5 clusters a group, so that bonus acts on few groups).
+SWEEP: dict[str, list[str]] = {
+    f"diverse_grpo_b{beta}_k{k}": ["--method", "diverse_grpo", "--diverse_grpo.beta", beta,
+                                   "--diverse_grpo.clusters", k]
+    for beta, k in (("0.1", "3"), ("0.3", "3"), ("1", "3"), ("0.3", "0"), ("3", "0"))}
+DIVERSE_GRPO_CHOICE = "diverse_grpo_b1_k3"  # sweep.md's "Chosen:" (tests check the two agree)
+
+
 # Row -> training options. Lambdas: the paper's (PEC 0.05 / 0.10, PCGS 0.03 / 0.10) are relative to
 # PickScore/26, whose within-group std is ~0.02. Here the digit reward's within-group std is ~0.2 and
 # the per-dimension kNN surprisal's ~0.16, so the lambdas keep the paper's ratios with the larger one
@@ -33,7 +47,7 @@ ROWS: dict[str, list[str]] = {
     # auxiliary rewards the paper's setting has and this world lacks a counterpart of). DiverseGRPO: the
     # setting `--sweep` chose (sweep.md), with its early-step regulariser at the method's defaults.
     "gardo": ["--method", "gardo"],
-    "diverse_grpo": ["--method", "diverse_grpo", "--diverse_grpo.beta", "0.3", "--diverse_grpo.clusters", "3"],
+    "diverse_grpo": SWEEP[DIVERSE_GRPO_CHOICE],
     # The other RL algorithms alone and with PEC at pec_lambda0.5's lambda (claim 5).
     "nft": ["--algorithm", "nft", "--method", "none"],
     "nft_pec": ["--algorithm", "nft", "--method", "pec", "--pec.lambda", "0.5"],
@@ -66,18 +80,6 @@ class Mode:
 # methods, the other algorithms with and without PEC); --full: every row. Budgets are on 2 idle cores; the
 # modes are sized to take at most ~2/3 of them on this project's machine, since another 2-core machine took
 # 1.5x as long.
-# DiverseGRPO's open choices (cluster count, sigma, regularised steps), swept once at --quick's seeds and steps
-# by `--sweep`; the setting it chooses is ROWS["diverse_grpo"].
-# The bonus's weight beta is swept on the reward's scale, as PEC's lambda is: the digit reward's within-group std
-# is ~0.2, and with k = 3 clusters of a group of 8 the bonus sqrt(N / n_c) spreads by ~0.6, so beta 0.1-1 puts
-# it from a third of the reward's spread to three times it; the paper's beta 3 with the eigengap's cluster count
-# is swept too (here the eigengap finds 1-1.5 clusters a group, so that bonus acts on few groups).
-SWEEP: dict[str, list[str]] = {
-    f"diverse_grpo_b{beta}_k{k}": ["--method", "diverse_grpo", "--diverse_grpo.beta", beta,
-                                   "--diverse_grpo.clusters", k]
-    for beta, k in (("0.1", "3"), ("0.3", "3"), ("1", "3"), ("0.3", "0"), ("3", "0"))}
-
-
 def options_of(row: str) -> list[str]:
     """The training options of a table or sweep row."""
     return ROWS[row] if row in ROWS else SWEEP[row]
