@@ -3,13 +3,24 @@ comparisons, the table over the judged columns), and a tiny end-to-end run of th
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pec.evaluate import PRETRAINED
 from pec.experiments import paper_report as report
 from pec.experiments.paper_table import main
-from pec.experiments.rows import ALIASES, COMMON, MODES, ROWS, Mode, guided, milestone_steps
+from pec.experiments.rows import (
+    ALIASES,
+    COMMON,
+    DIVERSE_GRPO_CHOICE,
+    MODES,
+    ROWS,
+    SWEEP,
+    Mode,
+    guided,
+    milestone_steps,
+)
 from pec.experiments.tiny_world import write_tiny_world
 
 SEEDS = (0, 1, 2)
@@ -97,7 +108,7 @@ def tiny_world(tmp_path_factory):
     return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
-E2E_ROWS = ("pcgs_guided_w0.05", "nft_pec", "mixgrpo")
+E2E_ROWS = ("pcgs_guided_w0.05", "gardo", "diverse_grpo", "nft_pec", "mixgrpo")
 
 
 def test_end_to_end_tiny(tmp_path, tiny_world):
@@ -146,3 +157,10 @@ def test_bad_options(tmp_path):
     with pytest.raises(SystemExit, match="--seeds must be distinct"):
         main(["--out", str(tmp_path), "--seeds", "0", "0"])
     assert isinstance(MODES["quick"], Mode)
+
+
+def test_diverse_grpo_row_is_the_sweeps_choice():
+    """The diverse_grpo row of the table trains the setting the committed sweep chose (docs/paper_table/sweep)."""
+    sweep = (Path(__file__).parents[1] / "docs" / "paper_table" / "sweep" / "sweep.md").read_text()
+    chosen = sweep.split("Chosen: ", 1)[1].split(" ", 1)[0]
+    assert chosen == DIVERSE_GRPO_CHOICE and ROWS["diverse_grpo"] == SWEEP[chosen]

@@ -400,13 +400,15 @@ def write_sweep(results: Path, mode: Mode) -> str:
     lines = ["| setting | gold (last) | held-out diversity (last) | vs grpo at equal gold | top levels |",
              "|---|---|---|---|---|"]
     score = {}
-    for row in swept:
-        whole = _frontier_verdict(pretrained, points, row, "grpo", "gold", HELDOUT_DIVERSITY, ledger)
-        top = _frontier_verdict(pretrained, points, row, "grpo", "gold", HELDOUT_DIVERSITY, ledger, TOP_LEVELS)
-        score[row] = whole.mean if isinstance(whole, PairedVerdict) else -math.inf
-        gold = _stats([runs[row][last]["gold"] for runs in points.values()])[0]
-        div = _stats([runs[row][last][HELDOUT_DIVERSITY] for runs in points.values()])[0]
-        lines.append(f"| {row} | {gold:.4f} | {div:.3f} | {_cell(whole)} | {_cell(top)} |")
+    for row in ("grpo", *swept):
+        gold, div = (_stats([runs[row][last][c] for runs in points.values()])[0] for c in ("gold", HELDOUT_DIVERSITY))
+        cells = ["", ""]  # grpo: the reference the settings are judged against
+        if row != "grpo":
+            whole = _frontier_verdict(pretrained, points, row, "grpo", "gold", HELDOUT_DIVERSITY, ledger)
+            top = _frontier_verdict(pretrained, points, row, "grpo", "gold", HELDOUT_DIVERSITY, ledger, TOP_LEVELS)
+            score[row] = whole.mean if isinstance(whole, PairedVerdict) else -math.inf
+            cells = [_cell(whole), _cell(top)]
+        lines.append(f"| {row} | {gold:.4f} | {div:.3f} | " + " | ".join(cells) + " |")
     chosen = max(score, key=score.get) if score else None
     return "\n".join(["# DiverseGRPO's setting sweep", "",
                       f"{len(points)} seeds, {mode.steps} steps; the regulariser space is PEC's ({REGULARISED_SPACE}).",
