@@ -227,9 +227,9 @@ def test_a_failed_paper_table_job_is_one_line_naming_its_log(tmp_path, capsys, m
     out = tmp_path / "table"
     log = out / "pretrained" / "evaluate.log"
 
-    def failing_plan(out, mode, images, extra):  # one job that fails as a refused evaluation does
+    def failing_plan(out, results, mode, images, extra):  # one job that fails as a refused evaluation does
         return [paper_table.Job("evaluate pretrained", [sys.executable, "-c", "raise SystemExit(2)"], log,
-                                out / "pretrained" / "metrics.json")]
+                                out / "pretrained" / "metrics.json")], []
 
     monkeypatch.setattr(paper_table, "plan", failing_plan)
     code, line, _ = _fails(paper_table.main, ["--out", str(out), "--steps", "2", "--seeds", "0"], capsys,
