@@ -18,11 +18,17 @@ shared with the worker: each job gets its chunk and returns its results, and onl
 the list of pending jobs. Rewards and spaces are deterministic functions of their images (none draws from
 the global generators) and the sampler draws only from its own generator, so running them concurrently
 changes no random stream.
+
+The worker is a daemon thread: a step abandoned mid-way (a SIGTERM while a slow reward scores) drops its
+pending chunks and does not wait for the one being scored, and that chunk does not hold the process's exit,
+so a preempted run checkpoints its last complete step and exits at once, as the serial path does.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import torch
@@ -43,6 +49,36 @@ class Pending(Protocol):
 _Scored = tuple["torch.Tensor | Pending", dict[str, torch.Tensor], "torch.cuda.Event | None"]
 
 
+class _Worker:
+    """One daemon thread running submitted jobs in order (a ThreadPoolExecutor's threads would hold the
+    interpreter's exit until an abandoned job ends)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="pec-scoring", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run `fn(*args)` after the jobs before it; its Future holds the result or the error."""
+        future: Future = Future()
+        self.jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # noqa: BLE001 - handed to whoever waits for the job
+                    future.set_exception(err)
+
+    def shutdown(self) -> None:
+        """Stop after the jobs submitted so far, and wait for them."""
+        self.jobs.put(None)
+        self.thread.join()
+
+
 class Scorer:
     """Rewards and perceptual features of a step's images (see the module docstring); `overlap`: score on a
     worker thread, started by the first `submit` (`close` stops it; a later `submit` starts another)."""
@@ -53,7 +89,7 @@ class Scorer:
         # A reward that answers later (the http reward's requests): the worker sends them and goes on.
         self.submit_reward = getattr(reward_fn, "submit", None) if overlap else None
         self.overlap = overlap
-        self.worker: ThreadPoolExecutor | None = None
+        self.worker: _Worker | None = None
         self.stream: torch.cuda.Stream | None = None  # the worker's CUDA stream, made on the first CUDA chunk
         self._pending: list[Future[_Scored] | _Scored] = []
 
@@ -65,7 +101,7 @@ class Scorer:
             self._pending.append(self._score(images, prompts, None))
             return
         if self.worker is None:
-            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pec-scoring")
+            self.worker = _Worker()
         ready = None
         if images.is_cuda:
             ready = torch.cuda.Event()
@@ -103,10 +139,9 @@ class Scorer:
     def collect(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The rewards (B,) and (B, D) features in each space of every chunk submitted since the last call
         (waiting for the worker, and raising the first error of a chunk)."""
-        pending, self._pending = self._pending, []
         rewards: list[torch.Tensor] = []
         feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.encoders}
-        for job in pending:
+        for job in self._pending:  # kept until every chunk is in, for `discard` if the wait is interrupted
             reward, chunk_feats, done = job.result() if isinstance(job, Future) else job
             if not isinstance(reward, torch.Tensor):
                 reward = reward.result().float()
@@ -118,21 +153,26 @@ class Scorer:
             rewards.append(reward)
             for name, f in chunk_feats.items():
                 feats[name].append(f)
+        self._pending = []
         return torch.cat(rewards), {name: torch.cat(chunks) for name, chunks in feats.items()}
 
     def discard(self) -> None:
-        """Drop the chunks submitted since the last `collect` (a step abandoned mid-way), after the worker is done
-        with them."""
+        """Drop the chunks submitted since the last `collect` (a step abandoned mid-way): those not started are
+        cancelled, and the one being scored is left to end on the worker, unwaited (its result and its error
+        belong to the abandoned step); the worker is let go, so the next `submit` starts another."""
         pending, self._pending = self._pending, []
         for job in pending:
-            if isinstance(job, Future) and not job.cancel():
-                job.exception()  # wait; its error, if any, belongs to the abandoned step
+            if isinstance(job, Future):
+                job.cancel()
+        if self.worker is not None and any(isinstance(job, Future) for job in pending):
+            self.worker.jobs.put(None)  # ends after the running chunk; a daemon, so it never holds the exit
+            self.worker = None
 
     def close(self) -> None:
-        """Stop the worker thread (after the chunks it holds)."""
+        """Drop what a step left (`discard`) and stop the worker thread."""
         self.discard()
         if self.worker is not None:
-            self.worker.shutdown(wait=True)
+            self.worker.shutdown()
             self.worker = None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
