@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers in tests/
 from _hub_cache import cache_repo, commit_of, no_network  # noqa: E402,F401 (no_network: a fixture)
+from _refusals import refused_by_train  # noqa: E402
 
 from pec.checks import check_run  # noqa: E402
 from pec.config import parse_config  # noqa: E402
-from pec.train import main as train_main  # noqa: E402
 
 SD3_PARTS = {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
@@ -66,16 +66,6 @@ def hub(tmp_path, monkeypatch, no_network):
     return tmp_path
 
 
-def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
-    run_dir = tmp_path / "run"
-    with pytest.raises(SystemExit) as info:
-        train_main([*argv, "--device", "cpu", "--run-dir", str(run_dir)])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not run_dir.exists()
-    return err.strip()
-
-
 @pytest.mark.parametrize("argv,expected", [
     (["--model.name", "sd3", "--model.t5", "false", "--model.path", "org/pickled"],
      "--model.path: org/pickled (commit {}) has no safetensors weights (transformer/*.safetensors) in the Hugging "
@@ -102,7 +92,7 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
      "folder (config.json + model.safetensors): choose its model with --model.name"),
 ])
 def test_a_bad_hub_id_is_one_line_naming_the_option(hub, capsys, argv, expected):
-    line = _refused(argv, hub, capsys)
+    line = refused_by_train(argv, hub, capsys)
     assert expected.replace("{cache}", str(hub / "hf" / "hub")) in line, line
 
 

@@ -5,11 +5,13 @@ line on stderr naming the option, exit code 2, before any weight loads and befor
 The folders hold only the JSON files the check reads (model_index.json, transformer/config.json)."""
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from pec.train import main as train_main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers in tests/
+from _refusals import refused_by_train  # noqa: E402
 
 
 def _folder(tmp_path: Path, pipeline: str, transformer: str) -> Path:
@@ -26,16 +28,6 @@ def _folder(tmp_path: Path, pipeline: str, transformer: str) -> Path:
     return folder
 
 
-def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
-    run_dir = tmp_path / "run"
-    with pytest.raises(SystemExit) as info:
-        train_main([*argv, "--device", "cpu", "--run-dir", str(run_dir)])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not run_dir.exists()
-    return err.strip()
-
-
 @pytest.mark.parametrize("pipeline,transformer,expected", [
     ("StableDiffusion3Pipeline", "SD3Transformer2DModel",
      r"--model.path must be a diffusers folder of a QwenImagePipeline .*holds a StableDiffusion3Pipeline"),
@@ -43,19 +35,19 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
      r"--model.path .*its transformer is a FluxTransformer2DModel, not a QwenImageTransformer2DModel"),
 ])
 def test_a_folder_of_another_model_is_one_line_naming_model_path(tmp_path, capsys, pipeline, transformer, expected):
-    line = _refused(["--model.name", "qwen_image", "--model.path", str(_folder(tmp_path, pipeline, transformer)),
+    line = refused_by_train(["--model.name", "qwen_image", "--model.path", str(_folder(tmp_path, pipeline, transformer)),
                      "--sampling.guidance_scale", "4"], tmp_path, capsys)
     assert re.search(expected, line), line
 
 
 def test_a_qwen_image_folder_under_another_name_says_which(tmp_path, capsys):
     folder = _folder(tmp_path, "QwenImagePipeline", "QwenImageTransformer2DModel")
-    line = _refused(["--model.name", "sd3", "--model.path", str(folder)], tmp_path, capsys)
+    line = refused_by_train(["--model.name", "sd3", "--model.path", str(folder)], tmp_path, capsys)
     assert "--model.path" in line and "holds a QwenImagePipeline" in line and "--model.name" in line
 
 
 def test_a_prompt_length_over_the_pipelines_limit_names_the_option(tmp_path, capsys):
     folder = _folder(tmp_path, "QwenImagePipeline", "QwenImageTransformer2DModel")
-    line = _refused(["--model.name", "qwen_image", "--model.path", str(folder), "--model.max_sequence_length",
+    line = refused_by_train(["--model.name", "qwen_image", "--model.path", str(folder), "--model.max_sequence_length",
                      "2048"], tmp_path, capsys)
     assert "--model.max_sequence_length must be in [1, 1024] for qwen_image" in line
