@@ -5,16 +5,12 @@
     HF_HOME/hub/models--ORG--NAME/refs/<branch or tag>        the commit it names
 
 `cache_repo` puts a folder there as one commit; `scan_cache_dir` (huggingface_hub's own reader) must list it.
-`no_network` makes every socket connection fail, so that a test that would download fails instead.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from pathlib import Path
-
-import pytest
 
 
 def cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
@@ -41,14 +37,3 @@ def cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs: tuple
 def commit_of(n: int) -> str:
     """A made-up commit hash (40 hex digits), distinct for each n."""
     return hashlib.sha1(str(n).encode()).hexdigest()
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to resolve a host name or open a connection raises OSError (as on a machine offline)."""
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.logging_utils import read_metrics
 from pec.train import main
 
@@ -19,11 +18,6 @@ CASES = {
     "mixgrpo": ["--algorithm", "mixgrpo", "--mixgrpo.window_size", "1", "--mixgrpo.limit", "2",
                 "--mixgrpo.shift_interval", "1"],
 }
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _argv(world, run, algorithm):

@@ -8,7 +8,6 @@ import torch
 
 from pec.config import Config, apply_dict
 from pec.covariance import clip_cov_mask, entry_covariance, select_entries, selection_count, top_fraction
-from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import clipped_surrogate, group_advantages
 from pec.trainer import Trainer
 
@@ -169,11 +168,6 @@ def test_bad_settings_name_the_option(overrides, option):
 # entries, drawn before any ratio moves, could all land among the second minibatch's clipped ones).
 
 OFF_POLICY = {"minibatches": 2, "micro_batch": 3, "lr": 0.05, "clip_range": 1e-6}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _run(world, run_dir, method, train=None, **sections):

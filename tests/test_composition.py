@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from pec.algorithms import ALGORITHMS, composition_markdown, composition_table
-from pec.experiments.tiny_world import write_tiny_world
 from pec.methods import VARIANTS
 from pec.train import main
 from pec.trainer import Trainer
@@ -21,11 +20,6 @@ ALGORITHM_OPTIONS: dict[str, dict] = {
     "flow_grpo_fast": {"flow_grpo_fast": {"window_size": 1}},
 }
 CELLS = [(a, v) for a in ALGORITHMS.names() for v in VARIANTS]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _argv(options: dict, prefix: str = "") -> list[str]:

@@ -18,7 +18,6 @@ import yaml
 
 from pec.config import to_dict
 from pec.distributed import DistContext, minibatch_plan, sample_noise
-from pec.experiments.tiny_world import write_tiny_world
 from pec.logging_utils import read_metrics
 from pec.train import main
 
@@ -26,11 +25,6 @@ from _dist_worker import dist_config, run_and_capture
 
 TESTS = Path(__file__).parent
 REL = 1e-5  # the stated tolerance for anything downstream of an all-reduce (summation order)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.methods.diverse_grpo import cluster_bonus
 from pec.methods.reference_kl import ReferenceKLTerms
 from pec.methods.spectral import gaussian_affinity, spectral_clusters
@@ -125,11 +124,6 @@ def test_the_regulariser_weights_the_kl_of_exactly_its_columns():
     assert terms.counts()["reg"].item() == pytest.approx((0.2 + 0.4) * 2 / 4)  # the masked sample's 7 left out
     gated = ReferenceKLTerms(0.5, valid.float(), [0], lambda t: t, "gated", over_weighted=True)  # GARDO's mean
     assert gated.piece_loss(0, loss, step, idx).item() == pytest.approx(0.5 * (0.2 + 0.4) / 2)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def test_a_run_regularises_the_early_steps_and_logs_its_clusters(world, tmp_path):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pec.config import Config, apply_dict, load_yaml
-from pec.experiments.tiny_world import write_tiny_world
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.regularizers import policy_entropy
 from pec.sampling import sample, step_log_prob
@@ -30,11 +29,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "pec" / "configs"
 def model():
     torch.manual_seed(0)
     return EmbeddedFlowModel(TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _capture_updates(trainer):

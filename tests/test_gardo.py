@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.methods.gardo import gardo_advantages, gardo_gate, novelty
 from pec.trainer import Trainer
 
@@ -103,11 +102,6 @@ def test_the_gate_keeps_the_samples_whose_main_reward_ranks_better_than_the_auxi
     valid[0] = False  # a masked sample is never gated, and the next by u takes its place
     masked = gardo_gate(main, aux, valid, fraction=0.1)
     assert not masked[0] and masked.sum() == 1
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 GATED = {"method": "gardo", "gardo": {"kl_coef": 0.5, "aux_rewards": ["contrast", "smoothness"], "gate_fraction": 1.0,

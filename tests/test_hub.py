@@ -18,7 +18,7 @@ import yaml
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from _hub_cache import cache_repo, commit_of, no_network  # noqa: E402,F401 (no_network: a fixture)
+from _hub_cache import cache_repo, commit_of  # noqa: E402
 from _tiny_diffusers import tiny_clip_folder, tiny_dino_folder, tiny_sd3_folder  # noqa: E402
 
 import pec  # noqa: E402

@@ -24,7 +24,6 @@ from pec.checkpoint import load_checkpoint
 from pec.checks import check_run
 from pec.config import parse_config, to_dict
 from pec.distributed import sample_noise
-from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import group_advantages
 from pec.logging_utils import read_metrics
 from pec.rewards import REWARDS
@@ -36,11 +35,6 @@ from pec.trainer import Trainer
 from _tiny_runs import tiny_config
 
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def nft_config(world, run_dir, **overrides):

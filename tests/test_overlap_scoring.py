@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.rewards.http import HttpReward
 from pec.rewards.serve import start_server
@@ -33,11 +32,6 @@ PROMPTS = ["a handwritten 3", "the digit seven", "number 0"]
 def model():
     torch.manual_seed(0)
     return EmbeddedFlowModel(TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _counting(model, monkeypatch):

@@ -18,7 +18,6 @@ from pec.checkpoint import (NonFiniteStateError, checkpoint_files, load_checkpoi
                             read_checkpoint, save_checkpoint)
 from pec.config import to_dict
 from pec.entropy import group_entropy
-from pec.experiments.tiny_world import write_tiny_world
 from pec.grpo import group_advantages
 from pec.logging_utils import read_metrics
 from pec.metrics import group_pairwise_distance, mean_pairwise_distance
@@ -30,11 +29,6 @@ from pec.trainer import Trainer
 from _tiny_runs import tiny_config
 
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _strip_times(rows):

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from pec.checkpoint import checkpoint_at
 from pec.config import to_dict
 from pec.evaluate import main as evaluate_main
-from pec.experiments.tiny_world import write_tiny_world
 from pec.export import LORA_WEIGHTS, main as export_main
 from pec.models.embedded import EmbeddedFlowModel
 from pec.sample import main as sample_main
@@ -30,11 +29,6 @@ from _tiny_runs import tiny_config
 
 PROMPTS = ["a handwritten 7", "a handwritten 1"]
 QUIET = ["--logging.progress", "false"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 @pytest.fixture(scope="module")

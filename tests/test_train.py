@@ -5,17 +5,11 @@ import math
 import pytest
 import torch
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.logging_utils import read_metrics
 from pec.train import main
 from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 METHODS = {

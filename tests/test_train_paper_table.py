@@ -21,7 +21,6 @@ from pec.experiments.rows import (
     guided,
     milestone_steps,
 )
-from pec.experiments.tiny_world import write_tiny_world
 
 SEEDS = (0, 1, 2)
 COLUMNS = (*report.QUALITY, *report.DIVERSITY, *(f"{f}/{report.REGULARISED_SPACE}" for f in ("dist", "precision", "recall")))
@@ -103,28 +102,23 @@ def test_rows_and_modes():
     assert milestone_steps(2) == [1, 2] and milestone_steps(7) == [1, 2, 3, 4, 5, 6, 7]
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
-
-
 E2E_ROWS = ("pcgs_guided_w0.05", "gardo", "diverse_grpo", "nft_pec", "mixgrpo")
 
 
-def test_end_to_end_tiny(tmp_path, tiny_world):
+def test_end_to_end_tiny(tmp_path, world):
     """The whole command at 2 steps on a tiny random world: every output written, the guided row read twice,
     the alias row present, one seed's verdicts undecided; each finished run kept as a result file, which a
     later invocation, in another output folder as on another machine, reuses instead of training."""
     out, results = tmp_path / "table", tmp_path / "results"
-    world = ["--model.path", str(tiny_world / "embedded"), "--assets", str(tiny_world), "--sampling.num_steps", "3",
-             "--mixgrpo.window_size", "1"]  # MixGRPO needs 3 steps and a window inside them
+    options = ["--model.path", str(world / "embedded"), "--assets", str(world), "--sampling.num_steps", "3",
+               "--mixgrpo.window_size", "1"]  # MixGRPO needs 3 steps and a window inside them
     # An interrupted GRPO run (1 of 2 steps, checkpointed): the command resumes it.
     subprocess.run([sys.executable, "-m", "pec.train", "--run-dir", str(out / "seed0" / "grpo"), "--seed", "0",
                     "--logging.progress", "false", "--train.steps", "2", "--train.stop_after", "1",
-                    "--logging.milestone_every", "1", *COMMON, *ROWS["grpo"], *world], check=True)
+                    "--logging.milestone_every", "1", *COMMON, *ROWS["grpo"], *options], check=True)
     args = ["--steps", "2", "--seeds", "0", "--rows", *E2E_ROWS, "--eval.images_per_prompt", "6",
             "--results", str(results)]
-    main(["--out", str(out), *args, "--", *world])
+    main(["--out", str(out), *args, "--", *options])
     assert "resuming from" in (out / "seed0" / "grpo" / "train.log").read_text()
     for name in ("table.md", "table_seed0.md", "claims.md", "frontier.png", "grids.png", "timing.json"):
         assert (out / name).stat().st_size > 0, name
@@ -136,19 +130,19 @@ def test_end_to_end_tiny(tmp_path, tiny_world):
     assert "| nft_pec | nft |" not in claims and "5. Under DiffusionNFT" in claims  # nft alone not run
     kept = json.loads((results / "seed0" / "pcgs_guided_w0.05.json").read_text())
     assert sorted(kept["evaluations"]) == ["eval", "eval_guided"] and sorted(kept["evaluations"]["eval"]) == ["1", "2"]
-    assert kept["recipe"]["options"] == [*COMMON, *ROWS["pcgs_guided_w0.05"], *world]
+    assert kept["recipe"]["options"] == [*COMMON, *ROWS["pcgs_guided_w0.05"], *options]
     assert len(kept["training"]["reward_mean"]) == 2 and kept["seconds"]["train"] > 0
     assert (results / "seed0" / "grpo.png").exists() and (results / f"{PRETRAINED}.json").exists()
     timing = json.loads((out / "timing.json").read_text())
     assert timing["wall_min"] > 0 and timing["train_min"] > 0 and timing["from_scratch_min"] > 0
     # Another output folder with the kept results (another machine): nothing trains or evaluates again.
     other = tmp_path / "other"
-    main(["--out", str(other), *args, "--", *world])
+    main(["--out", str(other), *args, "--", *options])
     assert not (other / "seed0").exists() and (other / "claims.md").read_text().splitlines()[:-1] == \
         claims.splitlines()[:-1]
     # A kept result made with other options is refused, naming the file.
     with pytest.raises(SystemExit, match="json was made with other options"):
-        main(["--out", str(other), *args, "--", *world, "--train.lr", "1e-3"])
+        main(["--out", str(other), *args, "--", *options, "--train.lr", "1e-3"])
 
 
 def test_bad_options(tmp_path):

@@ -10,16 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pec.algorithms.base
 import pec.trainer
-from pec.experiments.tiny_world import write_tiny_world
 from pec.syncs import documented_sync
 from pec.trainer import Trainer
 
 from _tiny_runs import tiny_config
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 @pytest.mark.gpu

@@ -58,6 +58,18 @@ def test_the_threshold_is_two_standard_errors_and_strict():
     assert verdict_from_differences({0: -1.0, 1: -3.0}).verdict == DOES_NOT_HOLD  # mean + 2 se = 0
 
 
+def test_a_bound_within_half_an_se_of_zero_is_fragile_and_does_not_firmly_hold():
+    # two seeds d = (x, y): mean (x + y) / 2, se |x - y| / 2
+    fragile = verdict_from_differences({0: 1.0, 1: 2.5})  # mean - 2 se = 0.25 < se / 2 = 0.375
+    assert fragile.verdict == HOLDS and fragile.fragile and not fragile.firmly_holds
+    assert "holds (fragile)" in fragile.describe()
+    firm = verdict_from_differences({0: 1.0, 1: 2.0})  # mean - 2 se = 0.5 >= se / 2 = 0.25
+    assert firm.verdict == HOLDS and not firm.fragile and firm.firmly_holds
+    near_loss = verdict_from_differences({0: -1.0, 1: -2.5})
+    assert near_loss.verdict == DOES_NOT_HOLD and near_loss.fragile and not near_loss.firmly_holds
+    assert not verdict_from_differences({0: 1.0}).fragile  # one seed: undecided, never fragile
+
+
 def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="a and b must have the same seeds"):
         paired_verdict({0: 1.0, 1: 2.0}, {0: 1.0, 2: 2.0})

@@ -103,10 +103,7 @@ def test_video_space_pools_frames_differentiably():
         VideoSpace(space, "max", 4)
 
 
-def test_build_space_wraps_an_image_space_for_videos(tmp_path):
-    from pec.experiments.tiny_world import write_tiny_world
-
-    world = write_tiny_world(tmp_path / "world")
+def test_build_space_wraps_an_image_space_for_videos(world):
     image = build_space("simclr", directory=world)
     video = build_space("simclr", directory=world, video_pool="concat", video_frames=2)
     clips = torch.rand(3, 5, 1, 8, 8)

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.config import LoggingConfig
 from pec.logging_utils import WandbLog, read_metrics
 from pec.train import main
@@ -70,8 +69,7 @@ def offline(tmp_path, monkeypatch):
     return root
 
 
-def test_a_run_logs_offline_and_its_resumption_continues_the_same_wandb_run(tmp_path, offline, monkeypatch):
-    world = write_tiny_world(tmp_path / "world")
+def test_a_run_logs_offline_and_its_resumption_continues_the_same_wandb_run(world, tmp_path, offline, monkeypatch):
     run = tmp_path / "run"
     argv = ["--device", "cpu", "--assets", str(world), "--model.path", str(world / "embedded"), "--method", "pec",
             "--sampling.prompts_per_step", "2", "--sampling.group_size", "3", "--sampling.num_steps", "2",

@@ -24,7 +24,7 @@ mean paired difference against two standard errors).
 Frontier claims are read over the whole shared reward range (the verdict) and at its high-reward end (the
 highest `TOP_LEVELS` of the 10 levels, where the whole-range mean is not diluted by the low end every curve
 starts from). A verdict whose bound lies within half an SE of 0 is marked fragile (`pec.experiments.verdicts`):
-a slower or different CPU can flip it, so it is not a finding on its own. Everything is read from the kept
+a slower or different CPU can flip it, so it is not a finding on its own, and no claim counts it as holding. Everything is read from the kept
 results (`pec.experiments.results`), not from the run folders.
 """
 from __future__ import annotations
@@ -46,7 +46,6 @@ from pec.experiments.rows import (
     milestone_steps,
 )
 from pec.experiments.verdicts import (
-    HOLDS,
     PairedVerdict,
     frontier_claim,
     paired_verdict,
@@ -224,12 +223,12 @@ def claim_one(results: Path, pretrained: Mapping[str, float], points: Points, la
         falls[space] = ledger.add(f"GRPO's {key} falls", paired_verdict(
             {s: pretrained[key] for s in points}, {s: r["grpo"][last][key] for s, r in points.items()}))
         lines.append(f"   - {key} falls (pretrained {pretrained[key]:.4f} > GRPO): {falls[space].describe(4)}")
-    holds = constant_all and reward_up.verdict == HOLDS and falls[JUDGE_SPACES[0]].verdict == HOLDS
+    holds = constant_all and reward_up.firmly_holds and falls[JUDGE_SPACES[0]].firmly_holds
     return holds, lines
 
 
 def _holds(verdict: PairedVerdict | str) -> bool:
-    return isinstance(verdict, PairedVerdict) and verdict.verdict == HOLDS
+    return isinstance(verdict, PairedVerdict) and verdict.firmly_holds
 
 
 def frontier_table(pretrained: Mapping[str, float], points: Points, pairs: Sequence[tuple[str, str]], ledger: Ledger
@@ -281,7 +280,7 @@ def claim_three(tables: Mapping[int, Mapping[str, Mapping[str, float]]], ledger:
         for table, verdict in both.items():
             ledger.add(f"Overall {row} > grpo ({table} table)", verdict)
         if row.startswith("pec"):
-            verdicts[row] = all(v.verdict == HOLDS for v in both.values())
+            verdicts[row] = all(v.firmly_holds for v in both.values())
         lines.append(f"   - {row} − grpo: full table {_cell(both['full'])}; paper's rows ({len(subset)}) "
                      f"{_cell(both['subset'])}")
     return verdicts, lines

@@ -153,7 +153,8 @@ def plan(out: Path, results: Path, mode: Mode, images: int, extra: Sequence[str]
     evaluate = ["--eval.images_per_prompt", str(images), *extra]
     jobs, runs = [], []
     pre = out / PRETRAINED
-    if not results_store.check_recipe(results_store.pretrained_file(results), results_store.recipe(None, None, extra, images)):
+    pretrained_recipe = results_store.recipe(None, None, extra, images)
+    if not results_store.check_recipe(results_store.pretrained_file(results), pretrained_recipe):
         jobs.append(Job("evaluate pretrained", [*py, "pec.evaluate", PRETRAINED, "--out", str(pre), *evaluate],
                         pre / "evaluate.log", pre / "metrics.json"))
     steps = milestone_steps(mode.steps)
@@ -268,12 +269,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         jobs_done = time.perf_counter()
         report = write_sweep(results, mode) if name == "sweep" else write_report(results, mode, report_dir)
         wall = time.perf_counter() - start
-        timing = {"mode": name, "wall_min": wall / 60, "jobs_min": (jobs_done - start) / 60,
+        timing = {"mode": name, "runs_trained": len(runs), "wall_min": wall / 60, "jobs_min": (jobs_done - start) / 60,
                   "report_min": (wall - (jobs_done - start)) / 60, "budget_min": mode.budget_min, "jobs": args.jobs,
                   "headroom": HEADROOM, **timing_of(results, mode, args.jobs)}
         atomic_write_text(report_dir / "timing.json", json.dumps(timing, indent=2) + "\n")
-        summary = (f"This invocation: {wall / 60:.1f} min wall (subprocesses {(jobs_done - start) / 60:.1f} min, report "
-                   f"{timing['report_min']:.1f} min). From scratch, from the kept results' timings: training "
+        summary = (f"This invocation: {len(runs)} run{'s' * (len(runs) != 1)} trained, {wall / 60:.1f} min wall "
+                   f"(subprocesses {(jobs_done - start) / 60:.1f} min, report {timing['report_min']:.1f} min). From scratch, from the kept results' timings: training "
                    f"{timing['train_min']:.1f} and evaluation {timing['evaluate_min']:.1f} process-min, "
                    f"{timing['from_scratch_min']:.1f} min on {args.jobs} at a time (budget {mode.budget_min:g} min on "
                    f"2 idle cores; within budget on a {HEADROOM:g}x slower machine: "

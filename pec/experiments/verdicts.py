@@ -13,6 +13,8 @@ difference PEC - GRPO against 0); for a claim that something is lower, pass the 
 - fragile:          a verdict whose deciding bound lies within half an SE of the threshold,
                     |m - 2 se| < se / 2 or |m + 2 se| < se / 2: another machine's rounding (RL amplifies
                     it) can move it across, so the report marks it. One seed, or se = 0, is never fragile.
+                    A claim counts a verdict as holding only when it holds and is not fragile (`firmly_holds`):
+                    a fragile "holds" is read as undecided.
 Differences are taken as given, with no tolerance: runs that differ only by floating-point noise are
 judged on that noise (a constant difference of 1e-12 in every seed "holds").
 Two standard errors is the issue's rule, not a 95% interval: with 3 seeds (2 degrees of freedom)
@@ -54,6 +56,11 @@ class PairedVerdict:
         if not self.se > 0:  # one seed (nan) or identical runs (0)
             return False
         return min(abs(self.mean - 2 * self.se), abs(self.mean + 2 * self.se)) < self.se / 2
+
+    @property
+    def firmly_holds(self) -> bool:
+        """Whether the verdict holds and is not fragile: what a claim may count as holding."""
+        return self.verdict == HOLDS and not self.fragile
 
     def describe(self, digits: int = 3) -> str:
         """One line for a report, e.g. 'holds: mean a - b +0.031, 2 se 0.012 (3 seeds: ...)'."""

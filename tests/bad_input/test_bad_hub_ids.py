@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers in tests/
-from _hub_cache import cache_repo, commit_of, no_network  # noqa: E402,F401 (no_network: a fixture)
+from _hub_cache import cache_repo, commit_of  # noqa: E402
 from _refusals import refused_by_train  # noqa: E402
 
 from pec.checks import check_run  # noqa: E402

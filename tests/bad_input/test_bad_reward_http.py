@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pec.config import PathsConfig
-from pec.experiments.tiny_world import write_tiny_world
 from pec.rewards import build_reward
 from pec.rewards.http import HttpReward
 from pec.rewards.serve import start_server
@@ -65,11 +64,6 @@ def fake():
 def reset(fake):
     fake.answer, fake.posts, fake.authorization = (200, b"{}"), 0, None
     return fake
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def tiny_argv(world, run_dir, url, *extra):

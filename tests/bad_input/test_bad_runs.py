@@ -20,7 +20,6 @@ from pec.config import Config, to_dict
 from pec.evaluate import main as evaluate_main
 from pec.experiments.guidance_sweep import main as guidance_sweep_main
 from pec.experiments import paper_table
-from pec.experiments.tiny_world import write_tiny_world
 from pec.logging_utils import read_metrics
 from pec.pretrain import main as pretrain_main
 from pec.rewards import REWARDS
@@ -29,11 +28,6 @@ from pec.train import main as train_main
 from tests._tiny_runs import tiny_config
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 @REWARDS.register("server_gone_at_call1")

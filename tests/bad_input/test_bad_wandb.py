@@ -4,13 +4,7 @@ import sys
 
 import pytest
 
-from pec.experiments.tiny_world import write_tiny_world
 from pec.train import main
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def refused(world, run_dir, *extra):
