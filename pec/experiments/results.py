@@ -81,31 +81,31 @@ def _evaluation(folder: Path) -> dict[str, dict[str, float]]:
     return {name.rpartition("@")[2]: metrics for name, metrics in raw.items()}
 
 
+def _keep(path: Path, made_by: Mapping[str, Any], samples: Path, **content: Any) -> None:
+    """Write a result file: the header every result has (format, recipe, version, machine), then `content`;
+    `samples` (an image, when it exists) is copied beside it as `<name>.png`. The JSON is written last, so a
+    result file that exists is complete."""
+    data = {"format": FORMAT, "recipe": dict(made_by), "version": pec.__version__, "machine": machine(), **content}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if samples.exists():
+        shutil.copyfile(samples, path.with_suffix(".png"))
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
 def write_run(path: Path, made_by: Mapping[str, Any], run: Path, readings: Sequence[str], last: int,
               seconds: Mapping[str, float]) -> None:
     """Keep a finished run's result: its milestone evaluations (`readings`: folders of `run`), training curve,
     timing, and its samples at step `last` as `<row>.png` beside the file."""
     rows = read_metrics(run / "metrics.jsonl")
-    data = {"format": FORMAT, "recipe": dict(made_by), "version": pec.__version__, "machine": machine(),
-            "seconds": dict(seconds), "evaluations": {r: _evaluation(run / r) for r in readings},
-            "training": {k: [row[k] for row in rows] for k in TRAINING_KEYS if rows and k in rows[0]}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    samples = run / readings[0] / f"samples_{run.name}@{last}.png"
-    if samples.exists():
-        shutil.copyfile(samples, path.with_suffix(".png"))
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    _keep(path, made_by, run / readings[0] / f"samples_{run.name}@{last}.png", seconds=dict(seconds),
+          evaluations={r: _evaluation(run / r) for r in readings},
+          training={k: [row[k] for row in rows] for k in TRAINING_KEYS if rows and k in rows[0]})
 
 
 def write_pretrained(path: Path, made_by: Mapping[str, Any], folder: Path, seconds: float) -> None:
     """Keep the pretrained model's evaluation (and its samples) from `pec.evaluate`'s `folder`."""
-    data = {"format": FORMAT, "recipe": dict(made_by), "version": pec.__version__, "machine": machine(),
-            "seconds": {"evaluate": seconds},
-            "metrics": json.loads((folder / "metrics.json").read_text())[PRETRAINED]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    samples = folder / f"samples_{PRETRAINED}.png"
-    if samples.exists():
-        shutil.copyfile(samples, path.with_suffix(".png"))
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    _keep(path, made_by, folder / f"samples_{PRETRAINED}.png", seconds={"evaluate": seconds},
+          metrics=json.loads((folder / "metrics.json").read_text())[PRETRAINED])
 
 
 def read(path: Path) -> dict[str, Any]:
