@@ -91,6 +91,22 @@ def test_claims_four_and_five_and_the_fragile_list():
     assert ledger.fragile_lines()[0].endswith(f"0 of {len(ledger.verdicts)}")
 
 
+def test_a_fragile_hold_is_listed_and_not_counted_by_a_claim(monkeypatch):
+    """A frontier verdict that holds with its lower bound within half an SE of 0 is shown as 'holds (..., fragile)',
+    listed among the fragile verdicts, and the claim's headline does not count it as holding."""
+    from pec.experiments.verdicts import verdict_from_differences
+
+    fragile = verdict_from_differences({0: 0.221, 1: 1.0, 2: 1.779})  # mean 1, se 0.45: mean - 2 se = 0.1 < 0.225
+    monkeypatch.setattr(report, "frontier_claim", lambda *args, **kwargs: fragile)
+    pretrained, points = _points(lambda row, f: 10.0 - 4.0 * f, rows=("pec_lambda0.5", "gardo"))
+    ledger = report.Ledger()
+    four, lines = report.claim_four(pretrained, points, ledger)
+    assert four == {"gardo": False}
+    assert "| pec_lambda0.5 | gardo | holds (+1.000, 2se 0.900, fragile) |" in "\n".join(lines)
+    closing = ledger.fragile_lines()
+    assert closing[0].endswith(f"3 of {len(ledger.verdicts)}") and "pec_lambda0.5 vs gardo" in closing[1]
+
+
 def test_rows_and_modes():
     assert ROWS["grpo_kl"][-2:] == ["--train.kl_units", "flow_grpo"]
     assert [r for r in ROWS if guided(r)] == ["pcgs_guided_w0.05", "pcgs_guided_w0.1"]
