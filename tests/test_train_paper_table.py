@@ -88,6 +88,9 @@ def test_claims_four_and_five_and_the_fragile_list():
     assert four == {"gardo": True, "diverse_grpo": True}
     assert five == {"nft": True, "mixgrpo": False}
     assert "| nft_pec | nft | holds (+" in "\n".join(lines5) and "top 3 levels" in lines5[0]
+    # context rows: each method and each algorithm alone against GRPO (here they collapse alike: a tie)
+    for lines, row in ((lines4, "gardo"), (lines4, "diverse_grpo"), (lines5, "nft"), (lines5, "mixgrpo")):
+        assert f"| {row} | grpo | does not hold (" in "\n".join(lines)
     assert ledger.fragile_lines()[0].endswith(f"0 of {len(ledger.verdicts)}")
 
 
@@ -104,7 +107,8 @@ def test_a_fragile_hold_is_listed_and_not_counted_by_a_claim(monkeypatch):
     assert four == {"gardo": False}
     assert "| pec_lambda0.5 | gardo | holds (+1.000, 2se 0.900, fragile) |" in "\n".join(lines)
     closing = ledger.fragile_lines()
-    assert closing[0].endswith(f"3 of {len(ledger.verdicts)}") and "pec_lambda0.5 vs gardo" in closing[1]
+    n = len(ledger.verdicts)  # every verdict here is the fragile one
+    assert closing[0].endswith(f"{n} of {n}") and "pec_lambda0.5 vs gardo" in closing[1] and len(closing) == n + 1
 
 
 def test_rows_and_modes():

@@ -18,9 +18,10 @@ mean paired difference against two standard errors).
 3. Overall (min-max over the rows) is higher for PEC than for GRPO, judged per seed on that seed's own
    normalisation, in the full table and in the paper's own row subset.
 4. At equal gold reward PEC keeps more held-out diversity than the field's diversity methods (GARDO,
-   DiverseGRPO), each run in the regulariser space PEC uses; read as claim 2.
+   DiverseGRPO), each run in the regulariser space PEC uses; read as claim 2. Beside it, for context, each
+   method against GRPO (does it keep more at equal reward at all?).
 5. Under DiffusionNFT and under MixGRPO, PEC keeps more held-out diversity than the algorithm alone, at equal
-   gold reward; read as claim 2.
+   gold reward; read as claim 2. Beside it, each algorithm alone against Flow-GRPO (GRPO).
 Frontier claims are read over the whole shared reward range (the verdict) and at its high-reward end (the
 highest `TOP_LEVELS` of the 10 levels, where the whole-range mean is not diluted by the low end every curve
 starts from). A verdict whose bound lies within half an SE of 0 is marked fragile (`pec.experiments.verdicts`):
@@ -288,19 +289,22 @@ def claim_three(tables: Mapping[int, Mapping[str, Mapping[str, float]]], ledger:
 
 def claim_four(pretrained: Mapping[str, float], points: Points, ledger: Ledger) -> tuple[dict[str, bool], list[str]]:
     """Claim 4 (module docstring): (field method -> PEC's row keeps more than it, report lines); every PEC row
-    is compared, the verdict is `PEC_STANDIN`'s."""
+    is compared, the verdict is `PEC_STANDIN`'s; each method against GRPO follows, for context."""
     present = next(iter(points.values()))
     methods = [m for m in FIELD_METHODS if m in present]
     pecs = [r for r in present if r.startswith("pec") and not r.endswith(GUIDANCE_SUFFIX)]
-    held, table = frontier_table(pretrained, points, [(p, m) for m in methods for p in pecs], ledger)
+    pairs = [(p, m) for m in methods for p in pecs] + [(m, "grpo") for m in methods if "grpo" in present]
+    held, table = frontier_table(pretrained, points, pairs, ledger)
     return {m: held.get((PEC_STANDIN, m), False) for m in methods}, table
 
 
 def claim_five(pretrained: Mapping[str, float], points: Points, ledger: Ledger) -> tuple[dict[str, bool], list[str]]:
-    """Claim 5 (module docstring): (algorithm -> PEC keeps more than it alone, report lines)."""
+    """Claim 5 (module docstring): (algorithm -> PEC keeps more than it alone, report lines); each algorithm
+    alone against GRPO follows, for context."""
     present = next(iter(points.values()))
     pairs = [(with_pec, alone) for with_pec, alone in ALGORITHM_PAIRS if with_pec in present and alone in present]
-    held, table = frontier_table(pretrained, points, pairs, ledger)
+    context = [(alone, "grpo") for _, alone in pairs if "grpo" in present]
+    held, table = frontier_table(pretrained, points, pairs + context, ledger)
     return {alone: held[with_pec, alone] for with_pec, alone in pairs}, table
 
 
