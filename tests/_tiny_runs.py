@@ -1,6 +1,10 @@
-"""Shared helpers for tests that train tiny runs (imported by test_train.py and test_evaluate.py, so
-test modules never import each other). Not a test module: pytest collects only test_*.py."""
+"""Shared helpers for tests that train tiny runs or build a tiny random model (so test modules never import
+each other). Not a test module: pytest collects only test_*.py."""
 from pec.config import Config, apply_dict
+from pec.models.embedded import EmbeddedConfig
+
+#: The smallest embedded model the tests build from config (random weights, one layer).
+TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
 
 
 def tiny_config(world, run_dir, **overrides) -> Config:

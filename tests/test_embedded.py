@@ -10,7 +10,7 @@ from pec.models.base import FlowModel, PromptBatch
 from pec.models.embedded import EMBEDDED_DIR, EmbeddedConfig, EmbeddedFlowModel
 from pec.models.prompt_encoder import PromptEncoder
 
-TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
+from _tiny_runs import TINY
 
 
 def test_digits_shapes_ranges_and_split():

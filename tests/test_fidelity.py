@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pec.config import Config, apply_dict, load_yaml
-from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.regularizers import policy_entropy
 from pec.sampling import sample, step_log_prob
 from pec.trainer import Trainer
@@ -20,15 +19,8 @@ from pec_kernels.sde import guided_sde_step, step_sigmas
 
 from _tiny_runs import tiny_config
 
-TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
 PROMPTS = ["a handwritten 3", "the digit seven"]
 CONFIGS = Path(__file__).resolve().parent.parent / "pec" / "configs"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return EmbeddedFlowModel(TINY).eval()
 
 
 def _capture_updates(trainer):

@@ -8,10 +8,11 @@ import torch
 
 from pec.config import Config, apply_dict, load_yaml
 from pec.experiments.rows import ROWS
-from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
+from pec.models.embedded import EmbeddedFlowModel
 from pec.sampling import guided_velocity, kl_in_units, sample, step_log_prob
 
-TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
+from _tiny_runs import TINY
+
 PROMPTS = ["a handwritten 3", "number 0"]
 CONFIGS = Path(__file__).resolve().parent.parent / "pec" / "configs"
 

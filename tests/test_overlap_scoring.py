@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
 from pec.rewards.http import HttpReward
 from pec.rewards.serve import start_server
 from pec.sampling import sample
@@ -24,14 +23,7 @@ from _tiny_runs import tiny_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import metrics_equivalence  # noqa: E402
 
-TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
 PROMPTS = ["a handwritten 3", "the digit seven", "number 0"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return EmbeddedFlowModel(TINY).eval()
 
 
 def _counting(model, monkeypatch):

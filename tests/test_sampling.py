@@ -2,19 +2,14 @@
 import pytest
 import torch
 
-from pec.models.embedded import EmbeddedConfig, EmbeddedFlowModel
+from pec.models.embedded import EmbeddedFlowModel
 from pec.models.schedules import EMBEDDED_SHIFT, make_scheduler, schedule_sigmas
 from pec.sampling import guided_velocity, sample, step_log_prob
 from pec_kernels.sde import guided_sde_step
 
-TINY = EmbeddedConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
+from _tiny_runs import TINY
+
 PROMPTS = ["a handwritten 3", "the digit seven", "number 0"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return EmbeddedFlowModel(TINY).eval()
 
 
 def test_schedule():
