@@ -25,8 +25,8 @@ mean paired difference against two standard errors).
 Frontier claims are read over the whole shared reward range (the verdict) and at its high-reward end (the
 highest `TOP_LEVELS` of the 10 levels, where the whole-range mean is not diluted by the low end every curve
 starts from). A verdict whose bound lies within half an SE of 0 is marked fragile (`pec.experiments.verdicts`):
-a slower or different CPU can flip it, so it is not a finding on its own, and no claim counts it as holding. Everything is read from the kept
-results (`pec.experiments.results`), not from the run folders.
+a slower or different CPU can flip it, so it is not a finding on its own, and no claim counts it as holding.
+Everything is read from the kept results (`pec.experiments.results`), not from the run folders.
 """
 from __future__ import annotations
 

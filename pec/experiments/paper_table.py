@@ -274,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   "headroom": HEADROOM, **timing_of(results, mode, args.jobs)}
         atomic_write_text(report_dir / "timing.json", json.dumps(timing, indent=2) + "\n")
         summary = (f"This invocation: {len(runs)} run{'s' * (len(runs) != 1)} trained, {wall / 60:.1f} min wall "
-                   f"(subprocesses {(jobs_done - start) / 60:.1f} min, report {timing['report_min']:.1f} min). From scratch, from the kept results' timings: training "
+                   f"(subprocesses {(jobs_done - start) / 60:.1f} min, report {timing['report_min']:.1f} min). "
+                   f"From scratch, from the kept results' timings: training "
                    f"{timing['train_min']:.1f} and evaluation {timing['evaluate_min']:.1f} process-min, "
                    f"{timing['from_scratch_min']:.1f} min on {args.jobs} at a time (budget {mode.budget_min:g} min on "
                    f"2 idle cores; within budget on a {HEADROOM:g}x slower machine: "
